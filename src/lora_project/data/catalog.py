@@ -1,0 +1,195 @@
+"""The dataset catalog: ``config/dataset_catalog.csv``, one row per dataset.
+
+Columns (documented in docs/training_guide.md, "The dataset catalog"):
+
+name         folder-safe dataset name; the adapter becomes ``adapters/<name>_lora``
+kind         generated | local | url | hub | childes
+location     generated: grammar YAML; local: file or folder in the project; url: https URL;
+             hub: dataset id; childes: folder of .cha files
+format       lines (one document per line) | paragraphs (blank-line separated) |
+             separator (documents split on the `sep` option)
+text_field   field holding the text for structured formats (jsonl, csv, parquet, hub)
+sha256       expected SHA-256 of a downloaded or local source file (optional)
+license      licence of the source text
+description  free text
+options      ``key=value`` pairs separated by ``;`` (seed, lines, sep, dedupe, min_chars, max_chars)
+split        train/validation/test fractions, e.g. ``0.8/0.1/0.1``
+enabled      true/false: whether ``--all`` includes the row
+
+All rows are validated together; every problem is reported with its row number.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lora_project.errors import UserError, did_you_mean
+from lora_project.paths import _NAME_RE
+
+COLUMNS = ("name", "kind", "location", "format", "text_field", "sha256", "license", "description",
+           "options", "split", "enabled")
+REQUIRED = ("name", "kind", "location")
+KINDS = ("generated", "local", "url", "hub", "childes")
+# Kinds this version can prepare; the others are catalogued but refused with a clear message.
+SUPPORTED_KINDS = ("generated", "local")
+FORMATS = ("lines", "paragraphs", "separator")
+OPTION_KEYS = {"seed": int, "lines": int, "sep": str, "dedupe": bool, "min_chars": int,
+               "max_chars": int}
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    name: str
+    kind: str
+    location: str
+    format: str = "lines"
+    text_field: str = ""
+    sha256: str = ""
+    license: str = ""
+    description: str = ""
+    options: dict = field(default_factory=dict)
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    enabled: bool = True
+    row: int = 0
+
+    def option(self, key: str, default):
+        return self.options.get(key, default)
+
+
+def _parse_bool(text: str) -> bool | None:
+    t = text.strip().lower()
+    if t in ("true", "yes", "1", "y"):
+        return True
+    if t in ("false", "no", "0", "n", ""):
+        return False if t else None
+    return None
+
+
+def _parse_options(text: str, where: str, problems: list[str]) -> dict:
+    out: dict = {}
+    for part in [p.strip() for p in text.split(";") if p.strip()]:
+        key, eq, value = part.partition("=")
+        key = key.strip()
+        if not eq:
+            problems.append(f"{where}: option {part!r} is not key=value")
+            continue
+        if key not in OPTION_KEYS:
+            problems.append(f"{where}: unknown option '{key}'{did_you_mean(key, OPTION_KEYS)}")
+            continue
+        typ = OPTION_KEYS[key]
+        if typ is int:
+            try:
+                out[key] = int(value)
+                if out[key] < 0:
+                    raise ValueError
+            except ValueError:
+                problems.append(f"{where}: option {key} must be a non-negative integer, got {value!r}")
+        elif typ is bool:
+            b = _parse_bool(value)
+            if b is None:
+                problems.append(f"{where}: option {key} must be true or false, got {value!r}")
+            out[key] = b
+        else:
+            out[key] = value.encode("utf-8").decode("unicode_escape") if "\\" in value else value
+    return out
+
+
+def _parse_split(text: str, where: str, problems: list[str]) -> tuple[float, float, float]:
+    if not text.strip():
+        return (0.8, 0.1, 0.1)
+    parts = text.replace(",", "/").split("/")
+    try:
+        vals = tuple(float(p) for p in parts)
+    except ValueError:
+        problems.append(f"{where}: split {text!r} must be three numbers like 0.8/0.1/0.1")
+        return (0.8, 0.1, 0.1)
+    if len(vals) != 3 or any(v < 0 for v in vals) or abs(sum(vals) - 1.0) > 1e-6 or vals[0] <= 0:
+        problems.append(f"{where}: split {text!r} must be three non-negative fractions summing to 1 "
+                        "with a non-zero train part")
+        return (0.8, 0.1, 0.1)
+    return vals  # type: ignore[return-value]
+
+
+def parse_catalog(text: str, source: str = "catalog") -> dict[str, CatalogEntry]:
+    problems: list[str] = []
+    reader = csv.DictReader(io.StringIO(text))
+    header = reader.fieldnames or []
+    if not header:
+        raise UserError(f"{source}: empty catalog (expected a header row: {','.join(COLUMNS)})")
+    for col in header:
+        if col not in COLUMNS:
+            problems.append(f"{source}: unknown column '{col}'{did_you_mean(col or '', COLUMNS)}")
+    for col in REQUIRED:
+        if col not in header:
+            problems.append(f"{source}: missing required column '{col}'")
+    if problems:
+        raise UserError("; ".join(problems))
+    entries: dict[str, CatalogEntry] = {}
+    try:
+        rows = list(reader)
+    except csv.Error as exc:
+        raise UserError(f"{source}: malformed CSV: {exc}") from None
+    for i, row in enumerate(rows, start=2):  # row 1 is the header
+        where = f"{source} row {i}"
+        if None in row:
+            problems.append(f"{where}: more fields than columns")
+            continue
+        vals = {k: (v or "").strip() for k, v in row.items()}
+        name = vals.get("name", "")
+        if not _NAME_RE.match(name) or ".." in name:
+            problems.append(f"{where}: invalid name {name!r} (letters, digits, '.', '_', '-')")
+        elif name in entries:
+            problems.append(f"{where}: duplicate name '{name}' (first on row {entries[name].row})")
+        kind = vals.get("kind", "")
+        if kind not in KINDS:
+            problems.append(f"{where}: kind {kind!r} is not one of {', '.join(KINDS)}"
+                            f"{did_you_mean(kind, KINDS)}")
+        if not vals.get("location"):
+            problems.append(f"{where}: location is empty")
+        fmt = vals.get("format") or "lines"
+        if fmt not in FORMATS:
+            problems.append(f"{where}: format {fmt!r} is not one of {', '.join(FORMATS)}"
+                            f"{did_you_mean(fmt, FORMATS)}")
+        sha = vals.get("sha256", "").lower()
+        if sha and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha)):
+            problems.append(f"{where}: sha256 must be 64 hex digits")
+        options = _parse_options(vals.get("options", ""), where, problems)
+        if fmt == "separator" and not options.get("sep"):
+            problems.append(f"{where}: format 'separator' needs the option sep=...")
+        split = _parse_split(vals.get("split", ""), where, problems)
+        enabled = _parse_bool(vals.get("enabled", "true") or "true")
+        if enabled is None:
+            problems.append(f"{where}: enabled must be true or false, got {vals.get('enabled')!r}")
+        if name and name not in entries:
+            entries[name] = CatalogEntry(name=name, kind=kind, location=vals.get("location", ""),
+                                         format=fmt, text_field=vals.get("text_field", ""), sha256=sha,
+                                         license=vals.get("license", ""),
+                                         description=vals.get("description", ""), options=options,
+                                         split=split, enabled=bool(enabled), row=i)
+    if problems:
+        raise UserError("; ".join(problems))
+    return entries
+
+
+def load_catalog(path: Path) -> dict[str, CatalogEntry]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"dataset catalog not found: {path}")
+    raw = path.read_bytes()
+    if b"\x00" in raw:
+        raise UserError(f"{path}: binary file, expected CSV text")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 (byte {exc.start})") from None
+    return parse_catalog(text, source=str(path))
+
+
+def get_entry(catalog: dict[str, CatalogEntry], name: str) -> CatalogEntry:
+    if name not in catalog:
+        raise UserError(f"unknown dataset '{name}'{did_you_mean(name, catalog)}; "
+                        f"known: {', '.join(sorted(catalog)) or '(none)'}")
+    return catalog[name]

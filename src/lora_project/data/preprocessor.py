@@ -1,0 +1,180 @@
+"""Raw text -> clean documents -> deterministic train/validation/test split on disk.
+
+Cleaning: byte-order mark removed, CRLF/CR -> LF, Unicode NFC, documents stripped, empty
+documents dropped, exact duplicates dropped (option ``dedupe``), length filters
+(``min_chars``/``max_chars``). Each document goes to a split chosen by a hash of its text,
+so the assignment does not depend on order, and identical documents always land together
+(the splits are disjoint even without deduplication).
+
+Output: ``data/processed/<name>/{train,validation,test}.txt`` plus ``stats.json``; every
+file is written atomically. Re-running with unchanged source and options does nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_project.errors import UserError
+from lora_project.utils.io_utils import atomic_write_json, atomic_write_text
+from lora_project.utils.provenance import sha256_file, sha256_json
+
+SPLITS = ("train", "validation", "test")
+PREPROCESS_VERSION = 1  # bump when cleaning rules change, so caches are rebuilt
+
+
+def read_text_file(path: Path, encoding: str = "utf-8") -> str:
+    """Read a text file; missing, binary and non-UTF-8 files are one-line UserErrors."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"file not found: {path}")
+    if not path.is_file():
+        raise UserError(f"not a file: {path}")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}") from None
+    if b"\x00" in raw[:65536]:
+        raise UserError(f"{path}: looks like a binary file (NUL bytes), expected text")
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise UserError(f"{path}: not valid {encoding} at byte {exc.start} (line {line}); "
+                        "convert the file to UTF-8 or pass --encoding") from None
+    except LookupError:
+        raise UserError(f"unknown encoding {encoding!r}") from None
+
+
+def normalise(text: str) -> str:
+    """BOM removed, newlines to LF, Unicode NFC."""
+    text = text.lstrip("\ufeff")
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return unicodedata.normalize("NFC", text)
+
+
+def split_documents(text: str, fmt: str, sep: str | None = None) -> list[str]:
+    if fmt == "lines":
+        docs = text.split("\n")
+    elif fmt == "paragraphs":
+        docs, cur = [], []
+        for line in text.split("\n"):
+            if line.strip():
+                cur.append(line.rstrip())
+            elif cur:
+                docs.append("\n".join(cur))
+                cur = []
+        if cur:
+            docs.append("\n".join(cur))
+    elif fmt == "separator":
+        if not sep:
+            raise UserError("format 'separator' needs a separator (option sep=...)")
+        docs = text.split(sep)
+    else:
+        raise UserError(f"unknown format {fmt!r}")
+    return [d.strip() for d in docs if d.strip()]
+
+
+def assign_split(doc: str, fractions: tuple[float, float, float]) -> str:
+    """Split chosen by the document's SHA-256, mapped to [0, 1)."""
+    h = int.from_bytes(hashlib.sha256(doc.encode("utf-8")).digest()[:8], "big") / 2**64
+    if h < fractions[0]:
+        return "train"
+    if h < fractions[0] + fractions[1]:
+        return "validation"
+    return "test"
+
+
+def doc_separator(docs: list[str]) -> str:
+    """One document per line when none spans lines, else blank-line separated."""
+    return "\n\n" if any("\n" in d for d in docs) else "\n"
+
+
+@dataclass
+class Prepared:
+    name: str
+    folder: Path
+    stats: dict
+    skipped: bool  # True when nothing changed and the existing output was kept
+
+
+def clean_documents(docs: list[str], dedupe: bool, min_chars: int, max_chars: int) -> tuple[list[str], dict]:
+    counts = {"documents_in": len(docs), "duplicates_removed": 0, "too_short": 0, "too_long": 0}
+    seen: set[str] = set()
+    out = []
+    for d in docs:
+        if len(d) < min_chars:
+            counts["too_short"] += 1
+            continue
+        if max_chars and len(d) > max_chars:
+            counts["too_long"] += 1
+            continue
+        if dedupe:
+            if d in seen:
+                counts["duplicates_removed"] += 1
+                continue
+            seen.add(d)
+        out.append(d)
+    return out, counts
+
+
+def prepare_text(name: str, source: Path, out_dir: Path, fmt: str, split: tuple[float, float, float],
+                 options: dict, force: bool = False, encoding: str = "utf-8") -> Prepared:
+    """Clean and split one source file into `out_dir`. Idempotent."""
+    source = Path(source)
+    if not source.is_file():
+        raise UserError(f"dataset '{name}': source file not found: {source}")
+    settings = {"format": fmt, "split": list(split), "options": options, "version": PREPROCESS_VERSION,
+                "encoding": encoding}
+    source_fp = sha256_file(source)
+    settings_fp = sha256_json(settings)
+    stats_path = out_dir / "stats.json"
+    if not force and stats_path.is_file():
+        try:
+            old = json.loads(stats_path.read_text())
+            if (old.get("source_sha256") == source_fp and old.get("settings_sha256") == settings_fp
+                    and all((out_dir / f"{s}.txt").is_file() for s in SPLITS)):
+                return Prepared(name, out_dir, old, skipped=True)
+        except (OSError, ValueError):
+            pass  # unreadable stats: rebuild
+    text = normalise(read_text_file(source, encoding))
+    docs = split_documents(text, fmt, options.get("sep"))
+    docs, counts = clean_documents(docs, bool(options.get("dedupe", True)),
+                                   int(options.get("min_chars", 1)), int(options.get("max_chars", 0)))
+    if not docs:
+        raise UserError(f"dataset '{name}': no documents left after cleaning {source} "
+                        f"({counts['documents_in']} read, {counts['too_short']} too short, "
+                        f"{counts['too_long']} too long)")
+    parts: dict[str, list[str]] = {s: [] for s in SPLITS}
+    for d in docs:
+        parts[assign_split(d, split)].append(d)
+    if not parts["train"]:
+        raise UserError(f"dataset '{name}': the train split is empty ({len(docs)} documents)")
+    sep = doc_separator(docs)
+    split_stats = {}
+    for s in SPLITS:
+        body = sep.join(parts[s]) + ("\n" if parts[s] else "")
+        atomic_write_text(out_dir / f"{s}.txt", body)
+        split_stats[s] = {"documents": len(parts[s]), "lines": body.count("\n"), "characters": len(body),
+                          "bytes": len(body.encode("utf-8"))}
+    stats = {"name": name, "source": str(source), "source_sha256": source_fp,
+             "settings": settings, "settings_sha256": settings_fp, "separator": sep,
+             "cleaning": counts, "splits": split_stats}
+    atomic_write_json(stats_path, stats)  # written last: its presence marks a complete output
+    return Prepared(name, out_dir, stats, skipped=False)
+
+
+def read_split(folder: Path, split: str) -> list[str]:
+    """Documents of one processed split."""
+    if split not in SPLITS:
+        raise UserError(f"unknown split '{split}' (use {', '.join(SPLITS)})")
+    stats_path = folder / "stats.json"
+    path = folder / f"{split}.txt"
+    if not stats_path.is_file() or not path.is_file():
+        raise UserError(f"dataset '{folder.name}' is not prepared; run: lora-project prepare {folder.name}")
+    sep = json.loads(stats_path.read_text()).get("separator", "\n")
+    text = path.read_text(encoding="utf-8")
+    return [d for d in (text[:-1] if text.endswith("\n") else text).split(sep) if d]

@@ -1,0 +1,63 @@
+"""The main job (`make demo`): generate toddler speech, train an adapter, compare with the base.
+
+Runs on a laptop CPU in a few minutes with the embedded SmolLM2-135M. The demo's own
+adapter, ``adapters/toddler_data_demo_lora``, is replaced on every run (on purpose, and
+said so); every run gets a new experiment folder.
+"""
+
+from __future__ import annotations
+
+import time
+
+from lora_project.paths import ProjectPaths
+from lora_project.utils.config_utils import load_config
+
+DEMO_DATASET = "toddler_data"
+DEMO_ADAPTER = "toddler_data_demo"
+# Small, fast settings measured on a 2-core CPU; see docs/research_notes.md.
+DEMO_OVERRIDES = ["training.max_steps=60", "training.seq_len=128", "training.batch_size=8",
+                  "training.warmup_steps=6", "training.lr=1e-3", "training.eval_max_tokens=6000"]
+
+
+def run_demo(paths: ProjectPaths, overrides: list[str] = (), use_mlflow: bool = True, log=print) -> dict:
+    from lora_project.data.dataset_loader import prepare_dataset
+    from lora_project.evaluation.evaluate import evaluate_perplexity
+    from lora_project.training.run import load_base, train_adapter
+
+    t0 = time.perf_counter()
+    cfg = load_config([paths.model_config, paths.training_config], [*DEMO_OVERRIDES, *overrides])
+    log("== 1/3 data: generating synthetic toddler speech and preparing splits")
+    prepared = prepare_dataset(paths, DEMO_DATASET)
+    split_counts = ", ".join(f"{k} {v['documents']}" for k, v in prepared.stats["splits"].items())
+    log(f"   data/raw/{DEMO_DATASET}.txt -> {prepared.folder.relative_to(paths.root)}/ "
+        f"({split_counts} documents)")
+    adapter_dir = paths.adapter(DEMO_ADAPTER)
+    if adapter_dir.exists():
+        log(f"   note: replacing the demo's previous adapter {adapter_dir.relative_to(paths.root)} (on purpose)")
+    log("== 2/3 training a LoRA adapter on the embedded SmolLM2-135M")
+    base = load_base(cfg)
+    results = train_adapter(paths, DEMO_DATASET, cfg, adapter_name=DEMO_ADAPTER, overwrite=True,
+                            use_mlflow=use_mlflow, base=base, log=lambda m: log("   " + m))
+    log("== 3/3 evaluating base vs adapter on the held-out test split")
+    ev = evaluate_perplexity(paths, cfg, dataset=DEMO_DATASET, split="test", adapters=[adapter_dir],
+                             max_length=256, stride=128, base=base)
+    b, a = ev["models"]["base"], ev["models"][adapter_dir.name]
+    total = time.perf_counter() - t0
+    rows = [("model", "perplexity", "bits/byte", "tokens"),
+            ("base (SmolLM2-135M)", f"{b['perplexity']:.2f}", f"{b['bits_per_byte']:.3f}", str(b["tokens"])),
+            (f"+ {adapter_dir.name}", f"{a['perplexity']:.2f}", f"{a['bits_per_byte']:.3f}", str(a["tokens"]))]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    log("")
+    for r in rows:
+        log("   " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    log("")
+    log(f"   test perplexity {b['perplexity']:.2f} -> {a['perplexity']:.2f} "
+        f"({100 * (1 - a['perplexity'] / b['perplexity']):.0f}% lower); "
+        f"training {results['tokens_seen']} tokens at {results['tokens_per_second']:.0f} tokens/s, "
+        f"peak memory {results['peak_rss_mb']:.0f} MiB, demo wall time {total:.0f} s")
+    log(f"   adapter:    {adapter_dir.relative_to(paths.root)}/")
+    log(f"   experiment: {results['experiment_dir']}/ (config.yaml, results.json, logs/, loss_curve.png)")
+    if results.get("mlflow_run_id"):
+        log(f"   MLflow run: {results['mlflow_run_id']}  ->  .venv/bin/mlflow ui --backend-store-uri "
+            f"sqlite:///mlruns/mlflow.db   (then open http://127.0.0.1:5000)")
+    return {"train": results, "evaluation": ev, "wall_seconds": total}

@@ -1,0 +1,148 @@
+"""Token-level perplexity and bits per UTF-8 byte with the sliding-window method.
+
+Definition (what `lora-project evaluate --json` reports):
+
+* The text is tokenised without special tokens and the tokenizer's BOS (EOS if it has no
+  BOS) is prefixed, so every token of the text is predicted: ids = [p, t1, ..., tN].
+* Windows of at most ``max_length`` ids start every ``stride`` ids. Each token t_j is
+  scored exactly once, in the first window that contains it and its predecessor but has
+  not scored it yet; later windows give it more left context only when stride < max_length.
+* ``nll_sum`` is the sum of -ln p(t_j | context) in nats over the N tokens;
+  ``perplexity = exp(nll_sum / N)``; ``bits_per_byte = nll_sum / (ln 2 * bytes)`` with
+  ``bytes`` the UTF-8 length of the text, which makes models with different tokenizers
+  comparable.
+
+A prepared dataset split is scored as its documents packed the way training sees them
+(doc EOS doc EOS ...): the EOS stands for the document separator, so ``bytes`` is exactly
+the split file's size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from lora_project.data.tokenizer_utils import prefix_id
+from lora_project.errors import UserError
+
+
+@dataclass
+class Score:
+    nll_sum: float
+    tokens: int
+    bytes: int
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll_sum / self.tokens) if self.tokens else float("nan")
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nll_sum / (math.log(2) * self.bytes) if self.bytes else float("nan")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(perplexity=self.perplexity, bits_per_byte=self.bits_per_byte)
+        return d
+
+
+def windows(n_ids: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first_scored) per window over ids[0:n_ids]; target j is scored in the window
+    where first_scored <= j < end. Together the windows score j = 1 .. n_ids-1 exactly once."""
+    if max_length < 2:
+        raise UserError(f"--max-length must be at least 2, got {max_length}")
+    if not 1 <= stride <= max_length - 1:
+        raise UserError(f"--stride must be between 1 and max-length - 1 ({max_length - 1}), got {stride}")
+    out = []
+    scored_to = 1  # next target index not yet scored
+    begin = 0
+    while scored_to < n_ids:
+        end = min(begin + max_length, n_ids)
+        if end > scored_to:
+            out.append((begin, end, scored_to))
+            scored_to = end
+        begin += stride
+    return out
+
+
+def decoder_and_head(model):
+    """The decoder stack (returns hidden states) and output layer of a causal LM or PeftModel."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def score_ids(model, ids: np.ndarray | list[int], n_bytes: int, runtime, max_length: int = 1024,
+              stride: int | None = None, batch_size: int = 4, chunk_tokens: int = 1024) -> Score:
+    """Score a prefixed id sequence (ids[0] is the prefix token) with sliding windows."""
+    import torch
+
+    from lora_project.training.losses import IGNORE_INDEX, sum_nll
+
+    ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+    n = len(ids_t)
+    if n < 2:
+        raise UserError("nothing to score: the text is empty")
+    stride = stride or max(1, max_length // 2)
+    wins = windows(n, max_length, stride)
+    decoder, head = decoder_and_head(model)
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    try:
+        with torch.inference_mode(), runtime.autocast():
+            # Windows of equal length go through the model together.
+            i = 0
+            while i < len(wins):
+                length = wins[i][1] - wins[i][0]
+                group = [wins[i]]
+                while (i + len(group) < len(wins) and len(group) < batch_size
+                       and wins[i + len(group)][1] - wins[i + len(group)][0] == length):
+                    group.append(wins[i + len(group)])
+                inputs = torch.stack([ids_t[b:e - 1] for b, e, _ in group]).to(runtime.device)
+                targets = torch.stack([ids_t[b + 1:e] for b, e, _ in group]).clone()
+                for row, (b, _e, first) in enumerate(group):
+                    targets[row, : first - b - 1] = IGNORE_INDEX  # already scored earlier
+                hidden = decoder(input_ids=inputs, use_cache=False).last_hidden_state
+                total += float(sum_nll(hidden, head, targets.to(runtime.device), chunk_tokens))
+                i += len(group)
+    finally:
+        model.train(was_training)
+    return Score(nll_sum=total, tokens=n - 1, bytes=n_bytes)
+
+
+def score_text(model, tokenizer, text: str, runtime, max_length: int = 1024, stride: int | None = None,
+               batch_size: int = 4) -> Score:
+    if not text:
+        raise UserError("nothing to score: the text is empty")
+    ids = [prefix_id(tokenizer)] + tokenizer(text, add_special_tokens=False)["input_ids"]
+    return score_ids(model, ids, len(text.encode("utf-8")), runtime, max_length, stride, batch_size)
+
+
+def score_documents(model, tokenizer, docs: list[str], separator: str, runtime, max_length: int = 1024,
+                    stride: int | None = None, batch_size: int = 4, stream: np.ndarray | None = None) -> Score:
+    """Score documents packed as doc EOS doc EOS ...; bytes count each doc plus its separator."""
+    from lora_project.data.tokenizer_utils import pack_documents
+
+    if not docs:
+        raise UserError("nothing to score: no documents")
+    packed = stream if stream is not None else pack_documents(tokenizer, docs)
+    ids = np.concatenate([[prefix_id(tokenizer)], np.asarray(packed, dtype=np.int64)])
+    n_bytes = sum(len(d.encode("utf-8")) for d in docs) + len(separator.encode()) * len(docs)
+    return score_ids(model, ids, n_bytes, runtime, max_length, stride, batch_size)
+
+
+def limit_documents(tokenizer, docs: list[str], max_tokens: int) -> list[str]:
+    """The leading documents whose packed length stays within max_tokens (at least one)."""
+    if not max_tokens:
+        return docs
+    from lora_project.data.tokenizer_utils import encode_documents
+
+    out, used = [], 0
+    for d, ids in zip(docs, encode_documents(tokenizer, docs)):
+        if out and used + len(ids) + 1 > max_tokens:
+            break
+        out.append(d)
+        used += len(ids) + 1
+    return out

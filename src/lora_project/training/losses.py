@@ -1,0 +1,98 @@
+"""Output layer + cross-entropy without materialising the whole batch's logits.
+
+For a frozen output layer W (vocab x hidden), the loss and its gradient with respect to
+the hidden states are computed chunk by chunk in the forward pass:
+
+    logits_c = h_c W^T,   nll = logsumexp(logits_c) - logits_c[target]
+    dL/dh_c  = (softmax(logits_c) - onehot(target)) W / n_valid
+
+Only dL/dh (tokens x hidden, small) is kept for backward, instead of tokens x vocab fp32
+logits (e.g. 2048 x 49152 x 4 B = 400 MB). Matmuls run in the weight's dtype (bf16 on a
+bf16 base); softmax and the loss in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def _matmul_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    if weight.dtype in (torch.bfloat16, torch.float16):
+        return weight.dtype
+    if torch.is_autocast_enabled(h.device.type):
+        return torch.get_autocast_dtype(h.device.type)
+    return torch.float32
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, chunk, need_grad, reduction):
+        n_valid = (targets != IGNORE_INDEX).sum().clamp(min=1) if reduction == "mean" else 1
+        dtype = _matmul_dtype(h, weight)
+        w = weight.to(dtype)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h, dtype=torch.float32) if need_grad else None
+        with torch.autocast(h.device.type, enabled=False):
+            for s in range(0, h.shape[0], chunk):
+                hc = h[s:s + chunk].to(dtype)
+                tc = targets[s:s + chunk]
+                logits = (hc @ w.t()).float()
+                if bias is not None:
+                    logits += bias.float()
+                lse = torch.logsumexp(logits, dim=-1)
+                valid = tc != IGNORE_INDEX
+                safe_t = tc.clamp(min=0)
+                picked = logits.gather(1, safe_t[:, None]).squeeze(1)
+                total += ((lse - picked) * valid).sum()
+                if need_grad:
+                    probs = torch.exp(logits - lse[:, None])
+                    probs[torch.arange(len(tc), device=h.device), safe_t] -= 1.0
+                    probs *= valid[:, None]
+                    grad_h[s:s + chunk] = (probs.to(dtype) @ w).float()
+        if need_grad:
+            ctx.save_for_backward(grad_h / n_valid)
+            ctx.h_dtype = h.dtype
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad_h,) = ctx.saved_tensors
+        return (grad_h * grad_out).to(ctx.h_dtype), None, None, None, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
+                         chunk_tokens: int = 1024, reduction: str = "mean") -> torch.Tensor:
+    """Mean (or, with reduction='sum', summed) next-token NLL of `targets` given final hidden states and the output layer.
+
+    hidden: (..., hidden_size); targets: (...) token ids, IGNORE_INDEX to skip.
+    A frozen plain nn.Linear head takes the fused path; any other head (e.g. a head with
+    its own LoRA) takes a chunked path that recomputes each chunk's logits in backward.
+    """
+    h = hidden.reshape(-1, hidden.shape[-1])
+    t = targets.reshape(-1)
+    weight = getattr(head, "weight", None)
+    fused_ok = type(head) is torch.nn.Linear and not weight.requires_grad and (
+        head.bias is None or not head.bias.requires_grad)
+    if fused_ok:
+        return _FusedLinearCE.apply(h, weight, head.bias, t, chunk_tokens,
+                                    torch.is_grad_enabled() and h.requires_grad, reduction)
+    from torch.utils.checkpoint import checkpoint
+
+    n_valid = (t != IGNORE_INDEX).sum().clamp(min=1) if reduction == "mean" else 1
+
+    def chunk_loss(hc, tc):
+        logits = head(hc).float()
+        return torch.nn.functional.cross_entropy(logits, tc, ignore_index=IGNORE_INDEX, reduction="sum")
+
+    total = sum(checkpoint(chunk_loss, h[s:s + chunk_tokens], t[s:s + chunk_tokens], use_reentrant=False)
+                for s in range(0, h.shape[0], chunk_tokens))
+    return total / n_valid
+
+
+def sum_nll(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
+            chunk_tokens: int = 1024) -> torch.Tensor:
+    """Summed NLL (nats) in fp32, no gradient: evaluation's building block."""
+    with torch.no_grad():
+        return linear_cross_entropy(hidden, head, targets, chunk_tokens, reduction="sum")

@@ -1,0 +1,273 @@
+"""`train NAME`: prepare data, load the base, train one adapter, record everything.
+
+Order of effects on disk, chosen so that a failure never loses earlier results:
+1. refuse at once if the adapter exists (without --overwrite) or is locked by another run;
+2. create ``experiments/exp_NNN_<name>/`` with the resolved ``config.yaml``;
+3. train; on success write the adapter atomically, then ``results.json``;
+4. on failure write ``results.json`` with the status and error, end the MLflow run as
+   FAILED (exception) or KILLED (Ctrl-C / SIGTERM), and leave any earlier adapter untouched.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from lora_project.errors import RunInterrupted, UserError
+from lora_project.paths import ProjectPaths, check_name
+from lora_project.utils.config_utils import RunConfig, flatten
+from lora_project.utils.io_utils import atomic_write_json, atomic_write_text
+from lora_project.utils.provenance import git_commit, package_versions
+
+
+@dataclass
+class BaseBundle:
+    """A loaded base model with its tokenizer and provenance."""
+
+    ref: object
+    tokenizer: object
+    model: object
+    runtime: object
+    tokenizer_fingerprint: str
+
+
+def load_base(cfg: RunConfig, runtime=None) -> BaseBundle:
+    import torch
+
+    from lora_project.data.tokenizer_utils import tokenizer_fingerprint
+    from lora_project.models.base_model import load_model, load_tokenizer, resolve_model
+    from lora_project.utils.device import resolve_runtime
+
+    t = cfg.training
+    runtime = runtime or resolve_runtime(t.device, t.precision, t.threads)
+    ref = resolve_model(cfg.model.source, cfg.model.revision)
+    tokenizer = load_tokenizer(ref)
+    # bf16 runs keep the frozen base in bf16 (half the memory, native bf16 matmuls);
+    # LoRA weights are created in fp32 by PEFT on top of it.
+    dtype = torch.bfloat16 if runtime.precision == "bf16" else torch.float32
+    model = load_model(ref, dtype=dtype, device=runtime.device, trust_remote_code=cfg.model.trust_remote_code)
+    return BaseBundle(ref, tokenizer, model, runtime, tokenizer_fingerprint(tokenizer))
+
+
+def new_experiment_dir(paths: ProjectPaths, name: str) -> Path:
+    """experiments/exp_NNN_<name>/ with NNN one above the highest existing number."""
+    paths.experiments_dir.mkdir(parents=True, exist_ok=True)
+    pattern = re.compile(r"^exp_(\d+)_")
+    while True:
+        nums = [int(m.group(1)) for p in paths.experiments_dir.iterdir() if (m := pattern.match(p.name))]
+        folder = paths.experiments_dir / f"exp_{max(nums, default=0) + 1:03d}_{name}"
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue  # another run took this number
+        (folder / "logs").mkdir()
+        return folder
+
+
+@contextmanager
+def adapter_lock(paths: ProjectPaths, adapter_name: str):
+    """Exclusive per-adapter lock: a second training of the same adapter stops at once."""
+    paths.adapters_dir.mkdir(parents=True, exist_ok=True)
+    lock_path = paths.adapters_dir / f".{adapter_name}_lora.lock"
+    fh = open(lock_path, "a+")
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"adapter '{adapter_name}' is being trained by another process "
+                            f"(lock {lock_path})") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        yield
+    finally:
+        fh.close()
+
+
+def plot_loss_curve(history: list[dict], evals: list[dict], out: Path, title: str) -> Path | None:
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss")
+    if evals:
+        ax.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o-", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_name: str | None = None,
+                  overwrite: bool = False, use_mlflow: bool = True, progress: bool = True,
+                  base: BaseBundle | None = None, log=print) -> dict:
+    """Train one adapter on one catalog dataset; returns the results.json content."""
+    from lora_project.data.dataset_loader import load_streams, prepare_dataset
+    from lora_project.evaluation.perplexity import limit_documents, score_documents
+    from lora_project.models.lora_model import save_adapter, wrap_with_lora
+    from lora_project.training.callbacks import JsonlLogger, MlflowCallback, ProgressBar
+    from lora_project.training.trainer import BlockLoader, LoraTrainer, peak_rss_mb
+    from lora_project.utils.mlflow_utils import MlflowTracker
+
+    adapter_name = check_name(adapter_name or dataset, "adapter name")
+    adapter_dir = paths.adapter(adapter_name)
+    if adapter_dir.exists() and not overwrite:
+        raise UserError(f"adapter {adapter_dir} already exists; pass --overwrite to replace it")
+    t = cfg.training
+    with adapter_lock(paths, adapter_name):
+        prepared = prepare_dataset(paths, dataset)
+        log(f"dataset '{dataset}': {'unchanged' if prepared.skipped else 'prepared'} "
+            f"({prepared.stats['splits']['train']['documents']} train / "
+            f"{prepared.stats['splits']['validation']['documents']} validation documents)")
+        t_load = time.perf_counter()
+        base = base or load_base(cfg)
+        runtime = base.runtime
+        log(f"base model: {base.ref.name} on {runtime.device} ({runtime.precision}, "
+            f"{runtime.threads} threads), loaded in {time.perf_counter() - t_load:.1f} s")
+        streams = load_streams(paths, prepared, base.tokenizer, base.tokenizer_fingerprint)
+        loader = BlockLoader(streams.train, t.seq_len, t.batch_size, t.seed)
+
+        exp_dir = new_experiment_dir(paths, adapter_name)
+        atomic_write_text(exp_dir / "config.yaml", cfg.to_yaml())
+        commit = git_commit(paths.root)
+        provenance = {
+            "base_model": {"name": base.ref.name, "kind": base.ref.kind, "fingerprint": base.ref.fingerprint,
+                           "directory": str(base.ref.directory)},
+            "dataset": {"name": dataset, "fingerprint": streams.fingerprint,
+                        "train_tokens": int(len(streams.train)),
+                        "validation_tokens": int(len(streams.validation))},
+            "tokenizer_fingerprint": base.tokenizer_fingerprint,
+            "git_commit": commit,
+            "packages": package_versions(),
+        }
+        tracker = MlflowTracker(paths, cfg.tracking.experiment_name, cfg.tracking.tracking_uri) \
+            if use_mlflow and cfg.tracking.mlflow else None
+        run_id = None
+        if tracker:
+            params = flatten(cfg.to_dict())
+            params.update({"dataset": dataset, "adapter_name": adapter_name,
+                           "runtime.precision": runtime.precision, "runtime.device": runtime.device,
+                           "runtime.threads": runtime.threads})
+            tags = {"git_commit": commit or "unknown", "dataset": dataset,
+                    "dataset_fingerprint": streams.fingerprint, "base_model": base.ref.name,
+                    "base_model_fingerprint": base.ref.fingerprint, "experiment_dir": exp_dir.name,
+                    "mlflow.runName": exp_dir.name}
+            run_id = tracker.start(exp_dir.name, params, tags)
+        results: dict = {"status": "RUNNING", "dataset": dataset, "adapter_name": adapter_name,
+                         "experiment_dir": str(exp_dir), "mlflow_run_id": run_id,
+                         "started": datetime.now(timezone.utc).isoformat(), **provenance}
+        wall0 = time.perf_counter()
+        status = "FAILED"
+        try:
+            model = wrap_with_lora(base.model, cfg.lora, t.seed)
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            val_docs = limit_documents(base.tokenizer, streams.validation_docs, t.eval_max_tokens)
+            eval_len = min(1024, max(2 * t.seq_len, 256))
+
+            def evaluate() -> dict:
+                s = score_documents(model, base.tokenizer, val_docs, streams.separator, runtime,
+                                    max_length=eval_len, stride=eval_len // 2)
+                return {"val_loss": s.nll_sum / s.tokens, "val_perplexity": s.perplexity,
+                        "val_bits_per_byte": s.bits_per_byte, "val_tokens": s.tokens, "val_bytes": s.bytes}
+
+            with model.disable_adapter():
+                before = evaluate()
+            log(f"validation perplexity before training: {before['val_perplexity']:.3f}")
+            callbacks = [ProgressBar(progress, desc=f"train {adapter_name}"),
+                         JsonlLogger(exp_dir / "logs" / "metrics.jsonl")]
+            if tracker:
+                callbacks.append(MlflowCallback(tracker))
+                tracker.log_metrics(before, step=0)
+            evals = [{"step": 0, **before}]
+            eval_cb = []
+
+            def periodic_eval():
+                m = evaluate()
+                evals.append({"step": trainer.state.step, **m})
+                return m
+
+            trainer = LoraTrainer(model, t, loader, runtime, callbacks + eval_cb, eval_fn=periodic_eval)
+            fit = trainer.fit()
+            after = evaluate()
+            evals.append({"step": fit.steps, **after})
+            if tracker:
+                tracker.log_metrics(after, step=fit.steps)
+            log(f"validation perplexity after training: {after['val_perplexity']:.3f}")
+            wall = time.perf_counter() - wall0
+
+            def metrics_of(m):
+                return {"perplexity": m["val_perplexity"], "bits_per_byte": m["val_bits_per_byte"],
+                        "loss": m["val_loss"], "tokens": m["val_tokens"], "bytes": m["val_bytes"]}
+
+            results.update({
+                "metrics_before": metrics_of(before), "metrics_after": metrics_of(after),
+                "steps": fit.steps, "tokens_seen": fit.tokens_seen,
+                "tokens_per_second": fit.tokens_per_second, "train_seconds": fit.train_seconds,
+                "wall_seconds": wall, "peak_rss_mb": peak_rss_mb(), "final_train_loss": fit.final_loss,
+                "trainable_parameters": trainable, "runtime": {"device": runtime.device,
+                                                               "precision": runtime.precision,
+                                                               "threads": runtime.threads},
+                "adapter_dir": str(adapter_dir), "evals": evals})
+            if runtime.device == "cuda":
+                import torch
+
+                results["peak_cuda_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            metadata = {"format": "lora_project.adapter/1", "adapter_name": adapter_name,
+                        **provenance, "config": cfg.to_dict(),
+                        "final_metrics": {"before": results["metrics_before"],
+                                          "after": results["metrics_after"]},
+                        "mlflow_run_id": run_id, "experiment_dir": str(exp_dir),
+                        "created": datetime.now(timezone.utc).isoformat()}
+            save_adapter(model, adapter_dir, metadata, overwrite=overwrite)
+            png = plot_loss_curve(trainer.state.history, evals[1:-1] + [evals[-1]], exp_dir / "loss_curve.png",
+                                  f"{adapter_name}: {base.ref.name}")
+            status = "FINISHED"
+            results["status"] = status
+            results["finished"] = datetime.now(timezone.utc).isoformat()
+            atomic_write_json(exp_dir / "results.json", results)
+            if tracker:
+                tracker.log_metrics({"tokens_per_second": fit.tokens_per_second,
+                                     "peak_rss_mb": results["peak_rss_mb"], "wall_seconds": wall}, fit.steps)
+                tracker.log_artifact(exp_dir / "config.yaml")
+                tracker.log_artifact(exp_dir / "results.json")
+                if png:
+                    tracker.log_artifact(png)
+                tracker.log_artifact(adapter_dir, "adapter")
+                if tracker.failed:
+                    results["mlflow_warning"] = tracker.failed
+            return results
+        except (KeyboardInterrupt, RunInterrupted):
+            status = "KILLED"
+            results.update(status=status, error="interrupted")
+            raise
+        except BaseException as exc:
+            results.update(status="FAILED", error=f"{type(exc).__name__}: {exc}"[:2000])
+            raise
+        finally:
+            if status != "FINISHED":
+                try:
+                    atomic_write_json(exp_dir / "results.json", results)
+                except OSError as exc:
+                    print(f"warning: could not write {exp_dir}/results.json: {exc}", file=sys.stderr)
+            if tracker:
+                tracker.end(status)
+            # Unwrap so that a caller reusing `base` (batch training) gets the plain model back.
+            if "model" in locals() and hasattr(model, "unload"):
+                base.model = model.unload()

@@ -1,0 +1,197 @@
+"""The LoRA training loop (our own; docs/research_notes.md says why not HF Trainer).
+
+One step = ``grad_accum`` micro-batches of ``batch_size`` packed blocks of ``seq_len``
+tokens. The forward pass runs the decoder under bf16 autocast when the runtime says so and
+the output layer + cross-entropy through the fused chunked loss (no full logits kept).
+Only LoRA parameters have gradients; AdamW state lives in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from lora_project.data.tokenizer_utils import block, num_blocks
+from lora_project.errors import UserError
+from lora_project.training.callbacks import CallbackList, TrainState
+from lora_project.utils.config_utils import TrainingSection
+
+
+class BlockLoader:
+    """Seeded, resumable iteration over packed blocks of a token stream (no copies until batching).
+
+    Epoch e visits the blocks in the order of ``default_rng(seed + e).permutation``; the
+    position (epoch, index) is all the state needed to resume exactly.
+    """
+
+    def __init__(self, stream: np.ndarray, seq_len: int, batch_size: int, seed: int):
+        self.stream = stream
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.seed = seed
+        self.n_blocks = num_blocks(len(stream), seq_len)
+        if self.n_blocks < 1:
+            raise UserError(f"the training split has {len(stream)} tokens, fewer than one block of "
+                            f"seq_len={seq_len} + 1; lower training.seq_len or add data")
+        self.epoch = 0
+        self.index = 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng(self.seed + epoch).permutation(self.n_blocks)
+
+    def next_batch(self):
+        import torch
+
+        rows = []
+        for _ in range(self.batch_size):
+            if self.index >= self.n_blocks:
+                self.epoch += 1
+                self.index = 0
+                self._order = self._permutation(self.epoch)
+            rows.append(block(self.stream, int(self._order[self.index]), self.seq_len))
+            self.index += 1
+        batch = torch.from_numpy(np.stack(rows).astype(np.int64))
+        return batch[:, :-1], batch[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "n_blocks": self.n_blocks}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._order = self._permutation(self.epoch)
+
+
+def lr_lambda(cfg: TrainingSection, max_steps: int):
+    """Multiplier of the peak lr at optimizer step s (0-based): linear warm-up, then schedule."""
+    warm = cfg.warmup_steps
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, max_steps - warm))
+        if cfg.schedule == "linear":
+            shape = 1.0 - progress
+        else:  # cosine
+            shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+
+    return f
+
+
+def total_steps(cfg: TrainingSection, n_blocks: int) -> int:
+    if cfg.max_steps:
+        return cfg.max_steps
+    per_step = cfg.batch_size * cfg.grad_accum
+    return max(1, math.ceil(cfg.epochs * n_blocks / per_step))
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@dataclass
+class FitResult:
+    steps: int
+    tokens_seen: int
+    train_seconds: float
+    tokens_per_second: float
+    final_loss: float
+    status: str
+
+
+class LoraTrainer:
+    """Runs the optimisation loop on a PEFT model; evaluation is injected as a function."""
+
+    def __init__(self, model, cfg: TrainingSection, loader: BlockLoader, runtime, callbacks,
+                 eval_fn=None):
+        import torch
+
+        self.model = model
+        self.cfg = cfg
+        self.loader = loader
+        self.runtime = runtime
+        self.callbacks = CallbackList(callbacks)
+        self.eval_fn = eval_fn
+        self.max_steps = total_steps(cfg, loader.n_blocks)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise RuntimeError("no trainable parameters: LoRA wrapping failed")
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                           weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.max_steps))
+        from lora_project.evaluation.perplexity import decoder_and_head
+
+        self.decoder, self.head = decoder_and_head(model)
+        self.state = TrainState(self.max_steps, cfg.batch_size * cfg.grad_accum * cfg.seq_len)
+        self.state.model, self.state.optimizer = model, self.optimizer
+        self.state.scheduler, self.state.loader = self.scheduler, loader
+
+    def micro_step(self, inputs, targets) -> float:
+        from lora_project.training.losses import linear_cross_entropy
+
+        inputs = inputs.to(self.runtime.device, non_blocking=True)
+        targets = targets.to(self.runtime.device, non_blocking=True)
+        with self.runtime.autocast():
+            hidden = self.decoder(input_ids=inputs, use_cache=False).last_hidden_state
+        loss = linear_cross_entropy(hidden, self.head, targets, self.cfg.loss_chunk_tokens)
+        (loss / self.cfg.grad_accum).backward()
+        return float(loss.detach())
+
+    def fit(self) -> FitResult:
+        import torch
+
+        state = self.state
+        self.model.train()
+        self.callbacks.on_train_start(state)
+        loss_window: list[float] = []
+        last_loss = float("nan")
+        while state.step < self.max_steps:
+            t0 = time.perf_counter()
+            losses = [self.micro_step(*self.loader.next_batch()) for _ in range(self.cfg.grad_accum)]
+            if self.cfg.max_grad_norm:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
+            else:
+                grad_norm = float(torch.linalg.vector_norm(
+                    torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
+            lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.runtime.device == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            state.step += 1
+            state.tokens_seen += state.tokens_per_step
+            state.train_seconds += dt
+            last_loss = sum(losses) / len(losses)
+            if not math.isfinite(last_loss):
+                raise UserError(f"training diverged at step {state.step} (loss {last_loss}); "
+                                "lower training.lr")
+            loss_window.append(last_loss)
+            metrics = {"loss": last_loss, "lr": lr, "grad_norm": grad_norm,
+                       "tokens_per_second": state.tokens_per_step / dt,
+                       "tokens_seen": float(state.tokens_seen)}
+            self.callbacks.on_step_end(state, metrics)
+            if state.step % self.cfg.log_interval == 0 or state.step == self.max_steps:
+                logged = dict(metrics, loss=sum(loss_window) / len(loss_window),
+                              tokens_per_second=state.tokens_seen / state.train_seconds)
+                loss_window = []
+                state.history.append({"step": state.step, **logged})
+                self.callbacks.on_log(state, logged)
+            if (self.eval_fn and self.cfg.eval_interval and state.step % self.cfg.eval_interval == 0
+                    and state.step < self.max_steps):
+                self.callbacks.on_eval(state, self.eval_fn())
+                self.model.train()
+        self.model.eval()
+        return FitResult(steps=state.step, tokens_seen=state.tokens_seen, train_seconds=state.train_seconds,
+                         tokens_per_second=state.tokens_seen / max(state.train_seconds, 1e-9),
+                         final_loss=last_loss, status="FINISHED")

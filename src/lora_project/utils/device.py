@@ -1,0 +1,77 @@
+"""Device, precision and thread choices, resolved once per run."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from lora_project.errors import UserError
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU executes bf16 matmuls natively (AVX512-BF16 or AMX)."""
+    try:
+        import torch
+
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # older torch or a non-x86 build
+        try:
+            with open("/proc/cpuinfo") as fh:
+                flags = fh.read()
+            return "avx512_bf16" in flags or "amx_bf16" in flags
+        except OSError:
+            return False
+
+
+def physical_cores() -> int:
+    """Physical cores available to this process (hyper-threads do not help matmuls)."""
+    try:
+        avail = len(os.sched_getaffinity(0))
+    except AttributeError:
+        avail = os.cpu_count() or 1
+    try:
+        with open("/proc/cpuinfo") as fh:
+            text = fh.read()
+        siblings = [int(line.split(":")[1]) for line in text.splitlines() if line.startswith("siblings")]
+        cores = [int(line.split(":")[1]) for line in text.splitlines() if line.startswith("cpu cores")]
+        if siblings and cores and siblings[0] > cores[0]:
+            return max(1, avail * cores[0] // siblings[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    return max(1, avail)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: str      # cpu | cuda
+    precision: str   # fp32 | bf16
+    threads: int
+
+    @property
+    def autocast_dtype(self):
+        import torch
+
+        return torch.bfloat16 if self.precision == "bf16" else None
+
+    def autocast(self):
+        import torch
+
+        return torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+
+def resolve_runtime(device: str = "auto", precision: str = "auto", threads: int = 0) -> Runtime:
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("training.device is 'cuda' but no CUDA device is available")
+    if precision == "auto":
+        if device == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        else:
+            precision = "bf16" if cpu_has_native_bf16() else "fp32"
+    n = threads or physical_cores()
+    if device == "cpu":
+        torch.set_num_threads(n)
+    return Runtime(device, precision, n)

@@ -1,0 +1,124 @@
+"""MLflow tracking through `MlflowClient` with explicit run ids (no global active run).
+
+Default tracking URI: ``sqlite:///<project>/mlruns/mlflow.db`` with artifacts under
+``<project>/mlruns/artifacts``; ``MLFLOW_TRACKING_URI`` (or ``tracking.tracking_uri``)
+overrides it, e.g. a real server. If the tracking backend fails mid-run, training goes on:
+the failure is reported once on stderr and metrics stay in the run's local JSON-lines log.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lora_project.paths import ProjectPaths
+
+# MLflow rejects param values above its limit (6000 chars in MLflow 2.x/3.x); long values
+# (e.g. a list of 50 target modules) are cut with a marker rather than failing the run.
+PARAM_MAX_CHARS = 500
+
+
+def default_tracking_uri(paths: ProjectPaths) -> str:
+    return f"sqlite:///{paths.mlruns_dir / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(paths: ProjectPaths, configured: str | None = None) -> str:
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(paths)
+
+
+def _param_value(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= PARAM_MAX_CHARS else text[:PARAM_MAX_CHARS - 15] + "...[truncated]"
+
+
+class MlflowTracker:
+    """One MLflow run. Every call is safe: a backend failure disables tracking with a warning."""
+
+    def __init__(self, paths: ProjectPaths, experiment_name: str, tracking_uri: str | None = None):
+        self.paths = paths
+        self.uri = resolve_tracking_uri(paths, tracking_uri)
+        self.experiment_name = experiment_name
+        self.run_id: str | None = None
+        self.failed: str | None = None
+        self._client = None
+
+    def _warn(self, exc: BaseException) -> None:
+        if self.failed is None:
+            self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            print(f"warning: MLflow tracking stopped ({self.failed[:200]}); training continues and "
+                  "metrics are kept in the experiment's logs/metrics.jsonl", file=sys.stderr)
+
+    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str | None:
+        try:
+            from mlflow.entities import Param, RunTag
+            from mlflow.tracking import MlflowClient
+
+            if self.uri.startswith("sqlite:///"):
+                Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+            self._client = MlflowClient(tracking_uri=self.uri)
+            exp = self._client.get_experiment_by_name(self.experiment_name)
+            if exp is None:
+                artifacts = None
+                if self.uri == default_tracking_uri(self.paths):
+                    artifacts = (self.paths.mlruns_dir / "artifacts").resolve().as_uri()
+                exp_id = self._client.create_experiment(self.experiment_name, artifact_location=artifacts)
+            else:
+                exp_id = exp.experiment_id
+            run = self._client.create_run(exp_id, run_name=run_name, tags=tags)
+            self.run_id = run.info.run_id
+            items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
+            for i in range(0, len(items), 100):  # MLflow's log_batch limit is 100 params per call
+                self._client.log_batch(self.run_id, params=items[i:i + 100])
+            _ = RunTag  # imported for symmetry; tags go in create_run
+            return self.run_id
+        except Exception as exc:  # tracking must never stop training
+            self._warn(exc)
+            return self.run_id
+
+    @property
+    def active(self) -> bool:
+        return self.run_id is not None and self.failed is None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.active:
+            return
+        try:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            self._client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step)
+                                                         for k, v in metrics.items()])
+        except Exception as exc:
+            self._warn(exc)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if not self.active:
+            return
+        try:
+            for k, v in tags.items():
+                self._client.set_tag(self.run_id, k, str(v))
+        except Exception as exc:
+            self._warn(exc)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if not self.active:
+            return
+        try:
+            if Path(path).is_dir():
+                self._client.log_artifacts(self.run_id, str(path), artifact_path)
+            else:
+                self._client.log_artifact(self.run_id, str(path), artifact_path)
+        except Exception as exc:
+            self._warn(exc)
+
+    def end(self, status: str) -> None:
+        """status: FINISHED | FAILED | KILLED."""
+        if self.run_id is None or self._client is None:
+            return
+        try:
+            self._client.set_terminated(self.run_id, status=status)
+        except Exception as exc:
+            self._warn(exc)

@@ -1,0 +1,14 @@
+"""Seeding: Python, NumPy and torch from one integer."""
+
+from __future__ import annotations
+
+import random
+
+
+def set_seed(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -1,0 +1,152 @@
+"""Config loading and validation, including every committed config file."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from conftest import REPO
+from lora_project.data.catalog import load_catalog, parse_catalog
+from lora_project.errors import ConfigError, UserError
+from lora_project.utils.config_utils import (SECTIONS, RunConfig, build_config, explain, flatten,
+                                             load_config, merge_sources, read_yaml)
+
+
+def test_every_committed_yaml_config_loads():
+    files = sorted((REPO / "config").glob("*.yaml"))
+    assert {f.name for f in files} >= {"training_config.yaml", "model_config.yaml"}
+    for f in files:
+        cfg = load_config([f])
+        assert isinstance(cfg, RunConfig)
+    both = load_config([REPO / "config" / "model_config.yaml", REPO / "config" / "training_config.yaml"])
+    assert both.lora.target_modules == ["q_proj", "v_proj"]
+    assert both.model.trust_remote_code is False
+
+
+def test_committed_yaml_sets_only_known_fields_and_documents_them():
+    """Each committed YAML value is a real field; and the YAML mentions every field of its sections."""
+    for name, sections in (("model_config.yaml", ("model", "lora")),
+                           ("training_config.yaml", ("training", "tracking"))):
+        data = read_yaml(REPO / "config" / name)
+        assert set(data) == set(sections)
+        for section in sections:
+            fields = {f.name for f in dataclasses.fields(SECTIONS[section])}
+            assert set(data[section]) == fields, (name, section, fields ^ set(data[section]))
+
+
+def test_committed_catalog_loads():
+    catalog = load_catalog(REPO / "config" / "dataset_catalog.csv")
+    assert {"toddler_data", "kids"} <= set(catalog)
+    assert catalog["toddler_data"].kind == "generated"
+    assert abs(sum(catalog["toddler_data"].split) - 1) < 1e-9
+
+
+def test_overrides_win_and_values_are_parsed_as_yaml():
+    cfg = load_config([REPO / "config" / "training_config.yaml"],
+                      ["training.lr=2e-4", "lora.r=16", "lora.target_modules=[q_proj, k_proj]",
+                       "training.gradient_checkpointing=true"])
+    assert cfg.training.lr == pytest.approx(2e-4)
+    assert cfg.lora.r == 16
+    assert cfg.lora.target_modules == ["q_proj", "k_proj"]
+    assert cfg.training.gradient_checkpointing is True
+
+
+def test_all_problems_reported_together_with_field_names_and_did_you_mean():
+    with pytest.raises(ConfigError) as exc:
+        build_config(merge_sources([], ["training.lrr=1", "lora.r=0", "training.lr=-1",
+                                        "training.precision=bf61", "trainin.seed=1",
+                                        "training.batch_size=2.5"]))
+    msg = str(exc.value)
+    assert len(exc.value.problems) == 6
+    assert "training.lrr: unknown key (did you mean 'lr'?)" in msg
+    assert "lora.r: must be >= 1, got 0" in msg
+    assert "training.lr: must be > 0" in msg
+    assert "did you mean 'bf16'?" in msg
+    assert "unknown section 'trainin' (did you mean 'training'?)" in msg
+    assert "training.batch_size: expected an integer" in msg
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("training.lr=0", "training.lr: must be > 0"),
+    ("lora.alpha=0", "lora.alpha: must be > 0"),
+    ("lora.dropout=1.5", "lora.dropout: must be <= 0.99"),
+    ("training.max_steps=-3", "training.max_steps: must be >= 0"),
+    ("training.lr=nan", "training.lr"),
+    ("lora.target_modules=[]", "lora.target_modules: expected a non-empty list"),
+    ("training.schedule=cosin", "did you mean 'cosine'?"),
+    ("model.source=null", "model.source: must be set"),
+    ("tracking.mlflow=maybe", "tracking.mlflow: expected true or false"),
+])
+def test_out_of_range_values(override, fragment):
+    with pytest.raises(ConfigError, match="") as exc:
+        load_config([], [override])
+    assert fragment in str(exc.value)
+
+
+def test_warmup_longer_than_run_is_rejected():
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        load_config([], ["training.max_steps=5", "training.warmup_steps=10"])
+
+
+def test_malformed_yaml_names_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training:\n  lr: [1, 2\n  seed: 3\n")
+    with pytest.raises(UserError, match=r"bad.yaml:.*line \d+.*malformed YAML"):
+        load_config([bad])
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b"- just\n- a list\n", "expected a mapping"),
+    (b"\x00\x01\x02binary", "binary"),
+    (b"\xff\xfe\xfa not utf8", "not UTF-8"),
+    (b"training: 5\n", "training: expected a mapping"),
+])
+def test_bad_yaml_files(tmp_path, content, fragment):
+    f = tmp_path / "c.yaml"
+    f.write_bytes(content)
+    with pytest.raises(UserError) as exc:
+        load_config([f])
+    assert fragment in str(exc.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_config([tmp_path / "nope.yaml"])
+
+
+def test_yaml_is_read_with_safe_load(tmp_path):
+    f = tmp_path / "evil.yaml"
+    f.write_text("training: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(UserError, match="malformed YAML"):
+        load_config([f])
+
+
+def test_explain_documents_every_field_and_flatten():
+    text = explain()
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f"  {f.name}:" in text
+            assert f.metadata["doc"], f"{section}.{f.name} has no doc"
+    flat = flatten(RunConfig().to_dict())
+    assert flat["lora.r"] == 8 and flat["training.seed"] == 42
+
+
+def test_catalog_problems_reported_with_row_numbers():
+    text = ("name,kind,location,split,options,colour\n"
+            "a,generated,x.yaml,0.8/0.1/0.1,seed=1,\n")
+    with pytest.raises(UserError, match="unknown column 'colour'"):
+        parse_catalog(text)
+    text = ("name,kind,location,split,options,enabled\n"
+            "a,generated,x.yaml,0.8/0.1/0.1,seed=1,true\n"
+            "a,local,y.txt,0.5/0.5,,true\n"
+            "../evil,lokal,z.txt,,sed=3,maybe\n")
+    with pytest.raises(UserError) as exc:
+        parse_catalog(text, "cat.csv")
+    msg = str(exc.value)
+    assert "cat.csv row 3: duplicate name 'a' (first on row 2)" in msg
+    assert "cat.csv row 3: split '0.5/0.5'" in msg
+    assert "cat.csv row 4: invalid name '../evil'" in msg
+    assert "row 4: kind 'lokal'" in msg and "did you mean 'local'" in msg
+    assert "row 4: unknown option 'sed' (did you mean 'seed'?)" in msg
+    assert "row 4: enabled must be true or false" in msg
