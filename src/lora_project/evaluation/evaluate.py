@@ -23,7 +23,7 @@ def evaluate_perplexity(paths: ProjectPaths, cfg, *, text_file: Path | None = No
 
     if (text_file is None) == (dataset is None):
         raise UserError("give exactly one of --text FILE or --dataset NAME")
-    stride = stride or max(1, max_length // 2)
+    stride = max(1, max_length // 2) if stride is None else stride
     windows(2, max_length, stride)  # validates max_length/stride before any loading
     adapters = [check_adapter_dir(Path(a)) for a in adapters]
     names = [a.name for a in adapters]

@@ -84,7 +84,7 @@ def score_ids(model, ids: np.ndarray | list[int], n_bytes: int, runtime, max_len
     n = len(ids_t)
     if n < 2:
         raise UserError("nothing to score: the text is empty")
-    stride = stride or max(1, max_length // 2)
+    stride = max(1, max_length // 2) if stride is None else stride
     wins = windows(n, max_length, stride)
     decoder, head = decoder_and_head(model)
     was_training = model.training

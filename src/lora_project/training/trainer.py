@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lora_project.data.tokenizer_utils import block, num_blocks
-from lora_project.errors import UserError
+from lora_project.errors import RunInterrupted, UserError
 from lora_project.training.callbacks import CallbackList, TrainState
 from lora_project.utils.config_utils import TrainingSection
 
@@ -154,43 +154,51 @@ class LoraTrainer:
         self.callbacks.on_train_start(state)
         loss_window: list[float] = []
         last_loss = float("nan")
-        while state.step < self.max_steps:
-            t0 = time.perf_counter()
-            losses = [self.micro_step(*self.loader.next_batch()) for _ in range(self.cfg.grad_accum)]
-            if self.cfg.max_grad_norm:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
-            else:
-                grad_norm = float(torch.linalg.vector_norm(
-                    torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
-            lr = self.scheduler.get_last_lr()[0]
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.runtime.device == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            state.step += 1
-            state.tokens_seen += state.tokens_per_step
-            state.train_seconds += dt
-            last_loss = sum(losses) / len(losses)
-            if not math.isfinite(last_loss):
-                raise UserError(f"training diverged at step {state.step} (loss {last_loss}); "
-                                "lower training.lr")
-            loss_window.append(last_loss)
-            metrics = {"loss": last_loss, "lr": lr, "grad_norm": grad_norm,
-                       "tokens_per_second": state.tokens_per_step / dt,
-                       "tokens_seen": float(state.tokens_seen)}
-            self.callbacks.on_step_end(state, metrics)
-            if state.step % self.cfg.log_interval == 0 or state.step == self.max_steps:
-                logged = dict(metrics, loss=sum(loss_window) / len(loss_window),
-                              tokens_per_second=state.tokens_seen / state.train_seconds)
-                loss_window = []
-                state.history.append({"step": state.step, **logged})
-                self.callbacks.on_log(state, logged)
-            if (self.eval_fn and self.cfg.eval_interval and state.step % self.cfg.eval_interval == 0
-                    and state.step < self.max_steps):
-                self.callbacks.on_eval(state, self.eval_fn())
-                self.model.train()
+        status = "FAILED"
+        try:
+            while state.step < self.max_steps:
+                t0 = time.perf_counter()
+                losses = [self.micro_step(*self.loader.next_batch()) for _ in range(self.cfg.grad_accum)]
+                if self.cfg.max_grad_norm:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
+                else:
+                    grad_norm = float(torch.linalg.vector_norm(
+                        torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
+                lr = self.scheduler.get_last_lr()[0]
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.runtime.device == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                state.step += 1
+                state.tokens_seen += state.tokens_per_step
+                state.train_seconds += dt
+                last_loss = sum(losses) / len(losses)
+                if not math.isfinite(last_loss):
+                    raise UserError(f"training diverged at step {state.step} (loss {last_loss}); "
+                                    "lower training.lr")
+                loss_window.append(last_loss)
+                metrics = {"loss": last_loss, "lr": lr, "grad_norm": grad_norm,
+                           "tokens_per_second": state.tokens_per_step / dt,
+                           "tokens_seen": float(state.tokens_seen)}
+                self.callbacks.on_step_end(state, metrics)
+                if state.step % self.cfg.log_interval == 0 or state.step == self.max_steps:
+                    logged = dict(metrics, loss=sum(loss_window) / len(loss_window),
+                                  tokens_per_second=state.tokens_seen / state.train_seconds)
+                    loss_window = []
+                    state.history.append({"step": state.step, **logged})
+                    self.callbacks.on_log(state, logged)
+                if (self.eval_fn and self.cfg.eval_interval and state.step % self.cfg.eval_interval == 0
+                        and state.step < self.max_steps):
+                    self.callbacks.on_eval(state, self.eval_fn())
+                    self.model.train()
+            status = "FINISHED"
+        except (KeyboardInterrupt, RunInterrupted):
+            status = "KILLED"
+            raise
+        finally:
+            self.callbacks.on_train_end(state, status)
         self.model.eval()
         return FitResult(steps=state.step, tokens_seen=state.tokens_seen, train_seconds=state.train_seconds,
                          tokens_per_second=state.tokens_seen / max(state.train_seconds, 1e-9),
