@@ -47,7 +47,7 @@ class _FusedLinearCE(torch.autograd.Function):
                 picked = logits.gather(1, safe_t[:, None]).squeeze(1)
                 total += ((lse - picked) * valid).sum()
                 if need_grad:
-                    probs = torch.exp(logits - lse[:, None])
+                    probs = logits.sub_(lse[:, None]).exp_()  # in place: one chunk x vocab buffer
                     probs[torch.arange(len(tc), device=h.device), safe_t] -= 1.0
                     probs *= valid[:, None]
                     grad_h[s:s + chunk] = (probs.to(dtype) @ w).float()

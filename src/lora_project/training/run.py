@@ -36,6 +36,7 @@ class BaseBundle:
     model: object
     runtime: object
     tokenizer_fingerprint: str
+    load_seconds: float = 0.0
 
 
 def load_base(cfg: RunConfig, runtime=None) -> BaseBundle:
@@ -46,6 +47,7 @@ def load_base(cfg: RunConfig, runtime=None) -> BaseBundle:
     from lora_project.utils.device import resolve_runtime
 
     t = cfg.training
+    t0 = time.perf_counter()
     runtime = runtime or resolve_runtime(t.device, t.precision, t.threads)
     ref = resolve_model(cfg.model.source, cfg.model.revision)
     tokenizer = load_tokenizer(ref)
@@ -53,7 +55,8 @@ def load_base(cfg: RunConfig, runtime=None) -> BaseBundle:
     # LoRA weights are created in fp32 by PEFT on top of it.
     dtype = torch.bfloat16 if runtime.precision == "bf16" else torch.float32
     model = load_model(ref, dtype=dtype, device=runtime.device, trust_remote_code=cfg.model.trust_remote_code)
-    return BaseBundle(ref, tokenizer, model, runtime, tokenizer_fingerprint(tokenizer))
+    return BaseBundle(ref, tokenizer, model, runtime, tokenizer_fingerprint(tokenizer),
+                      load_seconds=time.perf_counter() - t0)
 
 
 def new_experiment_dir(paths: ProjectPaths, name: str) -> Path:
@@ -136,11 +139,10 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
         log(f"dataset '{dataset}': {'unchanged' if prepared.skipped else 'prepared'} "
             f"({prepared.stats['splits']['train']['documents']} train / "
             f"{prepared.stats['splits']['validation']['documents']} validation documents)")
-        t_load = time.perf_counter()
         base = base or load_base(cfg)
         runtime = base.runtime
         log(f"base model: {base.ref.name} on {runtime.device} ({runtime.precision}, "
-            f"{runtime.threads} threads), loaded in {time.perf_counter() - t_load:.1f} s")
+            f"{runtime.threads} threads), loaded in {base.load_seconds:.1f} s")
         streams = load_streams(paths, prepared, base.tokenizer, base.tokenizer_fingerprint)
         loader = BlockLoader(streams.train, t.seq_len, t.batch_size, t.seed)
 
@@ -183,7 +185,7 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
 
             def evaluate() -> dict:
                 s = score_documents(model, base.tokenizer, val_docs, streams.separator, runtime,
-                                    max_length=eval_len, stride=eval_len // 2)
+                                    max_length=eval_len, stride=eval_len * 3 // 4)
                 return {"val_loss": s.nll_sum / s.tokens, "val_perplexity": s.perplexity,
                         "val_bits_per_byte": s.bits_per_byte, "val_tokens": s.tokens, "val_bytes": s.bytes}
 

@@ -131,6 +131,10 @@ class LoraTrainer:
         from lora_project.evaluation.perplexity import decoder_and_head
 
         self.decoder, self.head = decoder_and_head(model)
+        if cfg.gradient_checkpointing:
+            # Recompute each decoder layer's activations in backward instead of keeping them.
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.state = TrainState(self.max_steps, cfg.batch_size * cfg.grad_accum * cfg.seq_len)
         self.state.model, self.state.optimizer = model, self.optimizer
         self.state.scheduler, self.state.loader = self.scheduler, loader

@@ -1,0 +1,42 @@
+"""Documentation that must stay true: the config reference, the catalog columns, the README."""
+
+from __future__ import annotations
+
+import re
+
+from conftest import REPO, run_cli
+from lora_project.data.catalog import COLUMNS, OPTION_KEYS
+from lora_project.utils.config_utils import explain
+
+
+def test_config_reference_in_training_guide_is_current():
+    text = (REPO / "docs" / "training_guide.md").read_text()
+    block = re.search(r"<!-- config-reference:start.*?-->\n```text\n(.*?)```\n<!-- config-reference:end -->",
+                      text, re.S)
+    assert block, "config reference block missing"
+    assert block.group(1).rstrip("\n") == explain(), \
+        "docs/training_guide.md is stale: paste the output of `lora-project config --explain`"
+
+
+def test_every_catalog_column_and_option_is_documented():
+    text = (REPO / "docs" / "training_guide.md").read_text()
+    for col in COLUMNS:
+        assert f"| `{col}` |" in text, col
+    for key in OPTION_KEYS:
+        assert f"`{key}`" in text, key
+
+
+def test_readme_first_screen_gives_exactly_the_two_commands():
+    first_screen = "\n".join((REPO / "README.md").read_text().splitlines()[:25])
+    commands = re.findall(r"^(make \w+)", first_screen, re.M)
+    assert commands == ["make demo", "make test"]
+    assert "make test" in (REPO / ".ci" / "run").read_text()
+
+
+def test_help_lists_every_subcommand_and_explains():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for cmd in ("demo", "generate-data", "prepare", "train", "evaluate", "config"):
+        assert cmd in proc.stdout
+    proc = run_cli("train", "--help")
+    assert "--overwrite" in proc.stdout and "--set" in proc.stdout and "MLFLOW_TRACKING_URI" in proc.stdout
