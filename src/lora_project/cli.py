@@ -123,6 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
+    p = sub.add_parser("benchmark", help="matmul peak and training throughput/memory of this machine",
+                       description="Measure this machine's fp32/bf16 matmul peak and our trainer's tokens/s "
+                                   "and peak memory per sequence shape. Writes "
+                                   "outputs/metrics/benchmark_<timestamp>.{json,md}. --quick uses a tiny "
+                                   "model built in code (seconds); the default uses the configured base model.")
+    p.add_argument("--quick", action="store_true", help="tiny model built in code; for CI and smoke tests")
+    p.add_argument("--shapes", default="64x16,128x8", help="SEQxBATCH list (default: 64x16,128x8)")
+    p.add_argument("--steps", type=int, default=4, help="timed optimizer steps per shape (default: 4)")
+    _add_config_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
     p = sub.add_parser("config", help="show the resolved configuration or explain every field")
     _add_config_args(p)
     p.add_argument("--explain", action="store_true", help="every field with default, range and meaning")
@@ -209,6 +220,23 @@ def _cmd_evaluate(args, paths):
         print(f"{name:<32} {m['perplexity']:>11.3f} {m['bits_per_byte']:>10.4f} {m['tokens']:>8} {delta:>8}")
 
 
+def _cmd_benchmark(args, paths):
+    from lora_project.evaluation.benchmark import parse_shapes, run_benchmark, write_report
+
+    if args.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {args.steps}")
+    shapes = parse_shapes(args.shapes)
+    cfg = _load_cfg(args, paths)
+    log = (lambda m: print(m, file=sys.stderr)) if args.json else print
+    result = run_benchmark(paths, cfg, quick=args.quick, shapes=shapes, steps=args.steps, log=log)
+    json_path, md_path = write_report(paths, result)
+    result["report"] = {"json": str(json_path), "markdown": str(md_path)}
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"report: {md_path}")
+
+
 def _cmd_config(args, paths):
     from lora_project.utils.config_utils import explain
 
@@ -219,7 +247,8 @@ def _cmd_config(args, paths):
 
 
 COMMANDS = {"demo": _cmd_demo, "generate-data": _cmd_generate, "prepare": _cmd_prepare,
-            "train": _cmd_train, "evaluate": _cmd_evaluate, "config": _cmd_config}
+            "train": _cmd_train, "evaluate": _cmd_evaluate, "benchmark": _cmd_benchmark,
+            "config": _cmd_config}
 
 
 def _on_sigterm(signum, frame):

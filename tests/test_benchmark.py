@@ -1,0 +1,29 @@
+"""`benchmark --quick` runs in seconds and its report has every field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import assert_user_error, run_cli
+
+
+def test_quick_benchmark_report(project):
+    proc = run_cli("benchmark", "--quick", "--shapes", "32x4,16x8", "--steps", "2", "--json", cwd=project)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["mode"] == "quick" and out["precision"] in ("fp32", "bf16")
+    assert out["matmul_gflops"]["fp32"] > 0 and out["matmul_gflops"]["bf16"] > 0
+    assert [(r["seq_len"], r["batch_size"]) for r in out["training"]] == [(32, 4), (16, 8)]
+    for r in out["training"]:
+        assert r["tokens_per_second"] > 0 and 0 < r["fraction_of_peak"] and r["peak_rss_mb_so_far"] > 0
+        assert r["achieved_gflops"] == r["tokens_per_second"] * 4 * out["parameters"] / 1e9
+    saved = json.loads(Path(out["report"]["json"]).read_text())
+    assert saved["training"] == out["training"]
+    md = Path(out["report"]["markdown"]).read_text()
+    assert "| 32 x 4 |" in md and Path(out["report"]["json"]).parent == project / "outputs" / "metrics"
+
+
+def test_benchmark_bad_shapes(project):
+    assert_user_error(run_cli("benchmark", "--quick", "--shapes", "64by16", cwd=project), "--shapes")
+    assert_user_error(run_cli("benchmark", "--quick", "--steps", "0", cwd=project), "--steps")
