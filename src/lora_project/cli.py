@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter-name", help="adapter name (default: the dataset name)")
     _add_config_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing adapter of the same name")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the newest checkpoint of this adapter (same experiment folder and MLflow run; "
+                        "refused if config, base model or data changed)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print results.json content on stdout")
@@ -192,7 +195,8 @@ def _cmd_train(args, paths):
     cfg = _load_cfg(args, paths)
     log = (lambda m: print(m, file=sys.stderr)) if args.json else print
     res = train_adapter(paths, args.name, cfg, adapter_name=args.adapter_name, overwrite=args.overwrite,
-                        use_mlflow=not args.no_mlflow, progress=not args.no_progress, log=log)
+                        use_mlflow=not args.no_mlflow, progress=not args.no_progress, resume=args.resume,
+                        log=log)
     if args.json:
         _print_json(res)
     else:

@@ -118,14 +118,42 @@ def plot_loss_curve(history: list[dict], evals: list[dict], out: Path, title: st
     return out
 
 
+def config_fingerprint_fields(cfg: RunConfig) -> dict:
+    """The settings that must be identical for a checkpoint to be resumed (tracking may differ)."""
+    d = cfg.to_dict()
+    d.pop("tracking", None)
+    return flatten(d)
+
+
+def find_resume_checkpoint(paths: ProjectPaths, adapter_name: str) -> tuple[Path, Path]:
+    """(experiment folder, latest checkpoint) of the newest experiment of this adapter with one."""
+    from lora_project.training.checkpoint import list_checkpoints
+
+    pattern = re.compile(rf"^exp_(\d+)_{re.escape(adapter_name)}$")
+    runs = sorted(((int(m.group(1)), p) for p in paths.checkpoints_dir.glob("exp_*")
+                   if (m := pattern.match(p.name))), reverse=True) if paths.checkpoints_dir.is_dir() else []
+    for _, folder in runs:
+        ckpts = list_checkpoints(folder)
+        if ckpts:
+            return paths.experiments_dir / folder.name, ckpts[-1]
+    raise UserError(f"no checkpoint to resume for adapter '{adapter_name}' under {paths.checkpoints_dir}; "
+                    "checkpoints are written every training.checkpoint_interval steps and on interruption")
+
+
 def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_name: str | None = None,
                   overwrite: bool = False, use_mlflow: bool = True, progress: bool = True,
-                  base: BaseBundle | None = None, log=print) -> dict:
-    """Train one adapter on one catalog dataset; returns the results.json content."""
+                  base: BaseBundle | None = None, resume: bool = False, log=print) -> dict:
+    """Train one adapter on one catalog dataset; returns the results.json content.
+
+    With `resume`, continue the newest checkpoint of this adapter in the same experiment
+    folder and MLflow run; refused when the config, base model or data differ.
+    """
     from lora_project.data.dataset_loader import load_streams, prepare_dataset
     from lora_project.evaluation.perplexity import limit_documents, score_documents
     from lora_project.models.lora_model import save_adapter, wrap_with_lora
     from lora_project.training.callbacks import JsonlLogger, MlflowCallback, ProgressBar
+    from lora_project.training.checkpoint import CheckpointCallback
+    from lora_project.training.checkpoint import restore as restore_checkpoint
     from lora_project.training.trainer import BlockLoader, LoraTrainer, peak_rss_mb
     from lora_project.utils.mlflow_utils import MlflowTracker
 
@@ -135,6 +163,21 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
         raise UserError(f"adapter {adapter_dir} already exists; pass --overwrite to replace it")
     t = cfg.training
     with adapter_lock(paths, adapter_name):
+        ckpt = None
+        if resume:
+            from lora_project.training.checkpoint import load_checkpoint
+
+            resume_exp, ckpt_path = find_resume_checkpoint(paths, adapter_name)
+            ckpt = load_checkpoint(ckpt_path)
+            saved_cfg = ckpt[0].get("config_fields", {})
+            now_cfg = config_fingerprint_fields(cfg)
+            differ = sorted(k for k in set(saved_cfg) | set(now_cfg) if saved_cfg.get(k) != now_cfg.get(k))
+            if differ:
+                raise UserError(f"cannot resume {ckpt_path}: it was made with a different config "
+                                f"({', '.join(f'{k}: {saved_cfg.get(k)!r} -> {now_cfg.get(k)!r}' for k in differ[:5])})")
+            if ckpt[0].get("dataset_name") != dataset:
+                raise UserError(f"cannot resume {ckpt_path}: it trained on dataset "
+                                f"'{ckpt[0].get('dataset_name')}', not '{dataset}'")
         prepared = prepare_dataset(paths, dataset)
         log(f"dataset '{dataset}': {'unchanged' if prepared.skipped else 'prepared'} "
             f"({prepared.stats['splits']['train']['documents']} train / "
@@ -146,8 +189,21 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
         streams = load_streams(paths, prepared, base.tokenizer, base.tokenizer_fingerprint)
         loader = BlockLoader(streams.train, t.seq_len, t.batch_size, t.seed)
 
-        exp_dir = new_experiment_dir(paths, adapter_name)
-        atomic_write_text(exp_dir / "config.yaml", cfg.to_yaml())
+        if ckpt is not None:
+            info = ckpt[0]
+            if info.get("base_fingerprint") != base.ref.fingerprint:
+                raise UserError(f"cannot resume: the checkpoint was made on base model {info.get('base_name')} "
+                                f"({str(info.get('base_fingerprint'))[:12]}), not on {base.ref.name} "
+                                f"({base.ref.fingerprint[:12]})")
+            if info.get("dataset_fingerprint") != streams.fingerprint:
+                raise UserError(f"cannot resume: dataset '{dataset}' changed since the checkpoint "
+                                "(its fingerprint differs); train again without --resume")
+            exp_dir = resume_exp
+            (exp_dir / "logs").mkdir(parents=True, exist_ok=True)
+            log(f"resuming {exp_dir.name} from step {info['step']}")
+        else:
+            exp_dir = new_experiment_dir(paths, adapter_name)
+            atomic_write_text(exp_dir / "config.yaml", cfg.to_yaml())
         commit = git_commit(paths.root)
         provenance = {
             "base_model": {"name": base.ref.name, "kind": base.ref.kind, "fingerprint": base.ref.fingerprint,
@@ -171,7 +227,10 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
                     "dataset_fingerprint": streams.fingerprint, "base_model": base.ref.name,
                     "base_model_fingerprint": base.ref.fingerprint, "experiment_dir": exp_dir.name,
                     "mlflow.runName": exp_dir.name}
-            run_id = tracker.start(exp_dir.name, params, tags)
+            if ckpt is not None and ckpt[0].get("mlflow_run_id"):
+                run_id = tracker.resume(ckpt[0]["mlflow_run_id"])
+            else:
+                run_id = tracker.start(exp_dir.name, params, tags)
         results: dict = {"status": "RUNNING", "dataset": dataset, "adapter_name": adapter_name,
                          "experiment_dir": str(exp_dir), "mlflow_run_id": run_id,
                          "started": datetime.now(timezone.utc).isoformat(), **provenance}
@@ -189,16 +248,28 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
                 return {"val_loss": s.nll_sum / s.tokens, "val_perplexity": s.perplexity,
                         "val_bits_per_byte": s.bits_per_byte, "val_tokens": s.tokens, "val_bytes": s.bytes}
 
-            with model.disable_adapter():
-                before = evaluate()
+            if ckpt is not None:
+                before = ckpt[0]["metrics_before"]
+                evals = ckpt[0]["evals"]
+            else:
+                with model.disable_adapter():
+                    before = evaluate()
+                evals = [{"step": 0, **before}]
             log(f"validation perplexity before training: {before['val_perplexity']:.3f}")
             callbacks = [ProgressBar(progress, desc=f"train {adapter_name}"),
                          JsonlLogger(exp_dir / "logs" / "metrics.jsonl")]
             if tracker:
                 callbacks.append(MlflowCallback(tracker))
-                tracker.log_metrics(before, step=0)
-            evals = [{"step": 0, **before}]
-            eval_cb = []
+                if ckpt is None:
+                    tracker.log_metrics(before, step=0)
+            # Checkpoints: every checkpoint_interval steps, and always on interruption.
+            checkpointer = CheckpointCallback(
+                paths.checkpoints_dir / exp_dir.name, t.checkpoint_interval, t.keep_checkpoints,
+                meta={"config_fields": config_fingerprint_fields(cfg), "dataset_name": dataset,
+                      "dataset_fingerprint": streams.fingerprint, "base_fingerprint": base.ref.fingerprint,
+                      "base_name": base.ref.name, "mlflow_run_id": run_id, "metrics_before": before,
+                      "evals": evals})
+            eval_cb = [checkpointer]
 
             def periodic_eval():
                 m = evaluate()
@@ -206,6 +277,8 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
                 return m
 
             trainer = LoraTrainer(model, t, loader, runtime, callbacks + eval_cb, eval_fn=periodic_eval)
+            if ckpt is not None:
+                restore_checkpoint(trainer, *ckpt)
             fit = trainer.fit()
             after = evaluate()
             evals.append({"step": fit.steps, **after})

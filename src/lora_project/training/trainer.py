@@ -186,7 +186,6 @@ class LoraTrainer:
                 metrics = {"loss": last_loss, "lr": lr, "grad_norm": grad_norm,
                            "tokens_per_second": state.tokens_per_step / dt,
                            "tokens_seen": float(state.tokens_seen)}
-                self.callbacks.on_step_end(state, metrics)
                 if state.step % self.cfg.log_interval == 0 or state.step == self.max_steps:
                     logged = dict(metrics, loss=sum(loss_window) / len(loss_window),
                                   tokens_per_second=state.tokens_seen / state.train_seconds)
@@ -197,6 +196,8 @@ class LoraTrainer:
                         and state.step < self.max_steps):
                     self.callbacks.on_eval(state, self.eval_fn())
                     self.model.train()
+                # Last, so that a checkpoint taken here includes this step's log and evaluation.
+                self.callbacks.on_step_end(state, metrics)
             status = "FINISHED"
         except (KeyboardInterrupt, RunInterrupted):
             status = "KILLED"

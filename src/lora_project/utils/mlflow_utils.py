@@ -78,6 +78,18 @@ class MlflowTracker:
             self._warn(exc)
             return self.run_id
 
+    def resume(self, run_id: str) -> str | None:
+        """Continue an existing run (after --resume): mark it RUNNING again."""
+        try:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.uri)
+            self._client.update_run(run_id, status="RUNNING")
+            self.run_id = run_id
+        except Exception as exc:
+            self._warn(exc)
+        return self.run_id
+
     @property
     def active(self) -> bool:
         return self.run_id is not None and self.failed is None

@@ -1,0 +1,76 @@
+"""Checkpoints and exact resume: SIGKILL mid-run, then --resume, equals an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from safetensors.torch import load_file
+
+from conftest import assert_user_error, run_cli
+
+STEPS = ["--set", "training.max_steps=400", "--set", "training.checkpoint_interval=5",
+         "--set", "training.keep_checkpoints=2", "--set", "training.eval_interval=0"]
+
+
+def _weights(project, name):
+    return load_file(project / "adapters" / f"{name}_lora" / "adapter_model.safetensors")
+
+
+def test_sigkill_then_resume_gives_the_same_adapter(project):
+    from mlflow.tracking import MlflowClient
+
+    ref = run_cli("train", "toddler_data", "--adapter-name", "ref", "--no-progress", *STEPS, cwd=project)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+
+    proc = subprocess.Popen([sys.executable, "-m", "lora_project", "train", "toddler_data", "--no-progress",
+                             *STEPS], cwd=project, env=dict(os.environ), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    ckpt_root = project / "outputs" / "checkpoints" / "exp_002_toddler_data"
+    deadline = time.time() + 120
+    while not (ckpt_root / "step_000010").is_dir():
+        assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read()[-1000:]
+        assert time.time() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (project / "adapters" / "toddler_data_lora").exists()
+    kept = sorted(p.name for p in ckpt_root.iterdir() if p.name.startswith("step_"))
+    assert 1 <= len(kept) <= 3  # last K kept (+ at most one being written when killed)
+
+    resumed = run_cli("train", "toddler_data", "--resume", "--no-progress", "--json", *STEPS, cwd=project)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming exp_002_toddler_data from step" in resumed.stderr
+    res = json.loads(resumed.stdout)
+    assert res["experiment_dir"].endswith("exp_002_toddler_data") and res["steps"] == 400
+    a, b = _weights(project, "ref"), _weights(project, "toddler_data")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), "resume is not exact"
+    # The MLflow run continues: one run, finished, with the loss history of both halves.
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
+    run = client.get_run(res["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert set(steps) == set(range(2, 401, 2))  # log_interval 2; steps after the checkpoint logged again
+
+
+def test_resume_is_refused_for_changed_config_or_missing_checkpoint(project):
+    assert_user_error(run_cli("train", "toddler_data", "--resume", cwd=project), "no checkpoint to resume")
+    proc = subprocess.Popen([sys.executable, "-m", "lora_project", "train", "toddler_data", "--no-progress",
+                             "--no-mlflow", *STEPS], cwd=project, env=dict(os.environ),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt_root = project / "outputs" / "checkpoints" / "exp_001_toddler_data"
+    deadline = time.time() + 120
+    while not (ckpt_root / "step_000005").is_dir():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)  # SIGTERM: a clean stop that also checkpoints
+    proc.wait(timeout=60)
+    assert proc.returncode == 130
+    proc = run_cli("train", "toddler_data", "--resume", "--no-mlflow", *STEPS, "--set", "training.lr=0.02",
+                   cwd=project)
+    assert_user_error(proc, "different config", "training.lr")
