@@ -7,6 +7,7 @@ Exit codes: 0 success; 2 bad input (one line ``error: ...`` on stderr, no traceb
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -137,6 +138,55 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
+    p = sub.add_parser("inspect", help="look inside adapters: list, weights, values, compare",
+                       description="Inspect adapters without training anything. Plots go to "
+                                   "outputs/metrics/inspect/ unless --out is given.")
+    isub = p.add_subparsers(dest="inspect_command", metavar="WHAT", required=True)
+    q = isub.add_parser("adapters", help="table of every adapter (broken ones listed with the reason)")
+    q.add_argument("--dir", type=Path, help="folder of adapters (default: adapters/)")
+    q.add_argument("--sort", default="name", help="column to sort by (default: name), e.g. created, r, size_bytes")
+    q.add_argument("--filter", default="", metavar="TEXT", help="keep rows whose name or dataset contains TEXT")
+    q.add_argument("--json", action="store_true", help="print one JSON object")
+    q = isub.add_parser("weights", help="per-module norms, relative update, ranks, spectra (+ heatmap PNG)",
+                        description="Per layer and module: Frobenius norms of A, B and dW = scale * B @ A, "
+                                    "||dW||/||W0||, spectral norm, stable rank, effective rank, top singular "
+                                    "values (from the factors, never the full product); summaries by module "
+                                    "type and layer; a heatmap and a spectra plot.")
+    q.add_argument("adapter", type=Path, help="adapter folder")
+    q.add_argument("--top-k", type=int, default=8, help="singular values reported per module (default 8)")
+    q.add_argument("--out", type=Path, help="folder for the PNG plots")
+    q.add_argument("--json", action="store_true", help="print one JSON object")
+    q = isub.add_parser("values", help="slices, statistics, histograms and export of A, B and dW of modules")
+    q.add_argument("adapter", type=Path, help="adapter folder")
+    q.add_argument("--module", required=True, help="PEFT module path or glob, e.g. '*.layers.3.self_attn.q_proj'")
+    q.add_argument("--rows", type=int, default=4, help="rows of each matrix to print (default 4)")
+    q.add_argument("--cols", type=int, default=6, help="columns of each matrix to print (default 6)")
+    q.add_argument("--export", choices=("npy", "csv"), help="also write A, B and dW of each module")
+    q.add_argument("--out", type=Path, help="folder for the histogram PNG and exports")
+    q.add_argument("--json", action="store_true", help="print one JSON object (statistics only)")
+    q = isub.add_parser("compare", help="subspace similarity (LoRA paper eq. 4) and amplification of two adapters")
+    q.add_argument("a", type=Path, help="first adapter folder")
+    q.add_argument("b", type=Path, help="second adapter folder")
+    q.add_argument("--max-rank", type=int, help="compare only the top singular directions up to this rank")
+    q.add_argument("--out", type=Path, help="folder for the PNG heatmaps")
+    q.add_argument("--json", action="store_true", help="print one JSON object")
+    for q in isub.choices.values():
+        _add_config_args(q)
+
+    p = sub.add_parser("merge", help="combine adapters into a new adapter, or export a merged full model",
+                       description="Combine adapters with PEFT's add_weighted_adapter into adapters/<NAME>_lora "
+                                   "(--name), and/or bake one adapter into a full transformers model folder "
+                                   "(--export-model DIR) whose logits equal base + adapter.")
+    p.add_argument("adapters", type=Path, nargs="+", help="adapter folders")
+    p.add_argument("--name", help="name of the merged adapter (written to adapters/<NAME>_lora)")
+    p.add_argument("--weights", help="comma-separated weight per adapter (default: 1/N each)")
+    p.add_argument("--method", default="linear", help="linear | cat | ties | dare_linear | dare_ties (default linear)")
+    p.add_argument("--density", type=float, default=0.5, help="kept fraction for ties/dare methods (default 0.5)")
+    p.add_argument("--export-model", type=Path, metavar="DIR", help="write base+adapter as a full model (one adapter)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    _add_config_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
     p = sub.add_parser("config", help="show the resolved configuration or explain every field")
     _add_config_args(p)
     p.add_argument("--explain", action="store_true", help="every field with default, range and meaning")
@@ -241,6 +291,160 @@ def _cmd_benchmark(args, paths):
         print(f"report: {md_path}")
 
 
+def _inspect_base(adapter, args, paths):
+    """Base weights for relative updates: the adapter's recorded base folder, else the configured model."""
+    from lora_project.inspection.adapters import BaseWeights
+
+    if adapter.base_directory is not None:
+        return BaseWeights(adapter.base_directory)
+    from lora_project.models.base_model import resolve_model
+
+    cfg = _load_cfg(args, paths)
+    return BaseWeights(resolve_model(cfg.model.source, cfg.model.revision).directory)
+
+
+def _cmd_inspect(args, paths):
+    from lora_project.inspection import analysis
+    from lora_project.inspection.adapters import list_adapters, load_adapter, select_modules
+
+    out_root = getattr(args, "out", None) or paths.metrics_dir / "inspect"
+    if args.inspect_command == "adapters":
+        rows = list_adapters(args.dir or paths.adapters_dir)
+        if args.filter:
+            rows = [r for r in rows if args.filter in r["name"] or args.filter in str(r.get("dataset") or "")]
+        if rows and args.sort not in rows[0]:
+            raise UserError(f"--sort: unknown column '{args.sort}'; columns: {', '.join(rows[0])}")
+        rows.sort(key=lambda r: (r.get(args.sort) is None, r.get(args.sort) if r.get(args.sort) is not None else 0))
+        if args.json:
+            _print_json({"adapters": rows})
+            return
+        if not rows:
+            print("no adapters found")
+            return
+        for r in rows:
+            r["targets"] = ",".join(r.get("target_modules") or [])
+            r["size_kb"] = r["size_bytes"] / 1024
+        print(analysis.fmt_table(rows, [("name", "adapter", ""), ("status", "status", ""), ("dataset", "dataset", ""),
+                                        ("r", "r", ""), ("alpha", "alpha", ""), ("targets", "targets", ""),
+                                        ("trainable_parameters", "params", ""), ("size_kb", "KiB", ".0f"),
+                                        ("perplexity_after", "val ppl", ".2f"), ("created", "created", ""),
+                                        ("reason", "reason", "")]))
+        return
+    if args.inspect_command == "weights":
+        if args.top_k < 1:
+            raise UserError("--top-k must be at least 1")
+        adapter = load_adapter(args.adapter)
+        report = analysis.analyse_weights(adapter, _inspect_base(adapter, args, paths), args.top_k)
+        report["plots"] = [str(p) for p in analysis.plot_weights(report, out_root / adapter.path.name)]
+        if args.json:
+            _print_json(report)
+            return
+        print(analysis.fmt_table(report["modules"], [
+            ("name", "module", ""), ("A_fro_norm", "|A|F", ".3f"), ("B_fro_norm", "|B|F", ".3f"),
+            ("delta_fro_norm", "|dW|F", ".4f"), ("relative_update", "|dW|/|W0|", ".2e"),
+            ("spectral_norm", "|dW|2", ".4f"), ("stable_rank", "stable r", ".2f"),
+            ("effective_rank", "eff r", ".2f")]))
+        for key in ("by_module", "by_layer"):
+            print(f"\n{key.replace('_', ' ')}:")
+            rows = [{"group": k, **v} for k, v in report[key].items()]
+            print(analysis.fmt_table(rows, [("group", "group", ""), ("modules", "n", ""),
+                                            ("mean_delta_fro_norm", "mean |dW|F", ".4f"),
+                                            ("mean_relative_update", "mean |dW|/|W0|", ".2e"),
+                                            ("mean_effective_rank", "mean eff r", ".2f")]))
+        print("\nplots: " + ", ".join(report["plots"]))
+        return
+    if args.inspect_command == "values":
+        import numpy as np
+
+        adapter = load_adapter(args.adapter)
+        out_dir = out_root / adapter.path.name
+        result = []
+        for m in select_modules(adapter, args.module):
+            vals = analysis.module_values(m)
+            entry = {"name": m.name, "stats": {k: analysis.value_stats(v) for k, v in vals.items()}}
+            safe = m.name.replace("/", "_")
+            entry["histogram"] = str(analysis.plot_histograms(adapter.path.name, m, vals, out_dir / f"{safe}_hist.png"))
+            if args.export:
+                entry["exports"] = []
+                for k, v in vals.items():
+                    f = out_dir / f"{safe}.{k}.{args.export}"
+                    if args.export == "npy":
+                        np.save(f, v, allow_pickle=False)
+                    else:
+                        np.savetxt(f, v, delimiter=",", fmt="%.8g")
+                    entry["exports"].append(str(f))
+            result.append(entry)
+            if not args.json:
+                print(f"== {m.name}  (scale {m.scale:g})")
+                with np.printoptions(precision=4, suppress=False, linewidth=120):
+                    for k, v in vals.items():
+                        st = entry["stats"][k]
+                        print(f"{k} {tuple(v.shape)}: mean {st['mean']:.3e} std {st['std']:.3e} min {st['min']:.3e} "
+                              f"max {st['max']:.3e} mean|x| {st['mean_abs']:.3e} near-zero {st['near_zero_fraction']:.1%}")
+                        print(v[:args.rows, :args.cols])
+                print(f"histogram: {entry['histogram']}")
+        if args.json:
+            _print_json({"adapter": adapter.path.name, "modules": result})
+        return
+    if args.inspect_command == "compare":
+        a, b = load_adapter(args.a), load_adapter(args.b)
+        if args.max_rank is not None and args.max_rank < 1:
+            raise UserError("--max-rank must be at least 1")
+        base = _inspect_base(a, args, paths)
+        report = analysis.compare_adapters(a, b, base, args.max_rank)
+        report["plots"] = [str(p) for p in analysis.plot_compare(report, out_root)]
+        if args.json:
+            _print_json(report)
+            return
+        print(analysis.fmt_table(report["modules"], [
+            ("name", "module", ""), ("phi_top1", "phi(1,1)", ".3f"), ("phi_full", "phi(r,r)", ".3f"),
+            ("amplification_a", f"ampl {report['a']}", ".2f"), ("amplification_b", f"ampl {report['b']}", ".2f")]))
+        print(f"\nmean phi(1,1) {report['mean_phi_top1']:.3f}; mean phi(r,r) {report['mean_phi_full']:.3f} "
+              f"(two random subspaces: ~{report['random_baseline_full']:.3f})")
+        print("plots: " + ", ".join(report["plots"]))
+
+
+def _cmd_merge(args, paths):
+    from lora_project.models.merge import export_merged_model, merge_adapters
+    from lora_project.models.lora_model import check_adapter_dir
+    from lora_project.paths import check_name
+    from lora_project.training.run import load_base
+
+    if not args.name and not args.export_model:
+        raise UserError("give --name for a merged adapter and/or --export-model DIR for a full model")
+    if args.export_model and len(args.adapters) != 1 and not args.name:
+        raise UserError("--export-model bakes one adapter into the base; name one adapter, or also --name")
+    for d in args.adapters:
+        check_adapter_dir(d)
+    weights = [1.0 / len(args.adapters)] * len(args.adapters)
+    if args.weights:
+        try:
+            weights = [float(w) for w in args.weights.split(",")]
+        except ValueError:
+            raise UserError(f"--weights: {args.weights!r} is not a comma-separated list of numbers") from None
+    target = paths.adapter(check_name(args.name, "adapter name")) if args.name else None
+    if target is not None and target.exists() and not args.overwrite:
+        raise UserError(f"adapter {target} already exists; pass --overwrite to replace it")
+    if args.export_model and args.export_model.exists() and not args.overwrite:
+        raise UserError(f"{args.export_model} already exists; pass --overwrite to replace it")
+    cfg = _load_cfg(args, paths)
+    # Merging is exact arithmetic on the weights: always in fp32, whatever training uses.
+    cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, precision="fp32"))
+    base = load_base(cfg)
+    out = {}
+    if target is not None:
+        out["adapter"] = str(merge_adapters(base, list(args.adapters), weights, args.method, target,
+                                            args.density, args.overwrite))
+    if args.export_model:
+        source = target if target is not None else args.adapters[0]
+        out["model"] = str(export_merged_model(base, source, args.export_model, args.overwrite))
+    if args.json:
+        _print_json(out)
+    else:
+        for k, v in out.items():
+            print(f"wrote {k}: {v}")
+
+
 def _cmd_config(args, paths):
     from lora_project.utils.config_utils import explain
 
@@ -252,6 +456,7 @@ def _cmd_config(args, paths):
 
 COMMANDS = {"demo": _cmd_demo, "generate-data": _cmd_generate, "prepare": _cmd_prepare,
             "train": _cmd_train, "evaluate": _cmd_evaluate, "benchmark": _cmd_benchmark,
+            "inspect": _cmd_inspect, "merge": _cmd_merge,
             "config": _cmd_config}
 
 

@@ -1,0 +1,85 @@
+"""Combine adapters into a new adapter, or bake one adapter into a full model.
+
+* `merge_adapters`: PEFT's ``add_weighted_adapter`` with ``linear`` (same rank),
+  ``cat`` (ranks add up; exact sum of the weighted updates), ``ties``, ``dare_linear`` or
+  ``dare_ties`` (with ``density``). The result is a normal PEFT adapter folder plus our
+  metadata naming its sources.
+* `export_merged_model`: base + adapter merged into the weights (``merge_and_unload``),
+  saved as a plain transformers model folder (safetensors + tokenizer) whose logits equal
+  base + adapter.
+
+Both write into a temporary folder that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+from lora_project.errors import UserError
+from lora_project.utils.io_utils import atomic_directory, atomic_write_json
+
+METHODS = ("linear", "cat", "ties", "dare_linear", "dare_ties")
+
+
+def merge_adapters(base, adapter_dirs: list[Path], weights: list[float], method: str, target: Path,
+                   density: float = 0.5, overwrite: bool = False) -> Path:
+    from lora_project.models.lora_model import METADATA_FILE, attach_adapters, read_metadata
+
+    if method not in METHODS:
+        raise UserError(f"--method must be one of {', '.join(METHODS)}")
+    if len(adapter_dirs) < 1:
+        raise UserError("name at least one adapter to merge")
+    if len(weights) != len(adapter_dirs):
+        raise UserError(f"--weights has {len(weights)} values for {len(adapter_dirs)} adapters")
+    if not 0 < density <= 1:
+        raise UserError(f"--density must be in (0, 1], got {density}")
+    if target.exists() and not overwrite:
+        raise UserError(f"adapter {target} already exists; pass --overwrite to replace it")
+    model, names = attach_adapters(base.model, adapter_dirs, base.ref.fingerprint)
+    ranks = {model.peft_config[n].r for n in names}
+    if method == "linear" and len(ranks) > 1:
+        raise UserError(f"method 'linear' needs adapters of equal rank (got {sorted(ranks)}); use 'cat'")
+    kwargs = {"density": density} if method in ("ties", "dare_linear", "dare_ties") else {}
+    try:
+        model.add_weighted_adapter(adapters=names, weights=list(weights), adapter_name="merged",
+                                   combination_type=method, **kwargs)
+    except ValueError as exc:
+        raise UserError(f"PEFT refused the merge: {exc}") from None
+    model.set_adapter("merged")
+    try:
+        with atomic_directory(target, overwrite=overwrite) as tmp:
+            staging = tmp / "_peft"
+            model.save_pretrained(str(staging), selected_adapters=["merged"], safe_serialization=True)
+            src = staging / "merged" if (staging / "merged").is_dir() else staging
+            for f in src.iterdir():
+                shutil.move(str(f), tmp / f.name)
+            shutil.rmtree(staging)
+            first = read_metadata(Path(adapter_dirs[0]))
+            atomic_write_json(tmp / METADATA_FILE, {
+                "format": "lora_project.adapter/1", "adapter_name": target.name.removesuffix("_lora"),
+                "base_model": first.get("base_model", {"name": base.ref.name, "fingerprint": base.ref.fingerprint,
+                                                       "directory": str(base.ref.directory)}),
+                "merged_from": [{"adapter": str(d), "weight": w} for d, w in zip(adapter_dirs, weights)],
+                "merge_method": method, "density": density if kwargs else None,
+                "created": datetime.now(timezone.utc).isoformat()})
+    finally:
+        base.model = model.unload()
+    return target
+
+
+def export_merged_model(base, adapter_dir: Path, target: Path, overwrite: bool = False) -> Path:
+    from lora_project.models.lora_model import attach_adapters
+
+    if target.exists() and not overwrite:
+        raise UserError(f"{target} already exists; pass --overwrite to replace it")
+    model, _ = attach_adapters(base.model, [adapter_dir], base.ref.fingerprint)
+    merged = model.merge_and_unload()
+    try:
+        with atomic_directory(target, overwrite=overwrite) as tmp:
+            merged.save_pretrained(str(tmp), safe_serialization=True)
+            base.tokenizer.save_pretrained(str(tmp))
+    finally:
+        base.model = None  # the base weights now hold the merge; callers must not reuse them
+    return target
