@@ -111,6 +111,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print results.json content on stdout")
 
+    p = sub.add_parser("train-batch", help="train one adapter per catalog dataset (base loaded once)",
+                       description="Train adapters/<NAME>_lora for each named (or every enabled) catalog dataset "
+                                   "with the same trainer as `train`. One MLflow parent run with a child run per "
+                                   "adapter; a failing dataset is recorded and the others go on (exit 2 at the "
+                                   "end if any failed); adapters already trained with the same config, data and "
+                                   "base are skipped unless --overwrite. Summary in outputs/metrics/.")
+    p.add_argument("names", nargs="*", help="dataset names from the catalog")
+    p.add_argument("--all", action="store_true", help="every enabled catalog dataset")
+    p.add_argument("--batch-config", type=Path, metavar="YAML",
+                   help="per-dataset overrides (default: config/batch_config.yaml if present)")
+    _add_config_args(p)
+    p.add_argument("--overwrite", action="store_true", help="retrain and replace existing adapters")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+
     p = sub.add_parser("evaluate", help="perplexity and bits/byte of the base and adapters",
                        description="Score a text file (--text, the whole content as one text) or a prepared "
                                    "split (--dataset/--split) with the base model and each --adapter, using the "
@@ -256,6 +272,40 @@ def _cmd_train(args, paths):
         print(f"adapter: {res['adapter_dir']}\nexperiment: {res['experiment_dir']}")
         if res.get("mlflow_run_id"):
             print(f"MLflow run: {res['mlflow_run_id']}")
+
+
+def _cmd_train_batch(args, paths):
+    from lora_project.data.catalog import get_entry, load_catalog
+    from lora_project.training.batch import load_batch_overrides, summary_table, train_batch
+    from lora_project.utils.config_utils import read_yaml
+
+    catalog = load_catalog(paths.catalog)
+    if args.all and args.names:
+        raise UserError("give dataset names or --all, not both")
+    names = [n for n, e in catalog.items() if e.enabled] if args.all else list(dict.fromkeys(args.names))
+    if not names:
+        raise UserError("name at least one dataset, or pass --all")
+    for n in names:
+        get_entry(catalog, n)
+    batch_file = args.batch_config or (paths.config_dir / "batch_config.yaml")
+    if args.batch_config is None and not batch_file.is_file():
+        batch_file = None
+    overrides = load_batch_overrides(batch_file, names)
+    files = [args.model_config or paths.model_config] + (args.config or [paths.training_config])
+    sources = [(str(f), read_yaml(f)) for f in files]
+    log = (lambda m: print(m, file=sys.stderr)) if args.json else print
+    summary = train_batch(paths, names, sources, args.overrides, overrides, overwrite=args.overwrite,
+                          use_mlflow=not args.no_mlflow, progress=not args.no_progress, log=log)
+    if args.json:
+        _print_json(summary)
+    else:
+        print("\n" + summary_table(summary["datasets"]))
+        print(f"\nsummary: {summary['report']['markdown']}")
+    failed = [r for r in summary["datasets"] if r["status"] == "failed"]
+    if failed:
+        print(f"error: {len(failed)} of {len(names)} dataset(s) failed: "
+              + "; ".join(f"{r['dataset']}: {r['reason']}" for r in failed), file=sys.stderr)
+        raise SystemExit(1 if any(r.get("bug") for r in failed) else 2)
 
 
 def _cmd_evaluate(args, paths):
@@ -455,7 +505,7 @@ def _cmd_config(args, paths):
 
 
 COMMANDS = {"demo": _cmd_demo, "generate-data": _cmd_generate, "prepare": _cmd_prepare,
-            "train": _cmd_train, "evaluate": _cmd_evaluate, "benchmark": _cmd_benchmark,
+            "train": _cmd_train, "train-batch": _cmd_train_batch, "evaluate": _cmd_evaluate, "benchmark": _cmd_benchmark,
             "inspect": _cmd_inspect, "merge": _cmd_merge,
             "config": _cmd_config}
 

@@ -142,7 +142,8 @@ def find_resume_checkpoint(paths: ProjectPaths, adapter_name: str) -> tuple[Path
 
 def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_name: str | None = None,
                   overwrite: bool = False, use_mlflow: bool = True, progress: bool = True,
-                  base: BaseBundle | None = None, resume: bool = False, log=print) -> dict:
+                  base: BaseBundle | None = None, resume: bool = False, parent_run_id: str | None = None,
+                  log=print) -> dict:
     """Train one adapter on one catalog dataset; returns the results.json content.
 
     With `resume`, continue the newest checkpoint of this adapter in the same experiment
@@ -227,6 +228,8 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
                     "dataset_fingerprint": streams.fingerprint, "base_model": base.ref.name,
                     "base_model_fingerprint": base.ref.fingerprint, "experiment_dir": exp_dir.name,
                     "mlflow.runName": exp_dir.name}
+            if parent_run_id:
+                tags["mlflow.parentRunId"] = parent_run_id  # nested under a train-batch run
             if ckpt is not None and ckpt[0].get("mlflow_run_id"):
                 run_id = tracker.resume(ckpt[0]["mlflow_run_id"])
             else:

@@ -1,0 +1,152 @@
+"""`train-batch`: one adapter per catalog dataset, sequentially, with the base loaded once.
+
+* Per-dataset overrides come from a YAML file (``--batch-config``, default
+  ``config/batch_config.yaml`` when present)::
+
+      datasets:
+        kids:
+          training: {max_steps: 300, lr: 1.0e-3}
+
+  merged over the normal config (and ``--set``) and validated per dataset.
+* One MLflow parent run; each adapter's run is its child (tag ``mlflow.parentRunId``).
+* An adapter whose metadata already records the same resolved config, base model and data
+  fingerprints is skipped unless ``--overwrite``.
+* A failing dataset is recorded with its reason and the others go on; the summary table is
+  printed and saved to ``outputs/metrics/train_batch_<timestamp>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from lora_project.errors import RunInterrupted, UserError
+from lora_project.paths import ProjectPaths
+from lora_project.utils.config_utils import RunConfig, build_config, merge_sources, read_yaml
+from lora_project.utils.io_utils import atomic_write_json, atomic_write_text
+
+
+def load_batch_overrides(path: Path | None, names: list[str]) -> dict[str, dict]:
+    if path is None:
+        return {}
+    data = read_yaml(path)
+    unknown = set(data) - {"datasets"}
+    if unknown:
+        raise UserError(f"{path}: unknown top-level key(s) {', '.join(sorted(unknown))}; expected 'datasets'")
+    per = data.get("datasets") or {}
+    if not isinstance(per, dict):
+        raise UserError(f"{path}: 'datasets' must map dataset names to config sections")
+    return {str(k): v for k, v in per.items() if isinstance(v, dict)}
+
+
+def config_for(sources: list[tuple[str, dict]], overrides: list[str], extra: dict | None, name: str) -> RunConfig:
+    srcs = list(sources)
+    if extra:
+        srcs.append((f"batch config for '{name}'", extra))
+    return build_config(merge_sources(srcs, overrides))
+
+
+def is_up_to_date(paths: ProjectPaths, adapter_name: str, cfg: RunConfig, dataset_fp: str, base_fp: str) -> bool:
+    from lora_project.models.lora_model import read_metadata
+
+    d = paths.adapter(adapter_name)
+    if not (d / "adapter_model.safetensors").is_file():
+        return False
+    try:
+        meta = read_metadata(d)
+    except UserError:
+        return False
+    return (meta.get("config") == cfg.to_dict() and meta.get("dataset", {}).get("fingerprint") == dataset_fp
+            and meta.get("base_model", {}).get("fingerprint") == base_fp)
+
+
+def train_batch(paths: ProjectPaths, names: list[str], sources: list[tuple[str, dict]], overrides: list[str],
+                batch_overrides: dict[str, dict], *, overwrite: bool = False, use_mlflow: bool = True,
+                progress: bool = True, log=print) -> dict:
+    from lora_project.data.catalog import load_catalog
+    from lora_project.data.dataset_loader import prepare_dataset
+    from lora_project.training.run import load_base, train_adapter
+    from lora_project.utils.mlflow_utils import MlflowTracker
+
+    unknown = sorted(set(batch_overrides) - set(names))
+    if unknown:
+        log(f"note: batch config has overrides for datasets not in this batch: {', '.join(unknown)}")
+    # Validate every dataset's config before any training starts.
+    configs = {n: config_for(sources, overrides, batch_overrides.get(n), n) for n in names}
+    first = configs[names[0]]
+    catalog = load_catalog(paths.catalog)
+    base = load_base(first)
+    log(f"base model {base.ref.name} loaded once for {len(names)} dataset(s) in {base.load_seconds:.1f} s")
+    parent = None
+    if use_mlflow and first.tracking.mlflow:
+        parent = MlflowTracker(paths, first.tracking.experiment_name, first.tracking.tracking_uri)
+        parent.start(f"train-batch {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S}",
+                     {"datasets": ",".join(names), "overwrite": overwrite}, {"kind": "train-batch"})
+    rows, status = [], "FINISHED"
+    t_all = time.perf_counter()
+    try:
+        for i, name in enumerate(names, 1):
+            cfg = configs[name]
+            row = {"dataset": name, "adapter": f"{name}_lora", "status": "", "reason": "", "steps": None,
+                   "tokens": None, "perplexity_before": None, "perplexity_after": None, "wall_seconds": None}
+            log(f"[{i}/{len(names)}] {name}")
+            t0 = time.perf_counter()
+            try:
+                prepared = prepare_dataset(paths, name, catalog=catalog)
+                fp = prepared.stats["source_sha256"][:16] + "-" + prepared.stats["settings_sha256"][:16]
+                if not overwrite and is_up_to_date(paths, name, cfg, fp, base.ref.fingerprint):
+                    row.update(status="skipped", reason="adapter up to date (same config, data and base)")
+                    log(f"  skipped: {row['reason']}")
+                else:
+                    res = train_adapter(paths, name, cfg, overwrite=overwrite, use_mlflow=use_mlflow,
+                                        progress=progress, base=base, log=lambda m: log("  " + m),
+                                        parent_run_id=parent.run_id if parent else None)
+                    row.update(status="trained", steps=res["steps"], tokens=res["tokens_seen"],
+                               perplexity_before=res["metrics_before"]["perplexity"],
+                               perplexity_after=res["metrics_after"]["perplexity"],
+                               experiment=res["experiment_dir"])
+            except (KeyboardInterrupt, RunInterrupted):
+                raise
+            except UserError as exc:
+                row.update(status="failed", reason=" ".join(str(exc).split()))
+                log(f"  failed: {row['reason']}")
+            except Exception as exc:  # a bug in one dataset must not stop the others
+                row.update(status="failed", reason=f"{type(exc).__name__}: {exc}"[:500], bug=True)
+                log(f"  failed: {row['reason']}")
+            row["wall_seconds"] = time.perf_counter() - t0
+            rows.append(row)
+            if parent:
+                parent.log_metrics({f"{name}.wall_seconds": row["wall_seconds"]} |
+                                   ({f"{name}.perplexity_after": row["perplexity_after"]}
+                                    if row["perplexity_after"] else {}), step=i)
+    except (KeyboardInterrupt, RunInterrupted):
+        status = "KILLED"
+        raise
+    finally:
+        if parent:
+            if status == "FINISHED" and any(r["status"] == "failed" for r in rows):
+                status = "FAILED"
+            parent.end(status)
+    summary = {"created": datetime.now(timezone.utc).isoformat(), "parent_run_id": parent.run_id if parent else None,
+               "wall_seconds": time.perf_counter() - t_all, "datasets": rows}
+    summary["report"] = write_summary(paths, summary)
+    return summary
+
+
+def summary_table(rows: list[dict]) -> str:
+    from lora_project.inspection.analysis import fmt_table
+
+    return fmt_table(rows, [("dataset", "dataset", ""), ("status", "status", ""), ("steps", "steps", ""),
+                            ("tokens", "tokens", ""), ("perplexity_before", "ppl before", ".2f"),
+                            ("perplexity_after", "ppl after", ".2f"), ("wall_seconds", "wall s", ".0f"),
+                            ("reason", "reason", "")])
+
+
+def write_summary(paths: ProjectPaths, summary: dict) -> dict:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    base = paths.metrics_dir / f"train_batch_{stamp}"
+    atomic_write_json(base.with_suffix(".json"), summary)
+    atomic_write_text(base.with_suffix(".md"), "# train-batch summary\n\n```text\n" +
+                      summary_table(summary["datasets"]) + "\n```\n")
+    return {"json": str(base.with_suffix(".json")), "markdown": str(base.with_suffix(".md"))}

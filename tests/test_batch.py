@@ -1,0 +1,58 @@
+"""train-batch: base loaded once, failures recorded, skips, nested MLflow runs, per-dataset overrides."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import run_cli
+
+
+def test_batch_over_three_datasets_with_one_broken(project):
+    with open(project / "config" / "dataset_catalog.csv", "a") as fh:
+        fh.write("broken,local,data/raw/missing.txt,lines,,,,a dataset whose file is missing,,0.8/0.1/0.1,true\n")
+    (project / "config" / "batch_config.yaml").write_text("datasets:\n  kids:\n    training: {max_steps: 4}\n")
+    proc = run_cli("train-batch", "--all", "--no-progress", "--json", cwd=project)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    rows = {r["dataset"]: r for r in summary["datasets"]}
+    assert [r["dataset"] for r in summary["datasets"]] == ["toddler_data", "kids", "broken"]
+    assert rows["toddler_data"]["status"] == rows["kids"]["status"] == "trained"
+    assert rows["toddler_data"]["steps"] == 6 and rows["kids"]["steps"] == 4  # per-dataset override
+    assert rows["broken"]["status"] == "failed" and "missing.txt" in rows["broken"]["reason"]
+    assert "broken:" in proc.stderr and "failed" in proc.stderr.splitlines()[-1]
+    assert "loaded once for 3 dataset(s)" in proc.stderr
+    assert sorted(p.name for p in (project / "adapters").iterdir() if p.is_dir()) == ["kids_lora", "toddler_data_lora"]
+    md = (project / "outputs" / "metrics").glob("train_batch_*.md")
+    assert "broken" in next(md).read_text()
+    # MLflow: a FAILED parent (one dataset failed) with two finished children.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.info.status == "FAILED"
+    exp = client.get_experiment_by_name("tests")
+    children = client.search_runs([exp.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'")
+    assert sorted(c.data.tags["dataset"] for c in children) == ["kids", "toddler_data"]
+    assert all(c.info.status == "FINISHED" for c in children)
+
+    # Second run: both adapters are up to date and skipped; changing a setting retrains only that one.
+    proc = run_cli("train-batch", "toddler_data", "kids", "--no-progress", "--no-mlflow", "--json", cwd=project)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [r["status"] for r in json.loads(proc.stdout)["datasets"]] == ["skipped", "skipped"]
+    (project / "config" / "batch_config.yaml").write_text("datasets:\n  kids:\n    training: {max_steps: 5}\n")
+    proc = run_cli("train-batch", "toddler_data", "kids", "--no-progress", "--no-mlflow", "--json", cwd=project)
+    rows = {r["dataset"]: r for r in json.loads(proc.stdout)["datasets"]}
+    assert rows["toddler_data"]["status"] == "skipped"
+    assert rows["kids"]["status"] == "failed" and "--overwrite" in rows["kids"]["reason"]
+    proc = run_cli("train-batch", "kids", "--overwrite", "--no-progress", "--no-mlflow", "--json", cwd=project)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["datasets"][0]["steps"] == 5
+
+
+def test_batch_bad_input(project):
+    from conftest import assert_user_error
+
+    assert_user_error(run_cli("train-batch", cwd=project), "at least one dataset")
+    assert_user_error(run_cli("train-batch", "kidz", cwd=project), "did you mean 'kids'")
+    (project / "config" / "batch_config.yaml").write_text("datasets:\n  kids:\n    training: {max_step: 4}\n")
+    assert_user_error(run_cli("train-batch", "kids", cwd=project), "training.max_step", "did you mean 'max_steps'")
