@@ -263,6 +263,8 @@ def _cmd_train(args, paths):
     res = train_adapter(paths, args.name, cfg, adapter_name=args.adapter_name, overwrite=args.overwrite,
                         use_mlflow=not args.no_mlflow, progress=not args.no_progress, resume=args.resume,
                         log=log)
+    if res.get("rank", 0) != 0:
+        return  # torchrun worker: rank 0 reports
     if args.json:
         _print_json(res)
     else:
@@ -535,6 +537,11 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, RunInterrupted):
         print("error: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:  # leave a torchrun process group cleanly
+            from lora_project.training.distributed import dist_info, shutdown
+
+            shutdown(dist_info())
 
 
 if __name__ == "__main__":

@@ -163,7 +163,19 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
     if adapter_dir.exists() and not overwrite:
         raise UserError(f"adapter {adapter_dir} already exists; pass --overwrite to replace it")
     t = cfg.training
-    with adapter_lock(paths, adapter_name):
+    from contextlib import nullcontext
+
+    from lora_project.training.distributed import init_distributed
+
+    import torch
+
+    device = "cuda" if t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()) else "cpu"
+    dist = init_distributed(device, t.batch_size)
+    main = dist.is_main  # only rank 0 writes files and talks to MLflow
+    if not main:
+        log = lambda m: None  # noqa: E731
+        progress = False
+    with adapter_lock(paths, adapter_name) if main else nullcontext():
         ckpt = None
         if resume:
             from lora_project.training.checkpoint import load_checkpoint
@@ -200,11 +212,14 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
                 raise UserError(f"cannot resume: dataset '{dataset}' changed since the checkpoint "
                                 "(its fingerprint differs); train again without --resume")
             exp_dir = resume_exp
-            (exp_dir / "logs").mkdir(parents=True, exist_ok=True)
+            if main:
+                (exp_dir / "logs").mkdir(parents=True, exist_ok=True)
             log(f"resuming {exp_dir.name} from step {info['step']}")
-        else:
+        elif main:
             exp_dir = new_experiment_dir(paths, adapter_name)
             atomic_write_text(exp_dir / "config.yaml", cfg.to_yaml())
+        else:
+            exp_dir = paths.experiments_dir / f"(rank {dist.rank}: no output)"
         commit = git_commit(paths.root)
         provenance = {
             "base_model": {"name": base.ref.name, "kind": base.ref.kind, "fingerprint": base.ref.fingerprint,
@@ -217,7 +232,7 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
             "packages": package_versions(),
         }
         tracker = MlflowTracker(paths, cfg.tracking.experiment_name, cfg.tracking.tracking_uri) \
-            if use_mlflow and cfg.tracking.mlflow else None
+            if use_mlflow and cfg.tracking.mlflow and main else None
         run_id = None
         if tracker:
             params = flatten(cfg.to_dict())
@@ -254,35 +269,45 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
             if ckpt is not None:
                 before = ckpt[0]["metrics_before"]
                 evals = ckpt[0]["evals"]
-            else:
+            elif main:
                 with model.disable_adapter():
                     before = evaluate()
                 evals = [{"step": 0, **before}]
-            log(f"validation perplexity before training: {before['val_perplexity']:.3f}")
-            callbacks = [ProgressBar(progress, desc=f"train {adapter_name}"),
-                         JsonlLogger(exp_dir / "logs" / "metrics.jsonl")]
-            if tracker:
-                callbacks.append(MlflowCallback(tracker))
-                if ckpt is None:
-                    tracker.log_metrics(before, step=0)
-            # Checkpoints: every checkpoint_interval steps, and always on interruption.
-            checkpointer = CheckpointCallback(
-                paths.checkpoints_dir / exp_dir.name, t.checkpoint_interval, t.keep_checkpoints,
-                meta={"config_fields": config_fingerprint_fields(cfg), "dataset_name": dataset,
-                      "dataset_fingerprint": streams.fingerprint, "base_fingerprint": base.ref.fingerprint,
-                      "base_name": base.ref.name, "mlflow_run_id": run_id, "metrics_before": before,
-                      "evals": evals})
-            eval_cb = [checkpointer]
+            else:
+                before, evals = {}, []
+            if main:
+                log(f"validation perplexity before training: {before['val_perplexity']:.3f}"
+                    + (f"; {dist.world_size} processes, data parallel" if dist.enabled else ""))
+            callbacks, eval_cb = [], []  # other ranks observe nothing and write nothing
+            if main:
+                callbacks = [ProgressBar(progress, desc=f"train {adapter_name}"),
+                             JsonlLogger(exp_dir / "logs" / "metrics.jsonl")]
+                if tracker:
+                    callbacks.append(MlflowCallback(tracker))
+                    if ckpt is None:
+                        tracker.log_metrics(before, step=0)
+                # Checkpoints: every checkpoint_interval steps, and always on interruption.
+                checkpointer = CheckpointCallback(
+                    paths.checkpoints_dir / exp_dir.name, t.checkpoint_interval, t.keep_checkpoints,
+                    meta={"config_fields": config_fingerprint_fields(cfg), "dataset_name": dataset,
+                          "dataset_fingerprint": streams.fingerprint, "base_fingerprint": base.ref.fingerprint,
+                          "base_name": base.ref.name, "mlflow_run_id": run_id, "metrics_before": before,
+                          "evals": evals})
+                eval_cb = [checkpointer]
 
             def periodic_eval():
                 m = evaluate()
                 evals.append({"step": trainer.state.step, **m})
                 return m
 
-            trainer = LoraTrainer(model, t, loader, runtime, callbacks + eval_cb, eval_fn=periodic_eval)
+            trainer = LoraTrainer(model, t, loader, runtime, callbacks + eval_cb,
+                                  eval_fn=periodic_eval if main else None, dist=dist)
             if ckpt is not None:
                 restore_checkpoint(trainer, *ckpt)
             fit = trainer.fit()
+            if not main:
+                status = "FINISHED"
+                return {"status": status, "rank": dist.rank, "steps": fit.steps, "final_train_loss": fit.final_loss}
             after = evaluate()
             evals.append({"step": fit.steps, **after})
             if tracker:
@@ -339,7 +364,7 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
             results.update(status="FAILED", error=f"{type(exc).__name__}: {exc}"[:2000])
             raise
         finally:
-            if status != "FINISHED":
+            if status != "FINISHED" and main:
                 try:
                     atomic_write_json(exp_dir / "results.json", results)
                 except OSError as exc:

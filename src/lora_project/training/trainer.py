@@ -111,8 +111,10 @@ class LoraTrainer:
     """Runs the optimisation loop on a PEFT model; evaluation is injected as a function."""
 
     def __init__(self, model, cfg: TrainingSection, loader: BlockLoader, runtime, callbacks,
-                 eval_fn=None):
+                 eval_fn=None, dist=None):
         import torch
+
+        from lora_project.training.distributed import DistInfo, wrap_decoder
 
         self.model = model
         self.cfg = cfg
@@ -135,6 +137,9 @@ class LoraTrainer:
             # Recompute each decoder layer's activations in backward instead of keeping them.
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Data parallel (torchrun): DDP averages LoRA gradients across processes in backward.
+        self.dist = dist or DistInfo()
+        self.decoder = wrap_decoder(self.decoder, runtime.device, self.dist)
         self.state = TrainState(self.max_steps, cfg.batch_size * cfg.grad_accum * cfg.seq_len)
         self.state.model, self.state.optimizer = model, self.optimizer
         self.state.scheduler, self.state.loader = self.scheduler, loader
@@ -142,6 +147,8 @@ class LoraTrainer:
     def micro_step(self, inputs, targets) -> float:
         from lora_project.training.losses import linear_cross_entropy
 
+        if self.dist.enabled:  # this process's disjoint slice of the global micro-batch
+            inputs, targets = inputs[self.dist.rank::self.dist.world_size], targets[self.dist.rank::self.dist.world_size]
         inputs = inputs.to(self.runtime.device, non_blocking=True)
         targets = targets.to(self.runtime.device, non_blocking=True)
         with self.runtime.autocast():
@@ -178,7 +185,9 @@ class LoraTrainer:
                 state.step += 1
                 state.tokens_seen += state.tokens_per_step
                 state.train_seconds += dt
-                last_loss = sum(losses) / len(losses)
+                from lora_project.training.distributed import mean_across
+
+                last_loss = mean_across(sum(losses) / len(losses), self.dist)
                 if not math.isfinite(last_loss):
                     raise UserError(f"training diverged at step {state.step} (loss {last_loss}); "
                                     "lower training.lr")
