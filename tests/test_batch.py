@@ -56,3 +56,41 @@ def test_batch_bad_input(project):
     assert_user_error(run_cli("train-batch", "kidz", cwd=project), "did you mean 'kids'")
     (project / "config" / "batch_config.yaml").write_text("datasets:\n  kids:\n    training: {max_step: 4}\n")
     assert_user_error(run_cli("train-batch", "kids", cwd=project), "training.max_step", "did you mean 'max_steps'")
+
+
+def test_fused_training_equals_sequential(project):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    (project / "config" / "batch_config.yaml").write_text(
+        "datasets:\n  kids:\n    training: {seed: 7, lr: 0.02}\n    lora: {r: 2, alpha: 4}\n")
+    seq = run_cli("train-batch", "toddler_data", "kids", "--no-progress", "--json", cwd=project)
+    assert seq.returncode == 0, seq.stderr[-3000:]
+    shutil.move(project / "adapters", project / "adapters_seq")
+    fused = run_cli("train-batch", "toddler_data", "kids", "--fused", "--no-progress", "--json", cwd=project)
+    assert fused.returncode == 0, fused.stderr[-3000:]
+    assert "fused training of 2 adapter(s)" in fused.stderr
+    for name in ("toddler_data", "kids"):
+        a = load_file(project / "adapters_seq" / f"{name}_lora" / "adapter_model.safetensors")
+        b = load_file(project / "adapters" / f"{name}_lora" / "adapter_model.safetensors")
+        assert a.keys() == b.keys()
+        for k in a:
+            assert (a[k] - b[k]).abs().max() <= 1e-5 * max(1.0, float(a[k].abs().max())), (name, k)
+        meta = json.loads((project / "adapters" / f"{name}_lora" / "lora_project.json").read_text())
+        assert meta["fused_with"] == ["toddler_data", "kids"]
+    rows = {r["dataset"]: r for r in json.loads(fused.stdout)["datasets"]}
+    seq_rows = {r["dataset"]: r for r in json.loads(seq.stdout)["datasets"]}
+    for n in rows:
+        assert rows[n]["status"] == "trained" and rows[n]["steps"] == seq_rows[n]["steps"]
+        assert rows[n]["perplexity_after"] == seq_rows[n]["perplexity_after"] or \
+            abs(rows[n]["perplexity_after"] / seq_rows[n]["perplexity_after"] - 1) < 1e-4
+
+
+def test_fused_refuses_unequal_shapes(project):
+    (project / "config" / "batch_config.yaml").write_text("datasets:\n  kids:\n    training: {seq_len: 8}\n")
+    proc = run_cli("train-batch", "toddler_data", "kids", "--fused", "--no-progress", "--no-mlflow", "--json",
+                   cwd=project)
+    assert proc.returncode == 2
+    rows = json.loads(proc.stdout)["datasets"]
+    assert all(r["status"] == "failed" and "training.seq_len differs" in r["reason"] for r in rows)

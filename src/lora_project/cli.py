@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-dataset overrides (default: config/batch_config.yaml if present)")
     _add_config_args(p)
     p.add_argument("--overwrite", action="store_true", help="retrain and replace existing adapters")
+    p.add_argument("--fused", action="store_true",
+                   help="train all adapters at once: one forward/backward over a batch of every adapter's own "
+                        "examples, the frozen base shared (needs equal seq_len, batch_size, steps, precision)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
@@ -297,7 +300,7 @@ def _cmd_train_batch(args, paths):
     sources = [(str(f), read_yaml(f)) for f in files]
     log = (lambda m: print(m, file=sys.stderr)) if args.json else print
     summary = train_batch(paths, names, sources, args.overrides, overrides, overwrite=args.overwrite,
-                          use_mlflow=not args.no_mlflow, progress=not args.no_progress, log=log)
+                          use_mlflow=not args.no_mlflow, progress=not args.no_progress, fused=args.fused, log=log)
     if args.json:
         _print_json(summary)
     else:

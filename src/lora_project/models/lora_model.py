@@ -49,12 +49,23 @@ def wrap_with_lora(model, cfg: LoraSection, seed: int):
     return get_peft_model(model, lora_config(cfg))
 
 
-def save_adapter(peft_model, target: Path, metadata: dict, overwrite: bool) -> Path:
-    """Write the PEFT adapter plus our metadata atomically into `target`."""
+def save_adapter(peft_model, target: Path, metadata: dict, overwrite: bool, adapter_name: str | None = None) -> Path:
+    """Write the PEFT adapter (one named adapter of a multi-adapter model, if given) plus our
+    metadata atomically into `target`."""
+    import shutil
+
     if target.exists() and not overwrite:
         raise UserError(f"adapter {target} already exists; pass --overwrite to replace it")
     with atomic_directory(target, overwrite=overwrite) as tmp:
-        peft_model.save_pretrained(str(tmp), safe_serialization=True)
+        if adapter_name is None:
+            peft_model.save_pretrained(str(tmp), safe_serialization=True)
+        else:  # PEFT puts non-default adapters in a subfolder named after the adapter
+            staging = tmp / "_peft"
+            peft_model.save_pretrained(str(staging), selected_adapters=[adapter_name], safe_serialization=True)
+            src = staging / adapter_name if (staging / adapter_name).is_dir() else staging
+            for f in src.iterdir():
+                shutil.move(str(f), tmp / f.name)
+            shutil.rmtree(staging)
         missing = [f for f in REQUIRED_FILES if not (tmp / f).is_file()]
         if missing:
             raise RuntimeError(f"PEFT did not write {missing}")

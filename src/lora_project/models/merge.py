@@ -13,19 +13,18 @@ Both write into a temporary folder that is renamed into place only when complete
 
 from __future__ import annotations
 
-import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
 from lora_project.errors import UserError
-from lora_project.utils.io_utils import atomic_directory, atomic_write_json
+from lora_project.utils.io_utils import atomic_directory
 
 METHODS = ("linear", "cat", "ties", "dare_linear", "dare_ties")
 
 
 def merge_adapters(base, adapter_dirs: list[Path], weights: list[float], method: str, target: Path,
                    density: float = 0.5, overwrite: bool = False) -> Path:
-    from lora_project.models.lora_model import METADATA_FILE, attach_adapters, read_metadata
+    from lora_project.models.lora_model import attach_adapters, read_metadata, save_adapter
 
     if method not in METHODS:
         raise UserError(f"--method must be one of {', '.join(METHODS)}")
@@ -49,21 +48,14 @@ def merge_adapters(base, adapter_dirs: list[Path], weights: list[float], method:
         raise UserError(f"PEFT refused the merge: {exc}") from None
     model.set_adapter("merged")
     try:
-        with atomic_directory(target, overwrite=overwrite) as tmp:
-            staging = tmp / "_peft"
-            model.save_pretrained(str(staging), selected_adapters=["merged"], safe_serialization=True)
-            src = staging / "merged" if (staging / "merged").is_dir() else staging
-            for f in src.iterdir():
-                shutil.move(str(f), tmp / f.name)
-            shutil.rmtree(staging)
-            first = read_metadata(Path(adapter_dirs[0]))
-            atomic_write_json(tmp / METADATA_FILE, {
-                "format": "lora_project.adapter/1", "adapter_name": target.name.removesuffix("_lora"),
-                "base_model": first.get("base_model", {"name": base.ref.name, "fingerprint": base.ref.fingerprint,
-                                                       "directory": str(base.ref.directory)}),
-                "merged_from": [{"adapter": str(d), "weight": w} for d, w in zip(adapter_dirs, weights)],
-                "merge_method": method, "density": density if kwargs else None,
-                "created": datetime.now(timezone.utc).isoformat()})
+        first = read_metadata(Path(adapter_dirs[0]))
+        save_adapter(model, target, {
+            "format": "lora_project.adapter/1", "adapter_name": target.name.removesuffix("_lora"),
+            "base_model": first.get("base_model", {"name": base.ref.name, "fingerprint": base.ref.fingerprint,
+                                                   "directory": str(base.ref.directory)}),
+            "merged_from": [{"adapter": str(d), "weight": w} for d, w in zip(adapter_dirs, weights)],
+            "merge_method": method, "density": density if kwargs else None,
+            "created": datetime.now(timezone.utc).isoformat()}, overwrite=overwrite, adapter_name="merged")
     finally:
         base.model = model.unload()
     return target

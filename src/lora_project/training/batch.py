@@ -63,7 +63,7 @@ def is_up_to_date(paths: ProjectPaths, adapter_name: str, cfg: RunConfig, datase
 
 def train_batch(paths: ProjectPaths, names: list[str], sources: list[tuple[str, dict]], overrides: list[str],
                 batch_overrides: dict[str, dict], *, overwrite: bool = False, use_mlflow: bool = True,
-                progress: bool = True, log=print) -> dict:
+                progress: bool = True, fused: bool = False, log=print) -> dict:
     from lora_project.data.catalog import load_catalog
     from lora_project.data.dataset_loader import prepare_dataset
     from lora_project.training.run import load_base, train_adapter
@@ -85,6 +85,7 @@ def train_batch(paths: ProjectPaths, names: list[str], sources: list[tuple[str, 
                      {"datasets": ",".join(names), "overwrite": overwrite}, {"kind": "train-batch"})
     rows, status = [], "FINISHED"
     t_all = time.perf_counter()
+    pending: list[tuple[dict, float]] = []  # fused mode: rows waiting for the joint run
     try:
         for i, name in enumerate(names, 1):
             cfg = configs[name]
@@ -98,6 +99,9 @@ def train_batch(paths: ProjectPaths, names: list[str], sources: list[tuple[str, 
                 if not overwrite and is_up_to_date(paths, name, cfg, fp, base.ref.fingerprint):
                     row.update(status="skipped", reason="adapter up to date (same config, data and base)")
                     log(f"  skipped: {row['reason']}")
+                elif fused:
+                    row.update(status="pending")
+                    log("  prepared; trains in the fused run")
                 else:
                     res = train_adapter(paths, name, cfg, overwrite=overwrite, use_mlflow=use_mlflow,
                                         progress=progress, base=base, log=lambda m: log("  " + m),
@@ -116,10 +120,31 @@ def train_batch(paths: ProjectPaths, names: list[str], sources: list[tuple[str, 
                 log(f"  failed: {row['reason']}")
             row["wall_seconds"] = time.perf_counter() - t0
             rows.append(row)
+            if row["status"] == "pending":
+                continue
             if parent:
                 parent.log_metrics({f"{name}.wall_seconds": row["wall_seconds"]} |
                                    ({f"{name}.perplexity_after": row["perplexity_after"]}
                                     if row["perplexity_after"] else {}), step=i)
+        pending_rows = [r for r in rows if r["status"] == "pending"]
+        if pending_rows:
+            from lora_project.training.fused import train_fused
+
+            todo = [r["dataset"] for r in pending_rows]
+            log(f"fused training of {len(todo)} adapter(s): {', '.join(todo)}")
+            t0 = time.perf_counter()
+            try:
+                results = train_fused(paths, todo, {n: configs[n] for n in todo}, base, overwrite=overwrite,
+                                      use_mlflow=use_mlflow, progress=progress,
+                                      parent_run_id=parent.run_id if parent else None, log=log)
+                for r, res in zip(pending_rows, results):
+                    r.update(status="trained", steps=res["steps"], tokens=res["tokens_seen"],
+                             perplexity_before=res["metrics_before"]["perplexity"],
+                             perplexity_after=res["metrics_after"]["perplexity"],
+                             experiment=res["experiment_dir"], wall_seconds=time.perf_counter() - t0)
+            except UserError as exc:
+                for r in pending_rows:
+                    r.update(status="failed", reason=" ".join(str(exc).split()))
     except (KeyboardInterrupt, RunInterrupted):
         status = "KILLED"
         raise

@@ -59,6 +59,19 @@ def load_base(cfg: RunConfig, runtime=None) -> BaseBundle:
                       load_seconds=time.perf_counter() - t0)
 
 
+def provenance_of(paths: ProjectPaths, base: BaseBundle, dataset: str, streams) -> dict:
+    """Where an adapter came from: base model, data, tokenizer, commit, package versions."""
+    return {
+        "base_model": {"name": base.ref.name, "kind": base.ref.kind, "fingerprint": base.ref.fingerprint,
+                       "directory": str(base.ref.directory)},
+        "dataset": {"name": dataset, "fingerprint": streams.fingerprint, "train_tokens": int(len(streams.train)),
+                    "validation_tokens": int(len(streams.validation))},
+        "tokenizer_fingerprint": base.tokenizer_fingerprint,
+        "git_commit": git_commit(paths.root),
+        "packages": package_versions(),
+    }
+
+
 def new_experiment_dir(paths: ProjectPaths, name: str) -> Path:
     """experiments/exp_NNN_<name>/ with NNN one above the highest existing number."""
     paths.experiments_dir.mkdir(parents=True, exist_ok=True)
@@ -220,17 +233,8 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
             atomic_write_text(exp_dir / "config.yaml", cfg.to_yaml())
         else:
             exp_dir = paths.experiments_dir / f"(rank {dist.rank}: no output)"
-        commit = git_commit(paths.root)
-        provenance = {
-            "base_model": {"name": base.ref.name, "kind": base.ref.kind, "fingerprint": base.ref.fingerprint,
-                           "directory": str(base.ref.directory)},
-            "dataset": {"name": dataset, "fingerprint": streams.fingerprint,
-                        "train_tokens": int(len(streams.train)),
-                        "validation_tokens": int(len(streams.validation))},
-            "tokenizer_fingerprint": base.tokenizer_fingerprint,
-            "git_commit": commit,
-            "packages": package_versions(),
-        }
+        provenance = provenance_of(paths, base, dataset, streams)
+        commit = provenance["git_commit"]
         tracker = MlflowTracker(paths, cfg.tracking.experiment_name, cfg.tracking.tracking_uri) \
             if use_mlflow and cfg.tracking.mlflow and main else None
         run_id = None
