@@ -30,8 +30,8 @@ def resolve_tracking_uri(paths: ProjectPaths, configured: str | None = None) -> 
 
 
 def _param_value(value: Any) -> str:
-    text = str(value)
-    return text if len(text) <= PARAM_MAX_CHARS else text[:PARAM_MAX_CHARS - 15] + "...[truncated]"
+    text, marker = str(value), "...[truncated]"
+    return text if len(text) <= PARAM_MAX_CHARS else text[:PARAM_MAX_CHARS - len(marker)] + marker
 
 
 class MlflowTracker:

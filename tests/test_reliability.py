@@ -1,0 +1,87 @@
+"""Locks, tracking URI, long MLflow params, and failed checkpoint writes."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+
+import pytest
+
+from conftest import assert_user_error, run_cli, snapshot
+
+
+def test_second_training_of_same_adapter_stops_at_once(project):
+    lock = project / "adapters" / ".toddler_data_lora.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running training holds it
+        before = snapshot(project)
+        proc = run_cli("train", "toddler_data", "--no-mlflow", cwd=project)
+        assert_user_error(proc, "being trained by another process")
+    assert not (project / "experiments").exists() or not any((project / "experiments").iterdir())
+    assert {k: v for k, v in snapshot(project).items() if k in before} == before
+
+
+def test_mlflow_tracking_uri_env_is_honoured(project, tmp_path):
+    other = tmp_path / "elsewhere.db"
+    proc = run_cli("train", "toddler_data", "--json", "--no-progress", cwd=project,
+                   env={"MLFLOW_TRACKING_URI": f"sqlite:///{other}"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_id = json.loads(proc.stdout)["mlflow_run_id"]
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(tracking_uri=f"sqlite:///{other}").get_run(run_id).info.status == "FINISHED"
+    assert not (project / "mlruns" / "mlflow.db").exists()
+
+
+def test_long_param_values_are_truncated_not_fatal(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from lora_project.paths import ProjectPaths
+    from lora_project.utils.mlflow_utils import PARAM_MAX_CHARS, MlflowTracker
+
+    tracker = MlflowTracker(ProjectPaths(tmp_path), "t")
+    run_id = tracker.start("r", {"long": "x" * 10_000, "short": 1}, {})
+    assert tracker.failed is None and run_id
+    tracker.end("FINISHED")
+    params = MlflowClient(tracking_uri=tracker.uri).get_run(run_id).data.params
+    assert len(params["long"]) == PARAM_MAX_CHARS and params["long"].endswith("...[truncated]")
+    assert params["short"] == "1"
+
+
+def test_failed_checkpoint_write_keeps_previous_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    import dataclasses
+
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from lora_project.models.lora_model import wrap_with_lora
+    from lora_project.training import checkpoint as ckpt_mod
+    from lora_project.training.trainer import BlockLoader, LoraTrainer
+    from lora_project.utils.config_utils import LoraSection, TrainingSection
+    from lora_project.utils.device import resolve_runtime
+
+    model = wrap_with_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraSection(r=2, alpha=4), 0)
+    cfg = dataclasses.replace(TrainingSection(), max_steps=4, batch_size=2, seq_len=8, warmup_steps=0)
+    cb = ckpt_mod.CheckpointCallback(tmp_path / "ck", interval=2, keep=3, meta={})
+    trainer = LoraTrainer(model, cfg, BlockLoader(np.arange(3, 200, dtype=np.uint16), 8, 2, 0),
+                          resolve_runtime("cpu", "fp32", 1), [cb])
+    import safetensors.torch as st
+
+    real_save_file = st.save_file
+    calls = {"n": 0}
+
+    def flaky(tensors, filename, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # the second checkpoint's second file: fail mid-checkpoint
+            raise OSError(28, "No space left on device")
+        return real_save_file(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(st, "save_file", flaky)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.fit()
+    good = ckpt_mod.list_checkpoints(tmp_path / "ck")
+    assert [p.name for p in good] == ["step_000002"]
+    info, weights, tensors = ckpt_mod.load_checkpoint(good[0])
+    assert info["step"] == 2 and weights and "rng.torch" in tensors
+    assert not [p for p in (tmp_path / "ck").iterdir() if p.name.startswith(".")]  # no temp folder left
