@@ -37,6 +37,26 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override one field, e.g. --set training.lr=2e-4 --set lora.r=16 (repeatable)")
 
 
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by the commands that train."""
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _select_datasets(args, catalog) -> list[str]:
+    """NAMES or --all (every enabled row), every name checked before any work starts."""
+    from lora_project.data.catalog import get_entry
+
+    if args.all and args.names:
+        raise UserError("give dataset names or --all, not both")
+    names = [n for n, e in catalog.items() if e.enabled] if args.all else list(dict.fromkeys(args.names))
+    if not names:
+        raise UserError("name at least one dataset, or pass --all")
+    for n in names:
+        get_entry(catalog, n)
+    return names
+
+
 def _load_cfg(args, paths):
     from lora_project.utils.config_utils import load_config
 
@@ -107,8 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the newest checkpoint of this adapter (same experiment folder and MLflow run; "
                         "refused if config, base model or data changed)")
-    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_run_flags(p)
     p.add_argument("--json", action="store_true", help="print results.json content on stdout")
 
     p = sub.add_parser("train-batch", help="train one adapter per catalog dataset (base loaded once)",
@@ -126,8 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fused", action="store_true",
                    help="train all adapters at once: one forward/backward over a batch of every adapter's own "
                         "examples, the frozen base shared (needs equal seq_len, batch_size, steps, precision)")
-    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_run_flags(p)
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
     p = sub.add_parser("evaluate", help="perplexity and bits/byte of the base and adapters",
@@ -234,17 +252,11 @@ def _cmd_generate(args, paths):
 
 
 def _cmd_prepare(args, paths):
-    from lora_project.data.catalog import get_entry, load_catalog
+    from lora_project.data.catalog import load_catalog
     from lora_project.data.dataset_loader import prepare_dataset
 
     catalog = load_catalog(paths.catalog)
-    if args.all and args.names:
-        raise UserError("give dataset names or --all, not both")
-    names = [n for n, e in catalog.items() if e.enabled] if args.all else args.names
-    if not names:
-        raise UserError("name at least one dataset, or pass --all")
-    for n in names:
-        get_entry(catalog, n)  # all names checked before any work
+    names = _select_datasets(args, catalog)
     out = {}
     for n in names:
         prep = prepare_dataset(paths, n, force=args.force, catalog=catalog)
@@ -280,18 +292,11 @@ def _cmd_train(args, paths):
 
 
 def _cmd_train_batch(args, paths):
-    from lora_project.data.catalog import get_entry, load_catalog
+    from lora_project.data.catalog import load_catalog
     from lora_project.training.batch import load_batch_overrides, summary_table, train_batch
     from lora_project.utils.config_utils import read_yaml
 
-    catalog = load_catalog(paths.catalog)
-    if args.all and args.names:
-        raise UserError("give dataset names or --all, not both")
-    names = [n for n, e in catalog.items() if e.enabled] if args.all else list(dict.fromkeys(args.names))
-    if not names:
-        raise UserError("name at least one dataset, or pass --all")
-    for n in names:
-        get_entry(catalog, n)
+    names = _select_datasets(args, load_catalog(paths.catalog))
     batch_file = args.batch_config or (paths.config_dir / "batch_config.yaml")
     if args.batch_config is None and not batch_file.is_file():
         batch_file = None
