@@ -27,3 +27,15 @@ def test_quick_benchmark_report(project):
 def test_benchmark_bad_shapes(project):
     assert_user_error(run_cli("benchmark", "--quick", "--shapes", "64by16", cwd=project), "--shapes")
     assert_user_error(run_cli("benchmark", "--quick", "--steps", "0", cwd=project), "--steps")
+
+
+def test_reference_comparison_fields(project):
+    proc = run_cli("benchmark", "--quick", "--shapes", "16x2", "--steps", "1", "--reference", "--reference-steps", "2",
+                   "--json", cwd=project, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = json.loads(proc.stdout)["reference_comparison"]
+    for side in ("ours", "reference"):
+        assert ref[side]["tokens_per_second"] > 0 and ref[side]["peak_rss_mb"] > 0
+        assert 0 < ref[side]["eval_loss"] < 20
+    assert ref["speedup"] == ref["ours"]["tokens_per_second"] / ref["reference"]["tokens_per_second"]
+    assert "plain PEFT + transformers Trainer" in Path(json.loads(proc.stdout)["report"]["markdown"]).read_text()

@@ -172,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny model built in code; for CI and smoke tests")
     p.add_argument("--shapes", default="64x16,128x8", help="SEQxBATCH list (default: 64x16,128x8)")
     p.add_argument("--steps", type=int, default=4, help="timed optimizer steps per shape (default: 4)")
+    p.add_argument("--reference", action="store_true",
+                   help="also compare with plain PEFT + transformers Trainer (fp32 defaults) on the same model, "
+                        "data, batch (8) and sequence length (256), each in its own process")
+    p.add_argument("--reference-steps", type=int, default=6, help="optimizer steps per side (default: 6)")
     _add_config_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -343,6 +347,12 @@ def _cmd_benchmark(args, paths):
     cfg = _load_cfg(args, paths)
     log = (lambda m: print(m, file=sys.stderr)) if args.json else print
     result = run_benchmark(paths, cfg, quick=args.quick, shapes=shapes, steps=args.steps, log=log)
+    if args.reference:
+        from lora_project.evaluation.benchmark import compare_with_reference
+
+        if args.reference_steps < 2:
+            raise UserError("--reference-steps must be at least 2 (the first step is not timed)")
+        result["reference_comparison"] = compare_with_reference(paths, cfg, steps=args.reference_steps, log=log)
     json_path, md_path = write_report(paths, result)
     result["report"] = {"json": str(json_path), "markdown": str(md_path)}
     if args.json:
