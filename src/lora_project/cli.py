@@ -155,10 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", type=Path, metavar="FILE", help="UTF-8 text file scored as one text")
     src.add_argument("--dataset", metavar="NAME", help="prepared catalog dataset")
+    src.add_argument("--pairs", type=Path, metavar="PATH",
+                     help="BLiMP-style minimal pairs: a .jsonl file or a folder of them (accuracy, not perplexity)")
     p.add_argument("--split", default="test", choices=("train", "validation", "test"),
                    help="split of --dataset (default: test)")
     p.add_argument("--adapter", type=Path, action="append", default=[], metavar="DIR",
                    help="adapter folder (repeatable); results keyed by folder name")
+    p.add_argument("--limit", type=int, metavar="N", help="--pairs: at most N pairs per paradigm (seeded sample)")
+    p.add_argument("--strict", action="store_true", help="--pairs: fail on a bad line instead of skipping it")
     p.add_argument("--max-length", type=int, default=1024, help="window length in tokens (default 1024)")
     p.add_argument("--stride", type=int, help="window step in tokens (default: max-length / 2)")
     _add_config_args(p)
@@ -326,6 +330,21 @@ def _cmd_evaluate(args, paths):
     from lora_project.evaluation.evaluate import evaluate_perplexity
 
     cfg = _load_cfg(args, paths)
+    if args.pairs is not None:
+        from lora_project.evaluation.evaluate import evaluate_minimal_pairs
+
+        res = evaluate_minimal_pairs(paths, cfg, args.pairs, adapters=args.adapter, limit=args.limit,
+                                     strict=args.strict, log=lambda m: print(m, file=sys.stderr))
+        if args.json:
+            _print_json(res)
+            return
+        names = list(res["models"])
+        print(f"{'paradigm':<48}" + "".join(f"{n[:14]:>15}" for n in names))
+        for uid in res["models"]["base"]["paradigms"]:
+            print(f"{uid:<48}" + "".join(f"{res['models'][n]['paradigms'][uid]['accuracy']:>15.3f}" for n in names))
+        print(f"{'macro average':<48}" + "".join(f"{res['models'][n]['macro_accuracy']:>15.3f}" for n in names))
+        print(f"{res['pairs']} pairs in {res['seconds']:.0f} s; saved {res['saved']}")
+        return
     res = evaluate_perplexity(paths, cfg, text_file=args.text, dataset=args.dataset, split=args.split,
                               adapters=args.adapter, max_length=args.max_length, stride=args.stride)
     if args.json:

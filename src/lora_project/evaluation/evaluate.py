@@ -70,3 +70,48 @@ def evaluate_perplexity(paths: ProjectPaths, cfg, *, text_file: Path | None = No
         base.model = model.unload()
     return {**target, "max_length": max_length, "stride": stride, "precision": base.runtime.precision,
             "base_model": base.ref.name, "seconds": elapsed, "models": results}
+
+
+def evaluate_minimal_pairs(paths: ProjectPaths, cfg, pairs_path: Path, *, adapters: list[Path] = (),
+                           limit: int | None = None, strict: bool = False, base=None, log=print) -> dict:
+    """Minimal-pair accuracy of the base and each adapter (one base load), saved to outputs/metrics/."""
+    from datetime import datetime, timezone
+
+    from lora_project.evaluation.minimal_pairs import evaluate_pairs, load_pairs, sample_pairs
+    from lora_project.models.lora_model import attach_adapters, check_adapter_dir
+    from lora_project.training.run import load_base
+    from lora_project.utils.io_utils import atomic_write_json
+
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}")
+    adapters = [check_adapter_dir(Path(a)) for a in adapters]
+    names = [a.name for a in adapters]
+    if len(set(names)) != len(names):
+        raise UserError("two adapters share a folder name; results are keyed by folder name")
+    pairs = sample_pairs(load_pairs(pairs_path, strict, warn=log), limit, cfg.training.seed)
+    base = base or load_base(cfg)
+    model, ids = attach_adapters(base.model, adapters, base.ref.fingerprint) if adapters else (base.model, [])
+    t0 = time.perf_counter()
+    models = {}
+    if adapters:
+        with model.disable_adapter():
+            models["base"] = evaluate_pairs(model, base.tokenizer, pairs, base.runtime)
+        for name, aid in zip(names, ids):
+            model.set_adapter(aid)
+            models[name] = evaluate_pairs(model, base.tokenizer, pairs, base.runtime)
+        base.model = model.unload()
+    else:
+        models["base"] = evaluate_pairs(model, base.tokenizer, pairs, base.runtime)
+    seconds = time.perf_counter() - t0
+    b = models["base"]
+    difference = {n: {"macro_accuracy": models[n]["macro_accuracy"] - b["macro_accuracy"],
+                      "paradigms": {u: models[n]["paradigms"][u]["accuracy"] - v["accuracy"]
+                                    for u, v in b["paradigms"].items()}} for n in names}
+    result = {"pairs_path": str(pairs_path), "pairs": len(pairs), "limit_per_paradigm": limit,
+              "seed": cfg.training.seed, "precision": base.runtime.precision, "base_model": base.ref.name,
+              "seconds": seconds, "models": models, "difference": difference}
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    out = paths.metrics_dir / f"minimal_pairs_{stamp}.json"
+    atomic_write_json(out, result)
+    result["saved"] = str(out)
+    return result
