@@ -168,6 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
+    p = sub.add_parser("generate", help="continue prompts with the base and each adapter, side by side",
+                       description="Print continuations of prompts from the base model and from each --adapter. "
+                                   "Greedy by default; --temperature > 0 samples (seeded, so reruns match).")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", type=Path, help="UTF-8 file with one prompt per line")
+    p.add_argument("--adapter", type=Path, action="append", default=[], metavar="DIR", help="adapter folder (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=30, help="tokens to generate per prompt (default 30)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass when sampling (default 0.95)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    _add_config_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
     p = sub.add_parser("benchmark", help="matmul peak and training throughput/memory of this machine",
                        description="Measure this machine's fp32/bf16 matmul peak and our trainer's tokens/s "
                                    "and peak memory per sequence shape. Writes "
@@ -357,6 +370,25 @@ def _cmd_evaluate(args, paths):
         print(f"{name:<32} {m['perplexity']:>11.3f} {m['bits_per_byte']:>10.4f} {m['tokens']:>8} {delta:>8}")
 
 
+def _cmd_generate(args, paths):
+    from lora_project.data.preprocessor import read_text_file
+    from lora_project.evaluation.generation import generate_side_by_side
+
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        prompts += [line.strip() for line in read_text_file(args.prompts_file).splitlines() if line.strip()]
+    res = generate_side_by_side(_load_cfg(args, paths), prompts, args.adapter, max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    if args.json:
+        _print_json(res)
+        return
+    for sample in res["samples"]:
+        print(f"== {sample['prompt']!r}")
+        for model, text in sample.items():
+            if model != "prompt":
+                print(f"  [{model}] {' '.join(text.split())}")
+
+
 def _cmd_benchmark(args, paths):
     from lora_project.evaluation.benchmark import parse_shapes, run_benchmark, write_report
 
@@ -544,7 +576,7 @@ def _cmd_config(args, paths):
 
 
 COMMANDS = {"demo": _cmd_demo, "generate-data": _cmd_generate, "prepare": _cmd_prepare,
-            "train": _cmd_train, "train-batch": _cmd_train_batch, "evaluate": _cmd_evaluate, "benchmark": _cmd_benchmark,
+            "train": _cmd_train, "train-batch": _cmd_train_batch, "evaluate": _cmd_evaluate, "benchmark": _cmd_benchmark, "generate": _cmd_generate,
             "inspect": _cmd_inspect, "merge": _cmd_merge,
             "config": _cmd_config}
 
