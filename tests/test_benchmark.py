@@ -39,3 +39,23 @@ def test_reference_comparison_fields(project):
         assert 0 < ref[side]["eval_loss"] < 20
     assert ref["speedup"] == ref["ours"]["tokens_per_second"] / ref["reference"]["tokens_per_second"]
     assert "plain PEFT + transformers Trainer" in Path(json.loads(proc.stdout)["report"]["markdown"]).read_text()
+
+
+def test_matrix_scores_base_and_adapters_on_every_prepared_dataset(project):
+    assert run_cli("train-batch", "toddler_data", "kids", "--no-mlflow", "--no-progress", cwd=project).returncode == 0
+    broken = project / "adapters" / "broken_lora"
+    broken.mkdir()
+    proc = run_cli("benchmark", "--quick", "--shapes", "16x2", "--steps", "1", "--matrix", "--json", cwd=project)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    m = out["matrix"]
+    assert m["datasets"] == ["kids", "toddler_data"]
+    assert m["models"] == ["base", "kids_lora", "toddler_data_lora"]
+    assert "left out: broken_lora" in proc.stderr
+    for model in m["models"]:
+        for d in m["datasets"]:
+            assert m["cells"][model][d]["perplexity"] > 1 and m["cells"][model][d]["bits_per_byte"] > 0
+    # each adapter is best (or at least better than the base) on its own data
+    assert m["cells"]["toddler_data_lora"]["toddler_data"]["perplexity"] < m["cells"]["base"]["toddler_data"]["perplexity"]
+    assert Path(m["heatmap"]).is_file()
+    assert "Cross-evaluation" in Path(out["report"]["markdown"]).read_text()

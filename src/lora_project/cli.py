@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also compare with plain PEFT + transformers Trainer (fp32 defaults) on the same model, "
                         "data, batch (8) and sequence length (256), each in its own process")
     p.add_argument("--reference-steps", type=int, default=6, help="optimizer steps per side (default: 6)")
+    p.add_argument("--matrix", action="store_true",
+                   help="also score the base and every adapter on every prepared dataset's test split "
+                        "(table, markdown and heatmap PNG)")
     _add_config_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -398,6 +401,11 @@ def _cmd_benchmark(args, paths):
     cfg = _load_cfg(args, paths)
     log = (lambda m: print(m, file=sys.stderr)) if args.json else print
     result = run_benchmark(paths, cfg, quick=args.quick, shapes=shapes, steps=args.steps, log=log)
+    if args.matrix:
+        from lora_project.evaluation.benchmark import cross_matrix
+
+        log("cross-evaluation matrix ...")
+        result["matrix"] = cross_matrix(paths, cfg, log=log)
     if args.reference:
         from lora_project.evaluation.benchmark import compare_with_reference
 

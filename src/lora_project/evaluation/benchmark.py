@@ -123,6 +123,12 @@ def write_report(paths: ProjectPaths, result: dict) -> tuple:
         lines.append(f"| {r['seq_len']} x {r['batch_size']} | {r['tokens_per_second']:.0f} | "
                      f"{r['achieved_gflops']:.1f} | {100 * r['fraction_of_peak']:.0f}% | "
                      f"{r['peak_rss_mb_so_far']:.0f} |")
+    matrix = result.get("matrix")
+    if matrix:
+        heat = plot_matrix(matrix, base.parent / f"{base.name}_matrix.png")
+        result["matrix"]["heatmap"] = str(heat)
+        lines += ["", f"## Cross-evaluation: perplexity (bits per byte) on the {matrix['split']} splits", "",
+                  matrix_markdown(matrix), "", f"Heatmap: {heat.name}"]
     ref = result.get("reference_comparison")
     if ref:
         lines += ["", f"## Ours vs plain PEFT + transformers Trainer ({ref['steps']} steps of "
@@ -290,3 +296,99 @@ def compare_with_reference(paths: ProjectPaths, cfg, *, seq_len: int = 256, batc
             "speedup": ours["tokens_per_second"] / ref["tokens_per_second"],
             "memory_ratio": ours["peak_rss_mb"] / ref["peak_rss_mb"],
             "eval_loss_difference": ours["eval_loss"] - ref["eval_loss"]}
+
+
+# --------------------------------------------------------------------------- cross-evaluation matrix
+
+
+def cross_matrix(paths: ProjectPaths, cfg, *, max_tokens: int = 2000, split: str = "test", log=print) -> dict:
+    """Perplexity and bits/byte of the base and every sound adapter on every prepared dataset's split.
+
+    The base is loaded once; adapters trained on another base are left out (and said so).
+    """
+    import json as _json
+
+    from lora_project.data.preprocessor import read_split
+    from lora_project.evaluation.perplexity import limit_documents, score_documents
+    from lora_project.inspection.adapters import list_adapters
+    from lora_project.models.lora_model import attach_adapters
+    from lora_project.training.run import load_base
+
+    datasets = sorted(p.name for p in paths.processed_dir.glob("*") if (p / "stats.json").is_file()) \
+        if paths.processed_dir.is_dir() else []
+    if not datasets:
+        raise UserError("no prepared datasets; run: lora-project prepare --all")
+    base = load_base(cfg)
+    rows = list_adapters(paths.adapters_dir) if paths.adapters_dir.is_dir() else []
+    from lora_project.models.lora_model import read_metadata
+
+    adapters, skipped = [], []
+    for r in rows:
+        fp = read_metadata(Path(r["path"])).get("base_model", {}).get("fingerprint") if r["status"] == "ok" else None
+        if r["status"] == "ok" and fp in (None, base.ref.fingerprint):
+            adapters.append(Path(r["path"]))
+        else:
+            skipped.append(f"{r['name']} ({r['reason'] or 'another base model'})")
+    if skipped:
+        log(f"left out: {', '.join(skipped)}")
+    texts = {}
+    for d in datasets:
+        docs = read_split(paths.processed(d), split)
+        if docs:
+            sep = _json.loads((paths.processed(d) / "stats.json").read_text()).get("separator", "\n")
+            texts[d] = (limit_documents(base.tokenizer, docs, max_tokens), sep)
+    model, ids = attach_adapters(base.model, adapters, base.ref.fingerprint) if adapters else (base.model, [])
+    cells: dict[str, dict[str, dict]] = {}
+
+    def score_all(name):
+        cells[name] = {}
+        for d, (docs, sep) in texts.items():
+            s = score_documents(model, base.tokenizer, docs, sep, base.runtime, max_length=256, stride=192)
+            cells[name][d] = {"perplexity": s.perplexity, "bits_per_byte": s.bits_per_byte, "tokens": s.tokens}
+        log(f"  {name}: " + ", ".join(f"{d} {c['perplexity']:.2f}" for d, c in cells[name].items()))
+
+    if adapters:
+        with model.disable_adapter():
+            score_all("base")
+        for d, aid in zip(adapters, ids):
+            model.set_adapter(aid)
+            score_all(d.name)
+        base.model = model.unload()
+    else:
+        score_all("base")
+    return {"split": split, "max_tokens": max_tokens, "datasets": list(texts), "models": list(cells), "cells": cells}
+
+
+def plot_matrix(matrix: dict, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models, datasets = matrix["models"], matrix["datasets"]
+    grid = np.array([[matrix["cells"][m][d]["bits_per_byte"] for d in datasets] for m in models])
+    fig, ax = plt.subplots(figsize=(2.5 + 1.6 * len(datasets), 1.5 + 0.5 * len(models)))
+    im = ax.imshow(grid, cmap="viridis_r", aspect="auto")
+    ax.set_xticks(range(len(datasets)), datasets, rotation=20)
+    ax.set_yticks(range(len(models)), models)
+    for i in range(len(models)):
+        for j in range(len(datasets)):
+            ax.text(j, i, f"{matrix['cells'][models[i]][datasets[j]]['perplexity']:.1f}", ha="center", va="center",
+                    color="white", fontsize=8)
+    ax.set_title(f"bits per byte on each {matrix['split']} split (numbers: perplexity)")
+    fig.colorbar(im, ax=ax, label="bits per byte")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def matrix_markdown(matrix: dict) -> str:
+    head = "| model | " + " | ".join(matrix["datasets"]) + " |"
+    lines = [head, "|" + "---|" * (len(matrix["datasets"]) + 1)]
+    for m in matrix["models"]:
+        lines.append(f"| {m} | " + " | ".join(f"{matrix['cells'][m][d]['perplexity']:.2f} "
+                                              f"({matrix['cells'][m][d]['bits_per_byte']:.3f} b/B)"
+                                              for d in matrix["datasets"]) + " |")
+    return "\n".join(lines)
