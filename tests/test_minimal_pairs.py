@@ -62,7 +62,9 @@ def test_loading_uid_fallback_limit_and_bad_lines(tmp_path):
 
 
 def test_cli_pairs_with_adapter(project, tiny_model_dir, tmp_path):
-    assert run_cli("train", "toddler_data", "--no-mlflow", "--no-progress", cwd=project).returncode == 0
+    trained = run_cli("train", "toddler_data", "--no-progress", "--json", cwd=project)
+    assert trained.returncode == 0
+    run_id = json.loads(trained.stdout)["mlflow_run_id"]
     f = tmp_path / "pairs.jsonl"
     f.write_text("\n".join(json.dumps({"sentence_good": g, "sentence_bad": b, "UID": u, "field": "syntax"})
                            for g, b, u in [("the dog runs.", "the dog run.", "agr"), ("more cookie.", "cookie more.", "order"),
@@ -76,7 +78,13 @@ def test_cli_pairs_with_adapter(project, tiny_model_dir, tmp_path):
         assert 0 <= m["macro_accuracy"] <= 1
     diff = out["difference"]["toddler_data_lora"]["macro_accuracy"]
     assert diff == pytest.approx(out["models"]["toddler_data_lora"]["macro_accuracy"] - out["models"]["base"]["macro_accuracy"])
-    assert (project / "outputs" / "metrics").glob("minimal_pairs_*.json")
+    assert list((project / "outputs" / "metrics").glob("minimal_pairs_*.json"))
+    # linked to the adapter's training run
+    from mlflow.tracking import MlflowClient
+
+    assert out["mlflow_runs_updated"] == [run_id]
+    run = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlruns' / 'mlflow.db'}").get_run(run_id)
+    assert run.data.metrics["pairs_macro_accuracy"] == pytest.approx(out["models"]["toddler_data_lora"]["macro_accuracy"])
     assert_user_error(run_cli("evaluate", "--pairs", str(tmp_path / "none.jsonl"), cwd=project), "not found")
 
 

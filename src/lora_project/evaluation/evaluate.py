@@ -68,8 +68,16 @@ def evaluate_perplexity(paths: ProjectPaths, cfg, *, text_file: Path | None = No
     elapsed = time.perf_counter() - t0
     if adapters:  # leave the shared base as we found it
         base.model = model.unload()
-    return {**target, "max_length": max_length, "stride": stride, "precision": base.runtime.precision,
-            "base_model": base.ref.name, "seconds": elapsed, "models": results}
+    out = {**target, "max_length": max_length, "stride": stride, "precision": base.runtime.precision,
+           "base_model": base.ref.name, "seconds": elapsed, "models": results}
+    if dataset is not None and adapters:  # named evaluations are worth keeping with each training run
+        from lora_project.utils.mlflow_utils import log_to_training_runs
+
+        key = f"eval_{dataset}_{split}"
+        out["mlflow_runs_updated"] = log_to_training_runs(
+            paths, cfg, adapters, {n: {f"{key}_perplexity": results[n]["perplexity"],
+                                       f"{key}_bits_per_byte": results[n]["bits_per_byte"]} for n in names})
+    return out
 
 
 def evaluate_minimal_pairs(paths: ProjectPaths, cfg, pairs_path: Path, *, adapters: list[Path] = (),
@@ -110,6 +118,11 @@ def evaluate_minimal_pairs(paths: ProjectPaths, cfg, pairs_path: Path, *, adapte
     result = {"pairs_path": str(pairs_path), "pairs": len(pairs), "limit_per_paradigm": limit,
               "seed": cfg.training.seed, "precision": base.runtime.precision, "base_model": base.ref.name,
               "seconds": seconds, "models": models, "difference": difference}
+    from lora_project.utils.mlflow_utils import log_to_training_runs
+
+    result["mlflow_runs_updated"] = log_to_training_runs(
+        paths, cfg, adapters, {n: {"pairs_macro_accuracy": models[n]["macro_accuracy"],
+                                   "pairs_macro_accuracy_gain": difference[n]["macro_accuracy"]} for n in names})
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     out = paths.metrics_dir / f"minimal_pairs_{stamp}.json"
     atomic_write_json(out, result)

@@ -134,3 +134,32 @@ class MlflowTracker:
             self._client.set_terminated(self.run_id, status=status)
         except Exception as exc:
             self._warn(exc)
+
+
+def log_to_training_runs(paths: ProjectPaths, cfg, adapter_dirs, metrics_by_adapter: dict[str, dict[str, float]]) -> list[str]:
+    """Add evaluation metrics to each adapter's own training run (run id from its metadata).
+
+    Returns the run ids written to; adapters without a recorded run are left alone, and a
+    tracking failure only warns.
+    """
+    from lora_project.models.lora_model import read_metadata
+
+    if not cfg.tracking.mlflow:
+        return []
+    written = []
+    for d in adapter_dirs:
+        run_id = read_metadata(Path(d)).get("mlflow_run_id")
+        metrics = metrics_by_adapter.get(Path(d).name)
+        if not run_id or not metrics:
+            continue
+        try:
+            from mlflow.entities import Metric
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(tracking_uri=resolve_tracking_uri(paths, cfg.tracking.tracking_uri))
+            now = int(time.time() * 1000)
+            client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+            written.append(run_id)
+        except Exception as exc:  # a missing run or server must not fail the evaluation
+            print(f"warning: could not log evaluation to MLflow run {run_id}: {type(exc).__name__}", file=sys.stderr)
+    return written
