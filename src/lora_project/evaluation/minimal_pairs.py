@@ -82,12 +82,13 @@ def sample_pairs(pairs: list[Pair], limit: int | None, seed: int) -> list[Pair]:
     return [p for i, p in enumerate(pairs) if i in keep]
 
 
-def sentence_logprobs(model, tokenizer, sentences: list[str], runtime, batch_tokens: int = 4096) -> list[float]:
+def sentence_logprobs(model, tokenizer, sentences: list[str], runtime, batch_tokens: int = 2048) -> list[float]:
     """Sum of log p(token) over each sentence's tokens, BOS prefixed; batched by length."""
     import torch
 
     from lora_project.data.tokenizer_utils import encode_documents, prefix_id
     from lora_project.evaluation.perplexity import decoder_and_head
+    from lora_project.training.losses import token_nll
 
     ids = [[prefix_id(tokenizer)] + t for t in encode_documents(tokenizer, sentences)]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -108,8 +109,7 @@ def sentence_logprobs(model, tokenizer, sentences: list[str], runtime, batch_tok
             batch, mask = batch.to(runtime.device), mask.to(runtime.device)
             # Right padding with a causal model: real tokens never attend to the padding after them.
             hidden = decoder(input_ids=batch, use_cache=False).last_hidden_state[:, :-1]
-            logp = torch.log_softmax(head(hidden).float(), dim=-1)
-            picked = logp.gather(-1, batch[:, 1:, None]).squeeze(-1) * mask[:, 1:]
+            picked = -token_nll(hidden, head, batch[:, 1:]) * mask[:, 1:]
             for r, j in enumerate(group):
                 out[j] = float(picked[r].sum())
             i += len(group)

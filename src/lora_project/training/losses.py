@@ -96,3 +96,30 @@ def sum_nll(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
     """Summed NLL (nats) in fp32, no gradient: evaluation's building block."""
     with torch.no_grad():
         return linear_cross_entropy(hidden, head, targets, chunk_tokens, reduction="sum")
+
+
+def token_nll(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
+              chunk_tokens: int = 1024) -> torch.Tensor:
+    """Per-token NLL (nats, fp32, no gradient) with the same shape as `targets`.
+
+    Logits exist for one chunk of tokens at a time (chunk x vocab), never for the batch.
+    """
+    with torch.no_grad():
+        h = hidden.reshape(-1, hidden.shape[-1])
+        t = targets.reshape(-1)
+        out = torch.empty(t.shape, dtype=torch.float32, device=h.device)
+        weight = getattr(head, "weight", None)
+        plain = type(head) is torch.nn.Linear
+        dtype = _matmul_dtype(h, weight) if plain else None
+        for s in range(0, h.shape[0], chunk_tokens):
+            hc = h[s:s + chunk_tokens]
+            if plain:
+                with torch.autocast(h.device.type, enabled=False):
+                    logits = (hc.to(dtype) @ weight.to(dtype).t()).float()
+                    if head.bias is not None:
+                        logits += head.bias.float()
+            else:
+                logits = head(hc).float()
+            tc = t[s:s + chunk_tokens].clamp(min=0)
+            out[s:s + chunk_tokens] = torch.logsumexp(logits, -1) - logits.gather(1, tc[:, None]).squeeze(1)
+        return out.reshape(targets.shape)
