@@ -85,7 +85,6 @@ def train_batch(paths: ProjectPaths, names: list[str], sources: list[tuple[str, 
                      {"datasets": ",".join(names), "overwrite": overwrite}, {"kind": "train-batch"})
     rows, status = [], "FINISHED"
     t_all = time.perf_counter()
-    pending: list[tuple[dict, float]] = []  # fused mode: rows waiting for the joint run
     try:
         for i, name in enumerate(names, 1):
             cfg = configs[name]
