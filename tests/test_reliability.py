@@ -85,3 +85,20 @@ def test_failed_checkpoint_write_keeps_previous_checkpoint(tiny_model_dir, tmp_p
     info, weights, tensors = ckpt_mod.load_checkpoint(good[0])
     assert info["step"] == 2 and weights and "rng.torch" in tensors
     assert not [p for p in (tmp_path / "ck").iterdir() if p.name.startswith(".")]  # no temp folder left
+
+
+def test_unreachable_tracking_server_warns_and_training_finishes(project):
+    import socket
+
+    with socket.socket() as s:  # a loopback port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = run_cli("train", "toddler_data", "--json", "--no-progress", cwd=project,
+                   env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "warning: MLflow tracking stopped" in proc.stderr and "Traceback" not in proc.stderr
+    res = json.loads(proc.stdout)
+    assert res["status"] == "FINISHED" and res["mlflow_run_id"] is None
+    log = (project / "experiments" / "exp_001_toddler_data" / "logs" / "metrics.jsonl").read_text()
+    assert '"event": "train"' in log and (project / "adapters" / "toddler_data_lora").is_dir()
