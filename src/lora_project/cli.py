@@ -24,6 +24,8 @@ examples:
   lora-project prepare toddler_data                  # data/processed/toddler_data/
   lora-project train toddler_data --set training.max_steps=100
   lora-project evaluate --dataset toddler_data --split test --adapter adapters/toddler_data_lora --json
+  lora-project train-batch --all                     # one adapter per catalog dataset
+  lora-project inspect weights adapters/toddler_data_lora
   lora-project config --explain                      # every config field, default and range
 """
 
