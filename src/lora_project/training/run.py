@@ -162,12 +162,17 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
     With `resume`, continue the newest checkpoint of this adapter in the same experiment
     folder and MLflow run; refused when the config, base model or data differ.
     """
+    from contextlib import nullcontext
+
+    import torch
+
     from lora_project.data.dataset_loader import load_streams, prepare_dataset
     from lora_project.evaluation.perplexity import limit_documents, score_documents
     from lora_project.models.lora_model import save_adapter, wrap_with_lora
     from lora_project.training.callbacks import JsonlLogger, MlflowCallback, ProgressBar
-    from lora_project.training.checkpoint import CheckpointCallback
+    from lora_project.training.checkpoint import CheckpointCallback, load_checkpoint
     from lora_project.training.checkpoint import restore as restore_checkpoint
+    from lora_project.training.distributed import init_distributed
     from lora_project.training.trainer import BlockLoader, LoraTrainer, peak_rss_mb
     from lora_project.utils.mlflow_utils import MlflowTracker
 
@@ -176,12 +181,6 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
     if adapter_dir.exists() and not overwrite:
         raise UserError(f"adapter {adapter_dir} already exists; pass --overwrite to replace it")
     t = cfg.training
-    from contextlib import nullcontext
-
-    from lora_project.training.distributed import init_distributed
-
-    import torch
-
     device = "cuda" if t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()) else "cpu"
     dist = init_distributed(device, t.batch_size)
     main = dist.is_main  # only rank 0 writes files and talks to MLflow
@@ -191,8 +190,6 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
     with adapter_lock(paths, adapter_name) if main else nullcontext():
         ckpt = None
         if resume:
-            from lora_project.training.checkpoint import load_checkpoint
-
             resume_exp, ckpt_path = find_resume_checkpoint(paths, adapter_name)
             ckpt = load_checkpoint(ckpt_path)
             saved_cfg = ckpt[0].get("config_fields", {})
