@@ -40,3 +40,14 @@ def test_help_lists_every_subcommand_and_explains():
         assert cmd in proc.stdout
     proc = run_cli("train", "--help")
     assert "--overwrite" in proc.stdout and "--set" in proc.stdout and "MLFLOW_TRACKING_URI" in proc.stdout
+
+
+def test_every_subcommand_has_its_own_handler():
+    """Each subcommand maps to a distinct handler named after it (guards against a shadowed def)."""
+    from lora_project import cli
+
+    handlers = list(cli.COMMANDS.values())
+    assert len(set(handlers)) == len(handlers)
+    assert set(cli.COMMANDS) == set(cli.build_parser()._subparsers._group_actions[0].choices)
+    assert cli.COMMANDS["generate-data"].__name__ == "_cmd_generate_data"
+    assert cli.COMMANDS["generate"].__name__ == "_cmd_generate_text"

@@ -265,7 +265,7 @@ def _cmd_demo(args, paths):
         _print_json(out)
 
 
-def _cmd_generate(args, paths):
+def _cmd_generate_data(args, paths):
     from lora_project.data.generator import OUTPUT_NAMES, generate_corpus
 
     grammar = args.grammar or paths.config_dir / "grammars" / f"{args.kind}.yaml"
@@ -375,7 +375,7 @@ def _cmd_evaluate(args, paths):
         print(f"{name:<32} {m['perplexity']:>11.3f} {m['bits_per_byte']:>10.4f} {m['tokens']:>8} {delta:>8}")
 
 
-def _cmd_generate(args, paths):
+def _cmd_generate_text(args, paths):
     from lora_project.data.preprocessor import read_text_file
     from lora_project.evaluation.generation import generate_side_by_side
 
@@ -585,10 +585,19 @@ def _cmd_config(args, paths):
         print(_load_cfg(args, paths).to_yaml(), end="")
 
 
-COMMANDS = {"demo": _cmd_demo, "generate-data": _cmd_generate, "prepare": _cmd_prepare,
-            "train": _cmd_train, "train-batch": _cmd_train_batch, "evaluate": _cmd_evaluate, "benchmark": _cmd_benchmark, "generate": _cmd_generate,
-            "inspect": _cmd_inspect, "merge": _cmd_merge,
-            "config": _cmd_config}
+COMMANDS = {
+    "demo": _cmd_demo,
+    "generate-data": _cmd_generate_data,
+    "prepare": _cmd_prepare,
+    "train": _cmd_train,
+    "train-batch": _cmd_train_batch,
+    "evaluate": _cmd_evaluate,
+    "generate": _cmd_generate_text,
+    "benchmark": _cmd_benchmark,
+    "inspect": _cmd_inspect,
+    "merge": _cmd_merge,
+    "config": _cmd_config,
+}
 
 
 def _on_sigterm(signum, frame):
