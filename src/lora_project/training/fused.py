@@ -76,11 +76,12 @@ def _train_fused_locked(paths, names, configs, base, *, overwrite, use_mlflow, p
     from peft import get_peft_model
 
     from lora_project.data.dataset_loader import load_streams, prepare_dataset
-    from lora_project.evaluation.perplexity import decoder_and_head, limit_documents, score_documents
+    from lora_project.evaluation.perplexity import decoder_and_head, limit_documents
     from lora_project.models.lora_model import linear_module_names, lora_config, save_adapter
     from lora_project.training.callbacks import CallbackList, JsonlLogger, MlflowCallback, ProgressBar, TrainState
     from lora_project.training.losses import linear_cross_entropy
-    from lora_project.training.run import new_experiment_dir, plot_loss_curve, provenance_of
+    from lora_project.training.run import (new_experiment_dir, plot_loss_curve, provenance_of, results_metrics,
+                                          validation_metrics)
     from lora_project.training.trainer import BlockLoader, lr_lambda, peak_rss_mb, total_steps
     from lora_project.utils.io_utils import atomic_write_json, atomic_write_text
     from lora_project.utils.mlflow_utils import MlflowTracker
@@ -118,13 +119,9 @@ def _train_fused_locked(paths, names, configs, base, *, overwrite, use_mlflow, p
     decoder, head = decoder_and_head(model)
 
     val_docs = {n: limit_documents(base.tokenizer, streams[n].validation_docs, shared.eval_max_tokens) for n in names}
-    eval_len = min(1024, max(2 * shared.seq_len, 256))
 
     def evaluate(n):
-        s = score_documents(model, base.tokenizer, val_docs[n], streams[n].separator, runtime,
-                            max_length=eval_len, stride=eval_len * 3 // 4)
-        return {"val_loss": s.nll_sum / s.tokens, "val_perplexity": s.perplexity,
-                "val_bits_per_byte": s.bits_per_byte, "val_tokens": s.tokens, "val_bytes": s.bytes}
+        return validation_metrics(model, base.tokenizer, val_docs[n], streams[n].separator, runtime, shared.seq_len)
 
     exp_dirs, trackers, before, cbs, states = {}, {}, {}, {}, {}
     with model.disable_adapter():
@@ -227,13 +224,9 @@ def _train_fused_locked(paths, names, configs, base, *, overwrite, use_mlflow, p
         after = evaluate(n)
         provenance = provenance_of(paths, base, n, streams[n])
 
-        def metrics_of(m):
-            return {"perplexity": m["val_perplexity"], "bits_per_byte": m["val_bits_per_byte"],
-                    "loss": m["val_loss"], "tokens": m["val_tokens"], "bytes": m["val_bytes"]}
-
         res = {"status": "FINISHED", "dataset": n, "adapter_name": n, "experiment_dir": str(exp_dirs[n]),
                "mlflow_run_id": st.run_id, "fused_with": names, **provenance,
-               "metrics_before": metrics_of(before[n]), "metrics_after": metrics_of(after), "steps": st.step,
+               "metrics_before": results_metrics(before[n]), "metrics_after": results_metrics(after), "steps": st.step,
                "tokens_seen": st.tokens_seen, "tokens_per_second": st.tokens_seen / st.train_seconds,
                "train_seconds": st.train_seconds, "wall_seconds": time.perf_counter() - t0_all,
                "peak_rss_mb": peak_rss_mb(), "adapter_dir": str(paths.adapter(n)),
