@@ -5,12 +5,20 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-
 from conftest import REPO
+
 from lora_project.data.catalog import load_catalog, parse_catalog
 from lora_project.errors import ConfigError, UserError
-from lora_project.utils.config_utils import (SECTIONS, RunConfig, build_config, explain, flatten,
-                                             load_config, merge_sources, read_yaml)
+from lora_project.utils.config_utils import (
+    SECTIONS,
+    RunConfig,
+    build_config,
+    explain,
+    flatten,
+    load_config,
+    merge_sources,
+    read_yaml,
+)
 
 
 def test_every_committed_yaml_config_loads():

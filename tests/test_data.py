@@ -7,12 +7,23 @@ import random
 
 import numpy as np
 import pytest
-
 from conftest import REPO
+
 from lora_project.data.generator import Grammar, generate_corpus, generate_lines
-from lora_project.data.preprocessor import (SPLITS, assign_split, normalise, prepare_text, read_split,
-                                            split_documents)
-from lora_project.data.tokenizer_utils import block, cached_stream, num_blocks, pack_documents
+from lora_project.data.preprocessor import (
+    SPLITS,
+    assign_split,
+    normalise,
+    prepare_text,
+    read_split,
+    split_documents,
+)
+from lora_project.data.tokenizer_utils import (
+    block,
+    cached_stream,
+    num_blocks,
+    pack_documents,
+)
 from lora_project.errors import UserError
 
 

@@ -8,9 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from safetensors.torch import load_file
-
 from conftest import run_cli
+from safetensors.torch import load_file
 
 
 def _losses(project, exp):

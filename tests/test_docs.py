@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from conftest import REPO, run_cli
+
 from lora_project.data.catalog import COLUMNS, OPTION_KEYS
 from lora_project.utils.config_utils import explain
 

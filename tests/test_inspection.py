@@ -8,10 +8,19 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import assert_user_error, run_cli, snapshot
-from lora_project.inspection.adapters import BaseWeights, list_adapters, load_adapter, select_modules
-from lora_project.inspection.analysis import analyse_weights, compare_adapters, value_stats
+
+from lora_project.inspection.adapters import (
+    BaseWeights,
+    list_adapters,
+    load_adapter,
+    select_modules,
+)
+from lora_project.inspection.analysis import (
+    analyse_weights,
+    compare_adapters,
+    value_stats,
+)
 from lora_project.inspection.lora_math import factor_svd, subspace_similarity
 from lora_project.utils.config_utils import LoraSection
 

@@ -6,11 +6,16 @@ import json
 
 import pytest
 import torch
-
 from conftest import SHARED_DATA, assert_user_error, run_cli
+
 from lora_project.errors import UserError
-from lora_project.evaluation.minimal_pairs import (Pair, accuracy_report, load_pairs, sample_pairs,
-                                                   sentence_logprobs)
+from lora_project.evaluation.minimal_pairs import (
+    Pair,
+    accuracy_report,
+    load_pairs,
+    sample_pairs,
+    sentence_logprobs,
+)
 from lora_project.utils.device import resolve_runtime
 
 

@@ -141,8 +141,9 @@ def test_saved_adapter_loads_with_plain_peft_and_gives_same_logits(tiny_model_di
 
 
 def test_same_seed_same_initial_adapter(tiny_model_dir):
-    from lora_project.models.lora_model import wrap_with_lora
     from transformers import AutoModelForCausalLM
+
+    from lora_project.models.lora_model import wrap_with_lora
 
     def init(seed):
         base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

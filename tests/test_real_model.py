@@ -9,7 +9,6 @@ import json
 import math
 
 import pytest
-
 from conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slow

@@ -6,7 +6,6 @@ import fcntl
 import json
 
 import pytest
-
 from conftest import assert_user_error, run_cli, snapshot
 
 

@@ -9,9 +9,8 @@ import subprocess
 import sys
 import time
 
-from safetensors.torch import load_file
-
 from conftest import assert_user_error, run_cli
+from safetensors.torch import load_file
 
 STEPS = ["--set", "training.max_steps=400", "--set", "training.checkpoint_interval=5",
          "--set", "training.keep_checkpoints=2", "--set", "training.eval_interval=0"]

@@ -11,9 +11,8 @@ import sys
 import time
 
 import pytest
-from safetensors.torch import load_file
-
 from conftest import assert_user_error, run_cli, snapshot
+from safetensors.torch import load_file
 
 
 def _mlflow_run(project, run_id):
@@ -204,7 +203,7 @@ def test_sigterm_ends_run_killed_and_leaves_no_adapter(project):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
-    assert "Traceback" not in err
+    assert "Traceback" not in err, err
     res = json.loads((project / "experiments" / "exp_001_toddler_data" / "results.json").read_text())
     assert res["status"] == "KILLED"
     _, run = _mlflow_run(project, res["mlflow_run_id"])

@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from lora_project.training.trainer import BlockLoader, LoraTrainer, lr_lambda, total_steps
+from lora_project.training.trainer import (
+    BlockLoader,
+    LoraTrainer,
+    lr_lambda,
+    total_steps,
+)
 from lora_project.utils.config_utils import LoraSection, TrainingSection
 from lora_project.utils.device import resolve_runtime
 
@@ -77,3 +82,70 @@ def test_loader_is_seeded_and_visits_every_block_once_per_epoch():
     c = BlockLoader(stream, 10, 5, seed=3)
     c.load_state_dict(state)
     assert torch.equal(c.next_batch()[0], nxt[0])
+
+
+def test_stop_request_swallowed_by_a_weakref_callback_still_stops_training(tiny_model_dir, capsys):
+    """CI once saw SIGTERM land inside SQLAlchemy's weakref callback: Python printed
+    "Exception ignored" and training ran on. The stop flag must end the run anyway."""
+    import gc
+    import sys
+    import weakref
+
+    from lora_project.errors import RunInterrupted
+    from lora_project.utils import interrupts
+    from lora_project.training.callbacks import Callback
+
+    class Obj:
+        pass
+
+    class SignalInsideWeakrefCallback(Callback):
+        def on_step_end(self, state, metrics):
+            if state.step == 2:
+                obj = Obj()
+                ref = weakref.ref(obj, lambda _: interrupts.handle_signal(15, None))  # noqa: F841
+                del obj  # the callback raises RunInterrupted; Python swallows it
+                gc.collect()
+
+    from transformers import AutoModelForCausalLM
+
+    from lora_project.models.lora_model import wrap_with_lora
+
+    model = wrap_with_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraSection(r=4, alpha=8, dropout=0.0, target_modules=["q_proj"]), seed=0)
+    cfg = dataclasses.replace(TrainingSection(), max_steps=50, batch_size=2, seq_len=16, warmup_steps=1)
+    stream = np.tile(np.arange(3, 40, dtype=np.uint16), 20)
+    trainer = LoraTrainer(model, cfg, BlockLoader(stream, cfg.seq_len, cfg.batch_size, 0), FP32,
+                          [SignalInsideWeakrefCallback()])
+    old_hook = sys.unraisablehook
+    sys.unraisablehook = interrupts._quiet_unraisable
+    try:
+        with pytest.raises(RunInterrupted):
+            trainer.fit()
+    finally:
+        sys.unraisablehook = old_hook
+        interrupts.clear_stop()
+    assert trainer.state.step == 2  # stopped at the next step boundary, not at max_steps
+    assert "Exception ignored" not in capsys.readouterr().err
+
+
+def test_stop_inside_a_shielded_section_is_raised_when_it_ends():
+    import signal
+
+    from lora_project.errors import RunInterrupted
+    from lora_project.utils import interrupts
+
+    done = []
+    interrupts.clear_stop()
+    try:
+        with pytest.raises(RunInterrupted):
+            with interrupts.shielded():
+                interrupts.handle_signal(signal.SIGTERM, None)  # deferred, not raised here
+                done.append("finished the write")
+        assert done == ["finished the write"]
+        with pytest.raises(RunInterrupted):  # a second signal is not deferred
+            with interrupts.shielded():
+                interrupts.handle_signal(signal.SIGTERM, None)
+                done.append("never")
+        assert done == ["finished the write"]
+    finally:
+        interrupts.clear_stop()

@@ -10,12 +10,12 @@ import argparse
 import dataclasses
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 
 from lora_project import __version__
 from lora_project.errors import RunInterrupted, UserError
+from lora_project.utils import interrupts
 
 EXAMPLES = """\
 examples:
@@ -319,7 +319,11 @@ def _cmd_train(args, paths):
 
 def _cmd_train_batch(args, paths):
     from lora_project.data.catalog import load_catalog
-    from lora_project.training.batch import load_batch_overrides, summary_table, train_batch
+    from lora_project.training.batch import (
+        load_batch_overrides,
+        summary_table,
+        train_batch,
+    )
     from lora_project.utils.config_utils import read_yaml
 
     names = _select_datasets(args, load_catalog(paths.catalog))
@@ -395,7 +399,11 @@ def _cmd_generate_text(args, paths):
 
 
 def _cmd_benchmark(args, paths):
-    from lora_project.evaluation.benchmark import parse_shapes, run_benchmark, write_report
+    from lora_project.evaluation.benchmark import (
+        parse_shapes,
+        run_benchmark,
+        write_report,
+    )
 
     if args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
@@ -436,7 +444,11 @@ def _inspect_base(adapter, args, paths):
 
 def _cmd_inspect(args, paths):
     from lora_project.inspection import analysis
-    from lora_project.inspection.adapters import list_adapters, load_adapter, select_modules
+    from lora_project.inspection.adapters import (
+        list_adapters,
+        load_adapter,
+        select_modules,
+    )
 
     out_root = getattr(args, "out", None) or paths.metrics_dir / "inspect"
     if args.inspect_command == "adapters":
@@ -536,8 +548,8 @@ def _cmd_inspect(args, paths):
 
 
 def _cmd_merge(args, paths):
-    from lora_project.models.merge import export_merged_model, merge_adapters
     from lora_project.models.lora_model import check_adapter_dir
+    from lora_project.models.merge import export_merged_model, merge_adapters
     from lora_project.paths import check_name
     from lora_project.training.run import load_base
 
@@ -600,10 +612,6 @@ COMMANDS = {
 }
 
 
-def _on_sigterm(signum, frame):
-    raise RunInterrupted()
-
-
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
@@ -615,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     from lora_project.utils.logging_utils import quiet_libraries
 
     quiet_libraries()
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    interrupts.install()
     try:
         COMMANDS[args.command](args, ProjectPaths.discover())
         return 0

@@ -33,6 +33,7 @@ class RunInterrupted(BaseException):
     """
 
 
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return ' (did you mean X?)' when a close match exists, else ''."""
     matches = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)

@@ -11,7 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_project.data.catalog import SUPPORTED_KINDS, CatalogEntry, get_entry, load_catalog
+from lora_project.data.catalog import (
+    SUPPORTED_KINDS,
+    CatalogEntry,
+    get_entry,
+    load_catalog,
+)
 from lora_project.data.generator import Grammar, generate_lines
 from lora_project.data.preprocessor import Prepared, prepare_text, read_split
 from lora_project.data.tokenizer_utils import cached_stream

@@ -208,7 +208,12 @@ def _child_reference(job: dict, queue) -> None:
 
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
+    from transformers import (
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     from lora_project.data.tokenizer_utils import block
     from lora_project.training.trainer import peak_rss_mb

@@ -85,7 +85,11 @@ def evaluate_minimal_pairs(paths: ProjectPaths, cfg, pairs_path: Path, *, adapte
     """Minimal-pair accuracy of the base and each adapter (one base load), saved to outputs/metrics/."""
     from datetime import datetime, timezone
 
-    from lora_project.evaluation.minimal_pairs import evaluate_pairs, load_pairs, sample_pairs
+    from lora_project.evaluation.minimal_pairs import (
+        evaluate_pairs,
+        load_pairs,
+        sample_pairs,
+    )
     from lora_project.models.lora_model import attach_adapters, check_adapter_dir
     from lora_project.training.run import load_base
     from lora_project.utils.io_utils import atomic_write_json

@@ -12,9 +12,19 @@ from pathlib import Path
 import numpy as np
 
 from lora_project.errors import UserError
-from lora_project.inspection.adapters import Adapter, BaseWeights, LoraModule, check_fits_base
-from lora_project.inspection.lora_math import (amplification, effective_rank, factor_svd, stable_rank,
-                                               subspace_similarity)
+from lora_project.inspection.adapters import (
+    Adapter,
+    BaseWeights,
+    LoraModule,
+    check_fits_base,
+)
+from lora_project.inspection.lora_math import (
+    amplification,
+    effective_rank,
+    factor_svd,
+    stable_rank,
+    subspace_similarity,
+)
 
 
 def _plt():

@@ -24,7 +24,11 @@ METHODS = ("linear", "cat", "ties", "dare_linear", "dare_ties")
 
 def merge_adapters(base, adapter_dirs: list[Path], weights: list[float], method: str, target: Path,
                    density: float = 0.5, overwrite: bool = False) -> Path:
-    from lora_project.models.lora_model import attach_adapters, read_metadata, save_adapter
+    from lora_project.models.lora_model import (
+        attach_adapters,
+        read_metadata,
+        save_adapter,
+    )
 
     if method not in METHODS:
         raise UserError(f"--method must be one of {', '.join(METHODS)}")

@@ -23,7 +23,13 @@ from pathlib import Path
 
 from lora_project.errors import RunInterrupted, UserError
 from lora_project.paths import ProjectPaths
-from lora_project.utils.config_utils import RunConfig, build_config, merge_sources, read_yaml
+from lora_project.utils.config_utils import (
+    RunConfig,
+    build_config,
+    merge_sources,
+    read_yaml,
+)
+from lora_project.utils.interrupts import check_stop
 from lora_project.utils.io_utils import atomic_write_json, atomic_write_text
 
 
@@ -93,6 +99,7 @@ def train_batch(paths: ProjectPaths, names: list[str], sources: list[tuple[str, 
             log(f"[{i}/{len(names)}] {name}")
             t0 = time.perf_counter()
             try:
+                check_stop()
                 prepared = prepare_dataset(paths, name, catalog=catalog)
                 fp = prepared.stats["source_sha256"][:16] + "-" + prepared.stats["settings_sha256"][:16]
                 if not overwrite and is_up_to_date(paths, name, cfg, fp, base.ref.fingerprint):

@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from lora_project.errors import UserError
 from lora_project.paths import ProjectPaths
 from lora_project.utils.config_utils import RunConfig, flatten
+from lora_project.utils.interrupts import check_stop
 
 SHARED_FIELDS = ("seq_len", "batch_size", "grad_accum", "max_steps", "epochs", "precision", "device", "threads",
                  "loss_chunk_tokens", "gradient_checkpointing", "eval_max_tokens", "log_interval")
@@ -77,12 +78,32 @@ def _train_fused_locked(paths, names, configs, base, *, overwrite, use_mlflow, p
 
     from lora_project.data.dataset_loader import load_streams, prepare_dataset
     from lora_project.evaluation.perplexity import decoder_and_head, limit_documents
-    from lora_project.models.lora_model import linear_module_names, lora_config, save_adapter
-    from lora_project.training.callbacks import CallbackList, JsonlLogger, MlflowCallback, ProgressBar, TrainState
+    from lora_project.models.lora_model import (
+        linear_module_names,
+        lora_config,
+        save_adapter,
+    )
+    from lora_project.training.callbacks import (
+        CallbackList,
+        JsonlLogger,
+        MlflowCallback,
+        ProgressBar,
+        TrainState,
+    )
     from lora_project.training.losses import linear_cross_entropy
-    from lora_project.training.run import (new_experiment_dir, plot_loss_curve, provenance_of, results_metrics,
-                                          validation_metrics)
-    from lora_project.training.trainer import BlockLoader, lr_lambda, peak_rss_mb, total_steps
+    from lora_project.training.run import (
+        new_experiment_dir,
+        plot_loss_curve,
+        provenance_of,
+        results_metrics,
+        validation_metrics,
+    )
+    from lora_project.training.trainer import (
+        BlockLoader,
+        lr_lambda,
+        peak_rss_mb,
+        total_steps,
+    )
     from lora_project.utils.io_utils import atomic_write_json, atomic_write_text
     from lora_project.utils.mlflow_utils import MlflowTracker
     from lora_project.utils.seed import set_seed
@@ -159,6 +180,7 @@ def _train_fused_locked(paths, names, configs, base, *, overwrite, use_mlflow, p
     status = "FAILED"
     try:
         for step in range(max_steps):
+            check_stop()
             t_step = time.perf_counter()
             losses = {n: 0.0 for n in names}
             for _ in range(shared.grad_accum):

@@ -19,6 +19,7 @@ from lora_project.data.tokenizer_utils import block, num_blocks
 from lora_project.errors import RunInterrupted, UserError
 from lora_project.training.callbacks import CallbackList, TrainState
 from lora_project.utils.config_utils import TrainingSection
+from lora_project.utils.interrupts import check_stop
 
 
 class BlockLoader:
@@ -168,8 +169,10 @@ class LoraTrainer:
         status = "FAILED"
         try:
             while state.step < self.max_steps:
+                check_stop()
                 t0 = time.perf_counter()
                 losses = [self.micro_step(*self.loader.next_batch()) for _ in range(self.cfg.grad_accum)]
+                check_stop()  # before the optimizer step, so a stopped run never applies a partial step
                 if self.cfg.max_grad_norm:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
                 else:

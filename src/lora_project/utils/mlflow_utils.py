@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_project.paths import ProjectPaths
+from lora_project.utils.interrupts import shield
 
 # MLflow rejects param values above its limit (6000 chars in MLflow 2.x/3.x); long values
 # (e.g. a list of 50 target modules) are cut with a marker rather than failing the run.
@@ -51,6 +52,7 @@ class MlflowTracker:
             print(f"warning: MLflow tracking stopped ({self.failed[:200]}); training continues and "
                   "metrics are kept in the experiment's logs/metrics.jsonl", file=sys.stderr)
 
+    @shield
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str | None:
         try:
             from mlflow.entities import Param, RunTag
@@ -78,6 +80,7 @@ class MlflowTracker:
             self._warn(exc)
             return self.run_id
 
+    @shield
     def resume(self, run_id: str) -> str | None:
         """Continue an existing run (after --resume): mark it RUNNING again."""
         try:
@@ -94,6 +97,7 @@ class MlflowTracker:
     def active(self) -> bool:
         return self.run_id is not None and self.failed is None
 
+    @shield
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.active:
             return
@@ -106,6 +110,7 @@ class MlflowTracker:
         except Exception as exc:
             self._warn(exc)
 
+    @shield
     def set_tags(self, tags: dict[str, str]) -> None:
         if not self.active:
             return
@@ -115,6 +120,7 @@ class MlflowTracker:
         except Exception as exc:
             self._warn(exc)
 
+    @shield
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if not self.active:
             return
@@ -126,6 +132,7 @@ class MlflowTracker:
         except Exception as exc:
             self._warn(exc)
 
+    @shield
     def end(self, status: str) -> None:
         """status: FINISHED | FAILED | KILLED."""
         if self.run_id is None or self._client is None:
@@ -136,6 +143,7 @@ class MlflowTracker:
             self._warn(exc)
 
 
+@shield
 def log_to_training_runs(paths: ProjectPaths, cfg, adapter_dirs, metrics_by_adapter: dict[str, dict[str, float]]) -> list[str]:
     """Add evaluation metrics to each adapter's own training run (run id from its metadata).
 
