@@ -52,3 +52,17 @@ def test_every_subcommand_has_its_own_handler():
     assert set(cli.COMMANDS) == set(cli.build_parser()._subparsers._group_actions[0].choices)
     assert cli.COMMANDS["generate-data"].__name__ == "_cmd_generate_data"
     assert cli.COMMANDS["generate"].__name__ == "_cmd_generate_text"
+
+
+def test_every_script_shim_reaches_its_subcommand():
+    import subprocess
+    import sys
+
+    scripts = sorted((REPO / "scripts").rglob("*.py"))
+    assert len(scripts) >= 10
+    for script in scripts:
+        command = re.search(r"main\(\[\"([a-z-]+)\"", script.read_text())
+        assert command, f"{script} is not a shim over lora_project.cli.main"
+        proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, (script, proc.stderr[-500:])
+        assert f"lora-project {command.group(1)}" in proc.stdout.splitlines()[0], (script, proc.stdout[:200])

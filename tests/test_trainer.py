@@ -92,8 +92,8 @@ def test_stop_request_swallowed_by_a_weakref_callback_still_stops_training(tiny_
     import weakref
 
     from lora_project.errors import RunInterrupted
-    from lora_project.utils import interrupts
     from lora_project.training.callbacks import Callback
+    from lora_project.utils import interrupts
 
     class Obj:
         pass

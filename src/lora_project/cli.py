@@ -59,6 +59,12 @@ def _select_datasets(args, catalog) -> list[str]:
     return names
 
 
+def _source_formats():
+    from lora_project.data.extract import SOURCE_FORMATS
+
+    return SOURCE_FORMATS
+
+
 def _load_cfg(args, paths):
     from lora_project.utils.config_utils import load_config
 
@@ -115,7 +121,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="*", help="dataset names from the catalog")
     p.add_argument("--all", action="store_true", help="every enabled catalog row")
     p.add_argument("--force", action="store_true", help="rebuild even when inputs are unchanged")
+    p.add_argument("--no-tokens", action="store_true",
+                   help="skip the per-split token counts (they load the base model's tokenizer)")
     p.add_argument("--json", action="store_true", help="print the stats as JSON")
+
+    p = sub.add_parser(
+        "extract", help="turn corpus files (text, Gutenberg, JSONL, CSV, Parquet, save_to_disk) into a text file",
+        description="Read documents from files or folders and write them to one text file (one document "
+                    "per line, or blank-line separated when documents span lines) plus a sidecar "
+                    "<out>.json with counts. Point a catalog row of kind 'local' at the result, or at "
+                    "the sources directly with the same format.",
+        epilog="examples:\n  lora-project extract books/ --format gutenberg --out data/raw/books.txt\n"
+               "  lora-project extract stories.txt --format separator --sep '<|endoftext|>' --out data/raw/s.txt\n"
+               "  lora-project extract dump.jsonl --text-field story --out data/raw/stories.txt",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", type=Path, help="files or folders")
+    p.add_argument("--out", type=Path, required=True, help="output text file")
+    p.add_argument("--format", default="auto", choices=("auto", *_source_formats()),
+                   help="source format (default: from the file suffix)")
+    p.add_argument("--text-field", help="field or column holding the text (default: text)")
+    p.add_argument("--sep", help="document separator for --format separator, e.g. '<|endoftext|>'")
+    p.add_argument("--encoding", default="utf-8", help="text encoding of the sources (default: utf-8)")
+    p.add_argument("--one-line", action="store_true", help="collapse each document's whitespace to one line")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+
+    p = sub.add_parser(
+        "extract-children", help="children's utterances from CHILDES CHAT transcripts (files, folders, zips)",
+        description="Write one plain-text utterance per line for the chosen speakers (default the target "
+                    "child, CHI), parsed with pylangacq; CHAT codes, unintelligible words and "
+                    "annotations are removed. A sidecar <out>.json gives per-file counts and ages.",
+        epilog="example:\n  lora-project extract-children data/childes/ --out data/raw/chi.txt "
+               "--min-age '1;06' --max-age '3;00'",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", type=Path, help=".cha files, folders or .zip archives")
+    p.add_argument("--out", type=Path, required=True, help="output text file")
+    p.add_argument("--participants", default="CHI",
+                   help="comma-separated speaker codes or roles (default: CHI; e.g. CHI,Target_Child)")
+    p.add_argument("--min-age", help="youngest age kept, CHAT style years;months[.days], e.g. '1;06'")
+    p.add_argument("--max-age", help="oldest age kept, e.g. '3;00'")
+    p.add_argument("--encoding", default="utf-8", help="text encoding of the transcripts (default: utf-8)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
 
     p = sub.add_parser("train", help="train one LoRA adapter on one catalog dataset",
                        description="Train adapters/<NAME>_lora on catalog dataset NAME. Writes "
@@ -279,21 +326,93 @@ def _cmd_generate_data(args, paths):
 
 def _cmd_prepare(args, paths):
     from lora_project.data.catalog import load_catalog
-    from lora_project.data.dataset_loader import prepare_dataset
+    from lora_project.data.dataset_loader import prepare_dataset, token_counter
 
     catalog = load_catalog(paths.catalog)
     names = _select_datasets(args, catalog)
-    out = {}
+    out, failed = {}, {}
+    log = (lambda m: print(m, file=sys.stderr)) if args.json else print
+    count = None if args.no_tokens else token_counter(paths)
     for n in names:
-        prep = prepare_dataset(paths, n, force=args.force, catalog=catalog)
+        try:
+            prep = prepare_dataset(paths, n, force=args.force, catalog=catalog, progress=not args.json,
+                                   log=log, count_tokens=count)
+        except UserError as exc:  # one bad row does not stop the others
+            if len(names) == 1:
+                raise
+            failed[n] = " ".join(str(exc).split())
+            print(f"failed: {failed[n]}", file=sys.stderr)
+            continue
         out[n] = prep.stats
         if not args.json:
             s = prep.stats["splits"]
             state = "unchanged, skipped" if prep.skipped else "prepared"
+            tokens = f", {s['train']['tokens']:,} train tokens" if "tokens" in s["train"] else ""
             print(f"{n}: {state} -> {prep.folder} (train {s['train']['documents']}, validation "
-                  f"{s['validation']['documents']}, test {s['test']['documents']} documents)")
+                  f"{s['validation']['documents']}, test {s['test']['documents']} documents{tokens})")
     if args.json:
         _print_json(out)
+    if failed:
+        raise UserError(f"{len(failed)} of {len(names)} datasets failed: {', '.join(failed)}")
+
+
+def _write_corpus(out: Path, docs: list[str], sidecar: dict, overwrite: bool) -> str:
+    """Documents to `out` (one per line, or blank-line separated when any spans lines) + sidecar JSON."""
+    from lora_project.data.preprocessor import doc_separator
+    from lora_project.utils.io_utils import atomic_write_json, atomic_write_text
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} exists; pass --overwrite to replace it")
+    if not docs:
+        raise UserError("nothing extracted: no documents left (check the format, field and filters)")
+    sep = doc_separator(docs)
+    atomic_write_text(out, sep.join(docs) + "\n")
+    side = out.with_name(out.name + ".json")
+    atomic_write_json(side, dict(sidecar, output=str(out), documents=len(docs),
+                                 layout="paragraphs" if sep == "\n\n" else "lines"))
+    return str(side)
+
+
+def _cmd_extract(args, paths):
+    from lora_project.data.extract import read_documents
+
+    docs, infos = [], []
+    for src in args.paths:
+        d, info = read_documents(src, args.format, args.text_field or "", args.sep, args.encoding)
+        docs.extend(" ".join(x.split()) if args.one_line else x.strip() for x in d)
+        infos.append(dict(info, source=str(src), documents=len(d)))
+    docs = [d for d in docs if d]
+    side = _write_corpus(args.out, docs, {"sources": infos}, args.overwrite)
+    summary = {"documents": len(docs), "out": str(args.out), "sidecar": side, "sources": infos}
+    if args.json:
+        _print_json(summary)
+    else:
+        print(f"{len(docs)} documents from {sum(i['files'] for i in infos)} files -> {args.out} (details: {side})")
+
+
+def _cmd_extract_children(args, paths):
+    from lora_project.data.childes import extract_children
+
+    ex = extract_children(args.paths, args.participants.split(","), args.min_age, args.max_age,
+                          encoding=args.encoding)
+    summary = ex.summary()
+    summary.update(participants=args.participants, min_age=args.min_age, max_age=args.max_age)
+    if not ex.lines:
+        reasons = sorted({f.skipped for f in ex.files if f.skipped}) or ["no utterance with words"]
+        raise UserError(f"no utterances extracted from {len(ex.files)} files ({'; '.join(reasons)[:300]})")
+    side = _write_corpus(args.out, ex.lines, summary, args.overwrite)
+    if args.json:
+        _print_json(dict(summary, out=str(args.out), sidecar=side))
+        return
+    for f in ex.files:
+        age = ", ".join(f"{k} {v}" for k, v in f.ages.items()) or "no age"
+        note = f" (skipped: {f.skipped})" if f.skipped else (f" (lenient parse; strict: {f.lenient})"
+                                                              if f.lenient else "")
+        print(f"  {f.file}: {f.lines} of {f.utterances} utterances, {age}{note}")
+    bad = len(ex.problems)
+    print(f"{len(ex.lines)} utterances from {summary['files_used']} files -> {args.out} (details: {side})"
+          + (f"; {bad} files skipped with errors" if bad else ""))
 
 
 def _cmd_train(args, paths):
@@ -601,6 +720,8 @@ COMMANDS = {
     "demo": _cmd_demo,
     "generate-data": _cmd_generate_data,
     "prepare": _cmd_prepare,
+    "extract": _cmd_extract,
+    "extract-children": _cmd_extract_children,
     "train": _cmd_train,
     "train-batch": _cmd_train_batch,
     "evaluate": _cmd_evaluate,

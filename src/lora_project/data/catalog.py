@@ -5,14 +5,17 @@ Columns (documented in docs/training_guide.md, "The dataset catalog"):
 name         folder-safe dataset name; the adapter becomes ``adapters/<name>_lora``
 kind         generated | local | url | hub | childes
 location     generated: grammar YAML; local: file or folder in the project; url: https URL;
-             hub: dataset id; childes: folder of .cha files
-format       lines (one document per line) | paragraphs (blank-line separated) |
-             separator (documents split on the `sep` option)
-text_field   field holding the text for structured formats (jsonl, csv, parquet, hub)
+             hub: dataset id; childes: .cha file, folder or .zip in the project
+format       how the source is read: lines (one document per line) | paragraphs (blank-line
+             separated) | separator (split on the `sep` option) | gutenberg (licence header
+             and footer removed, one paragraph per document) | jsonl | csv | parquet |
+             hf_disk (a `save_to_disk` folder); childes rows are always one utterance per line
+text_field   field holding the text for structured formats (jsonl, csv, parquet, hf_disk, hub)
 sha256       expected SHA-256 of a downloaded or local source file (optional)
 license      licence of the source text
 description  free text
-options      ``key=value`` pairs separated by ``;`` (seed, lines, sep, dedupe, min_chars, max_chars)
+options      ``key=value`` pairs separated by ``;`` (see OPTION_KEYS; a ``;`` inside a value,
+             as in ``min_age=1;06``, is kept because it is not followed by ``key=``)
 split        train/validation/test fractions, e.g. ``0.8/0.1/0.1``
 enabled      true/false: whether ``--all`` includes the row
 
@@ -23,9 +26,11 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora_project.data.extract import SOURCE_FORMATS
 from lora_project.errors import UserError, did_you_mean
 from lora_project.paths import _NAME_RE
 
@@ -33,11 +38,17 @@ COLUMNS = ("name", "kind", "location", "format", "text_field", "sha256", "licens
            "options", "split", "enabled")
 REQUIRED = ("name", "kind", "location")
 KINDS = ("generated", "local", "url", "hub", "childes")
-# Kinds this version can prepare; the others are catalogued but refused with a clear message.
-SUPPORTED_KINDS = ("generated", "local")
-FORMATS = ("lines", "paragraphs", "separator")
-OPTION_KEYS = {"seed": int, "lines": int, "sep": str, "dedupe": bool, "min_chars": int,
-               "max_chars": int}
+FORMATS = SOURCE_FORMATS
+OPTION_KEYS = {
+    "seed": int, "lines": int,                      # generated rows
+    "sep": str,                                     # format separator, e.g. <|endoftext|>
+    "dedupe": bool, "min_chars": int, "max_chars": int,   # cleaning
+    "encoding": str,                                # source text encoding (default utf-8)
+    "allow_http": bool,                             # url rows: permit plain http
+    "hub_split": str, "revision": str,              # hub rows: split and pinned revision
+    "participants": str, "min_age": str, "max_age": str,  # childes rows: CHI,MOT ; 1;06 ; 3;00
+}
+_OPTION_SPLIT = re.compile(r";(?=\s*[A-Za-z_]+\s*=)")
 
 
 @dataclass(frozen=True)
@@ -70,7 +81,7 @@ def _parse_bool(text: str) -> bool | None:
 
 def _parse_options(text: str, where: str, problems: list[str]) -> dict:
     out: dict = {}
-    for part in [p.strip() for p in text.split(";") if p.strip()]:
+    for part in [p.strip() for p in _OPTION_SPLIT.split(text) if p.strip()]:
         key, eq, value = part.partition("=")
         key = key.strip()
         if not eq:
@@ -159,6 +170,20 @@ def parse_catalog(text: str, source: str = "catalog") -> dict[str, CatalogEntry]
         options = _parse_options(vals.get("options", ""), where, problems)
         if fmt == "separator" and not options.get("sep"):
             problems.append(f"{where}: format 'separator' needs the option sep=...")
+        loc = vals.get("location", "")
+        if kind == "url" and not loc.lower().startswith(("https://", "http://")):
+            problems.append(f"{where}: kind url needs an http(s) URL as location, got {loc!r}")
+        if kind in ("local", "generated", "childes") and loc.lower().startswith(("http://", "https://")):
+            problems.append(f"{where}: kind {kind} needs a path in the project, not a URL (use kind url)")
+        if kind == "childes" and fmt != "lines":
+            problems.append(f"{where}: childes rows give one utterance per line; leave format empty or 'lines'")
+        for key in ("min_age", "max_age"):
+            if key in options:
+                from lora_project.data.childes import parse_age
+                try:
+                    parse_age(options[key])
+                except UserError as exc:
+                    problems.append(f"{where}: option {key}: {exc}")
         split = _parse_split(vals.get("split", ""), where, problems)
         enabled = _parse_bool(vals.get("enabled", "true") or "true")
         if enabled is None:

@@ -11,18 +11,19 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_project.data.catalog import (
-    SUPPORTED_KINDS,
-    CatalogEntry,
-    get_entry,
-    load_catalog,
-)
+from lora_project.data.catalog import CatalogEntry, get_entry, load_catalog
 from lora_project.data.generator import Grammar, generate_lines
-from lora_project.data.preprocessor import Prepared, prepare_text, read_split
+from lora_project.data.preprocessor import (
+    Prepared,
+    prepare_documents,
+    prepare_text,
+    read_split,
+)
 from lora_project.data.tokenizer_utils import cached_stream
 from lora_project.errors import UserError
 from lora_project.paths import ProjectPaths
 from lora_project.utils.io_utils import atomic_write_text
+from lora_project.utils.provenance import sha256_file, sha256_json
 
 
 def materialise_generated(paths: ProjectPaths, entry: CatalogEntry) -> Path:
@@ -37,22 +38,108 @@ def materialise_generated(paths: ProjectPaths, entry: CatalogEntry) -> Path:
     return out
 
 
-def source_file(paths: ProjectPaths, entry: CatalogEntry) -> Path:
-    if entry.kind not in SUPPORTED_KINDS:
-        raise UserError(f"dataset '{entry.name}': source kind '{entry.kind}' is catalogued but this "
-                        f"version prepares only {', '.join(SUPPORTED_KINDS)} sources")
+def tree_fingerprint(path: Path) -> str:
+    """SHA-256 of a file, or of a folder's (relative path, file hash) list."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    if not path.is_dir():
+        raise UserError(f"source not found: {path}")
+    files = sorted(q for q in path.rglob("*") if q.is_file() and not q.name.startswith("."))
+    return sha256_json([[str(q.relative_to(path)), sha256_file(q)] for q in files])
+
+
+def fetch_source(paths: ProjectPaths, entry: CatalogEntry, progress: bool = True, log=print) -> Path:
+    """The local file or folder a row reads (downloading url rows, generating generated rows)."""
     if entry.kind == "generated":
         return materialise_generated(paths, entry)
-    return paths.inside(Path(entry.location), f"dataset '{entry.name}' location")
+    if entry.kind == "url":
+        from lora_project.data.download import download
+
+        return download(entry.location, paths.datasets_dir / entry.name, entry.sha256,
+                        allow_http=bool(entry.option("allow_http", False)), progress=progress, log=log)
+    if entry.kind in ("local", "childes"):
+        src = paths.inside(Path(entry.location), f"dataset '{entry.name}' location")
+        if not src.exists():
+            raise UserError(f"dataset '{entry.name}': source not found: {src}")
+        if entry.sha256 and src.is_file() and sha256_file(src) != entry.sha256:
+            raise UserError(f"dataset '{entry.name}': {src} does not match the catalog's sha256")
+        return src
+    raise UserError(f"dataset '{entry.name}': kind '{entry.kind}' has no local source")
+
+
+def _hub_documents(entry: CatalogEntry):
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise UserError("hub datasets need the 'datasets' package (pip install datasets)") from None
+    split = entry.option("hub_split", "train")
+    try:
+        ds = load_dataset(entry.location, split=split, revision=entry.option("revision", None) or None)
+    except Exception as exc:  # offline, unknown id, gated: one line either way
+        raise UserError(f"dataset '{entry.name}': could not load hub dataset {entry.location!r} "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+    field = entry.text_field or "text"
+    if field not in ds.column_names:
+        raise UserError(f"dataset '{entry.name}': hub dataset has no column '{field}'; "
+                        f"columns: {', '.join(ds.column_names)}")
+    return ds._fingerprint, (lambda: [v for v in ds[field] if isinstance(v, str)])
+
+
+def token_counter(paths: ProjectPaths, log=print):
+    """A lazy `count_tokens(docs)` with the configured base model's tokenizer (loaded on first use)."""
+    state: dict = {}
+
+    def count(docs: list[str]) -> int:
+        if "tok" not in state:
+            from lora_project.models.base_model import load_tokenizer, resolve_model
+            from lora_project.utils.config_utils import load_config
+
+            cfg = load_config([paths.model_config, paths.training_config], [])
+            state["tok"] = load_tokenizer(resolve_model(cfg.model.source, cfg.model.revision))
+        from lora_project.data.tokenizer_utils import encode_documents
+
+        return sum(len(ids) for ids in encode_documents(state["tok"], docs)) if docs else 0
+
+    return count
 
 
 def prepare_dataset(paths: ProjectPaths, name: str, force: bool = False,
-                    catalog: dict[str, CatalogEntry] | None = None) -> Prepared:
+                    catalog: dict[str, CatalogEntry] | None = None, progress: bool = True,
+                    log=print, count_tokens=None) -> Prepared:
+    """Fetch, extract, clean and split one catalog row into data/processed/<name>/."""
     catalog = catalog if catalog is not None else load_catalog(paths.catalog)
     entry = get_entry(catalog, name)
-    src = source_file(paths, entry)
-    return prepare_text(entry.name, src, paths.processed(entry.name), entry.format, entry.split,
-                        entry.options, force=force)
+    encoding = entry.option("encoding", "utf-8")
+    out = paths.processed(entry.name)
+    common = dict(split=entry.split, options=entry.options, force=force, count_tokens=count_tokens)
+    if entry.kind == "hub":
+        fp, load = _hub_documents(entry)
+        return prepare_documents(entry.name, f"hub:{entry.location}", fp, load, out,
+                                 settings={"kind": "hub", "field": entry.text_field}, **common)
+    src = fetch_source(paths, entry, progress=progress, log=log)
+    if entry.kind == "childes":
+        from lora_project.data.childes import extract_children
+
+        participants = entry.option("participants", "CHI").split(",")
+
+        def load_utterances():
+            ex = extract_children([src], participants, entry.option("min_age", None),
+                                  entry.option("max_age", None), encoding=encoding, warn=lambda m: log(f"warning: {m}"))
+            return ex.lines, ex.summary()
+
+        return prepare_documents(entry.name, str(src), tree_fingerprint(src), load_utterances, out,
+                                 settings={"kind": "childes", "format": "lines"}, **common)
+    if src.is_file() and entry.format in ("lines", "paragraphs", "separator"):
+        return prepare_text(entry.name, src, out, entry.format, encoding=encoding, **common)
+    from lora_project.data.extract import read_documents
+
+    def load_docs():
+        return read_documents(src, entry.format, entry.text_field, entry.option("sep", None), encoding)
+
+    return prepare_documents(entry.name, str(src), tree_fingerprint(src), load_docs, out,
+                             settings={"format": entry.format, "field": entry.text_field,
+                                       "encoding": encoding}, **common)
 
 
 @dataclass

@@ -121,27 +121,38 @@ def clean_documents(docs: list[str], dedupe: bool, min_chars: int, max_chars: in
     return out, counts
 
 
-def prepare_text(name: str, source: Path, out_dir: Path, fmt: str, split: tuple[float, float, float],
-                 options: dict, force: bool = False, encoding: str = "utf-8") -> Prepared:
-    """Clean and split one source file into `out_dir`. Idempotent."""
-    source = Path(source)
-    if not source.is_file():
-        raise UserError(f"dataset '{name}': source file not found: {source}")
-    settings = {"format": fmt, "split": list(split), "options": options, "version": PREPROCESS_VERSION,
-                "encoding": encoding}
-    source_fp = sha256_file(source)
-    settings_fp = sha256_json(settings)
+def _up_to_date(out_dir: Path, source_fp: str, settings_fp: str) -> dict | None:
     stats_path = out_dir / "stats.json"
-    if not force and stats_path.is_file():
-        try:
-            old = json.loads(stats_path.read_text())
-            if (old.get("source_sha256") == source_fp and old.get("settings_sha256") == settings_fp
-                    and all((out_dir / f"{s}.txt").is_file() for s in SPLITS)):
-                return Prepared(name, out_dir, old, skipped=True)
-        except (OSError, ValueError):
-            pass  # unreadable stats: rebuild
-    text = normalise(read_text_file(source, encoding))
-    docs = split_documents(text, fmt, options.get("sep"))
+    if not stats_path.is_file():
+        return None
+    try:
+        old = json.loads(stats_path.read_text())
+    except (OSError, ValueError):
+        return None  # unreadable stats: rebuild
+    if (old.get("source_sha256") == source_fp and old.get("settings_sha256") == settings_fp
+            and all((out_dir / f"{s}.txt").is_file() for s in SPLITS)):
+        return old
+    return None
+
+
+def prepare_documents(name: str, source: str, source_fp: str, load_docs, out_dir: Path,
+                      split: tuple[float, float, float], options: dict, settings: dict,
+                      force: bool = False, extra_stats: dict | None = None, count_tokens=None) -> Prepared:
+    """Clean and split documents into `out_dir`. Idempotent.
+
+    `load_docs()` is only called when the output is missing or stale (source fingerprint or
+    settings changed); it returns the documents, or (documents, info) with extraction
+    counts to record in stats.json. `count_tokens(text) -> int` adds token counts per split.
+    """
+    settings = dict(settings, split=list(split), options=options, version=PREPROCESS_VERSION)
+    settings_fp = sha256_json(settings)
+    if not force:
+        old = _up_to_date(out_dir, source_fp, settings_fp)
+        if old is not None:
+            return Prepared(name, out_dir, old, skipped=True)
+    loaded = load_docs()
+    docs, info = loaded if isinstance(loaded, tuple) else (loaded, {})
+    docs = [d.strip() for d in (normalise(d) for d in docs) if d.strip()]
     docs, counts = clean_documents(docs, bool(options.get("dedupe", True)),
                                    int(options.get("min_chars", 1)), int(options.get("max_chars", 0)))
     if not docs:
@@ -154,17 +165,37 @@ def prepare_text(name: str, source: Path, out_dir: Path, fmt: str, split: tuple[
     if not parts["train"]:
         raise UserError(f"dataset '{name}': the train split is empty ({len(docs)} documents)")
     sep = doc_separator(docs)
+    bodies = {s: sep.join(parts[s]) + ("\n" if parts[s] else "") for s in SPLITS}
     split_stats = {}
     for s in SPLITS:
-        body = sep.join(parts[s]) + ("\n" if parts[s] else "")
-        atomic_write_text(out_dir / f"{s}.txt", body)
+        body = bodies[s]
         split_stats[s] = {"documents": len(parts[s]), "lines": body.count("\n"), "characters": len(body),
                           "bytes": len(body.encode("utf-8"))}
-    stats = {"name": name, "source": str(source), "source_sha256": source_fp,
+        if count_tokens is not None:
+            split_stats[s]["tokens"] = int(count_tokens(parts[s]))
+    # Every split is written before stats.json, whose presence marks a complete output; an
+    # error above leaves the previous output untouched.
+    for s in SPLITS:
+        atomic_write_text(out_dir / f"{s}.txt", bodies[s])
+    stats = {"name": name, "source": source, "source_sha256": source_fp,
              "settings": settings, "settings_sha256": settings_fp, "separator": sep,
-             "cleaning": counts, "splits": split_stats}
-    atomic_write_json(stats_path, stats)  # written last: its presence marks a complete output
+             "cleaning": counts, "extraction": info, "splits": split_stats, **(extra_stats or {})}
+    atomic_write_json(out_dir / "stats.json", stats)
     return Prepared(name, out_dir, stats, skipped=False)
+
+
+def prepare_text(name: str, source: Path, out_dir: Path, fmt: str, split: tuple[float, float, float],
+                 options: dict, force: bool = False, encoding: str = "utf-8", count_tokens=None) -> Prepared:
+    """Clean and split one plain-text source file (format lines, paragraphs or separator)."""
+    source = Path(source)
+    if not source.is_file():
+        raise UserError(f"dataset '{name}': source file not found: {source}")
+
+    def load():
+        return split_documents(normalise(read_text_file(source, encoding)), fmt, options.get("sep"))
+
+    return prepare_documents(name, str(source), sha256_file(source), load, out_dir, split, options,
+                             {"format": fmt, "encoding": encoding}, force=force, count_tokens=count_tokens)
 
 
 def read_split(folder: Path, split: str) -> list[str]:

@@ -1,0 +1,204 @@
+"""Documents out of corpus files: plain text, Gutenberg books, JSON lines, CSV, Parquet and
+Hugging Face ``save_to_disk`` folders. Used by ``lora-project extract`` and by ``prepare``.
+
+Every reader returns a list of documents (strings, not yet cleaned) and raises a one-line
+UserError naming the file (and the line or row) for bad input. A folder is read file by
+file in sorted order, keeping the files whose suffix fits the format.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+from lora_project.data.preprocessor import normalise, read_text_file, split_documents
+from lora_project.errors import UserError, did_you_mean
+
+TEXT_FORMATS = ("lines", "paragraphs", "separator", "gutenberg")
+STRUCTURED_FORMATS = ("jsonl", "csv", "parquet", "hf_disk")
+SOURCE_FORMATS = TEXT_FORMATS + STRUCTURED_FORMATS
+_SUFFIXES = {"jsonl": (".jsonl", ".json", ".ndjson"), "csv": (".csv", ".tsv"), "parquet": (".parquet",),
+             "lines": (".txt", ".text", ""), "paragraphs": (".txt", ".text", ""),
+             "separator": (".txt", ".text", ""), "gutenberg": (".txt", "")}
+
+_GB_START = re.compile(r"^\*{3}\s*START OF (?:THE|THIS) PROJECT GUTENBERG E-?BOOK.*$", re.I | re.M)
+_GB_END = re.compile(r"^(?:\*{3}\s*END OF (?:THE|THIS) PROJECT GUTENBERG E-?BOOK.*"
+                     r"|End of (?:the )?Project Gutenberg'?s? .*)$", re.I | re.M)
+_GB_CREDIT = re.compile(r"^(?:Produced by|E-text prepared by|Transcribed from|Transcribed by)\b", re.I)
+
+
+def strip_gutenberg(text: str) -> tuple[str, bool]:
+    """Remove a Project Gutenberg header, credit paragraph and licence footer.
+
+    Returns (body, whether a header or footer was found). Text without the markers is
+    returned unchanged.
+    """
+    start = _GB_START.search(text)
+    body = text[start.end():] if start else text
+    end = _GB_END.search(body)
+    if end:
+        body = body[:end.start()]
+    if start:  # the "Produced by ..." paragraph right after the header is not part of the book
+        paras = body.lstrip("\n").split("\n\n", 1)
+        if _GB_CREDIT.match(paras[0].strip()):
+            body = paras[1] if len(paras) > 1 else ""
+    return body.strip("\n") + "\n", bool(start or end)
+
+
+def detect_format(path: Path) -> str:
+    path = Path(path)
+    if path.is_dir():
+        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() \
+                or (path / "state.json").is_file():
+            return "hf_disk"
+        suffixes = {q.suffix.lower() for q in path.rglob("*") if q.is_file()}
+        for fmt in ("jsonl", "csv", "parquet"):
+            if suffixes & set(_SUFFIXES[fmt]):
+                return fmt
+        return "paragraphs"
+    suffix = path.suffix.lower()
+    for fmt in ("jsonl", "csv", "parquet"):
+        if suffix in _SUFFIXES[fmt]:
+            return fmt
+    return "lines"
+
+
+def _files(path: Path, fmt: str) -> list[Path]:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"source not found: {path}")
+    if path.is_file():
+        return [path]
+    found = sorted(q for q in path.rglob("*") if q.is_file() and not q.name.startswith(".")
+                   and q.suffix.lower() in _SUFFIXES[fmt])
+    if not found:
+        raise UserError(f"{path}: no {fmt} files in this folder (looked for "
+                        f"{', '.join(s or 'no suffix' for s in _SUFFIXES[fmt])})")
+    return found
+
+
+def _field(record, field: str, where: str, available) -> str | None:
+    if field not in record:
+        raise UserError(f"{where}: no field '{field}'{did_you_mean(field, available)}; "
+                        f"fields: {', '.join(map(str, available))[:200]}")
+    value = record[field]
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise UserError(f"{where}: field '{field}' holds {type(value).__name__}, expected text")
+    return value
+
+
+def read_jsonl(path: Path, field: str, encoding: str = "utf-8") -> list[str]:
+    text = read_text_file(path, encoding)
+    docs = []
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path} line {i}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path} line {i}: expected a JSON object per line")
+        value = _field(record, field, f"{path} line {i}", list(record))
+        if value is not None:
+            docs.append(value)
+    return docs
+
+
+def read_csv(path: Path, field: str, encoding: str = "utf-8") -> list[str]:
+    text = read_text_file(path, encoding)
+    csv.field_size_limit(1 << 30)
+    delimiter = "\t" if Path(path).suffix.lower() == ".tsv" else ","
+    reader = csv.DictReader(text.lstrip("\ufeff").splitlines(keepends=True), delimiter=delimiter)
+    header = reader.fieldnames or []
+    if field not in header:
+        raise UserError(f"{path}: no column '{field}'{did_you_mean(field, header)}; "
+                        f"columns: {', '.join(header)[:200]}")
+    try:
+        return [row[field] for row in reader if row.get(field)]
+    except csv.Error as exc:
+        raise UserError(f"{path} row {reader.line_num}: malformed CSV ({exc})") from None
+
+
+def read_parquet(path: Path, field: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise UserError(f"{path}: not a readable Parquet file ({type(exc).__name__})") from None
+    if field not in schema.names:
+        raise UserError(f"{path}: no column '{field}'{did_you_mean(field, schema.names)}; "
+                        f"columns: {', '.join(schema.names)[:200]}")
+    column = pq.read_table(path, columns=[field]).column(field).to_pylist()
+    bad = next((v for v in column if v is not None and not isinstance(v, str)), None)
+    if bad is not None:
+        raise UserError(f"{path}: column '{field}' holds {type(bad).__name__}, expected text")
+    return [v for v in column if v]
+
+
+def read_hf_disk(path: Path, field: str) -> list[str]:
+    """A `Dataset.save_to_disk` folder (Arrow files); a DatasetDict contributes every split."""
+    try:
+        from datasets import Dataset, DatasetDict, load_from_disk
+    except ImportError:
+        raise UserError("reading save_to_disk folders needs the 'datasets' package "
+                        "(pip install datasets)") from None
+    try:
+        ds = load_from_disk(str(path))
+    except Exception as exc:  # FileNotFoundError, ValueError, ArrowInvalid ...
+        raise UserError(f"{path}: not a readable save_to_disk folder "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
+    parts = [ds[k] for k in sorted(ds)] if isinstance(ds, DatasetDict) else [ds]
+    docs: list[str] = []
+    for part in parts:
+        assert isinstance(part, Dataset)
+        if field not in part.column_names:
+            raise UserError(f"{path}: no column '{field}'{did_you_mean(field, part.column_names)}; "
+                            f"columns: {', '.join(part.column_names)[:200]}")
+        docs.extend(v for v in part[field] if isinstance(v, str) and v)
+    return docs
+
+
+def read_documents(path: Path, fmt: str = "auto", text_field: str = "", sep: str | None = None,
+                   encoding: str = "utf-8") -> tuple[list[str], dict]:
+    """Documents of a file or folder in the given source format.
+
+    Returns (documents, info) where info counts files and Gutenberg boilerplate removed.
+    """
+    path = Path(path)
+    if fmt == "auto":
+        fmt = detect_format(path)
+    if fmt not in SOURCE_FORMATS:
+        raise UserError(f"unknown format {fmt!r}; use one of {', '.join(SOURCE_FORMATS)}"
+                        f"{did_you_mean(fmt, SOURCE_FORMATS)}")
+    field = text_field or "text"
+    info = {"format": fmt, "files": 0, "gutenberg_boilerplate_removed": 0}
+    if fmt == "hf_disk":
+        if not path.is_dir():
+            raise UserError(f"{path}: format hf_disk expects a save_to_disk folder")
+        info["files"] = 1
+        return read_hf_disk(path, field), info
+    docs: list[str] = []
+    for f in _files(path, fmt):
+        info["files"] += 1
+        if fmt == "jsonl":
+            docs.extend(read_jsonl(f, field, encoding))
+        elif fmt == "csv":
+            docs.extend(read_csv(f, field, encoding))
+        elif fmt == "parquet":
+            docs.extend(read_parquet(f, field))
+        else:
+            text = normalise(read_text_file(f, encoding))
+            if fmt == "gutenberg":
+                text, found = strip_gutenberg(text)
+                info["gutenberg_boilerplate_removed"] += int(found)
+            if fmt == "gutenberg":  # one paragraph per document, the book's hard line wraps undone
+                docs.extend(" ".join(p.split()) for p in split_documents(text, "paragraphs"))
+            else:
+                docs.extend(split_documents(text, fmt, sep))
+    return docs, info
