@@ -14,7 +14,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA, assert_user_error, run_cli, snapshot
+from conftest import REPO, SHARED_DATA, assert_user_error, run_cli, snapshot
 
 from lora_project.data.childes import extract_children, parse_age, utterance_text
 from lora_project.data.extract import read_documents, strip_gutenberg
@@ -328,3 +328,36 @@ def test_catalog_of_shared_files_served_on_loopback(project, http_server):
     assert again.returncode == 0 and again.stdout.count("unchanged, skipped") == 4, again.stdout
     assert time.perf_counter() - t0 < 30  # (a subprocess with imports; the no-op itself is well under 1 s)
     assert snapshot(project / "data") == before
+
+
+def test_hub_row_through_the_datasets_library(project, tmp_path, monkeypatch):
+    """The hub code path with a dataset repository laid out on disk (no network here):
+    `datasets.load_dataset` reads a folder exactly as it reads a downloaded hub repo."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    repo = tmp_path / "stories_repo" / "data"
+    repo.mkdir(parents=True)
+    stories = [f"Story number {i} about a brave little {'fox' if i % 2 else 'owl'}." for i in range(40)]
+    (repo / "train.jsonl").write_text("".join(json.dumps({"story": s}) + "\n" for s in stories))
+    _catalog(project, [f"hubstories,hub,{repo.parent},,story,,,,hub_split=train,0.8/0.1/0.1,true",
+                       f"hubwrongfield,hub,{repo.parent},,text,,,,,0.8/0.1/0.1,true"])
+    proc = run_cli("prepare", "hubstories", "--no-tokens", "--json", env={"HF_DATASETS_CACHE": str(tmp_path / "hf_cache")},
+                   cwd=project)
+    assert proc.returncode == 0, proc.stderr
+    st = json.loads(proc.stdout)["hubstories"]
+    assert sum(s["documents"] for s in st["splits"].values()) == 40 and st["source"].startswith("hub:")
+    again = run_cli("prepare", "hubstories", "--no-tokens", cwd=project)
+    assert "unchanged, skipped" in again.stdout
+    assert_user_error(run_cli("prepare", "hubwrongfield", "--no-tokens", cwd=project), "no column 'text'")
+
+
+
+def test_story_themes_file_is_validated_before_any_model_loads(project):
+    themes = (REPO / "config" / "story_themes.yaml").read_text()
+    (project / "config" / "story_themes.yaml").write_text(themes.replace("{place}", "{planet}")
+                                                          .replace("top_p: 0.95", "top_p: 3"))
+    before = snapshot(project)
+    proc = run_cli("generate-data", "--kind", "stories", "--lines", "3", cwd=project)
+    assert_user_error(proc, "unknown placeholder(s) planet", "sampling.top_p")
+    assert "base model" not in proc.stdout
+    assert snapshot(project) == before

@@ -63,3 +63,25 @@ def test_embedded_model_trains_evaluates_and_loads_with_plain_peft(real_project)
         direct = -sum(float(logp[j - 1, ids[0, j]]) for j in range(1, ids.shape[1]))
         assert out[name]["nll_sum"] == pytest.approx(direct, rel=1e-4)
         assert out[name]["perplexity"] == pytest.approx(math.exp(direct / (ids.shape[1] - 1)), rel=1e-4)
+
+
+def test_stories_from_the_embedded_model_are_seeded_and_deduplicated(real_project):
+    """generate-data --kind stories: chat template, sampling, seed -> same text, dedupe counts."""
+    from lora_project.data.stories import write_stories
+    from lora_project.training.run import load_base
+    from lora_project.utils.config_utils import load_config
+
+    themes = real_project / "config" / "story_themes.yaml"
+    themes.write_text(themes.read_text().replace("max_new_tokens: 160", "max_new_tokens: 40"))
+    cfg = load_config([real_project / "config" / "model_config.yaml",
+                       real_project / "config" / "training_config.yaml"], ["training.threads=0"])
+    base = load_base(cfg)
+    out = real_project / "data" / "raw" / "stories.txt"
+    runs = []
+    for seed in (5, 5, 7):
+        summary = write_stories(cfg, themes, out, 2, seed, batch_size=2, progress=False, base=base)
+        runs.append(out.read_text())
+        assert summary["stories"] == 2 and summary["generated"] == 2 + summary["duplicates"] + summary["unfinished"]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+    stories = runs[0].splitlines()
+    assert len(set(stories)) == 2 and all(s[-1] in '.!?"\u201d' and len(s.split()) >= 5 for s in stories)

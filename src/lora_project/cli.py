@@ -103,13 +103,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
 
-    p = sub.add_parser("generate-data", help="write a synthetic corpus from an editable grammar",
+    p = sub.add_parser("generate-data", help="write a synthetic corpus (editable grammar, or stories by the base model)",
                        description="Write a seeded synthetic corpus, one utterance per line, from a grammar "
-                                   "YAML file (config/grammars/<kind>.yaml). Same grammar and seed, same bytes.")
-    p.add_argument("--kind", choices=("toddler", "kids"), default="toddler",
-                   help="which grammar (default: toddler)")
-    p.add_argument("--grammar", type=Path, help="grammar file (default: config/grammars/<kind>.yaml)")
-    p.add_argument("--out", type=Path, help="output file (default: data/raw/toddler_data.txt or data/raw/kids.txt)")
+                                   "YAML file (config/grammars/<kind>.yaml); same grammar and seed, same bytes. "
+                                   "--kind stories has the base model write short children's stories from "
+                                   "the prompts in config/story_themes.yaml (one story per line; seeded).",
+                       epilog="examples:\n  lora-project generate-data --kind kids --lines 2000\n"
+                              "  lora-project generate-data --kind stories --lines 20 --seed 1",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kind", choices=("toddler", "kids", "stories"), default="toddler",
+                   help="which corpus (default: toddler)")
+    p.add_argument("--grammar", type=Path,
+                   help="grammar file (default: config/grammars/<kind>.yaml; for stories: config/story_themes.yaml)")
+    p.add_argument("--out", type=Path,
+                   help="output file (default: data/raw/toddler_data.txt, data/raw/kids.txt or data/raw/stories.txt)")
+    p.add_argument("--batch-size", type=int, default=4, help="stories: prompts generated together (default: 4)")
+    p.add_argument("--no-progress", action="store_true", help="stories: no progress bar")
+    _add_config_args(p)
     p.add_argument("--lines", type=int, help="number of utterances (default: the grammar's default_lines)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
@@ -315,6 +325,18 @@ def _cmd_demo(args, paths):
 def _cmd_generate_data(args, paths):
     from lora_project.data.generator import OUTPUT_NAMES, generate_corpus
 
+    if args.kind == "stories":
+        from lora_project.data.stories import write_stories
+
+        summary = write_stories(_load_cfg(args, paths), args.grammar or paths.config_dir / "story_themes.yaml",
+                                args.out or paths.raw_dir / "stories.txt", args.lines, args.seed,
+                                batch_size=args.batch_size, progress=not (args.no_progress or args.json))
+        if args.json:
+            _print_json(summary)
+        else:
+            print(f"wrote {summary['stories']} stories to {summary['out']} ({summary['duplicates']} duplicates "
+                  f"and {summary['unfinished']} unfinished dropped)")
+        return
     grammar = args.grammar or paths.config_dir / "grammars" / f"{args.kind}.yaml"
     out = args.out or paths.raw_dir / OUTPUT_NAMES[args.kind]
     summary = generate_corpus(grammar, out, seed=args.seed, n_lines=args.lines)
