@@ -55,7 +55,7 @@ def test_loading_uid_fallback_limit_and_bad_lines(tmp_path):
     warnings = []
     pairs = load_pairs(f, warn=warnings.append)
     assert len(pairs) == 10 and {p.uid for p in pairs} == {"agreement"}
-    assert "line 6: broken JSON" in warnings[0] and "line 7: missing" in warnings[0]
+    assert "line 6: not valid JSON" in warnings[0] and "line 7: no 'sentence_bad' field" in warnings[0]
     with pytest.raises(UserError, match="2 bad line"):
         load_pairs(f, strict=True)
     a, b = sample_pairs(pairs, 3, seed=1), sample_pairs(pairs, 3, seed=1)

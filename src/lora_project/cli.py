@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import sys
@@ -755,6 +756,10 @@ COMMANDS = {
 }
 
 
+# Failures of the machine, not of the program: a clear line and exit 2 like other bad input.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
@@ -776,6 +781,12 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, RunInterrupted):
         print("error: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT_ERRNOS:
+            raise  # anything else is a bug: exit 1 with the traceback
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where} (earlier outputs were left as they were)", file=sys.stderr)
+        return 2
     finally:
         if "torch.distributed" in sys.modules:  # leave a torchrun process group cleanly
             from lora_project.training.distributed import dist_info, shutdown

@@ -127,7 +127,10 @@ def _parse_split(text: str, where: str, problems: list[str]) -> tuple[float, flo
 def parse_catalog(text: str, source: str = "catalog") -> dict[str, CatalogEntry]:
     problems: list[str] = []
     reader = csv.DictReader(io.StringIO(text))
-    header = reader.fieldnames or []
+    try:
+        header = reader.fieldnames or []
+    except csv.Error as exc:
+        raise UserError(f"{source}: malformed CSV header: {exc}") from None
     if not header:
         raise UserError(f"{source}: empty catalog (expected a header row: {','.join(COLUMNS)})")
     for col in header:

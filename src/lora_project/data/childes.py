@@ -57,6 +57,9 @@ def _word(token: str) -> str:
     if token.startswith("+"):
         return ""
     w = token.replace("+", " ").replace("_", " ").replace("^", " ").replace(":", "")
+    # Leftovers of malformed codes (brackets, control marks) are not speech: keep letters,
+    # digits, apostrophes and hyphens only.
+    w = "".join(c if c.isalnum() or c in "'-" else (" " if c.isspace() else "") for c in w)
     return " ".join(w.split())
 
 

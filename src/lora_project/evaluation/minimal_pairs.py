@@ -53,8 +53,16 @@ def load_pairs(path: Path, strict: bool = False, warn=print) -> list[Pair]:
                 good, bad = obj["sentence_good"], obj["sentence_bad"]
                 if not isinstance(good, str) or not isinstance(bad, str) or not good.strip() or not bad.strip():
                     raise KeyError("empty sentence")
-            except (ValueError, KeyError, TypeError) as exc:
-                problems.append(f"{f.name} line {i}: {'broken JSON' if isinstance(exc, ValueError) else 'missing or empty sentence_good/sentence_bad'}")
+            except ValueError:
+                problems.append(f"{f.name} line {i}: not valid JSON")
+                continue
+            except KeyError as exc:
+                what = f"no '{exc.args[0]}' field" if exc.args and exc.args[0] in ("sentence_good", "sentence_bad") \
+                    else "empty sentence_good/sentence_bad"
+                problems.append(f"{f.name} line {i}: {what}")
+                continue
+            except TypeError:
+                problems.append(f"{f.name} line {i}: expected a JSON object with sentence_good and sentence_bad")
                 continue
             pairs.append(Pair(good.strip(), bad.strip(), str(obj.get("UID") or f.stem), obj.get("field"),
                               obj.get("linguistics_term")))
@@ -63,7 +71,8 @@ def load_pairs(path: Path, strict: bool = False, warn=print) -> list[Pair]:
             raise UserError(f"{len(problems)} bad line(s) in {path}: " + "; ".join(problems[:5]))
         warn(f"warning: skipped {len(problems)} bad line(s): " + "; ".join(problems[:5]))
     if not pairs:
-        raise UserError(f"no usable minimal pairs in {path}")
+        detail = f" ({'; '.join(problems[:3])})" if problems else ""
+        raise UserError(f"no usable minimal pairs in {path}{detail}")
     return pairs
 
 

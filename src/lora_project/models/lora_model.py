@@ -13,7 +13,11 @@ from pathlib import Path
 
 from lora_project.errors import UserError
 from lora_project.utils.config_utils import LoraSection
-from lora_project.utils.io_utils import atomic_directory, atomic_write_json
+from lora_project.utils.io_utils import (
+    atomic_directory,
+    atomic_write_json,
+    recover_if_unlocked,
+)
 
 METADATA_FILE = "lora_project.json"
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -85,6 +89,7 @@ def read_metadata(adapter_dir: Path) -> dict:
 
 def check_adapter_dir(adapter_dir: Path) -> Path:
     adapter_dir = Path(adapter_dir)
+    recover_if_unlocked(adapter_dir)  # a save killed between its two renames left the old copy aside
     if not adapter_dir.is_dir():
         raise UserError(f"adapter folder not found: {adapter_dir}")
     missing = [f for f in REQUIRED_FILES if not (adapter_dir / f).is_file()]

@@ -55,9 +55,18 @@ def restore_rng(state_json: dict, tensors: dict) -> None:
         torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
 
 
-def list_checkpoints(folder: Path) -> list[Path]:
+def list_checkpoints(folder: Path, recover: bool = False) -> list[Path]:
+    """Complete checkpoints, oldest first. `recover` (only under the adapter's lock) first
+    restores a checkpoint whose overwrite was killed between its two renames."""
     if not folder.is_dir():
         return []
+    if recover:
+        from lora_project.utils.io_utils import recover_directory
+
+        for old in folder.glob(".step_*.old-*"):
+            recover_directory(folder / old.name[1:].split(".old-")[0])
+        for stale in folder.glob(".step_*.tmp"):  # a save killed before its rename
+            shutil.rmtree(stale, ignore_errors=True)
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()
              and (p / "state.json").is_file()]
     return [p for _, p in sorted(found)]

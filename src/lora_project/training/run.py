@@ -166,7 +166,7 @@ def find_resume_checkpoint(paths: ProjectPaths, adapter_name: str) -> tuple[Path
     runs = sorted(((int(m.group(1)), p) for p in paths.checkpoints_dir.glob("exp_*")
                    if (m := pattern.match(p.name))), reverse=True) if paths.checkpoints_dir.is_dir() else []
     for _, folder in runs:
-        ckpts = list_checkpoints(folder)
+        ckpts = list_checkpoints(folder, recover=True)  # called under the adapter lock
         if ckpts:
             return paths.experiments_dir / folder.name, ckpts[-1]
     raise UserError(f"no checkpoint to resume for adapter '{adapter_name}' under {paths.checkpoints_dir}; "
@@ -221,6 +221,10 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
             if ckpt[0].get("dataset_name") != dataset:
                 raise UserError(f"cannot resume {ckpt_path}: it trained on dataset "
                                 f"'{ckpt[0].get('dataset_name')}', not '{dataset}'")
+        if base is None:  # a missing or unusable model fails before any data is written
+            from lora_project.models.base_model import resolve_model
+
+            resolve_model(cfg.model.source, cfg.model.revision)
         prepared = prepare_dataset(paths, dataset)
         log(f"dataset '{dataset}': {'unchanged' if prepared.skipped else 'prepared'} "
             f"({prepared.stats['splits']['train']['documents']} train / "

@@ -62,6 +62,47 @@ def fsync_tree(path: Path) -> None:
         fsync_dir(Path(root))
 
 
+def recover_directory(target: Path) -> None:
+    """Finish or undo an `atomic_directory` swap that a SIGKILL or power cut interrupted.
+
+    The swap renames the old folder aside, then the new one into place. A process killed
+    between the two renames leaves no `target` but a complete `.<name>.old-<pid>` folder:
+    it is renamed back. Half-built temporary folders (`.<name>.*.tmp`) are removed.
+    Callers hold the folder's lock (adapters) or are its only writer (checkpoints).
+    """
+    target = Path(target)
+    parent = target.parent
+    if not parent.is_dir():
+        return
+    if not target.exists():
+        olds = sorted(parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+        if olds:
+            os.replace(olds[-1], target)
+            fsync_dir(parent)
+    for stale in list(parent.glob(f".{target.name}.old-*")) + list(parent.glob(f".{target.name}.*.tmp")):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def recover_if_unlocked(target: Path) -> None:
+    """`recover_directory` for readers: only when no writer holds `.<name>.lock` beside it."""
+    import fcntl
+
+    target = Path(target)
+    if target.exists() or not any(target.parent.glob(f".{target.name}.old-*")):
+        return
+    try:
+        fh = open(target.parent / f".{target.name}.lock", "a+")
+    except OSError:
+        return
+    with fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # a writer is mid-swap; it recovers or finishes itself
+        recover_directory(target)
+
+
 @contextmanager
 def atomic_directory(target: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces `target` in one rename.
@@ -72,6 +113,7 @@ def atomic_directory(target: Path, overwrite: bool) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    recover_directory(target)
     if target.exists() and not overwrite:
         raise FileExistsError(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))

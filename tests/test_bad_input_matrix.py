@@ -1,0 +1,259 @@
+"""The bad-input matrix: every command fed each class of bad input.
+
+Each case sets up a fresh project, runs the real CLI in a subprocess, and requires exit
+code 2, exactly one `error:` line naming the problem (short, even for huge input), no
+traceback, and every file that existed before the command byte-for-byte unchanged.
+docs/research_notes.md lists every case id (a test below keeps the two in sync).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from conftest import REPO, assert_user_error, run_cli, snapshot
+
+MAX_ERROR_CHARS = 600
+
+
+@dataclass
+class Case:
+    id: str
+    what: str                      # the bad input, in words (also the research-notes table)
+    args: list[str]
+    fragments: list[str]
+    setup: Callable[[Path, Path], None] | None = None   # (project, adapters_src) -> None
+
+
+def write(rel: str, data: bytes | str):
+    def setup(project: Path, _src: Path) -> None:
+        p = project / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+    return setup
+
+
+def catalog_rows(*rows: str):
+    def setup(project: Path, _src: Path) -> None:
+        path = project / "config" / "dataset_catalog.csv"
+        head = path.read_text().splitlines()[0]
+        path.write_text("\n".join([head, *rows]) + "\n")
+    return setup
+
+
+def with_adapter(name: str, damage: Callable[[Path], None] | None = None):
+    def setup(project: Path, src: Path) -> None:
+        dst = project / "adapters" / name
+        shutil.copytree(src / "good_lora", dst)
+        if damage:
+            damage(dst)
+    return setup
+
+
+def _truncate(folder: Path) -> None:
+    f = folder / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+
+
+def _pickle_instead(folder: Path) -> None:
+    import torch
+
+    (folder / "adapter_model.safetensors").unlink()
+    torch.save({"x": torch.zeros(2)}, folder / "adapter_model.bin")  # a pickle: must never be loaded
+
+
+def _other_base_shapes(folder: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    f = folder / "adapter_model.safetensors"
+    tensors = {k: (v.new_zeros((v.shape[0], v.shape[1] * 2)) if "lora_A" in k else v)
+               for k, v in load_file(f).items()}
+    save_file(tensors, f)
+
+
+def _bad_config_json(folder: Path) -> None:
+    (folder / "adapter_config.json").write_text("{ not json")
+
+
+HUGE_LINE = "x" * 3_000_000  # one 3 MB line: the error must not echo it
+
+CASES = [
+    # --- configuration files and overrides
+    Case("cfg-missing", "config file that does not exist", ["train", "toddler_data", "--config", "nope.yaml"],
+         ["config file not found"]),
+    Case("cfg-empty-model", "empty model config", ["train", "toddler_data", "--model-config", "empty.yaml",
+                                                   "--set", "model.source=missing_dir"],
+         ["missing_dir"], write("empty.yaml", "")),
+    Case("cfg-malformed", "YAML syntax error", ["train", "toddler_data", "--config", "bad.yaml"],
+         ["bad.yaml", "line"], write("bad.yaml", "training:\n  lr: [1, 2\n  seed: 3\n")),
+    Case("cfg-binary", "binary file as config", ["train", "toddler_data", "--config", "bin.yaml"],
+         ["binary"], write("bin.yaml", b"\x00\x01\x02\xff")),
+    Case("cfg-non-utf8", "config not UTF-8", ["train", "toddler_data", "--config", "latin.yaml"],
+         ["UTF-8"], write("latin.yaml", "training:\n  experiment: caf\xe9\n".encode("latin-1"))),
+    Case("cfg-not-mapping", "YAML list instead of mapping", ["train", "toddler_data", "--config", "list.yaml"],
+         ["mapping"], write("list.yaml", "- 1\n- 2\n")),
+    Case("cfg-unknown-key", "unknown key with a typo", ["train", "toddler_data", "--set", "training.sed=1"],
+         ["training.sed", "did you mean 'seed'"]),
+    Case("cfg-unknown-section", "unknown section", ["train", "toddler_data", "--set", "trainig.lr=1"],
+         ["trainig"]),
+    Case("cfg-out-of-range", "negative learning rate", ["train", "toddler_data", "--set", "training.lr=-1"],
+         ["training.lr"]),
+    Case("cfg-wrong-type", "text where an integer belongs", ["train", "toddler_data", "--set", "lora.r=abc"],
+         ["lora.r"]),
+    Case("cfg-zero-batch", "batch size 0", ["train", "toddler_data", "--set", "training.batch_size=0"],
+         ["training.batch_size"]),
+    Case("cfg-bad-choice", "unknown precision", ["train", "toddler_data", "--set", "training.precision=fp8"],
+         ["training.precision"]),
+    Case("cfg-override-syntax", "override without '='", ["train", "toddler_data", "--set", "training.lr"],
+         ["training.lr"]),
+    Case("cfg-huge-line", "a 3 MB single-line config", ["train", "toddler_data", "--config", "huge.yaml"],
+         ["huge.yaml"], write("huge.yaml", f"training:\n  {HUGE_LINE}: 1\n")),
+    # --- the catalog
+    Case("cat-empty", "empty catalog", ["prepare", "toddler_data"], ["empty catalog"],
+         write("config/dataset_catalog.csv", "")),
+    Case("cat-unknown-column", "unknown column", ["prepare", "--all"], ["unknown column 'licence'"],
+         write("config/dataset_catalog.csv", "name,kind,location,licence\nx,local,a.txt,\n")),
+    Case("cat-duplicate", "duplicate dataset names", ["prepare", "--all"], ["duplicate name 'a'"],
+         catalog_rows("a,local,a.txt,,,,,,,,true", "a,local,b.txt,,,,,,,,true")),
+    Case("cat-bad-split", "split fractions not summing to 1", ["prepare", "--all"], ["split"],
+         catalog_rows("a,local,a.txt,,,,,,,0.5/0.1/0.1,true")),
+    Case("cat-unterminated", "unterminated quote", ["train", "toddler_data"], ["dataset_catalog.csv"],
+         write("config/dataset_catalog.csv", 'name,kind,location\n"unterminated,local,x\n')),
+    Case("cat-binary", "binary catalog", ["prepare", "--all"], ["binary"],
+         write("config/dataset_catalog.csv", b"\x00PK\x03\x04")),
+    Case("cat-name-escape", "dataset name with ../", ["prepare", "--all"], ["invalid name"],
+         catalog_rows("../evil,local,a.txt,,,,,,,,true")),
+    Case("cat-location-outside", "location outside the project", ["prepare", "a"], ["outside the project"],
+         catalog_rows("a,local,../../etc/passwd,,,,,,,,true")),
+    Case("cat-absolute-location", "absolute location", ["prepare", "a"], ["outside the project"],
+         catalog_rows("a,local,/etc/hostname,,,,,,,,true")),
+    Case("cat-unknown-option", "unknown option", ["prepare", "--all"], ["unknown option 'dedup'"],
+         catalog_rows("a,local,a.txt,,,,,,dedup=true,,true")),
+    Case("cat-plain-http", "plain-http URL without opt-in", ["prepare", "a", "--no-tokens"], ["refusing plain-HTTP"],
+         catalog_rows("a,url,http://127.0.0.1:9/a.txt,,,,,,,,true")),
+    # --- source data
+    Case("data-missing", "source file missing", ["prepare", "a", "--no-tokens"], ["not found"],
+         catalog_rows("a,local,data/raw/none.txt,,,,,,,,true")),
+    Case("data-binary", "binary source", ["prepare", "a", "--no-tokens"], ["binary"],
+         lambda p, s: (catalog_rows("a,local,data/raw/a.txt,,,,,,,,true")(p, s),
+                       write("data/raw/a.txt", b"\x00\x01" * 100)(p, s))),
+    Case("data-non-utf8", "source not UTF-8", ["prepare", "a", "--no-tokens"], ["byte 9", "line 2", "encoding"],
+         lambda p, s: (catalog_rows("a,local,data/raw/a.txt,,,,,,,,true")(p, s),
+                       write("data/raw/a.txt", "hello\ncaf\xe9\n".encode("latin-1"))(p, s))),
+    Case("data-empty", "empty source", ["prepare", "a", "--no-tokens"], ["no documents left"],
+         lambda p, s: (catalog_rows("a,local,data/raw/a.txt,,,,,,,,true")(p, s), write("data/raw/a.txt", "")(p, s))),
+    Case("data-filtered-empty", "everything filtered out", ["prepare", "a", "--no-tokens"], ["too short"],
+         lambda p, s: (catalog_rows("a,local,data/raw/a.txt,,,,,,min_chars=1000,,true")(p, s),
+                       write("data/raw/a.txt", "short\nlines\n")(p, s))),
+    Case("data-truncated-jsonl", "JSON lines file cut mid-record", ["extract", "cut.jsonl", "--out", "o.txt"],
+         ["cut.jsonl line 2", "not valid JSON"], write("cut.jsonl", '{"text": "a"}\n{"text": "b')),
+    Case("data-jsonl-field", "JSON lines without the text field", ["extract", "a.jsonl", "--out", "o.txt"],
+         ["no field 'text'"], write("a.jsonl", '{"story": "a"}\n')),
+    Case("data-csv-column", "CSV without the text column", ["extract", "a.csv", "--out", "o.txt"],
+         ["no column 'text'"], write("a.csv", "id,story\n1,hi\n")),
+    Case("data-parquet-corrupt", "corrupt Parquet", ["extract", "a.parquet", "--out", "o.txt"],
+         ["not a readable Parquet"], write("a.parquet", b"PAR1garbage")),
+    Case("data-unknown-format", "unknown extract format", ["extract", "a.txt", "--format", "docx", "--out", "o.txt"],
+         ["invalid choice"], write("a.txt", "hi\n")),
+    Case("chat-binary", "binary CHAT file only", ["extract-children", "x.cha", "--out", "o.txt"],
+         ["no utterances extracted"], write("x.cha", b"\x00\x01\x02")),
+    Case("chat-bad-age", "age not in CHAT form", ["extract-children", "x.cha", "--out", "o.txt", "--max-age", "3y"],
+         ["not in CHAT form"], write("x.cha", "@Begin\n*CHI:\thi .\n@End\n")),
+    # --- evaluation inputs
+    Case("eval-text-missing", "text file missing", ["evaluate", "--text", "nope.txt"], ["file not found"]),
+    Case("eval-text-binary", "binary text file", ["evaluate", "--text", "b.bin"], ["binary"],
+         write("b.bin", b"\x00\x01" * 50)),
+    Case("eval-text-empty", "empty text file", ["evaluate", "--text", "e.txt"], ["e.txt"], write("e.txt", "")),
+    Case("eval-pairs-missing", "pairs file missing", ["evaluate", "--pairs", "nope.jsonl"], ["not found"]),
+    Case("eval-pairs-huge-line", "3 MB single-line pairs file", ["evaluate", "--pairs", "p.jsonl"],
+         ["p.jsonl", "line 1"], write("p.jsonl", HUGE_LINE)),
+    Case("eval-pairs-field", "pair without sentence_bad", ["evaluate", "--pairs", "p.jsonl"], ["sentence_bad"],
+         write("p.jsonl", '{"sentence_good": "a b ."}\n')),
+    Case("eval-bad-limit", "negative --limit", ["evaluate", "--pairs", "p.jsonl", "--limit", "-1"], ["--limit"],
+         write("p.jsonl", '{"sentence_good": "a .", "sentence_bad": "b ."}\n')),
+    Case("eval-unknown-dataset", "unknown dataset name", ["evaluate", "--dataset", "kidz"], ["kidz", "did you mean 'kids'"]),
+    # --- adapters
+    Case("adapter-missing", "adapter folder missing", ["evaluate", "--text", "config/dataset_catalog.csv",
+                                                       "--adapter", "adapters/none_lora"], ["adapter folder not found"]),
+    Case("adapter-truncated", "truncated safetensors", ["inspect", "weights", "adapters/cut_lora"],
+         ["cut_lora"], with_adapter("cut_lora", _truncate)),
+    Case("adapter-pickle", "pickle weights instead of safetensors", ["inspect", "weights", "adapters/pk_lora"],
+         ["adapter_model.safetensors"], with_adapter("pk_lora", _pickle_instead)),
+    Case("adapter-config-json", "malformed adapter_config.json", ["inspect", "weights", "adapters/cfg_lora"],
+         ["adapter_config.json"], with_adapter("cfg_lora", _bad_config_json)),
+    Case("adapter-other-base", "adapter shapes from another base", ["evaluate", "--text", "config/dataset_catalog.csv",
+                                                                    "--adapter", "adapters/other_lora"],
+         ["other_lora"], with_adapter("other_lora", _other_base_shapes)),
+    Case("adapter-unknown-module", "module glob that matches nothing",
+         ["inspect", "values", "adapters/good_lora", "--module", "*.nothing"], ["*.nothing"], with_adapter("good_lora")),
+    # --- names that could escape their folders
+    Case("name-train-escape", "adapter name with ../", ["train", "toddler_data", "--adapter-name", "../x"],
+         ["invalid adapter name"]),
+    Case("name-train-absolute", "absolute adapter name", ["train", "toddler_data", "--adapter-name", "/tmp/x"],
+         ["invalid adapter name"]),
+    Case("name-merge-escape", "merge output name with ../",
+         ["merge", "adapters/good_lora", "adapters/good_lora", "--name", "../../evil"], ["invalid"],
+         with_adapter("good_lora")),
+    Case("name-dataset-path", "dataset given as a path", ["train", "/etc/passwd"], ["'/etc/passwd'"]),
+    # --- other commands' arguments
+    Case("gen-no-prompt", "generate without a prompt", ["generate"], ["prompt"]),
+    Case("gen-bad-tokens", "generate --max-new-tokens 0", ["generate", "--prompt", "hi", "--max-new-tokens", "0"],
+         ["--max-new-tokens"]),
+    Case("batch-names-and-all", "names and --all together", ["train-batch", "kids", "--all"], ["not both"]),
+    Case("bench-bad-steps", "benchmark --steps 0", ["benchmark", "--steps", "0"], ["--steps"]),
+    Case("cli-unknown-command", "unknown command", ["frobnicate"], ["invalid choice"]),
+]
+
+
+@pytest.fixture(scope="module")
+def adapters_src(tmp_path_factory, tiny_model_dir) -> Path:
+    from test_inspection import make_adapter
+
+    root = tmp_path_factory.mktemp("matrix_adapters")
+    make_adapter(tiny_model_dir, root / "good_lora", 1)
+    return root
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, project, adapters_src):
+    if case.setup:
+        case.setup(project, adapters_src)
+    before = snapshot(project)
+    proc = run_cli(*case.args, cwd=project)
+    assert_user_error(proc, *case.fragments)
+    line = next(l for l in proc.stderr.splitlines() if l.startswith("error:"))
+    assert len(line) <= MAX_ERROR_CHARS, f"error line of {len(line)} chars"
+    after = snapshot(project)
+    assert {k: v for k, v in after.items() if k in before} == before, "a file that existed changed"
+    new = [k for k in after if k not in before and not k.endswith(".lock")]
+    assert not any(k.startswith(("adapters/", "experiments/", "data/processed/")) for k in new), new
+
+
+def test_matrix_is_listed_in_research_notes():
+    notes = (REPO / "docs" / "research_notes.md").read_text()
+    missing = [c.id for c in CASES if f"`{c.id}`" not in notes]
+    assert not missing, f"add these bad-input cases to docs/research_notes.md: {missing}"
+    assert len(CASES) >= 40
+
+
+def test_research_notes_table_rows_come_from_the_matrix():
+    """The table in the notes is generated from CASES; regenerate it with `python tests/test_bad_input_matrix.py`."""
+    notes = (REPO / "docs" / "research_notes.md").read_text()
+    assert markdown_table() in notes
+
+
+def markdown_table() -> str:
+    rows = ["| case | bad input | command | outcome |", "|---|---|---|---|"]
+    for c in CASES:
+        cmd = " ".join(c.args)
+        cmd = (cmd if len(cmd) <= 48 else cmd[:45] + "...").replace("|", "/")
+        rows.append(f"| `{c.id}` | {c.what} | `lora-project {cmd}` | exit 2, one line naming "
+                    f"{', '.join(repr(f) for f in c.fragments[:2]).replace('|', '/')} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
