@@ -92,6 +92,8 @@ class FileReport:
     utterances: int = 0          # utterances of the chosen speakers
     lines: int = 0               # lines written (utterances holding at least one word)
     ages: dict = field(default_factory=dict)   # speaker code -> CHAT age string (None if absent)
+    age_months: float | None = None   # youngest chosen speaker's age in months
+    mlu_words: float | None = None    # mean length of the written utterances, in words
     lenient: str | None = None   # why strict parsing failed, when the lenient parser was used
     skipped: str | None = None   # why the file contributed nothing (age filter, parse error)
 
@@ -215,6 +217,8 @@ def extract_children(paths: list[Path], participants: list[str] | tuple[str, ...
             continue
         speakers = [p for p in reader.participants() if _matches(p, wanted)]
         rep.ages = {p.code: (format_age(p.age.in_months()) if p.age is not None else None) for p in speakers}
+        known = [p.age.in_months() for p in speakers if p.age is not None]
+        rep.age_months = round(min(known), 2) if known else None
         if lo is not None or hi is not None:  # per speaker: a sibling's age does not admit the target child
             aged = [p for p in speakers if p.age is not None]
             codes = {p.code for p in aged if (lo is None or p.age.in_months() >= lo)
@@ -225,6 +229,7 @@ def extract_children(paths: list[Path], participants: list[str] | tuple[str, ...
                 continue
         else:
             codes = {p.code for p in speakers} | (wanted & {u.participant for u in reader.utterances()})
+        n_words = 0
         for utt in reader.utterances():
             if utt.participant not in codes or utt.tokens is None:
                 continue
@@ -233,4 +238,6 @@ def extract_children(paths: list[Path], participants: list[str] | tuple[str, ...
             if text:
                 lines.append(text)
                 rep.lines += 1
+                n_words += sum(1 for w in text.split() if any(c.isalpha() for c in w))
+        rep.mlu_words = round(n_words / rep.lines, 3) if rep.lines else None
     return Extraction(lines, reports)

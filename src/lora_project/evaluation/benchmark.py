@@ -364,10 +364,8 @@ def cross_matrix(paths: ProjectPaths, cfg, *, max_tokens: int = 2000, split: str
     return {"split": split, "max_tokens": max_tokens, "datasets": list(texts), "models": list(cells), "cells": cells}
 
 
-def plot_matrix(matrix: dict, out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def matrix_figure(matrix: dict):
+    """Heatmap of bits per byte (models x datasets), perplexity written in each cell."""
     import matplotlib.pyplot as plt
 
     models, datasets = matrix["models"], matrix["datasets"]
@@ -383,6 +381,16 @@ def plot_matrix(matrix: dict, out: Path) -> Path:
     ax.set_title(f"bits per byte on each {matrix['split']} split (numbers: perplexity)")
     fig.colorbar(im, ax=ax, label="bits per byte")
     fig.tight_layout()
+    return fig
+
+
+def plot_matrix(matrix: dict, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = matrix_figure(matrix)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -18,6 +18,8 @@ def quiet_libraries() -> None:
     # Deprecation notices from inside transformers/PEFT are for their developers, not our users.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # In a notebook without ipywidgets, tqdm.auto falls back to text bars and says so.
+    warnings.filterwarnings("ignore", message="IProgress not found")
     try:
         from transformers.utils import logging as hf_logging
 
