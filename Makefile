@@ -6,12 +6,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast clean-outputs help
+.PHONY: setup demo test test-fast notebooks docs clean-outputs help
 
 help:
 	@echo "make demo   - generate toddler data, train a LoRA adapter on SmolLM2-135M, evaluate base vs adapter"
 	@echo "make test   - run the whole test suite (unit + integration on the real default model)"
 	@echo "make setup  - create .venv and install pinned dependencies (run by demo and test)"
+	@echo "make notebooks - execute notebooks/*.ipynb headless into outputs/notebooks/ (after make demo)"
+	@echo "make docs   - regenerate docs/api_reference.md from the docstrings"
 
 setup: $(STAMP)
 
@@ -33,6 +35,12 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+notebooks: setup
+	$(BIN)/python scripts/notebooks/run_notebooks.py
+
+docs: setup
+	$(BIN)/python scripts/docs/gen_api_reference.py
 
 clean-outputs:
 	rm -rf adapters/*_lora experiments/exp_* mlruns/* outputs/*/*

@@ -66,3 +66,15 @@ def test_every_script_shim_reaches_its_subcommand():
         proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, (script, proc.stderr[-500:])
         assert f"lora-project {command.group(1)}" in proc.stdout.splitlines()[0], (script, proc.stdout[:200])
+
+
+def test_api_reference_is_generated_from_the_current_docstrings():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "docs" / "gen_api_reference.py"), "--check"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr + " (run: make docs)"
+    text = (REPO / "docs" / "api_reference.md").read_text()
+    for name in ("lora_project.data.childes", "extract_children(", "train_adapter(", "class `MlflowTracker`"):
+        assert name in text

@@ -86,6 +86,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `lora-project` argument parser: one subcommand per job, each with examples in its --help."""
     parser = _Parser(
         prog="lora-project", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="A LoRA workbench for small causal language models: generate and prepare text "
@@ -761,6 +762,7 @@ _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, er
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; returns the exit code (0 ok, 2 bad input, 130 interrupted, 1 a bug)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -22,6 +22,7 @@ DEMO_OVERRIDES = ["training.max_steps=20", "training.seq_len=64", "training.batc
 
 
 def run_demo(paths: ProjectPaths, overrides: list[str] = (), use_mlflow: bool = True, log=print) -> dict:
+    """The main job: generate toddler data, train the demo adapter, compare base vs adapter on the test split."""
     from lora_project.data.dataset_loader import prepare_dataset
     from lora_project.evaluation.evaluate import evaluate_perplexity
     from lora_project.training.run import load_base, train_adapter

@@ -28,6 +28,7 @@ class NothingYet(UserError):
 
 
 def prepared_datasets(paths: ProjectPaths) -> list[str]:
+    """Names of the prepared datasets (NothingYet when there are none)."""
     names = sorted(p.name for p in paths.processed_dir.glob("*") if (p / "stats.json").is_file()) \
         if paths.processed_dir.is_dir() else []
     if not names:
@@ -52,12 +53,14 @@ def dataset_sizes(paths: ProjectPaths):
 
 
 def documents(paths: ProjectPaths, name: str, split: str = "train") -> list[str]:
+    """Documents of one prepared split."""
     from lora_project.data.preprocessor import read_split
 
     return read_split(paths.processed(name), split)
 
 
 def words(text: str) -> list[str]:
+    """Lower-cased word tokens of a text."""
     return [w.lower() for w in _WORD.findall(text)]
 
 
@@ -67,6 +70,7 @@ def length_distributions(paths: ProjectPaths, split: str = "train") -> dict[str,
 
 
 def top_words(paths: ProjectPaths, name: str, n: int = 20, split: str = "train") -> list[tuple[str, int]]:
+    """The n most frequent words of a prepared split."""
     counts = Counter(w for d in documents(paths, name, split) for w in words(d))
     return counts.most_common(n)
 
@@ -193,6 +197,7 @@ def pairs_accuracy(paths: ProjectPaths):
 
 
 def plot_pairs(table):
+    """Bar chart of per-paradigm accuracy, one bar per model."""
     import matplotlib.pyplot as plt
 
     body = table.drop(index="macro average")
@@ -206,6 +211,7 @@ def plot_pairs(table):
 
 
 def adapter_names(paths: ProjectPaths) -> list[str]:
+    """Names of the sound adapters under adapters/ (NothingYet when there are none)."""
     from lora_project.inspection.adapters import list_adapters
 
     rows = list_adapters(paths.adapters_dir) if paths.adapters_dir.is_dir() else []

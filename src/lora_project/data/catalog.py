@@ -53,6 +53,7 @@ _OPTION_SPLIT = re.compile(r";(?=\s*[A-Za-z_]+\s*=)")
 
 @dataclass(frozen=True)
 class CatalogEntry:
+    """One validated catalog row (see the module docstring for the columns)."""
     name: str
     kind: str
     location: str
@@ -125,6 +126,7 @@ def _parse_split(text: str, where: str, problems: list[str]) -> tuple[float, flo
 
 
 def parse_catalog(text: str, source: str = "catalog") -> dict[str, CatalogEntry]:
+    """Parse and validate catalog CSV text; every problem is reported at once, with row numbers."""
     problems: list[str] = []
     reader = csv.DictReader(io.StringIO(text))
     try:
@@ -203,6 +205,7 @@ def parse_catalog(text: str, source: str = "catalog") -> dict[str, CatalogEntry]
 
 
 def load_catalog(path: Path) -> dict[str, CatalogEntry]:
+    """Read and validate `config/dataset_catalog.csv` (or another catalog file)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"dataset catalog not found: {path}")
@@ -217,6 +220,7 @@ def load_catalog(path: Path) -> dict[str, CatalogEntry]:
 
 
 def get_entry(catalog: dict[str, CatalogEntry], name: str) -> CatalogEntry:
+    """The row named `name`, or a UserError listing the known names with a did-you-mean."""
     if name not in catalog:
         raise UserError(f"unknown dataset '{name}'{did_you_mean(name, catalog)}; "
                         f"known: {', '.join(sorted(catalog)) or '(none)'}")

@@ -44,6 +44,7 @@ def parse_age(text: str) -> float:
 
 
 def format_age(months: float | None) -> str | None:
+    """Months -> CHAT age text 'Y;MM.DD' (None stays None)."""
     if months is None:
         return None
     years, rest = divmod(months, 12)
@@ -88,6 +89,7 @@ def utterance_text(words: list[str]) -> str | None:
 
 @dataclass
 class FileReport:
+    """What one transcript contributed: utterances, lines written, ages, MLU, and why not, if skipped."""
     file: str
     utterances: int = 0          # utterances of the chosen speakers
     lines: int = 0               # lines written (utterances holding at least one word)
@@ -100,6 +102,7 @@ class FileReport:
 
 @dataclass
 class Extraction:
+    """The lines extracted from all sources plus one FileReport per file."""
     lines: list[str]
     files: list[FileReport]
 

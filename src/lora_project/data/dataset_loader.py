@@ -155,6 +155,7 @@ class DatasetStreams:
 
 
 def load_streams(paths: ProjectPaths, prepared: Prepared, tokenizer, tok_fp: str) -> DatasetStreams:
+    """Packed uint16 token streams of a prepared dataset's train and validation splits (cached on disk)."""
     folder = prepared.folder
     cache = folder / "tokens"
     train_docs = read_split(folder, "train")

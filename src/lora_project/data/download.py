@@ -28,6 +28,7 @@ TIMEOUT_S = 60
 
 
 def check_url(url: str, allow_http: bool = False) -> urllib.parse.ParseResult:
+    """Refuse anything but https (http only with allow_http), and malformed URLs."""
     parts = urllib.parse.urlparse(url)
     if parts.scheme not in ("https", "http") or not parts.netloc:
         raise UserError(f"not a download URL: {url!r} (expected https://...)")
@@ -38,6 +39,7 @@ def check_url(url: str, allow_http: bool = False) -> urllib.parse.ParseResult:
 
 
 def target_name(url: str) -> str:
+    """A safe local file name for a URL (its last path segment, sanitised)."""
     name = posixpath.basename(urllib.parse.urlparse(url).path) or "download"
     name = "".join(c if c.isalnum() or c in "._-" else "_" for c in name).lstrip(".")
     return name or "download"

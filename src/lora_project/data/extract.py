@@ -48,6 +48,7 @@ def strip_gutenberg(text: str) -> tuple[str, bool]:
 
 
 def detect_format(path: Path) -> str:
+    """Guess a source format from a file suffix or a folder's contents."""
     path = Path(path)
     if path.is_dir():
         if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() \
@@ -92,6 +93,7 @@ def _field(record, field: str, where: str, available) -> str | None:
 
 
 def read_jsonl(path: Path, field: str, encoding: str = "utf-8") -> list[str]:
+    """Documents from one JSON-lines file: the `field` of each object (null values skipped)."""
     text = read_text_file(path, encoding)
     docs = []
     for i, line in enumerate(text.splitlines(), start=1):
@@ -110,6 +112,7 @@ def read_jsonl(path: Path, field: str, encoding: str = "utf-8") -> list[str]:
 
 
 def read_csv(path: Path, field: str, encoding: str = "utf-8") -> list[str]:
+    """Documents from one CSV (or .tsv) file: the `field` column of each row."""
     text = read_text_file(path, encoding)
     csv.field_size_limit(1 << 30)
     delimiter = "\t" if Path(path).suffix.lower() == ".tsv" else ","
@@ -125,6 +128,7 @@ def read_csv(path: Path, field: str, encoding: str = "utf-8") -> list[str]:
 
 
 def read_parquet(path: Path, field: str) -> list[str]:
+    """Documents from one Parquet file: the `field` column (must hold text)."""
     import pyarrow.parquet as pq
 
     try:

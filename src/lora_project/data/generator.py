@@ -25,6 +25,7 @@ OUTPUT_NAMES = {"toddler": "toddler_data.txt", "kids": "kids.txt"}
 
 @dataclass(frozen=True)
 class Grammar:
+    """An editable generative grammar (config/grammars/*.yaml): symbols -> alternatives."""
     name: str
     start: str
     rules: dict[str, list[str]]
@@ -75,6 +76,7 @@ class Grammar:
 
 
 def generate_lines(grammar: Grammar, n_lines: int, seed: int) -> list[str]:
+    """`n_lines` sentences from `grammar`, seeded: the same grammar and seed give the same lines."""
     rng = random.Random(seed)
     return [grammar.sentence(rng) for _ in range(n_lines)]
 

@@ -57,6 +57,7 @@ def normalise(text: str) -> str:
 
 
 def split_documents(text: str, fmt: str, sep: str | None = None) -> list[str]:
+    """Split normalised text into stripped, non-empty documents by format."""
     if fmt == "lines":
         docs = text.split("\n")
     elif fmt == "paragraphs":
@@ -95,6 +96,7 @@ def doc_separator(docs: list[str]) -> str:
 
 @dataclass
 class Prepared:
+    """A prepared dataset folder and its stats; `skipped` when the existing output was up to date."""
     name: str
     folder: Path
     stats: dict
@@ -102,6 +104,7 @@ class Prepared:
 
 
 def clean_documents(docs: list[str], dedupe: bool, min_chars: int, max_chars: int) -> tuple[list[str], dict]:
+    """Apply the length filters and exact-duplicate removal; returns (documents, counts)."""
     counts = {"documents_in": len(docs), "duplicates_removed": 0, "too_short": 0, "too_long": 0}
     seen: set[str] = set()
     out = []

@@ -23,6 +23,7 @@ from lora_project.utils.io_utils import atomic_write_text
 
 @dataclass
 class StoryPrompts:
+    """The story themes file (config/story_themes.yaml), validated."""
     system: str
     prompt: str
     characters: list[str]
@@ -102,6 +103,7 @@ def clean_story(text: str) -> str | None:
 
 def generate_stories(model, tokenizer, prompts: StoryPrompts, n: int, seed: int, runtime, batch_size: int = 4,
                      progress: bool = True) -> tuple[list[str], dict]:
+    """Sample stories with the base model until `n` distinct finished ones exist (or attempts run out)."""
     import torch
 
     rng = random.Random(seed)

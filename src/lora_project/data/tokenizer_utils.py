@@ -36,6 +36,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def eos_id(tokenizer) -> int:
+    """The end-of-sequence token id that separates packed documents."""
     if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer has no EOS token; packing needs one to separate documents")
     return int(tokenizer.eos_token_id)
@@ -47,6 +48,7 @@ def prefix_id(tokenizer) -> int:
 
 
 def encode_documents(tokenizer, docs: list[str]) -> list[list[int]]:
+    """Token ids of each document, tokenized in batches (no special tokens added)."""
     out: list[list[int]] = []
     for i in range(0, len(docs), _BATCH_DOCS):
         out.extend(tokenizer(docs[i:i + _BATCH_DOCS], add_special_tokens=False)["input_ids"])

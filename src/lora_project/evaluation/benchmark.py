@@ -40,6 +40,7 @@ def matmul_gflops(dtype_name: str, m: int = 2048, k: int = 576, n: int = 1536, m
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """'64x16,128x8' -> [(64, 16), (128, 8)] (sequence length x batch size)."""
     shapes = []
     for part in text.split(","):
         try:
@@ -66,6 +67,7 @@ def _tiny_setup():
 
 def run_benchmark(paths: ProjectPaths, cfg, *, quick: bool = False, shapes=((64, 16), (128, 8)),
                   steps: int = 4, log=print) -> dict:
+    """Matmul peak and training throughput of our trainer per shape; `quick` uses a tiny model."""
     from lora_project.models.lora_model import wrap_with_lora
     from lora_project.training.trainer import BlockLoader, LoraTrainer, peak_rss_mb
     from lora_project.utils.device import resolve_runtime
@@ -111,6 +113,7 @@ def run_benchmark(paths: ProjectPaths, cfg, *, quick: bool = False, shapes=((64,
 
 
 def write_report(paths: ProjectPaths, result: dict) -> tuple:
+    """Save a benchmark result as outputs/metrics/benchmark_<time>.{json,md} (+ heatmap PNG)."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     base = paths.metrics_dir / f"benchmark_{stamp}"
     lines = [f"# Benchmark {result['created']} ({result['mode']} mode)", "",
@@ -385,6 +388,7 @@ def matrix_figure(matrix: dict):
 
 
 def plot_matrix(matrix: dict, out: Path) -> Path:
+    """Save the cross-evaluation heatmap as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -398,6 +402,7 @@ def plot_matrix(matrix: dict, out: Path) -> Path:
 
 
 def matrix_markdown(matrix: dict) -> str:
+    """The cross-evaluation matrix as a markdown table (perplexity and bits per byte)."""
     head = "| model | " + " | ".join(matrix["datasets"]) + " |"
     lines = [head, "|" + "---|" * (len(matrix["datasets"]) + 1)]
     for m in matrix["models"]:

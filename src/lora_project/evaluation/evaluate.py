@@ -16,6 +16,7 @@ from lora_project.paths import ProjectPaths
 def evaluate_perplexity(paths: ProjectPaths, cfg, *, text_file: Path | None = None,
                         dataset: str | None = None, split: str = "test", adapters: list[Path] = (),
                         max_length: int = 1024, stride: int | None = None, base=None) -> dict:
+    """Perplexity and bits per byte of the base and each adapter on a text file or a dataset split."""
     from lora_project.data.preprocessor import read_split, read_text_file
     from lora_project.evaluation.perplexity import score_documents, score_text, windows
     from lora_project.models.lora_model import attach_adapters, check_adapter_dir

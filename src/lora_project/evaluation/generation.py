@@ -14,6 +14,7 @@ from lora_project.errors import UserError
 
 def generate_texts(model, tokenizer, prompts: list[str], runtime, *, max_new_tokens: int, temperature: float,
                    top_p: float, seed: int) -> list[str]:
+    """Continuations of each prompt (greedy, or sampled with a per-prompt seed)."""
     import torch
 
     from lora_project.data.tokenizer_utils import prefix_id
@@ -33,6 +34,7 @@ def generate_texts(model, tokenizer, prompts: list[str], runtime, *, max_new_tok
 
 def generate_side_by_side(cfg, prompts: list[str], adapters: list[Path], *, max_new_tokens: int = 30,
                           temperature: float = 0.0, top_p: float = 0.95, seed: int = 0, base=None) -> dict:
+    """Continuations from the base and every adapter, with one base load."""
     from lora_project.models.lora_model import attach_adapters, check_adapter_dir
     from lora_project.training.run import load_base
 

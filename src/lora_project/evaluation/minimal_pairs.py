@@ -22,6 +22,7 @@ from lora_project.errors import UserError
 
 @dataclass(frozen=True)
 class Pair:
+    """One minimal pair: grammatical and ungrammatical sentence, paradigm, field and term."""
     good: str
     bad: str
     uid: str
@@ -30,6 +31,7 @@ class Pair:
 
 
 def load_pairs(path: Path, strict: bool = False, warn=print) -> list[Pair]:
+    """Pairs from a BLiMP-style JSON-lines file or folder; bad lines are skipped with a warning (or refused with `strict`)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"pairs file or folder not found: {path}")
@@ -126,6 +128,7 @@ def sentence_logprobs(model, tokenizer, sentences: list[str], runtime, batch_tok
 
 
 def accuracy_report(pairs: list[Pair], good: list[float], bad: list[float]) -> dict:
+    """Accuracy per paradigm, field and term, and the macro and micro averages."""
     correct = [g > b for g, b in zip(good, bad)]
 
     def group(key):
@@ -143,6 +146,7 @@ def accuracy_report(pairs: list[Pair], good: list[float], bad: list[float]) -> d
 
 
 def evaluate_pairs(model, tokenizer, pairs: list[Pair], runtime) -> dict:
+    """Score every pair with the model as it is (adapter on or off) and report accuracies."""
     good = sentence_logprobs(model, tokenizer, [p.good for p in pairs], runtime)
     bad = sentence_logprobs(model, tokenizer, [p.bad for p in pairs], runtime)
     return accuracy_report(pairs, good, bad)

@@ -30,6 +30,7 @@ from lora_project.errors import UserError
 
 @dataclass
 class Score:
+    """Summed negative log-likelihood over scored tokens, with the byte count for bits per byte."""
     nll_sum: float
     tokens: int
     bytes: int
@@ -114,6 +115,7 @@ def score_ids(model, ids: np.ndarray | list[int], n_bytes: int, runtime, max_len
 
 def score_text(model, tokenizer, text: str, runtime, max_length: int = 1024, stride: int | None = None,
                batch_size: int = 4) -> Score:
+    """Score one text with sliding windows (`max_length`, `stride`)."""
     if not text:
         raise UserError("nothing to score: the text is empty")
     ids = [prefix_id(tokenizer)] + tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -23,6 +23,7 @@ _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 @dataclass
 class LoraModule:
+    """The factors A (r x d_in) and B (d_out x r) and scale of one adapted module."""
     name: str          # PEFT module path
     A: object          # torch.Tensor (r, d_in)
     B: object          # torch.Tensor (d_out, r)
@@ -48,6 +49,7 @@ class LoraModule:
 
 @dataclass
 class Adapter:
+    """An adapter folder read with safetensors: config, our metadata and every LoRA module."""
     path: Path
     config: dict
     metadata: dict
@@ -64,6 +66,7 @@ class Adapter:
 
 
 def lora_scale(config: dict) -> float:
+    """alpha / r, or alpha / sqrt(r) for rsLoRA, from a PEFT adapter config."""
     r = config.get("r") or 1
     alpha = config.get("lora_alpha", r)
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
@@ -141,6 +144,7 @@ class BaseWeights:
 
 
 def check_fits_base(adapter: Adapter, base: BaseWeights) -> None:
+    """Refuse an adapter whose factor shapes do not fit the base model's weights."""
     for m in adapter.modules:
         shape = base.shape(m.base_weight_key)
         if shape is None:

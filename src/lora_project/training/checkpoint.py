@@ -34,6 +34,7 @@ _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 
 def capture_rng() -> dict:
+    """Python, numpy, torch (and CUDA) RNG states."""
     import torch
 
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -43,6 +44,7 @@ def capture_rng() -> dict:
 
 
 def restore_rng(state_json: dict, tensors: dict) -> None:
+    """Restore states captured by capture_rng."""
     import torch
 
     py = state_json["python"]

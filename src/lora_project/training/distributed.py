@@ -19,6 +19,7 @@ from lora_project.errors import UserError
 
 @dataclass(frozen=True)
 class DistInfo:
+    """Rank, world size and local rank of this process (world size 1 without torchrun)."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -33,6 +34,7 @@ class DistInfo:
 
 
 def dist_info() -> DistInfo:
+    """Read torchrun's environment variables."""
     try:
         return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
                         int(os.environ.get("LOCAL_RANK", 0)))
@@ -60,6 +62,7 @@ def init_distributed(device: str, batch_size: int) -> DistInfo:
 
 
 def wrap_decoder(decoder, device: str, info: DistInfo):
+    """Wrap the decoder in DistributedDataParallel (gradients averaged across processes)."""
     if not info.enabled:
         return decoder
     from torch.nn.parallel import DistributedDataParallel
@@ -69,6 +72,7 @@ def wrap_decoder(decoder, device: str, info: DistInfo):
 
 
 def mean_across(value: float, info: DistInfo) -> float:
+    """Mean of a float over all processes."""
     if not info.enabled:
         return value
     import torch
@@ -80,6 +84,7 @@ def mean_across(value: float, info: DistInfo) -> float:
 
 
 def barrier(info: DistInfo) -> None:
+    """Wait for every process."""
     if info.enabled:
         import torch.distributed as dist
 
@@ -87,6 +92,7 @@ def barrier(info: DistInfo) -> None:
 
 
 def shutdown(info: DistInfo) -> None:
+    """Destroy the process group if one was created."""
     if info.enabled:
         import torch.distributed as dist
 

@@ -32,6 +32,7 @@ SHARED_FIELDS = ("seq_len", "batch_size", "grad_accum", "max_steps", "epochs", "
 
 
 def check_fusable(configs: dict[str, RunConfig]) -> None:
+    """Refuse datasets whose shared settings (model, shapes, steps) differ: they cannot share a pass."""
     first_name, first = next(iter(configs.items()))
     problems = []
     for name, cfg in configs.items():
@@ -57,6 +58,7 @@ def _route(model, adapter_names: list[str]):
 
 def train_fused(paths: ProjectPaths, names: list[str], configs: dict[str, RunConfig], base, *,
                 overwrite: bool, use_mlflow: bool, progress: bool, parent_run_id: str | None, log=print) -> list[dict]:
+    """Train several adapters in one forward/backward pass per step, each on its own data and optimizer."""
     from contextlib import ExitStack
 
     from lora_project.training.run import adapter_lock

@@ -40,6 +40,7 @@ class BaseBundle:
 
 
 def load_base(cfg: RunConfig, runtime=None) -> BaseBundle:
+    """Resolve and load the base model and tokenizer once (reused by batch, evaluation, generation)."""
     import torch
 
     from lora_project.data.tokenizer_utils import tokenizer_fingerprint
@@ -129,6 +130,7 @@ def adapter_lock(paths: ProjectPaths, adapter_name: str):
 
 
 def plot_loss_curve(history: list[dict], evals: list[dict], out: Path, title: str) -> Path | None:
+    """Training and validation loss against step, saved as a PNG."""
     if not history:
         return None
     import matplotlib

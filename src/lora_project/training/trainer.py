@@ -87,6 +87,7 @@ def lr_lambda(cfg: TrainingSection, max_steps: int):
 
 
 def total_steps(cfg: TrainingSection, n_blocks: int) -> int:
+    """Optimizer steps of a run: max_steps, or epochs over the training blocks."""
     if cfg.max_steps:
         return cfg.max_steps
     per_step = cfg.batch_size * cfg.grad_accum
@@ -100,6 +101,7 @@ def peak_rss_mb() -> float:
 
 @dataclass
 class FitResult:
+    """Steps, tokens, time and final loss of a finished fit()."""
     steps: int
     tokens_seen: int
     train_seconds: float

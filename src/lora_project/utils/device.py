@@ -43,6 +43,7 @@ def physical_cores() -> int:
 
 @dataclass(frozen=True)
 class Runtime:
+    """Device, precision, threads of a run, and the matching autocast context."""
     device: str      # cpu | cuda
     precision: str   # fp32 | bf16
     threads: int
@@ -60,6 +61,7 @@ class Runtime:
 
 
 def resolve_runtime(device: str = "auto", precision: str = "auto", threads: int = 0) -> Runtime:
+    """Turn the config's device/precision/threads (auto allowed) into a Runtime."""
     import torch
 
     if device == "auto":

@@ -39,11 +39,13 @@ def handle_signal(signum, frame) -> None:
 
 
 def request_stop(signum: int = signal.SIGTERM) -> None:
+    """Record a stop request without raising."""
     global _requested
     _requested = _exception_for(signum)
 
 
 def stop_requested() -> bool:
+    """True once a stop was requested."""
     return _requested is not None
 
 
@@ -54,6 +56,7 @@ def check_stop() -> None:
 
 
 def clear_stop() -> None:
+    """Forget any stop request (start of a command)."""
     global _requested, _depth
     _requested, _depth = None, 0
 

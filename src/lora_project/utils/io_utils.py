@@ -31,6 +31,7 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write bytes to a temporary sibling, fsync, rename over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -47,14 +48,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """atomic_write_bytes of UTF-8 text."""
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
+    """atomic_write_text of indented JSON."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def fsync_tree(path: Path) -> None:
+    """fsync every file and folder under `path`."""
     for root, _dirs, files in os.walk(path):
         for name in files:
             with open(os.path.join(root, name), "rb") as fh:

@@ -23,10 +23,12 @@ PARAM_MAX_CHARS = 500
 
 
 def default_tracking_uri(paths: ProjectPaths) -> str:
+    """sqlite:///<project>/mlruns/mlflow.db"""
     return f"sqlite:///{paths.mlruns_dir / 'mlflow.db'}"
 
 
 def resolve_tracking_uri(paths: ProjectPaths, configured: str | None = None) -> str:
+    """The configured URI, else MLFLOW_TRACKING_URI, else the project's SQLite file."""
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(paths)
 
 

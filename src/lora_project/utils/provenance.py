@@ -14,6 +14,7 @@ _PACKAGES = ("torch", "transformers", "peft", "mlflow", "safetensors", "gguf", "
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
@@ -30,6 +31,7 @@ def sha256_files(paths: list[Path]) -> str:
 
 
 def sha256_json(obj) -> str:
+    """SHA-256 of an object's canonical JSON (sorted keys)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -48,6 +50,7 @@ def git_commit(root: Path) -> str | None:
 
 
 def package_versions() -> dict[str, str]:
+    """Versions of the packages that decide results (torch, transformers, peft, ...)."""
     out = {"python": platform.python_version()}
     for name in _PACKAGES:
         try:
@@ -58,5 +61,6 @@ def package_versions() -> dict[str, str]:
 
 
 def environment_summary() -> dict[str, str]:
+    """Python, platform and CPU of this machine."""
     return {"platform": platform.platform(), "machine": platform.machine(),
             "python_executable": sys.executable}

@@ -6,6 +6,7 @@ import random
 
 
 def set_seed(seed: int) -> None:
+    """Seed Python, numpy and torch (set before the adapter is initialised)."""
     import numpy as np
     import torch
 

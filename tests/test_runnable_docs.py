@@ -1,0 +1,55 @@
+"""Documentation that runs: every fenced block marked ```bash runnable in the README and in
+docs/*.md is executed, command by command, in one fresh project (tiny model), in the order
+the files are read (README first). A command that fails names its file and line."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, SHARED_DATA
+
+FILES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+_BLOCK = re.compile(r"^```bash runnable\n(.*?)^```", re.S | re.M)
+
+
+def runnable_commands() -> list[tuple[str, int, str]]:
+    """(file, line, command) of every marked command; backslash continuations joined."""
+    out = []
+    for f in FILES:
+        text = f.read_text()
+        for m in _BLOCK.finditer(text):
+            start = text[: m.start(1)].count("\n") + 1
+            pending, first = "", None
+            for i, line in enumerate(m.group(1).splitlines()):
+                if not line.strip() or line.lstrip().startswith("#"):
+                    continue
+                if first is None:
+                    first = start + i
+                if line.rstrip().endswith("\\"):
+                    pending += line.rstrip()[:-1] + " "
+                    continue
+                out.append((f.name, first, pending + line))
+                pending, first = "", None
+    return out
+
+
+def test_enough_commands_are_marked_runnable():
+    cmds = runnable_commands()
+    assert len(cmds) >= 20, len(cmds)
+    assert {f for f, _, _ in cmds} >= {"README.md", "training_guide.md"}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not present (some examples read it)")
+def test_runnable_commands_in_docs_run(project):
+    (project.parent / "shared").symlink_to(SHARED_DATA.parent)  # the docs' ../shared/data/...
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    for fname, line, cmd in runnable_commands():
+        proc = subprocess.run(["bash", "-c", cmd], cwd=project, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, f"{fname}:{line}: {cmd}\n{proc.stderr[-2000:]}"
