@@ -44,10 +44,10 @@ def catalog_rows(*rows: str):
     return setup
 
 
-def with_adapter(name: str, damage: Callable[[Path], None] | None = None):
+def with_adapter(name: str, damage: Callable[[Path], None] | None = None, source: str = "good_lora"):
     def setup(project: Path, src: Path) -> None:
         dst = project / "adapters" / name
-        shutil.copytree(src / "good_lora", dst)
+        shutil.copytree(src / source, dst)
         if damage:
             damage(dst)
     return setup
@@ -187,6 +187,10 @@ CASES = [
     Case("adapter-other-base", "adapter shapes from another base", ["evaluate", "--text", "config/dataset_catalog.csv",
                                                                     "--adapter", "adapters/other_lora"],
          ["other_lora"], with_adapter("other_lora", _other_base_shapes)),
+    Case("adapter-unequal-ranks", "ties merge of adapters of different rank",
+         ["merge", "adapters/good_lora", "adapters/r2_lora", "--name", "m", "--method", "ties"],
+         ["needs adapters of equal rank", "--method cat"],
+         lambda p, s: (with_adapter("good_lora")(p, s), with_adapter("r2_lora", source="r2_lora")(p, s))),
     Case("adapter-unknown-module", "module glob that matches nothing",
          ["inspect", "values", "adapters/good_lora", "--module", "*.nothing"], ["*.nothing"], with_adapter("good_lora")),
     # --- names that could escape their folders
@@ -213,7 +217,14 @@ def adapters_src(tmp_path_factory, tiny_model_dir) -> Path:
     from test_inspection import make_adapter
 
     root = tmp_path_factory.mktemp("matrix_adapters")
-    make_adapter(tiny_model_dir, root / "good_lora", 1)
+    import json
+
+    for name, seed, r in (("good_lora", 1, 4), ("r2_lora", 2, 2)):
+        make_adapter(tiny_model_dir, root / name, seed, r=r)
+        meta_path = root / name / "lora_project.json"
+        meta = json.loads(meta_path.read_text())
+        meta["base_model"].pop("fingerprint")  # made on the tiny base, not bound to its fingerprint
+        meta_path.write_text(json.dumps(meta))
     return root
 
 
