@@ -22,6 +22,22 @@ def test_quick_benchmark_report(project):
     assert saved["training"] == out["training"]
     md = Path(out["report"]["markdown"]).read_text()
     assert "| 32 x 4 |" in md and Path(out["report"]["json"]).parent == project / "outputs" / "metrics"
+    inf = out["inference"]
+    assert inf["eval_tokens_per_second"] > 0 and inf["generation_new_tokens"] == 8
+    assert set(inf["generation_ms_per_token"]) == {"base", "adapter_unmerged", "adapter_merged"}
+    assert all(v > 0 for v in inf["generation_ms_per_token"].values())
+    assert out["model_load"]["cached_seconds"] > 0 and out["model_load"]["cold_seconds"] is None
+    assert "generation, adapter merged" in md and "model load, cached" in md
+    # logged to MLflow (the project's SQLite store), with the report files as artifacts
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
+    run = client.get_run(out["mlflow_run_id"])
+    assert run.data.params["mode"] == "quick" and run.info.status == "FINISHED"
+    assert run.data.metrics["eval_tokens_per_second"] == inf["eval_tokens_per_second"]
+    assert run.data.metrics["train_tokens_per_second_32x4"] == out["training"][0]["tokens_per_second"]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {Path(out["report"]["json"]).name,
+                                                                          Path(out["report"]["markdown"]).name}
 
 
 def test_benchmark_bad_shapes(project):

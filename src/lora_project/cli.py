@@ -242,11 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
-    p = sub.add_parser("benchmark", help="matmul peak and training throughput/memory of this machine",
-                       description="Measure this machine's fp32/bf16 matmul peak and our trainer's tokens/s "
-                                   "and peak memory per sequence shape. Writes "
-                                   "outputs/metrics/benchmark_<timestamp>.{json,md}. --quick uses a tiny "
-                                   "model built in code (seconds); the default uses the configured base model.")
+    p = sub.add_parser("benchmark", help="speed and memory report: training, evaluation, generation, model load",
+                       description="Measure this machine's fp32/bf16 matmul peak; our trainer's tokens/s and peak "
+                                   "memory per sequence shape; evaluation tokens/s; generation latency per token "
+                                   "for the base, the adapter unmerged and merged; model-load time cold (empty "
+                                   "model cache) and cached. Writes outputs/metrics/benchmark_<timestamp>.{json,md} "
+                                   "and an MLflow run in the experiment 'benchmark'. --quick uses a tiny model "
+                                   "built in code (seconds); the default uses the configured base model.")
     p.add_argument("--quick", action="store_true", help="tiny model built in code; for CI and smoke tests")
     p.add_argument("--shapes", default="64x16,128x8", help="SEQxBATCH list (default: 64x16,128x8)")
     p.add_argument("--steps", type=int, default=4, help="timed optimizer steps per shape (default: 4)")
@@ -257,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matrix", action="store_true",
                    help="also score the base and every adapter on every prepared dataset's test split "
                         "(table, markdown and heatmap PNG)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log the report to MLflow")
     _add_config_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -567,6 +570,11 @@ def _cmd_benchmark(args, paths):
         result["reference_comparison"] = compare_with_reference(paths, cfg, steps=args.reference_steps, log=log)
     json_path, md_path = write_report(paths, result)
     result["report"] = {"json": str(json_path), "markdown": str(md_path)}
+    if cfg.tracking.mlflow and not args.no_mlflow:
+        from lora_project.evaluation.benchmark import log_to_mlflow
+
+        heat = (result.get("matrix") or {}).get("heatmap")
+        result["mlflow_run_id"] = log_to_mlflow(paths, cfg, result, [json_path, md_path, heat])
     if args.json:
         _print_json(result)
     else:

@@ -11,6 +11,7 @@ peak uses 4 x parameters FLOPs per token (forward 2x, input-gradient backward 2x
 from __future__ import annotations
 
 import dataclasses
+import json
 import platform
 import time
 from datetime import datetime, timezone
@@ -65,6 +66,129 @@ def _tiny_setup():
     return model, stream, "tiny-llama (quick mode)"
 
 
+def _time_generation(model, prompt, new_tokens: int, runtime) -> float:
+    """Seconds per generated token (greedy, KV cache, exactly `new_tokens` tokens, after a warm-up)."""
+    import torch
+
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    with torch.inference_mode(), runtime.autocast():
+        model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **dict(kwargs, max_new_tokens=2,
+                                                                                        min_new_tokens=2))
+        t0 = time.perf_counter()
+        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **kwargs)
+        seconds = time.perf_counter() - t0
+    assert out.shape[1] - prompt.shape[1] == new_tokens
+    return seconds / new_tokens
+
+
+def inference_speed(peft, stream: np.ndarray, runtime, *, quick: bool, log=print) -> dict:
+    """Evaluation tokens/s (forward + loss, no gradients) and generation latency per token for
+    the base, the adapter unmerged and the adapter merged into the weights."""
+    import torch
+
+    from lora_project.evaluation.perplexity import decoder_and_head
+    from lora_project.training.losses import token_nll
+
+    seq, rows = (64, 8) if quick else (256, 8)
+    x = torch.from_numpy(stream[: seq * rows + 1].astype(np.int64))
+    batch = x[:-1].view(rows, seq).to(runtime.device)
+    targets = x[1:].view(rows, seq).to(runtime.device)
+    decoder, head = decoder_and_head(peft)
+    peft.eval()
+    with torch.inference_mode(), runtime.autocast():
+        token_nll(decoder(input_ids=batch[:1], use_cache=False).last_hidden_state, head, targets[:1])  # warm-up
+        t0 = time.perf_counter()
+        token_nll(decoder(input_ids=batch, use_cache=False).last_hidden_state, head, targets)
+        eval_tps = batch.numel() / (time.perf_counter() - t0)
+    prompt = batch[:1, :16]
+    new_tokens = 8 if quick else 32
+    with peft.disable_adapter():
+        base_s = _time_generation(peft, prompt, new_tokens, runtime)
+    unmerged_s = _time_generation(peft, prompt, new_tokens, runtime)
+    peft.merge_adapter()
+    try:
+        merged_s = _time_generation(peft, prompt, new_tokens, runtime)
+    finally:
+        peft.unmerge_adapter()
+    log(f"  evaluation {eval_tps:.0f} tokens/s; generation {1000 * base_s:.1f} ms/token (base), "
+        f"{1000 * unmerged_s:.1f} (adapter unmerged), {1000 * merged_s:.1f} (merged)")
+    return {"eval_tokens_per_second": eval_tps, "eval_shape": [seq, rows], "generation_new_tokens": new_tokens,
+            "generation_ms_per_token": {"base": 1000 * base_s, "adapter_unmerged": 1000 * unmerged_s,
+                                        "adapter_merged": 1000 * merged_s}}
+
+
+_LOAD_CHILD = r"""
+import json, sys, time
+t0 = time.perf_counter()
+from lora_project.models.base_model import load_model, load_tokenizer, resolve_model
+ref = resolve_model(sys.argv[1], sys.argv[2] or None)
+t1 = time.perf_counter()
+load_tokenizer(ref); load_model(ref)
+print(json.dumps({"resolve_seconds": t1 - t0, "seconds": time.perf_counter() - t0}))
+"""
+
+
+def load_times(paths: ProjectPaths, cfg, *, quick: bool, log=print) -> dict:
+    """Model-load time in fresh processes: cold (empty model cache: the embedded GGUF is
+    converted) and cached. Quick mode times only the cached load of the configured model."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    def child(env_cache: str | None) -> dict:
+        env = dict(os.environ)
+        if env_cache:
+            env["LORA_PROJECT_CACHE"] = env_cache
+        proc = subprocess.run([sys.executable, "-c", _LOAD_CHILD, cfg.model.source, cfg.model.revision or ""],
+                              capture_output=True, text=True, env=env, timeout=1800)
+        if proc.returncode != 0:
+            raise UserError(f"model-load benchmark failed: {proc.stderr.strip().splitlines()[-1][:300]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    if quick:
+        cached = child(None)
+        log(f"  model load (cached, fresh process): {cached['seconds']:.1f} s")
+        return {"cold_seconds": None, "cached_seconds": cached["seconds"]}
+    with tempfile.TemporaryDirectory(prefix="lora-cache-") as tmp:
+        cold = child(tmp)
+        cached = child(tmp)
+    log(f"  model load in a fresh process: cold {cold['seconds']:.1f} s (model cache empty), "
+        f"cached {cached['seconds']:.1f} s")
+    return {"cold_seconds": cold["seconds"], "cached_seconds": cached["seconds"]}
+
+
+def log_to_mlflow(paths: ProjectPaths, cfg, result: dict, files: list[Path]) -> str | None:
+    """One run in the MLflow experiment 'benchmark' with the headline numbers and the report files."""
+    from lora_project.utils.mlflow_utils import MlflowTracker
+
+    tracker = MlflowTracker(paths, "benchmark", cfg.tracking.tracking_uri)
+    params = {"mode": result["mode"], "model": result["model"], "precision": result["precision"],
+              "threads": result["machine"]["threads"], "device": result["machine"]["device"],
+              "lora.r": cfg.lora.r, "lora.target_modules": ",".join(cfg.lora.target_modules)}
+    run_id = tracker.start(f"benchmark_{result['mode']}", params, {"kind": "benchmark"})
+    metrics = {f"matmul_gflops_{k}": v for k, v in result["matmul_gflops"].items()}
+    for r in result["training"]:
+        metrics[f"train_tokens_per_second_{r['seq_len']}x{r['batch_size']}"] = r["tokens_per_second"]
+        metrics[f"fraction_of_peak_{r['seq_len']}x{r['batch_size']}"] = r["fraction_of_peak"]
+    inf = result.get("inference") or {}
+    if inf:
+        metrics["eval_tokens_per_second"] = inf["eval_tokens_per_second"]
+        metrics.update({f"generation_ms_per_token_{k}": v for k, v in inf["generation_ms_per_token"].items()})
+    for k, v in (result.get("model_load") or {}).items():
+        if v is not None:
+            metrics[f"model_load_{k}"] = v
+    ref = result.get("reference_comparison")
+    if ref:
+        metrics.update(speedup_vs_reference=ref["speedup"], memory_ratio_vs_reference=ref["memory_ratio"])
+    tracker.log_metrics(metrics, step=0)
+    for f in files:
+        if f and Path(f).is_file():
+            tracker.log_artifact(Path(f))
+    tracker.end("FINISHED")
+    return run_id
+
+
 def run_benchmark(paths: ProjectPaths, cfg, *, quick: bool = False, shapes=((64, 16), (128, 8)),
                   steps: int = 4, log=print) -> dict:
     """Matmul peak and training throughput of our trainer per shape; `quick` uses a tiny model."""
@@ -104,8 +228,10 @@ def run_benchmark(paths: ProjectPaths, cfg, *, quick: bool = False, shapes=((64,
                      "peak_rss_mb_so_far": peak_rss_mb()})
         log(f"  {seq}x{bs}: {fit.tokens_per_second:.0f} tokens/s ({100 * achieved / peak:.0f}% of "
             f"{runtime.precision} matmul peak)")
+    inference = inference_speed(peft, stream, runtime, quick=quick, log=log)
+    loading = load_times(paths, cfg, quick=quick, log=log)
     return {"created": datetime.now(timezone.utc).isoformat(), "mode": "quick" if quick else "full",
-            "model": model_name, "parameters": n_params,
+            "model": model_name, "parameters": n_params, "inference": inference, "model_load": loading,
             "machine": {"processor": platform.processor() or platform.machine(), "threads": runtime.threads,
                         "device": runtime.device},
             "precision": runtime.precision, "matmul_gflops": peaks,
@@ -126,6 +252,19 @@ def write_report(paths: ProjectPaths, result: dict) -> tuple:
         lines.append(f"| {r['seq_len']} x {r['batch_size']} | {r['tokens_per_second']:.0f} | "
                      f"{r['achieved_gflops']:.1f} | {100 * r['fraction_of_peak']:.0f}% | "
                      f"{r['peak_rss_mb_so_far']:.0f} |")
+    inf, load = result.get("inference"), result.get("model_load")
+    if inf:
+        g = inf["generation_ms_per_token"]
+        lines += ["", "| inference | value |", "|---|---|",
+                  f"| evaluation (forward + loss, {inf['eval_shape'][1]} x {inf['eval_shape'][0]} tokens) | "
+                  f"{inf['eval_tokens_per_second']:.0f} tokens/s |",
+                  f"| generation, base | {g['base']:.1f} ms/token |",
+                  f"| generation, adapter unmerged | {g['adapter_unmerged']:.1f} ms/token |",
+                  f"| generation, adapter merged | {g['adapter_merged']:.1f} ms/token |"]
+    if load:
+        cold = f"{load['cold_seconds']:.1f} s" if load.get("cold_seconds") is not None else "not measured (quick mode)"
+        lines += [f"| model load, cold (empty model cache) | {cold} |",
+                  f"| model load, cached (fresh process) | {load['cached_seconds']:.1f} s |"]
     matrix = result.get("matrix")
     if matrix:
         heat = plot_matrix(matrix, base.parent / f"{base.name}_matrix.png")
