@@ -40,6 +40,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override one field, e.g. --set training.lr=2e-4 --set lora.r=16 (repeatable)")
 
 
+def _add_extract_output_args(p: argparse.ArgumentParser, what: str) -> None:
+    """Flags shared by extract and extract-children."""
+    p.add_argument("--out", type=Path, required=True, help="output text file (a sidecar <out>.json is written too)")
+    p.add_argument("--encoding", default="utf-8", help=f"text encoding of the {what} (default: utf-8)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+
+
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by the commands that train."""
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
@@ -148,15 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
                "  lora-project extract dump.jsonl --text-field story --out data/raw/stories.txt",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", type=Path, help="files or folders")
-    p.add_argument("--out", type=Path, required=True, help="output text file")
+    _add_extract_output_args(p, "sources")
     p.add_argument("--format", default="auto", choices=("auto", *_source_formats()),
                    help="source format (default: from the file suffix)")
     p.add_argument("--text-field", help="field or column holding the text (default: text)")
     p.add_argument("--sep", help="document separator for --format separator, e.g. '<|endoftext|>'")
-    p.add_argument("--encoding", default="utf-8", help="text encoding of the sources (default: utf-8)")
     p.add_argument("--one-line", action="store_true", help="collapse each document's whitespace to one line")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--json", action="store_true", help="print a JSON summary")
 
     p = sub.add_parser(
         "extract-children", help="children's utterances from CHILDES CHAT transcripts (files, folders, zips)",
@@ -167,14 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
                "--min-age '1;06' --max-age '3;00'",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", type=Path, help=".cha files, folders or .zip archives")
-    p.add_argument("--out", type=Path, required=True, help="output text file")
+    _add_extract_output_args(p, "transcripts")
     p.add_argument("--participants", default="CHI",
                    help="comma-separated speaker codes or roles (default: CHI; e.g. CHI,Target_Child)")
     p.add_argument("--min-age", help="youngest age kept, CHAT style years;months[.days], e.g. '1;06'")
     p.add_argument("--max-age", help="oldest age kept, e.g. '3;00'")
-    p.add_argument("--encoding", default="utf-8", help="text encoding of the transcripts (default: utf-8)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--json", action="store_true", help="print a JSON summary")
 
     p = sub.add_parser("train", help="train one LoRA adapter on one catalog dataset",
                        description="Train adapters/<NAME>_lora on catalog dataset NAME. Writes "
