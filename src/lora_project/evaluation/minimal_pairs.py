@@ -109,9 +109,13 @@ def sentence_logprobs(model, tokenizer, sentences: list[str], runtime, batch_tok
     with torch.inference_mode(), runtime.autocast():
         i = 0
         while i < len(order):
-            longest = len(ids[order[min(len(order) - 1, i)]])
-            group = order[i:i + max(1, batch_tokens // max(longest, 1))]
-            width = max(len(ids[j]) for j in group)
+            # Sorted by length, so the last sentence of a group is its longest: grow the group
+            # while rows x that length stays within the token budget (little padding).
+            end = i + 1
+            while end < len(order) and (end + 1 - i) * len(ids[order[end]]) <= batch_tokens:
+                end += 1
+            group = order[i:end]
+            width = len(ids[group[-1]])
             batch = torch.zeros(len(group), width, dtype=torch.long)
             mask = torch.zeros(len(group), width, dtype=torch.bool)
             for r, j in enumerate(group):
