@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from lora_project.paths import ProjectPaths
-from lora_project.utils.config_utils import load_config
+from lora_project.utils.config_utils import load_project_config
 
 DEMO_DATASET = "toddler_data"
 DEMO_ADAPTER = "toddler_data_demo"
@@ -28,7 +28,7 @@ def run_demo(paths: ProjectPaths, overrides: list[str] = (), use_mlflow: bool = 
     from lora_project.training.run import load_base, train_adapter
 
     t0 = time.perf_counter()
-    cfg = load_config([paths.model_config, paths.training_config], [*DEMO_OVERRIDES, *overrides])
+    cfg = load_project_config(paths, [*DEMO_OVERRIDES, *overrides])
     log("== 1/3 data: generating synthetic toddler speech and preparing splits")
     prepared = prepare_dataset(paths, DEMO_DATASET)
     split_counts = ", ".join(f"{k} {v['documents']}" for k, v in prepared.stats["splits"].items())

@@ -276,7 +276,7 @@ def cross_evaluation(paths: ProjectPaths, max_tokens: int = 1000, split: str = "
     """(matrix, heatmap figure): the newest `benchmark --matrix` result, else computed now
     (base and every adapter on every prepared dataset, `max_tokens` per dataset)."""
     from lora_project.evaluation.benchmark import cross_matrix, matrix_figure
-    from lora_project.utils.config_utils import load_config
+    from lora_project.utils.config_utils import load_project_config
 
     prepared_datasets(paths)
     try:
@@ -284,7 +284,7 @@ def cross_evaluation(paths: ProjectPaths, max_tokens: int = 1000, split: str = "
     except NothingYet:
         matrix = None
     if not matrix:
-        cfg = load_config([paths.model_config, paths.training_config], [])
+        cfg = load_project_config(paths)
         matrix = cross_matrix(paths, cfg, max_tokens=max_tokens, split=split, log=print)
     return matrix, matrix_figure(matrix)
 
@@ -292,12 +292,12 @@ def cross_evaluation(paths: ProjectPaths, max_tokens: int = 1000, split: str = "
 def minimal_pairs(paths: ProjectPaths, pairs_path: Path, limit: int = 2):
     """Run `evaluate --pairs` now on the base and every adapter (`limit` pairs per paradigm)."""
     from lora_project.evaluation.evaluate import evaluate_minimal_pairs
-    from lora_project.utils.config_utils import load_config
+    from lora_project.utils.config_utils import load_project_config
 
     pairs_path = Path(pairs_path)
     if not pairs_path.exists():
         raise NothingYet(f"no minimal pairs at {pairs_path} (BLiMP lives in ../shared/data/blimp)")
-    cfg = load_config([paths.model_config, paths.training_config], [])
+    cfg = load_project_config(paths)
     try:
         names = adapter_names(paths)
     except NothingYet:

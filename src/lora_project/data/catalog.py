@@ -30,6 +30,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora_project.data.childes import parse_age
 from lora_project.data.extract import SOURCE_FORMATS
 from lora_project.errors import UserError, did_you_mean
 from lora_project.paths import _NAME_RE
@@ -184,7 +185,6 @@ def parse_catalog(text: str, source: str = "catalog") -> dict[str, CatalogEntry]
             problems.append(f"{where}: childes rows give one utterance per line; leave format empty or 'lines'")
         for key in ("min_age", "max_age"):
             if key in options:
-                from lora_project.data.childes import parse_age
                 try:
                     parse_age(options[key])
                 except UserError as exc:

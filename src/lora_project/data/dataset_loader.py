@@ -86,16 +86,16 @@ def _hub_documents(entry: CatalogEntry):
     return ds._fingerprint, (lambda: [v for v in ds[field] if isinstance(v, str)])
 
 
-def token_counter(paths: ProjectPaths, log=print):
+def token_counter(paths: ProjectPaths):
     """A lazy `count_tokens(docs)` with the configured base model's tokenizer (loaded on first use)."""
     state: dict = {}
 
     def count(docs: list[str]) -> int:
         if "tok" not in state:
             from lora_project.models.base_model import load_tokenizer, resolve_model
-            from lora_project.utils.config_utils import load_config
+            from lora_project.utils.config_utils import load_project_config
 
-            cfg = load_config([paths.model_config, paths.training_config], [])
+            cfg = load_project_config(paths)
             state["tok"] = load_tokenizer(resolve_model(cfg.model.source, cfg.model.revision))
         from lora_project.data.tokenizer_utils import encode_documents
 

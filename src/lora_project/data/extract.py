@@ -148,7 +148,7 @@ def read_parquet(path: Path, field: str) -> list[str]:
 def read_hf_disk(path: Path, field: str) -> list[str]:
     """A `Dataset.save_to_disk` folder (Arrow files); a DatasetDict contributes every split."""
     try:
-        from datasets import Dataset, DatasetDict, load_from_disk
+        from datasets import DatasetDict, load_from_disk
     except ImportError:
         raise UserError("reading save_to_disk folders needs the 'datasets' package "
                         "(pip install datasets)") from None
@@ -160,7 +160,6 @@ def read_hf_disk(path: Path, field: str) -> list[str]:
     parts = [ds[k] for k in sorted(ds)] if isinstance(ds, DatasetDict) else [ds]
     docs: list[str] = []
     for part in parts:
-        assert isinstance(part, Dataset)
         if field not in part.column_names:
             raise UserError(f"{path}: no column '{field}'{did_you_mean(field, part.column_names)}; "
                             f"columns: {', '.join(part.column_names)[:200]}")

@@ -140,7 +140,7 @@ def _up_to_date(out_dir: Path, source_fp: str, settings_fp: str) -> dict | None:
 
 def prepare_documents(name: str, source: str, source_fp: str, load_docs, out_dir: Path,
                       split: tuple[float, float, float], options: dict, settings: dict,
-                      force: bool = False, extra_stats: dict | None = None, count_tokens=None) -> Prepared:
+                      force: bool = False, count_tokens=None) -> Prepared:
     """Clean and split documents into `out_dir`. Idempotent.
 
     `load_docs()` is only called when the output is missing or stale (source fingerprint or
@@ -182,7 +182,7 @@ def prepare_documents(name: str, source: str, source_fp: str, load_docs, out_dir
         atomic_write_text(out_dir / f"{s}.txt", bodies[s])
     stats = {"name": name, "source": source, "source_sha256": source_fp,
              "settings": settings, "settings_sha256": settings_fp, "separator": sep,
-             "cleaning": counts, "extraction": info, "splits": split_stats, **(extra_stats or {})}
+             "cleaning": counts, "extraction": info, "splits": split_stats}
     atomic_write_json(out_dir / "stats.json", stats)
     return Prepared(name, out_dir, stats, skipped=False)
 

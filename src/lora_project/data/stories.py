@@ -83,7 +83,7 @@ def _encode(tokenizer, prompts: StoryPrompts, text: str) -> list[int]:
         messages = ([{"role": "system", "content": prompts.system}] if prompts.system else []) + \
                    [{"role": "user", "content": text}]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     from lora_project.data.tokenizer_utils import prefix_id
 
     return [prefix_id(tokenizer)] + tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -122,13 +122,12 @@ import json, sys, time
 t0 = time.perf_counter()
 from lora_project.models.base_model import load_model, load_tokenizer, resolve_model
 ref = resolve_model(sys.argv[1], sys.argv[2] or None)
-t1 = time.perf_counter()
 load_tokenizer(ref); load_model(ref)
-print(json.dumps({"resolve_seconds": t1 - t0, "seconds": time.perf_counter() - t0}))
+print(json.dumps({"seconds": time.perf_counter() - t0}))
 """
 
 
-def load_times(paths: ProjectPaths, cfg, *, quick: bool, log=print) -> dict:
+def load_times(cfg, *, quick: bool, log=print) -> dict:
     """Model-load time in fresh processes: cold (empty model cache: the embedded GGUF is
     converted) and cached. Quick mode times only the cached load of the configured model."""
     import os
@@ -229,7 +228,7 @@ def run_benchmark(paths: ProjectPaths, cfg, *, quick: bool = False, shapes=((64,
         log(f"  {seq}x{bs}: {fit.tokens_per_second:.0f} tokens/s ({100 * achieved / peak:.0f}% of "
             f"{runtime.precision} matmul peak)")
     inference = inference_speed(peft, stream, runtime, quick=quick, log=log)
-    loading = load_times(paths, cfg, quick=quick, log=log)
+    loading = load_times(cfg, quick=quick, log=log)
     return {"created": datetime.now(timezone.utc).isoformat(), "mode": "quick" if quick else "full",
             "model": model_name, "parameters": n_params, "inference": inference, "model_load": loading,
             "machine": {"processor": platform.processor() or platform.machine(), "threads": runtime.threads,

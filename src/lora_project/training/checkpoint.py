@@ -65,10 +65,9 @@ def list_checkpoints(folder: Path, recover: bool = False) -> list[Path]:
     if recover:
         from lora_project.utils.io_utils import recover_directory
 
-        for old in folder.glob(".step_*.old-*"):
-            recover_directory(folder / old.name[1:].split(".old-")[0])
-        for stale in folder.glob(".step_*.tmp"):  # a save killed before its rename
-            shutil.rmtree(stale, ignore_errors=True)
+        # .step_N.old-<pid> (killed between renames) and .step_N.<random>.tmp (killed before them)
+        for name in {debris.name[1:].split(".")[0] for debris in folder.glob(".step_*")}:
+            recover_directory(folder / name)
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()
              and (p / "state.json").is_file()]
     return [p for _, p in sorted(found)]

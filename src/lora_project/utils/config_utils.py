@@ -290,6 +290,11 @@ def load_config(paths: list[Path] | None = None, overrides: list[str] = ()) -> R
     return build_config(merge_sources(sources, overrides))
 
 
+def load_project_config(project, overrides: list[str] = ()) -> RunConfig:
+    """The project's own config/model_config.yaml + config/training_config.yaml (+ overrides)."""
+    return load_config([project.model_config, project.training_config], overrides)
+
+
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{'a': {'b': 1}} -> {'a.b': 1}; lists are kept as values."""
     out: dict[str, Any] = {}

@@ -38,17 +38,6 @@ def handle_signal(signum, frame) -> None:
     raise _requested()
 
 
-def request_stop(signum: int = signal.SIGTERM) -> None:
-    """Record a stop request without raising."""
-    global _requested
-    _requested = _exception_for(signum)
-
-
-def stop_requested() -> bool:
-    """True once a stop was requested."""
-    return _requested is not None
-
-
 def check_stop() -> None:
     """Raise the pending KeyboardInterrupt / RunInterrupted, if a stop was requested."""
     if _requested is not None:
