@@ -93,6 +93,12 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+# Command groups that live in their own module under lora_project.cli: each exposes
+# register(sub), which adds its parser(s) and sets `handler=fn(args, paths)` as a default.
+# Modules here must stay light at import time (no torch, no transformers).
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `lora-project` argument parser: one subcommand per job, each with examples in its --help."""
     parser = _Parser(
@@ -317,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="show the resolved configuration or explain every field")
     _add_config_args(p)
     p.add_argument("--explain", action="store_true", help="every field with default, range and meaning")
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"lora_project.cli.{name}").register(sub)
     return parser
 
 
@@ -785,7 +795,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     interrupts.install()
     try:
-        COMMANDS[args.command](args, ProjectPaths.discover())
+        handler = getattr(args, "handler", None) or COMMANDS[args.command]
+        handler(args, ProjectPaths.discover())
         return 0
     except UserError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
