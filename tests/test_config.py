@@ -7,9 +7,7 @@ import dataclasses
 import pytest
 from conftest import REPO
 
-from lora_project.data.catalog import load_catalog, parse_catalog
-from lora_project.errors import ConfigError, UserError
-from lora_project.utils.config_utils import (
+from lora_project.config import (
     SECTIONS,
     RunConfig,
     build_config,
@@ -19,6 +17,8 @@ from lora_project.utils.config_utils import (
     merge_sources,
     read_yaml,
 )
+from lora_project.data.catalog import load_catalog, parse_catalog
+from lora_project.errors import ConfigError, UserError
 
 
 def test_every_committed_yaml_config_loads():

@@ -18,13 +18,9 @@ from lora_project.data.preprocessor import (
     read_split,
     split_documents,
 )
-from lora_project.data.tokenizer_utils import (
-    block,
-    cached_stream,
-    num_blocks,
-    pack_documents,
-)
+from lora_project.data.tokenizer_utils import block, cached_stream, num_blocks
 from lora_project.errors import UserError
+from lora_project.models.tokens import pack_documents
 
 
 def test_generator_same_seed_same_bytes_and_seed_matters(tmp_path):

@@ -6,8 +6,8 @@ import re
 
 from conftest import REPO, run_cli
 
+from lora_project.config import explain
 from lora_project.data.catalog import COLUMNS, OPTION_KEYS
-from lora_project.utils.config_utils import explain
 
 
 def test_config_reference_in_training_guide_is_current():

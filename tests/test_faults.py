@@ -34,7 +34,7 @@ def die(*_a, **_k):
 
 from transformers import AutoModelForCausalLM
 from lora_project.models.lora_model import save_adapter, wrap_with_lora
-from lora_project.utils.config_utils import LoraSection
+from lora_project.config import LoraSection
 import lora_project.utils.io_utils as io
 
 model = wrap_with_lora(AutoModelForCausalLM.from_pretrained(model_dir),
@@ -71,8 +71,8 @@ sys.exit(3)
 def _save_v1(tiny_model_dir, target: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
+    from lora_project.config import LoraSection
     from lora_project.models.lora_model import save_adapter, wrap_with_lora
-    from lora_project.utils.config_utils import LoraSection
 
     model = wrap_with_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                            LoraSection(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]), seed=0)
@@ -82,8 +82,7 @@ def _save_v1(tiny_model_dir, target: Path) -> dict:
 
 @pytest.mark.parametrize("mode", ["adapter-half-file", "adapter-before-swap", "adapter-between-renames"])
 def test_sigkill_while_saving_an_adapter_keeps_the_previous_one(mode, tiny_model_dir, tmp_path):
-    from lora_project.inspection.adapters import load_adapter
-    from lora_project.models.lora_model import read_metadata
+    from lora_project.models.adapter import load_adapter, read_metadata
 
     target = tmp_path / "adapters" / "kid_lora"
     _save_v1(tiny_model_dir, target)
@@ -93,7 +92,7 @@ def test_sigkill_while_saving_an_adapter_keeps_the_previous_one(mode, tiny_model
     if mode == "adapter-between-renames":
         assert not target.exists()  # the kill left only the moved-aside copy ...
     adapter = load_adapter(target)  # ... which the next reader puts back
-    assert read_metadata(target)["version"] == 1
+    assert read_metadata(target).extra["version"] == 1
     assert all(float(m.B.abs().max()) == 0.0 for m in adapter.modules)  # v1: B is zero
     leftovers = [p.name for p in target.parent.iterdir() if p.name.startswith(f".{target.name}.")
                  and not p.name.endswith(".lock")]
@@ -236,7 +235,7 @@ def test_no_pickle_loading_anywhere_in_the_package():
                 for k in node.keywords:
                     if k.arg == "trust_remote_code":
                         assert ast.unparse(k.value) != "True", f"{path}:{node.lineno}: trust_remote_code=True"
-    from lora_project.utils.config_utils import ModelSection
+    from lora_project.config import ModelSection
 
     assert ModelSection().trust_remote_code is False
     from lora_project.data.download import check_url
@@ -262,8 +261,7 @@ def test_peft_bin_weights_are_never_unpickled(tmp_path, tiny_model_dir):
 
     torch.save({"x": Boom()}, target / "adapter_model.bin")
     from lora_project.errors import UserError
-    from lora_project.inspection.adapters import load_adapter
-    from lora_project.models.lora_model import check_adapter_dir
+    from lora_project.models.adapter import check_adapter_dir, load_adapter
 
     for fn in (check_adapter_dir, load_adapter):
         with pytest.raises(UserError, match="adapter_model.safetensors"):

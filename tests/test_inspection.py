@@ -10,19 +10,15 @@ import pytest
 import torch
 from conftest import assert_user_error, run_cli, snapshot
 
-from lora_project.inspection.adapters import (
-    BaseWeights,
-    list_adapters,
-    load_adapter,
-    select_modules,
-)
+from lora_project.config import LoraSection
 from lora_project.inspection.analysis import (
     analyse_weights,
     compare_adapters,
+    select_modules,
     value_stats,
 )
 from lora_project.inspection.lora_math import factor_svd, subspace_similarity
-from lora_project.utils.config_utils import LoraSection
+from lora_project.models.adapter import BaseWeights, list_adapters, load_adapter
 
 
 def make_adapter(tiny_model_dir, folder, seed, r=4, alpha=8, targets=("q_proj", "v_proj"), rslora=False):

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from lora_project.evaluation.perplexity import score_documents, score_text, windows
-from lora_project.training.losses import IGNORE_INDEX, linear_cross_entropy, sum_nll
-from lora_project.utils.config_utils import LoraSection
+from lora_project.config import LoraSection
+from lora_project.models.losses import IGNORE_INDEX, linear_cross_entropy, sum_nll
+from lora_project.models.scoring import score_documents, score_text, windows
 from lora_project.utils.device import resolve_runtime
 
 FP32 = resolve_runtime("cpu", "fp32", 1)
@@ -121,15 +121,19 @@ def test_saved_adapter_loads_with_plain_peft_and_gives_same_logits(tiny_model_di
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from lora_project.models.adapter import AdapterMetadata, read_metadata
     from lora_project.models.lora_model import save_adapter
 
     model = _lora(tiny_model_dir)
     x = torch.tensor([[1, 5, 9, 20, 3]])
     with torch.no_grad():
         expected = model(x).logits
-    out = save_adapter(model, tmp_path / "a_lora", {"note": "test"}, overwrite=False)
+    meta = AdapterMetadata(adapter_name="a", dataset={"name": "kids"}, extra={"note": "test"})
+    out = save_adapter(model, tmp_path / "a_lora", meta, overwrite=False)
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
-    assert json.loads((out / "lora_project.json").read_text()) == {"note": "test"}
+    assert json.loads((out / "lora_project.json").read_text()) == {
+        "format": "lora_project.adapter/1", "adapter_name": "a", "dataset": {"name": "kids"}, "note": "test"}
+    assert read_metadata(out) == meta  # written and read in one place, unknown keys kept
     fresh = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     with torch.no_grad():
         base_logits = fresh(x).logits

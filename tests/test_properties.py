@@ -9,10 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lora_project.config import build_config, load_config, merge_sources
 from lora_project.data.catalog import COLUMNS, parse_catalog
 from lora_project.data.childes import parse_age, parse_chat, utterance_text
 from lora_project.errors import UserError
-from lora_project.utils.config_utils import build_config, load_config, merge_sources
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

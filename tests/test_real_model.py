@@ -67,9 +67,9 @@ def test_embedded_model_trains_evaluates_and_loads_with_plain_peft(real_project)
 
 def test_stories_from_the_embedded_model_are_seeded_and_deduplicated(real_project):
     """generate-data --kind stories: chat template, sampling, seed -> same text, dedupe counts."""
+    from lora_project.config import load_config
     from lora_project.data.stories import write_stories
-    from lora_project.training.run import load_base
-    from lora_project.utils.config_utils import load_config
+    from lora_project.models.base_model import load_base
 
     themes = real_project / "config" / "story_themes.yaml"
     themes.write_text(themes.read_text().replace("max_new_tokens: 160", "max_new_tokens: 40"))

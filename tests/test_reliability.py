@@ -54,10 +54,10 @@ def test_failed_checkpoint_write_keeps_previous_checkpoint(tiny_model_dir, tmp_p
     import numpy as np
     from transformers import AutoModelForCausalLM
 
+    from lora_project.config import LoraSection, TrainingSection
     from lora_project.models.lora_model import wrap_with_lora
     from lora_project.training import checkpoint as ckpt_mod
     from lora_project.training.trainer import BlockLoader, LoraTrainer
-    from lora_project.utils.config_utils import LoraSection, TrainingSection
     from lora_project.utils.device import resolve_runtime
 
     model = wrap_with_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraSection(r=2, alpha=4), 0)

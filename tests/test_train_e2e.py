@@ -168,10 +168,10 @@ def test_evaluate_json_agrees_with_direct_computation(project, tiny_model_dir):
 
 
 def test_failed_run_is_recorded_as_failed(project, monkeypatch):
+    from lora_project.config import load_config
     from lora_project.paths import ProjectPaths
     from lora_project.training import trainer
     from lora_project.training.run import train_adapter
-    from lora_project.utils.config_utils import load_config
 
     paths = ProjectPaths.discover()
     cfg = load_config([paths.model_config, paths.training_config])

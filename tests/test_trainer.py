@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from lora_project.config import LoraSection, TrainingSection
 from lora_project.training.trainer import (
     BlockLoader,
     LoraTrainer,
     lr_lambda,
     total_steps,
 )
-from lora_project.utils.config_utils import LoraSection, TrainingSection
 from lora_project.utils.device import resolve_runtime
 
 FP32 = resolve_runtime("cpu", "fp32", 1)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from lora_project.config import load_project_config
 from lora_project.paths import ProjectPaths
-from lora_project.utils.config_utils import load_project_config
 
 DEMO_DATASET = "toddler_data"
 DEMO_ADAPTER = "toddler_data_demo"
@@ -25,7 +25,8 @@ def run_demo(paths: ProjectPaths, overrides: list[str] = (), use_mlflow: bool = 
     """The main job: generate toddler data, train the demo adapter, compare base vs adapter on the test split."""
     from lora_project.data.dataset_loader import prepare_dataset
     from lora_project.evaluation.evaluate import evaluate_perplexity
-    from lora_project.training.run import load_base, train_adapter
+    from lora_project.models.base_model import load_base
+    from lora_project.training.run import train_adapter
 
     t0 = time.perf_counter()
     cfg = load_project_config(paths, [*DEMO_OVERRIDES, *overrides])

@@ -212,7 +212,7 @@ def plot_pairs(table):
 
 def adapter_names(paths: ProjectPaths) -> list[str]:
     """Names of the sound adapters under adapters/ (NothingYet when there are none)."""
-    from lora_project.inspection.adapters import list_adapters
+    from lora_project.models.adapter import list_adapters
 
     rows = list_adapters(paths.adapters_dir) if paths.adapters_dir.is_dir() else []
     ok = [r["name"] for r in rows if r["status"] == "ok"]
@@ -223,8 +223,8 @@ def adapter_names(paths: ProjectPaths) -> list[str]:
 
 def weight_report(paths: ProjectPaths, name: str) -> dict:
     """`lora-project inspect weights` as a dict (relative update needs the base model's weights)."""
-    from lora_project.inspection.adapters import BaseWeights, load_adapter
     from lora_project.inspection.analysis import analyse_weights
+    from lora_project.models.adapter import BaseWeights, load_adapter
 
     adapter = load_adapter(paths.adapters_dir / name)
     try:
@@ -275,8 +275,8 @@ def attempt(fn, *args, **kwargs):
 def cross_evaluation(paths: ProjectPaths, max_tokens: int = 1000, split: str = "test"):
     """(matrix, heatmap figure): the newest `benchmark --matrix` result, else computed now
     (base and every adapter on every prepared dataset, `max_tokens` per dataset)."""
-    from lora_project.evaluation.benchmark import cross_matrix, matrix_figure
-    from lora_project.utils.config_utils import load_project_config
+    from lora_project.benchmark import cross_matrix, matrix_figure
+    from lora_project.config import load_project_config
 
     prepared_datasets(paths)
     try:
@@ -291,8 +291,8 @@ def cross_evaluation(paths: ProjectPaths, max_tokens: int = 1000, split: str = "
 
 def minimal_pairs(paths: ProjectPaths, pairs_path: Path, limit: int = 2):
     """Run `evaluate --pairs` now on the base and every adapter (`limit` pairs per paradigm)."""
+    from lora_project.config import load_project_config
     from lora_project.evaluation.evaluate import evaluate_minimal_pairs
-    from lora_project.utils.config_utils import load_project_config
 
     pairs_path = Path(pairs_path)
     if not pairs_path.exists():

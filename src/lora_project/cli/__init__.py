@@ -75,7 +75,7 @@ def _source_formats():
 
 
 def _load_cfg(args, paths):
-    from lora_project.utils.config_utils import load_config
+    from lora_project.config import load_config
 
     files = [args.model_config or paths.model_config] + (args.config or [paths.training_config])
     return load_config(files, args.overrides)
@@ -476,13 +476,13 @@ def _cmd_train(args, paths):
 
 
 def _cmd_train_batch(args, paths):
+    from lora_project.config import read_yaml
     from lora_project.data.catalog import load_catalog
     from lora_project.training.batch import (
         load_batch_overrides,
         summary_table,
         train_batch,
     )
-    from lora_project.utils.config_utils import read_yaml
 
     names = _select_datasets(args, load_catalog(paths.catalog))
     batch_file = args.batch_config or (paths.config_dir / "batch_config.yaml")
@@ -557,7 +557,7 @@ def _cmd_generate_text(args, paths):
 
 
 def _cmd_benchmark(args, paths):
-    from lora_project.evaluation.benchmark import (
+    from lora_project.benchmark import (
         parse_shapes,
         run_benchmark,
         write_report,
@@ -570,12 +570,12 @@ def _cmd_benchmark(args, paths):
     log = (lambda m: print(m, file=sys.stderr)) if args.json else print
     result = run_benchmark(paths, cfg, quick=args.quick, shapes=shapes, steps=args.steps, log=log)
     if args.matrix:
-        from lora_project.evaluation.benchmark import cross_matrix
+        from lora_project.benchmark import cross_matrix
 
         log("cross-evaluation matrix ...")
         result["matrix"] = cross_matrix(paths, cfg, log=log)
     if args.reference:
-        from lora_project.evaluation.benchmark import compare_with_reference
+        from lora_project.benchmark import compare_with_reference
 
         if args.reference_steps < 2:
             raise UserError("--reference-steps must be at least 2 (the first step is not timed)")
@@ -583,7 +583,7 @@ def _cmd_benchmark(args, paths):
     json_path, md_path = write_report(paths, result)
     result["report"] = {"json": str(json_path), "markdown": str(md_path)}
     if cfg.tracking.mlflow and not args.no_mlflow:
-        from lora_project.evaluation.benchmark import log_to_mlflow
+        from lora_project.benchmark import log_to_mlflow
 
         heat = (result.get("matrix") or {}).get("heatmap")
         result["mlflow_run_id"] = log_to_mlflow(paths, cfg, result, [json_path, md_path, heat])
@@ -595,7 +595,7 @@ def _cmd_benchmark(args, paths):
 
 def _inspect_base(adapter, args, paths):
     """Base weights for relative updates: the adapter's recorded base folder, else the configured model."""
-    from lora_project.inspection.adapters import BaseWeights
+    from lora_project.models.adapter import BaseWeights
 
     if adapter.base_directory is not None:
         return BaseWeights(adapter.base_directory)
@@ -607,11 +607,9 @@ def _inspect_base(adapter, args, paths):
 
 def _cmd_inspect(args, paths):
     from lora_project.inspection import analysis
-    from lora_project.inspection.adapters import (
-        list_adapters,
-        load_adapter,
-        select_modules,
-    )
+    from lora_project.inspection.analysis import select_modules
+    from lora_project.models.adapter import list_adapters, load_adapter
+    from lora_project.utils.tables import fmt_table
 
     out_root = getattr(args, "out", None) or paths.metrics_dir / "inspect"
     if args.inspect_command == "adapters":
@@ -630,7 +628,7 @@ def _cmd_inspect(args, paths):
         for r in rows:
             r["targets"] = ",".join(r.get("target_modules") or [])
             r["size_kb"] = r["size_bytes"] / 1024
-        print(analysis.fmt_table(rows, [("name", "adapter", ""), ("status", "status", ""), ("dataset", "dataset", ""),
+        print(fmt_table(rows, [("name", "adapter", ""), ("status", "status", ""), ("dataset", "dataset", ""),
                                         ("r", "r", ""), ("alpha", "alpha", ""), ("targets", "targets", ""),
                                         ("trainable_parameters", "params", ""), ("size_kb", "KiB", ".0f"),
                                         ("perplexity_after", "val ppl", ".2f"), ("created", "created", ""),
@@ -645,7 +643,7 @@ def _cmd_inspect(args, paths):
         if args.json:
             _print_json(report)
             return
-        print(analysis.fmt_table(report["modules"], [
+        print(fmt_table(report["modules"], [
             ("name", "module", ""), ("A_fro_norm", "|A|F", ".3f"), ("B_fro_norm", "|B|F", ".3f"),
             ("delta_fro_norm", "|dW|F", ".4f"), ("relative_update", "|dW|/|W0|", ".2e"),
             ("spectral_norm", "|dW|2", ".4f"), ("stable_rank", "stable r", ".2f"),
@@ -653,7 +651,7 @@ def _cmd_inspect(args, paths):
         for key in ("by_module", "by_layer"):
             print(f"\n{key.replace('_', ' ')}:")
             rows = [{"group": k, **v} for k, v in report[key].items()]
-            print(analysis.fmt_table(rows, [("group", "group", ""), ("modules", "n", ""),
+            print(fmt_table(rows, [("group", "group", ""), ("modules", "n", ""),
                                             ("mean_delta_fro_norm", "mean |dW|F", ".4f"),
                                             ("mean_relative_update", "mean |dW|/|W0|", ".2e"),
                                             ("mean_effective_rank", "mean eff r", ".2f")]))
@@ -702,7 +700,7 @@ def _cmd_inspect(args, paths):
         if args.json:
             _print_json(report)
             return
-        print(analysis.fmt_table(report["modules"], [
+        print(fmt_table(report["modules"], [
             ("name", "module", ""), ("phi_top1", "phi(1,1)", ".3f"), ("phi_full", "phi(r,r)", ".3f"),
             ("amplification_a", f"ampl {report['a']}", ".2f"), ("amplification_b", f"ampl {report['b']}", ".2f")]))
         print(f"\nmean phi(1,1) {report['mean_phi_top1']:.3f}; mean phi(r,r) {report['mean_phi_full']:.3f} "
@@ -711,10 +709,10 @@ def _cmd_inspect(args, paths):
 
 
 def _cmd_merge(args, paths):
+    from lora_project.models.base_model import load_base
     from lora_project.models.lora_model import check_adapter_dir
     from lora_project.models.merge import export_merged_model, merge_adapters
     from lora_project.paths import check_name
-    from lora_project.training.run import load_base
 
     if not args.name and not args.export_model:
         raise UserError("give --name for a merged adapter and/or --export-model DIR for a full model")
@@ -752,7 +750,7 @@ def _cmd_merge(args, paths):
 
 
 def _cmd_config(args, paths):
-    from lora_project.utils.config_utils import explain
+    from lora_project.config import explain
 
     if args.explain:
         print(explain())

@@ -92,12 +92,12 @@ def token_counter(paths: ProjectPaths):
 
     def count(docs: list[str]) -> int:
         if "tok" not in state:
+            from lora_project.config import load_project_config
             from lora_project.models.base_model import load_tokenizer, resolve_model
-            from lora_project.utils.config_utils import load_project_config
 
             cfg = load_project_config(paths)
             state["tok"] = load_tokenizer(resolve_model(cfg.model.source, cfg.model.revision))
-        from lora_project.data.tokenizer_utils import encode_documents
+        from lora_project.models.tokens import encode_documents
 
         return sum(len(ids) for ids in encode_documents(state["tok"], docs)) if docs else 0
 

@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_project.config import read_yaml
 from lora_project.errors import UserError, did_you_mean
-from lora_project.utils.config_utils import read_yaml
 from lora_project.utils.io_utils import atomic_write_text
 
 _REF = re.compile(r"<([A-Za-z_][A-Za-z0-9_]*)>")

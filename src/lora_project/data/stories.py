@@ -16,8 +16,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_project.config import read_yaml
 from lora_project.errors import ConfigError, UserError
-from lora_project.utils.config_utils import read_yaml
 from lora_project.utils.io_utils import atomic_write_text
 
 
@@ -84,7 +84,7 @@ def _encode(tokenizer, prompts: StoryPrompts, text: str) -> list[int]:
                    [{"role": "user", "content": text}]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-    from lora_project.data.tokenizer_utils import prefix_id
+    from lora_project.models.tokens import prefix_id
 
     return [prefix_id(tokenizer)] + tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -151,7 +151,7 @@ def generate_stories(model, tokenizer, prompts: StoryPrompts, n: int, seed: int,
 def write_stories(cfg, themes_path: Path, out: Path, n: int | None, seed: int, batch_size: int = 4,
                   progress: bool = True, base=None) -> dict:
     """Load the base model (or reuse `base`), write `n` stories to `out`, one per line."""
-    from lora_project.training.run import load_base
+    from lora_project.models.base_model import load_base
 
     prompts = StoryPrompts.load(themes_path)
     n = prompts.default_stories if n is None else n

@@ -10,7 +10,22 @@ import time
 from pathlib import Path
 
 from lora_project.errors import UserError
+from lora_project.models.adapter import checked_adapters, read_metadata
 from lora_project.paths import ProjectPaths
+
+
+def log_to_adapter_runs(paths: ProjectPaths, cfg, adapter_dirs: list[Path], metrics: dict[str, dict]) -> list[str]:
+    """Add evaluation metrics (keyed by adapter folder name) to each adapter's own training run."""
+    from lora_project.utils.mlflow_utils import log_to_runs
+
+    if not cfg.tracking.mlflow:
+        return []
+    by_run = {}
+    for d in adapter_dirs:
+        run_id = read_metadata(d).mlflow_run_id
+        if run_id and metrics.get(d.name):
+            by_run[run_id] = metrics[d.name]
+    return log_to_runs(paths, cfg.tracking.tracking_uri, by_run)
 
 
 def evaluate_perplexity(paths: ProjectPaths, cfg, *, text_file: Path | None = None,
@@ -18,18 +33,15 @@ def evaluate_perplexity(paths: ProjectPaths, cfg, *, text_file: Path | None = No
                         max_length: int = 1024, stride: int | None = None, base=None) -> dict:
     """Perplexity and bits per byte of the base and each adapter on a text file or a dataset split."""
     from lora_project.data.preprocessor import read_split, read_text_file
-    from lora_project.evaluation.perplexity import score_documents, score_text, windows
-    from lora_project.models.lora_model import attach_adapters, check_adapter_dir
-    from lora_project.training.run import load_base
+    from lora_project.models.base_model import load_base
+    from lora_project.models.lora_model import each_model
+    from lora_project.models.scoring import score_documents, score_text, windows
 
     if (text_file is None) == (dataset is None):
         raise UserError("give exactly one of --text FILE or --dataset NAME")
     stride = max(1, max_length // 2) if stride is None else stride
     windows(2, max_length, stride)  # validates max_length/stride before any loading
-    adapters = [check_adapter_dir(Path(a)) for a in adapters]
-    names = [a.name for a in adapters]
-    if len(set(names)) != len(names):
-        raise UserError("two adapters share a folder name; results are keyed by folder name")
+    adapters = checked_adapters(adapters)
     if text_file is not None:
         text = read_text_file(Path(text_file))
         if not text.strip():
@@ -48,36 +60,23 @@ def evaluate_perplexity(paths: ProjectPaths, cfg, *, text_file: Path | None = No
         separator = json.loads((folder / "stats.json").read_text()).get("separator", "\n")
         target = {"dataset": dataset, "split": split}
     base = base or load_base(cfg)
-    model, adapter_ids = attach_adapters(base.model, adapters, base.ref.fingerprint) if adapters \
-        else (base.model, [])
 
-    def score():
+    def score(model):
         if text_file is not None:
             return score_text(model, base.tokenizer, text, base.runtime, max_length, stride)
         return score_documents(model, base.tokenizer, docs, separator, base.runtime, max_length, stride)
 
-    results: dict = {}
     t0 = time.perf_counter()
-    if adapters:
-        with model.disable_adapter():
-            results["base"] = score().to_dict()
-        for name, aid in zip(names, adapter_ids):
-            model.set_adapter(aid)
-            results[name] = score().to_dict()
-    else:
-        results["base"] = score().to_dict()
+    results = {label: score(model).to_dict() for label, model in each_model(base, adapters)}
     elapsed = time.perf_counter() - t0
-    if adapters:  # leave the shared base as we found it
-        base.model = model.unload()
     out = {**target, "max_length": max_length, "stride": stride, "precision": base.runtime.precision,
            "base_model": base.ref.name, "seconds": elapsed, "models": results}
     if dataset is not None and adapters:  # named evaluations are worth keeping with each training run
-        from lora_project.utils.mlflow_utils import log_to_training_runs
-
         key = f"eval_{dataset}_{split}"
-        out["mlflow_runs_updated"] = log_to_training_runs(
-            paths, cfg, adapters, {n: {f"{key}_perplexity": results[n]["perplexity"],
-                                       f"{key}_bits_per_byte": results[n]["bits_per_byte"]} for n in names})
+        out["mlflow_runs_updated"] = log_to_adapter_runs(
+            paths, cfg, adapters, {a.name: {f"{key}_perplexity": results[a.name]["perplexity"],
+                                            f"{key}_bits_per_byte": results[a.name]["bits_per_byte"]}
+                                   for a in adapters})
     return out
 
 
@@ -91,30 +90,19 @@ def evaluate_minimal_pairs(paths: ProjectPaths, cfg, pairs_path: Path, *, adapte
         load_pairs,
         sample_pairs,
     )
-    from lora_project.models.lora_model import attach_adapters, check_adapter_dir
-    from lora_project.training.run import load_base
+    from lora_project.models.base_model import load_base
+    from lora_project.models.lora_model import each_model
     from lora_project.utils.io_utils import atomic_write_json
 
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
-    adapters = [check_adapter_dir(Path(a)) for a in adapters]
+    adapters = checked_adapters(adapters)
     names = [a.name for a in adapters]
-    if len(set(names)) != len(names):
-        raise UserError("two adapters share a folder name; results are keyed by folder name")
     pairs = sample_pairs(load_pairs(pairs_path, strict, warn=log), limit, cfg.training.seed)
     base = base or load_base(cfg)
-    model, ids = attach_adapters(base.model, adapters, base.ref.fingerprint) if adapters else (base.model, [])
     t0 = time.perf_counter()
-    models = {}
-    if adapters:
-        with model.disable_adapter():
-            models["base"] = evaluate_pairs(model, base.tokenizer, pairs, base.runtime)
-        for name, aid in zip(names, ids):
-            model.set_adapter(aid)
-            models[name] = evaluate_pairs(model, base.tokenizer, pairs, base.runtime)
-        base.model = model.unload()
-    else:
-        models["base"] = evaluate_pairs(model, base.tokenizer, pairs, base.runtime)
+    models = {label: evaluate_pairs(model, base.tokenizer, pairs, base.runtime)
+              for label, model in each_model(base, adapters)}
     seconds = time.perf_counter() - t0
     b = models["base"]
     difference = {n: {"macro_accuracy": models[n]["macro_accuracy"] - b["macro_accuracy"],
@@ -123,9 +111,7 @@ def evaluate_minimal_pairs(paths: ProjectPaths, cfg, pairs_path: Path, *, adapte
     result = {"pairs_path": str(pairs_path), "pairs": len(pairs), "limit_per_paradigm": limit,
               "seed": cfg.training.seed, "precision": base.runtime.precision, "base_model": base.ref.name,
               "seconds": seconds, "models": models, "difference": difference}
-    from lora_project.utils.mlflow_utils import log_to_training_runs
-
-    result["mlflow_runs_updated"] = log_to_training_runs(
+    result["mlflow_runs_updated"] = log_to_adapter_runs(
         paths, cfg, adapters, {n: {"pairs_macro_accuracy": models[n]["macro_accuracy"],
                                    "pairs_macro_accuracy_gain": difference[n]["macro_accuracy"]} for n in names})
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")

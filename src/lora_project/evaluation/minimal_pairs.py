@@ -97,9 +97,9 @@ def sentence_logprobs(model, tokenizer, sentences: list[str], runtime, batch_tok
     """Sum of log p(token) over each sentence's tokens, BOS prefixed; batched by length."""
     import torch
 
-    from lora_project.data.tokenizer_utils import encode_documents, prefix_id
-    from lora_project.evaluation.perplexity import decoder_and_head
-    from lora_project.training.losses import token_nll
+    from lora_project.models.losses import token_nll
+    from lora_project.models.scoring import decoder_and_head
+    from lora_project.models.tokens import encode_documents, prefix_id
 
     ids = [[prefix_id(tokenizer)] + t for t in encode_documents(tokenizer, sentences)]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))

@@ -5,25 +5,25 @@ All numbers come from `lora_math` on the saved factors; plots are PNG files (mat
 
 from __future__ import annotations
 
-import math
+import fnmatch
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 from lora_project.errors import UserError
-from lora_project.inspection.adapters import (
-    Adapter,
-    BaseWeights,
-    LoraModule,
-    check_fits_base,
-)
 from lora_project.inspection.lora_math import (
     amplification,
     effective_rank,
     factor_svd,
     stable_rank,
     subspace_similarity,
+)
+from lora_project.models.adapter import (
+    Adapter,
+    BaseWeights,
+    LoraModule,
+    check_fits_base,
 )
 
 
@@ -214,15 +214,14 @@ def plot_compare(report: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
-def fmt_table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
-    """Plain-text table: cols are (key, header, format)."""
-    cells = [[h for _, h, _ in cols]]
-    for r in rows:
-        line = []
-        for key, _, f in cols:
-            v = r.get(key)
-            line.append("-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, f) if f else str(v))
-        cells.append(line)
-    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
-    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-                     for row in cells)
+def select_modules(adapter: Adapter, pattern: str) -> list[LoraModule]:
+    """Modules whose PEFT path matches a glob (or ends with the given text); close names on a miss."""
+    chosen = [m for m in adapter.modules if fnmatch.fnmatchcase(m.name, pattern) or m.name.endswith(pattern)]
+    if not chosen:
+        import difflib
+
+        close = difflib.get_close_matches(pattern, [m.name for m in adapter.modules], n=3, cutoff=0.5)
+        hint = f"; close names: {', '.join(close)}" if close else \
+            f"; e.g. {adapter.modules[0].name} or '*.layers.0.self_attn.q_proj'"
+        raise UserError(f"module pattern {pattern!r} matches nothing in {adapter.path.name}{hint}")
+    return chosen

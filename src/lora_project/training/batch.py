@@ -21,14 +21,14 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lora_project.errors import RunInterrupted, UserError
-from lora_project.paths import ProjectPaths
-from lora_project.utils.config_utils import (
+from lora_project.config import (
     RunConfig,
     build_config,
     merge_sources,
     read_yaml,
 )
+from lora_project.errors import RunInterrupted, UserError
+from lora_project.paths import ProjectPaths
 from lora_project.utils.interrupts import check_stop
 from lora_project.utils.io_utils import atomic_write_json, atomic_write_text
 
@@ -57,7 +57,7 @@ def config_for(sources: list[tuple[str, dict]], overrides: list[str], extra: dic
 
 def is_up_to_date(paths: ProjectPaths, adapter_name: str, cfg: RunConfig, dataset_fp: str, base_fp: str) -> bool:
     """True when the adapter exists and was trained with the same config, data and base."""
-    from lora_project.models.lora_model import read_metadata
+    from lora_project.models.adapter import read_metadata
 
     d = paths.adapter(adapter_name)
     if not (d / "adapter_model.safetensors").is_file():
@@ -66,8 +66,8 @@ def is_up_to_date(paths: ProjectPaths, adapter_name: str, cfg: RunConfig, datase
         meta = read_metadata(d)
     except UserError:
         return False
-    return (meta.get("config") == cfg.to_dict() and meta.get("dataset", {}).get("fingerprint") == dataset_fp
-            and meta.get("base_model", {}).get("fingerprint") == base_fp)
+    return (meta.config == cfg.to_dict() and (meta.dataset or {}).get("fingerprint") == dataset_fp
+            and meta.base_fingerprint == base_fp)
 
 
 def train_batch(paths: ProjectPaths, names: list[str], sources: list[tuple[str, dict]], overrides: list[str],
@@ -76,7 +76,8 @@ def train_batch(paths: ProjectPaths, names: list[str], sources: list[tuple[str, 
     """Train one adapter per dataset (sequential or fused); a failing dataset does not stop the others."""
     from lora_project.data.catalog import load_catalog
     from lora_project.data.dataset_loader import prepare_dataset
-    from lora_project.training.run import load_base, train_adapter
+    from lora_project.models.base_model import load_base
+    from lora_project.training.run import train_adapter
     from lora_project.utils.mlflow_utils import MlflowTracker
 
     unknown = sorted(set(batch_overrides) - set(names))
@@ -171,7 +172,7 @@ def train_batch(paths: ProjectPaths, names: list[str], sources: list[tuple[str, 
 
 def summary_table(rows: list[dict]) -> str:
     """The batch summary as a text table."""
-    from lora_project.inspection.analysis import fmt_table
+    from lora_project.utils.tables import fmt_table
 
     return fmt_table(rows, [("dataset", "dataset", ""), ("status", "status", ""), ("steps", "steps", ""),
                             ("tokens", "tokens", ""), ("perplexity_before", "ppl before", ".2f"),

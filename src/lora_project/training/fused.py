@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import math
 import time
-from datetime import datetime, timezone
 
+from lora_project.config import RunConfig, flatten
 from lora_project.errors import UserError
 from lora_project.paths import ProjectPaths
-from lora_project.utils.config_utils import RunConfig, flatten
 from lora_project.utils.interrupts import check_stop
 
 SHARED_FIELDS = ("seq_len", "batch_size", "grad_accum", "max_steps", "epochs", "precision", "device", "threads",
@@ -79,11 +78,18 @@ def _train_fused_locked(paths, names, configs, base, *, overwrite, use_mlflow, p
     from peft import get_peft_model
 
     from lora_project.data.dataset_loader import load_streams, prepare_dataset
-    from lora_project.evaluation.perplexity import decoder_and_head, limit_documents
+    from lora_project.models.adapter import AdapterMetadata, now_iso
     from lora_project.models.lora_model import (
         linear_module_names,
         lora_config,
         save_adapter,
+    )
+    from lora_project.models.losses import linear_cross_entropy
+    from lora_project.models.scoring import (
+        decoder_and_head,
+        limit_documents,
+        results_metrics,
+        validation_metrics,
     )
     from lora_project.training.callbacks import (
         CallbackList,
@@ -92,13 +98,10 @@ def _train_fused_locked(paths, names, configs, base, *, overwrite, use_mlflow, p
         ProgressBar,
         TrainState,
     )
-    from lora_project.training.losses import linear_cross_entropy
     from lora_project.training.run import (
         new_experiment_dir,
         plot_loss_curve,
         provenance_of,
-        results_metrics,
-        validation_metrics,
     )
     from lora_project.training.trainer import (
         BlockLoader,
@@ -255,11 +258,11 @@ def _train_fused_locked(paths, names, configs, base, *, overwrite, use_mlflow, p
                "train_seconds": st.train_seconds, "wall_seconds": time.perf_counter() - t0_all,
                "peak_rss_mb": peak_rss_mb(), "adapter_dir": str(paths.adapter(n)),
                "runtime": {"device": runtime.device, "precision": runtime.precision, "threads": runtime.threads}}
-        save_adapter(model, paths.adapter(n), {
-            "format": "lora_project.adapter/1", "adapter_name": n, **provenance, "config": cfg.to_dict(),
-            "final_metrics": {"before": res["metrics_before"], "after": res["metrics_after"]},
-            "mlflow_run_id": st.run_id, "experiment_dir": str(exp_dirs[n]), "fused_with": names,
-            "created": datetime.now(timezone.utc).isoformat()}, overwrite=overwrite, adapter_name=n)
+        save_adapter(model, paths.adapter(n), AdapterMetadata(
+            adapter_name=n, **provenance, config=cfg.to_dict(),
+            final_metrics={"before": res["metrics_before"], "after": res["metrics_after"]},
+            mlflow_run_id=st.run_id, experiment_dir=str(exp_dirs[n]), created=now_iso(), origin="trained",
+            extra={"fused_with": names}), overwrite=overwrite, adapter_name=n)
         plot_loss_curve(st.history, [{"step": st.step, **after}], exp_dirs[n] / "loss_curve.png", f"{n} (fused)")
         atomic_write_json(exp_dirs[n] / "results.json", res)
         if n in trackers:

@@ -16,48 +16,17 @@ import re
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lora_project.config import RunConfig, flatten
 from lora_project.errors import RunInterrupted, UserError
+from lora_project.models.adapter import AdapterMetadata, now_iso
+from lora_project.models.base_model import BaseBundle, load_base
+from lora_project.models.scoring import results_metrics, validation_metrics
 from lora_project.paths import ProjectPaths, check_name
-from lora_project.utils.config_utils import RunConfig, flatten
 from lora_project.utils.io_utils import atomic_write_json, atomic_write_text
 from lora_project.utils.provenance import git_commit, package_versions
-
-
-@dataclass
-class BaseBundle:
-    """A loaded base model with its tokenizer and provenance."""
-
-    ref: object
-    tokenizer: object
-    model: object
-    runtime: object
-    tokenizer_fingerprint: str
-    load_seconds: float = 0.0
-
-
-def load_base(cfg: RunConfig, runtime=None) -> BaseBundle:
-    """Resolve and load the base model and tokenizer once (reused by batch, evaluation, generation)."""
-    import torch
-
-    from lora_project.data.tokenizer_utils import tokenizer_fingerprint
-    from lora_project.models.base_model import load_model, load_tokenizer, resolve_model
-    from lora_project.utils.device import resolve_runtime
-
-    t = cfg.training
-    t0 = time.perf_counter()
-    runtime = runtime or resolve_runtime(t.device, t.precision, t.threads)
-    ref = resolve_model(cfg.model.source, cfg.model.revision)
-    tokenizer = load_tokenizer(ref)
-    # bf16 runs keep the frozen base in bf16 (half the memory, native bf16 matmuls);
-    # LoRA weights are created in fp32 by PEFT on top of it.
-    dtype = torch.bfloat16 if runtime.precision == "bf16" else torch.float32
-    model = load_model(ref, dtype=dtype, device=runtime.device, trust_remote_code=cfg.model.trust_remote_code)
-    return BaseBundle(ref, tokenizer, model, runtime, tokenizer_fingerprint(tokenizer),
-                      load_seconds=time.perf_counter() - t0)
 
 
 def provenance_of(paths: ProjectPaths, base: BaseBundle, dataset: str, streams) -> dict:
@@ -71,26 +40,6 @@ def provenance_of(paths: ProjectPaths, base: BaseBundle, dataset: str, streams) 
         "git_commit": git_commit(paths.root),
         "packages": package_versions(),
     }
-
-
-def validation_metrics(model, tokenizer, docs: list[str], separator: str, runtime, seq_len: int) -> dict:
-    """Validation loss, perplexity and bits per byte of `docs` as training sees them (packed with EOS).
-
-    Windows of 2 x seq_len tokens (256 to 1024) every 3/4 window: enough context for
-    utterance-length documents at ~1.3x the cost of one pass.
-    """
-    from lora_project.evaluation.perplexity import score_documents
-
-    eval_len = min(1024, max(2 * seq_len, 256))
-    s = score_documents(model, tokenizer, docs, separator, runtime, max_length=eval_len, stride=eval_len * 3 // 4)
-    return {"val_loss": s.nll_sum / s.tokens, "val_perplexity": s.perplexity, "val_bits_per_byte": s.bits_per_byte,
-            "val_tokens": s.tokens, "val_bytes": s.bytes}
-
-
-def results_metrics(m: dict) -> dict:
-    """A validation_metrics() record in the shape results.json uses for metrics_before/after."""
-    return {"perplexity": m["val_perplexity"], "bits_per_byte": m["val_bits_per_byte"], "loss": m["val_loss"],
-            "tokens": m["val_tokens"], "bytes": m["val_bytes"]}
 
 
 def new_experiment_dir(paths: ProjectPaths, name: str) -> Path:
@@ -189,8 +138,8 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
     import torch
 
     from lora_project.data.dataset_loader import load_streams, prepare_dataset
-    from lora_project.evaluation.perplexity import limit_documents
     from lora_project.models.lora_model import save_adapter, wrap_with_lora
+    from lora_project.models.scoring import limit_documents
     from lora_project.training.callbacks import JsonlLogger, MlflowCallback, ProgressBar
     from lora_project.training.checkpoint import CheckpointCallback, load_checkpoint
     from lora_project.training.checkpoint import restore as restore_checkpoint
@@ -351,12 +300,11 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
                 import torch
 
                 results["peak_cuda_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
-            metadata = {"format": "lora_project.adapter/1", "adapter_name": adapter_name,
-                        **provenance, "config": cfg.to_dict(),
-                        "final_metrics": {"before": results["metrics_before"],
-                                          "after": results["metrics_after"]},
-                        "mlflow_run_id": run_id, "experiment_dir": str(exp_dir),
-                        "created": datetime.now(timezone.utc).isoformat()}
+            metadata = AdapterMetadata(adapter_name=adapter_name, **provenance, config=cfg.to_dict(),
+                                       final_metrics={"before": results["metrics_before"],
+                                                      "after": results["metrics_after"]},
+                                       mlflow_run_id=run_id, experiment_dir=str(exp_dir), created=now_iso(),
+                                       origin="trained")
             save_adapter(model, adapter_dir, metadata, overwrite=overwrite)
             png = plot_loss_curve(trainer.state.history, evals[1:-1] + [evals[-1]], exp_dir / "loss_curve.png",
                                   f"{adapter_name}: {base.ref.name}")

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lora_project.config import TrainingSection
 from lora_project.data.tokenizer_utils import block, num_blocks
 from lora_project.errors import RunInterrupted, UserError
 from lora_project.training.callbacks import CallbackList, TrainState
-from lora_project.utils.config_utils import TrainingSection
 from lora_project.utils.interrupts import check_stop
 
 
@@ -133,7 +133,7 @@ class LoraTrainer:
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                            weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.max_steps))
-        from lora_project.evaluation.perplexity import decoder_and_head
+        from lora_project.models.scoring import decoder_and_head
 
         self.decoder, self.head = decoder_and_head(model)
         if cfg.gradient_checkpointing:
@@ -148,7 +148,7 @@ class LoraTrainer:
         self.state.scheduler, self.state.loader = self.scheduler, loader
 
     def micro_step(self, inputs, targets) -> float:
-        from lora_project.training.losses import linear_cross_entropy
+        from lora_project.models.losses import linear_cross_entropy
 
         if self.dist.enabled:  # this process's disjoint slice of the global micro-batch
             inputs, targets = inputs[self.dist.rank::self.dist.world_size], targets[self.dist.rank::self.dist.world_size]

@@ -146,27 +146,18 @@ class MlflowTracker:
 
 
 @shield
-def log_to_training_runs(paths: ProjectPaths, cfg, adapter_dirs, metrics_by_adapter: dict[str, dict[str, float]]) -> list[str]:
-    """Add evaluation metrics to each adapter's own training run (run id from its metadata).
+def log_to_runs(paths: ProjectPaths, tracking_uri: str | None, metrics_by_run: dict[str, dict[str, float]]) -> list[str]:
+    """Add metrics to existing runs (e.g. an evaluation to each adapter's training run).
 
-    Returns the run ids written to; adapters without a recorded run are left alone, and a
-    tracking failure only warns.
+    Returns the run ids written to; a missing run or an unreachable store only warns.
     """
-    from lora_project.models.lora_model import read_metadata
-
-    if not cfg.tracking.mlflow:
-        return []
     written = []
-    for d in adapter_dirs:
-        run_id = read_metadata(Path(d)).get("mlflow_run_id")
-        metrics = metrics_by_adapter.get(Path(d).name)
-        if not run_id or not metrics:
-            continue
+    for run_id, metrics in metrics_by_run.items():
         try:
             from mlflow.entities import Metric
             from mlflow.tracking import MlflowClient
 
-            client = MlflowClient(tracking_uri=resolve_tracking_uri(paths, cfg.tracking.tracking_uri))
+            client = MlflowClient(tracking_uri=resolve_tracking_uri(paths, tracking_uri))
             now = int(time.time() * 1000)
             client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
             written.append(run_id)

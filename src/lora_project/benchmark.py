@@ -86,8 +86,8 @@ def inference_speed(peft, stream: np.ndarray, runtime, *, quick: bool, log=print
     the base, the adapter unmerged and the adapter merged into the weights."""
     import torch
 
-    from lora_project.evaluation.perplexity import decoder_and_head
-    from lora_project.training.losses import token_nll
+    from lora_project.models.losses import token_nll
+    from lora_project.models.scoring import decoder_and_head
 
     seq, rows = (64, 8) if quick else (256, 8)
     x = torch.from_numpy(stream[: seq * rows + 1].astype(np.int64))
@@ -203,7 +203,7 @@ def run_benchmark(paths: ProjectPaths, cfg, *, quick: bool = False, shapes=((64,
         model, stream, model_name = _tiny_setup()
     else:
         from lora_project.data.dataset_loader import load_streams, prepare_dataset
-        from lora_project.training.run import load_base
+        from lora_project.models.base_model import load_base
 
         base = load_base(cfg, runtime)
         prepared = prepare_dataset(paths, "toddler_data")
@@ -312,7 +312,7 @@ def _child_setup(job: dict):
 
 
 def _child_eval(model, tok, job: dict) -> float:
-    from lora_project.evaluation.perplexity import score_documents
+    from lora_project.models.scoring import score_documents
     from lora_project.utils.device import resolve_runtime
 
     s = score_documents(model, tok, job["val_docs"], "\n", resolve_runtime("cpu", "fp32", job["threads"]),
@@ -323,9 +323,9 @@ def _child_eval(model, tok, job: dict) -> float:
 def _child_ours(job: dict, queue) -> None:
     import dataclasses
 
+    from lora_project.config import LoraSection, TrainingSection
     from lora_project.models.lora_model import wrap_with_lora
     from lora_project.training.trainer import BlockLoader, LoraTrainer, peak_rss_mb
-    from lora_project.utils.config_utils import LoraSection, TrainingSection
     from lora_project.utils.device import resolve_runtime
 
     tok, model = _child_setup(job)
@@ -415,8 +415,8 @@ def compare_with_reference(paths: ProjectPaths, cfg, *, seq_len: int = 256, batc
     import tempfile
 
     from lora_project.data.dataset_loader import load_streams, prepare_dataset
-    from lora_project.evaluation.perplexity import limit_documents
-    from lora_project.training.run import load_base
+    from lora_project.models.base_model import load_base
+    from lora_project.models.scoring import limit_documents
     from lora_project.utils.device import resolve_runtime
 
     t = cfg.training
@@ -455,10 +455,10 @@ def cross_matrix(paths: ProjectPaths, cfg, *, max_tokens: int = 2000, split: str
     import json as _json
 
     from lora_project.data.preprocessor import read_split
-    from lora_project.evaluation.perplexity import limit_documents, score_documents
-    from lora_project.inspection.adapters import list_adapters
-    from lora_project.models.lora_model import attach_adapters
-    from lora_project.training.run import load_base
+    from lora_project.models.adapter import list_adapters, read_metadata
+    from lora_project.models.base_model import load_base
+    from lora_project.models.lora_model import each_model
+    from lora_project.models.scoring import limit_documents, score_documents
 
     datasets = sorted(p.name for p in paths.processed_dir.glob("*") if (p / "stats.json").is_file()) \
         if paths.processed_dir.is_dir() else []
@@ -466,11 +466,9 @@ def cross_matrix(paths: ProjectPaths, cfg, *, max_tokens: int = 2000, split: str
         raise UserError("no prepared datasets; run: lora-project prepare --all")
     base = load_base(cfg)
     rows = list_adapters(paths.adapters_dir) if paths.adapters_dir.is_dir() else []
-    from lora_project.models.lora_model import read_metadata
-
     adapters, skipped = [], []
     for r in rows:
-        fp = read_metadata(Path(r["path"])).get("base_model", {}).get("fingerprint") if r["status"] == "ok" else None
+        fp = read_metadata(Path(r["path"])).base_fingerprint if r["status"] == "ok" else None
         if r["status"] == "ok" and fp in (None, base.ref.fingerprint):
             adapters.append(Path(r["path"]))
         else:
@@ -483,25 +481,17 @@ def cross_matrix(paths: ProjectPaths, cfg, *, max_tokens: int = 2000, split: str
         if docs:
             sep = _json.loads((paths.processed(d) / "stats.json").read_text()).get("separator", "\n")
             texts[d] = (limit_documents(base.tokenizer, docs, max_tokens), sep)
-    model, ids = attach_adapters(base.model, adapters, base.ref.fingerprint) if adapters else (base.model, [])
     cells: dict[str, dict[str, dict]] = {}
 
-    def score_all(name):
+    def score_all(name, model):
         cells[name] = {}
         for d, (docs, sep) in texts.items():
             s = score_documents(model, base.tokenizer, docs, sep, base.runtime, max_length=256, stride=192)
             cells[name][d] = {"perplexity": s.perplexity, "bits_per_byte": s.bits_per_byte, "tokens": s.tokens}
         log(f"  {name}: " + ", ".join(f"{d} {c['perplexity']:.2f}" for d, c in cells[name].items()))
 
-    if adapters:
-        with model.disable_adapter():
-            score_all("base")
-        for d, aid in zip(adapters, ids):
-            model.set_adapter(aid)
-            score_all(d.name)
-        base.model = model.unload()
-    else:
-        score_all("base")
+    for label, model in each_model(base, adapters):
+        score_all(label, model)
     return {"split": split, "max_tokens": max_tokens, "datasets": list(texts), "models": list(cells), "cells": cells}
 
 

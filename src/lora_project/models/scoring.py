@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from lora_project.data.tokenizer_utils import prefix_id
 from lora_project.errors import UserError
+from lora_project.models.tokens import prefix_id
 
 
 @dataclass
@@ -79,7 +79,7 @@ def score_ids(model, ids: np.ndarray | list[int], n_bytes: int, runtime, max_len
     """Score a prefixed id sequence (ids[0] is the prefix token) with sliding windows."""
     import torch
 
-    from lora_project.training.losses import IGNORE_INDEX, sum_nll
+    from lora_project.models.losses import IGNORE_INDEX, sum_nll
 
     ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64))
     n = len(ids_t)
@@ -125,7 +125,7 @@ def score_text(model, tokenizer, text: str, runtime, max_length: int = 1024, str
 def score_documents(model, tokenizer, docs: list[str], separator: str, runtime, max_length: int = 1024,
                     stride: int | None = None, batch_size: int = 4, stream: np.ndarray | None = None) -> Score:
     """Score documents packed as doc EOS doc EOS ...; bytes count each doc plus its separator."""
-    from lora_project.data.tokenizer_utils import pack_documents
+    from lora_project.models.tokens import pack_documents
 
     if not docs:
         raise UserError("nothing to score: no documents")
@@ -139,7 +139,7 @@ def limit_documents(tokenizer, docs: list[str], max_tokens: int) -> list[str]:
     """The leading documents whose packed length stays within max_tokens (at least one)."""
     if not max_tokens:
         return docs
-    from lora_project.data.tokenizer_utils import encode_documents
+    from lora_project.models.tokens import encode_documents
 
     out, used = [], 0
     for d, ids in zip(docs, encode_documents(tokenizer, docs)):
@@ -148,3 +148,21 @@ def limit_documents(tokenizer, docs: list[str], max_tokens: int) -> list[str]:
         out.append(d)
         used += len(ids) + 1
     return out
+
+
+def validation_metrics(model, tokenizer, docs: list[str], separator: str, runtime, seq_len: int) -> dict:
+    """Validation loss, perplexity and bits per byte of `docs` as training sees them (packed with EOS).
+
+    Windows of 2 x seq_len tokens (256 to 1024) every 3/4 window: enough context for
+    utterance-length documents at ~1.3x the cost of one pass.
+    """
+    eval_len = min(1024, max(2 * seq_len, 256))
+    s = score_documents(model, tokenizer, docs, separator, runtime, max_length=eval_len, stride=eval_len * 3 // 4)
+    return {"val_loss": s.nll_sum / s.tokens, "val_perplexity": s.perplexity, "val_bits_per_byte": s.bits_per_byte,
+            "val_tokens": s.tokens, "val_bytes": s.bytes}
+
+
+def results_metrics(m: dict) -> dict:
+    """A validation_metrics() record in the shape results.json uses for metrics_before/after."""
+    return {"perplexity": m["val_perplexity"], "bits_per_byte": m["val_bits_per_byte"], "loss": m["val_loss"],
+            "tokens": m["val_tokens"], "bytes": m["val_bytes"]}
