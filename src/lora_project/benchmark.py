@@ -192,8 +192,8 @@ def run_benchmark(paths: ProjectPaths, cfg, *, quick: bool = False, shapes=((64,
                   steps: int = 4, log=print) -> dict:
     """Matmul peak and training throughput of our trainer per shape; `quick` uses a tiny model."""
     from lora_project.models.lora_model import wrap_with_lora
-    from lora_project.training.trainer import BlockLoader, LoraTrainer, peak_rss_mb
-    from lora_project.utils.device import resolve_runtime
+    from lora_project.training.trainer import BlockLoader, LoraTrainer
+    from lora_project.utils.device import peak_rss_mb, resolve_runtime
 
     t = cfg.training
     runtime = resolve_runtime(t.device, t.precision, t.threads)
@@ -325,8 +325,8 @@ def _child_ours(job: dict, queue) -> None:
 
     from lora_project.config import LoraSection, TrainingSection
     from lora_project.models.lora_model import wrap_with_lora
-    from lora_project.training.trainer import BlockLoader, LoraTrainer, peak_rss_mb
-    from lora_project.utils.device import resolve_runtime
+    from lora_project.training.trainer import BlockLoader, LoraTrainer
+    from lora_project.utils.device import peak_rss_mb, resolve_runtime
 
     tok, model = _child_setup(job)
     model.requires_grad_(False)
@@ -357,7 +357,7 @@ def _child_reference(job: dict, queue) -> None:
     )
 
     from lora_project.data.tokenizer_utils import block
-    from lora_project.training.trainer import peak_rss_mb
+    from lora_project.utils.device import peak_rss_mb
 
     tok, model = _child_setup(job)
     lora = job["lora"]

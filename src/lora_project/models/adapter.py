@@ -73,8 +73,8 @@ class AdapterMetadata:
         return ((self.final_metrics or {}).get(when) or {}).get(key)
 
     def to_dict(self) -> dict:
+        """Every known field (null = unknown, written so that readers see it was not recorded)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        d = {k: v for k, v in d.items() if v is not None}
         return {"format": d.pop("format"), **d, **self.extra}
 
     @classmethod

@@ -40,17 +40,23 @@ def lora_config(cfg: LoraSection):
                       use_rslora=cfg.use_rslora, bias=cfg.bias)
 
 
+def check_targets(model, cfg: LoraSection, who: str = "") -> None:
+    """Refuse target modules the model does not have, naming the ones it has."""
+    available = linear_module_names(model)
+    missing = [t for t in cfg.target_modules if t not in available]
+    if missing:
+        prefix = f"{who}: " if who else ""
+        raise UserError(f"{prefix}lora.target_modules: {', '.join(missing)} not found in the model; "
+                        f"linear modules are: {', '.join(available)}")
+
+
 def wrap_with_lora(model, cfg: LoraSection, seed: int):
     """Attach fresh LoRA weights. The seed is set here, right before initialisation."""
     from peft import get_peft_model
 
     from lora_project.utils.seed import set_seed
 
-    available = linear_module_names(model)
-    missing = [t for t in cfg.target_modules if t not in available]
-    if missing:
-        raise UserError(f"lora.target_modules: {', '.join(missing)} not found in the model; "
-                        f"linear modules are: {', '.join(available)}")
+    check_targets(model, cfg)
     set_seed(seed)
     # autocast_adapter_dtype (PEFT default) keeps LoRA weights in fp32 on a bf16 base.
     return get_peft_model(model, lora_config(cfg))

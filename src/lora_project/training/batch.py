@@ -89,14 +89,14 @@ def train_batch(paths: ProjectPaths, names: list[str], sources: list[tuple[str, 
     catalog = load_catalog(paths.catalog)
     base = load_base(first)
     log(f"base model {base.ref.name} loaded once for {len(names)} dataset(s) in {base.load_seconds:.1f} s")
-    parent = None
-    if use_mlflow and first.tracking.mlflow:
-        parent = MlflowTracker(paths, first.tracking.experiment_name, first.tracking.tracking_uri)
-        parent.start(f"train-batch {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S}",
-                     {"datasets": ",".join(names), "overwrite": overwrite}, {"kind": "train-batch"})
+    parent = MlflowTracker(paths, first.tracking.experiment_name, first.tracking.tracking_uri) \
+        if use_mlflow and first.tracking.mlflow else None
     rows, status = [], "FINISHED"
     t_all = time.perf_counter()
-    try:
+    try:  # the parent run starts inside the block that ends it: no run is left RUNNING
+        if parent:
+            parent.start(f"train-batch {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S}",
+                         {"datasets": ",".join(names), "overwrite": overwrite}, {"kind": "train-batch"})
         for i, name in enumerate(names, 1):
             cfg = configs[name]
             row = {"dataset": name, "adapter": f"{name}_lora", "status": "", "reason": "", "steps": None,
@@ -116,7 +116,7 @@ def train_batch(paths: ProjectPaths, names: list[str], sources: list[tuple[str, 
                 else:
                     res = train_adapter(paths, name, cfg, overwrite=overwrite, use_mlflow=use_mlflow,
                                         progress=progress, base=base, log=lambda m: log("  " + m),
-                                        parent_run_id=parent.run_id if parent else None)
+                                        parent_run_id=parent.run_id if parent else None, run_kind="batch")
                     row.update(status="trained", steps=res["steps"], tokens=res["tokens_seen"],
                                perplexity_before=res["metrics_before"]["perplexity"],
                                perplexity_after=res["metrics_after"]["perplexity"],

@@ -18,12 +18,13 @@ seed, learning rate, schedule, weight decay, clipping and the LoRA settings may 
 
 from __future__ import annotations
 
-import math
 import time
+from contextlib import ExitStack
 
-from lora_project.config import RunConfig, flatten
-from lora_project.errors import UserError
+from lora_project.config import RunConfig
+from lora_project.errors import RunInterrupted, UserError
 from lora_project.paths import ProjectPaths
+from lora_project.training.lifecycle import Outcome, Run, adapter_lock
 from lora_project.utils.interrupts import check_stop
 
 SHARED_FIELDS = ("seq_len", "batch_size", "grad_accum", "max_steps", "epochs", "precision", "device", "threads",
@@ -58,10 +59,6 @@ def _route(model, adapter_names: list[str]):
 def train_fused(paths: ProjectPaths, names: list[str], configs: dict[str, RunConfig], base, *,
                 overwrite: bool, use_mlflow: bool, progress: bool, parent_run_id: str | None, log=print) -> list[dict]:
     """Train several adapters in one forward/backward pass per step, each on its own data and optimizer."""
-    from contextlib import ExitStack
-
-    from lora_project.training.run import adapter_lock
-
     check_fusable(configs)
     for n in names:
         if paths.adapter(n).exists() and not overwrite:
@@ -74,57 +71,22 @@ def train_fused(paths: ProjectPaths, names: list[str], configs: dict[str, RunCon
 
 
 def _train_fused_locked(paths, names, configs, base, *, overwrite, use_mlflow, progress, parent_run_id, log):
-    import torch
     from peft import get_peft_model
 
     from lora_project.data.dataset_loader import load_streams, prepare_dataset
-    from lora_project.models.adapter import AdapterMetadata, now_iso
-    from lora_project.models.lora_model import (
-        linear_module_names,
-        lora_config,
-        save_adapter,
-    )
-    from lora_project.models.losses import linear_cross_entropy
-    from lora_project.models.scoring import (
-        decoder_and_head,
-        limit_documents,
-        results_metrics,
-        validation_metrics,
-    )
-    from lora_project.training.callbacks import (
-        CallbackList,
-        JsonlLogger,
-        MlflowCallback,
-        ProgressBar,
-        TrainState,
-    )
-    from lora_project.training.run import (
-        new_experiment_dir,
-        plot_loss_curve,
-        provenance_of,
-    )
+    from lora_project.models.lora_model import check_targets, lora_config
     from lora_project.training.trainer import (
         BlockLoader,
-        lr_lambda,
-        peak_rss_mb,
-        total_steps,
     )
-    from lora_project.utils.io_utils import atomic_write_json, atomic_write_text
-    from lora_project.utils.mlflow_utils import MlflowTracker
     from lora_project.utils.seed import set_seed
 
-    t0_all = time.perf_counter()
-    runtime = base.runtime
     shared = configs[names[0]].training
-    available = linear_module_names(base.model)
     streams, loaders = {}, {}
-    for n in names:
+    for n in names:  # everything that can be refused is checked before any folder or run exists
+        check_targets(base.model, configs[n].lora, who=n)
         prepared = prepare_dataset(paths, n)
         streams[n] = load_streams(paths, prepared, base.tokenizer, base.tokenizer_fingerprint)
         loaders[n] = BlockLoader(streams[n].train, shared.seq_len, shared.batch_size, configs[n].training.seed)
-        missing = [m for m in configs[n].lora.target_modules if m not in available]
-        if missing:
-            raise UserError(f"{n}: lora.target_modules {', '.join(missing)} not found in the model")
     # Each adapter is initialised right after setting its own seed, in the same module order
     # as a single-adapter run: the same seed gives the same initial weights as sequential training.
     model = None
@@ -134,6 +96,38 @@ def _train_fused_locked(paths, names, configs, base, *, overwrite, use_mlflow, p
             model = get_peft_model(base.model, lora_config(configs[n].lora), adapter_name=n)
         else:
             model.add_adapter(n, lora_config(configs[n].lora))
+    try:
+        with ExitStack() as stack:
+            runs = {n: stack.enter_context(Run(
+                paths, configs[n], dataset=n, adapter_name=n, base=base, streams=streams[n], use_mlflow=use_mlflow,
+                parent_run_id=parent_run_id, kind="fused", tags={"fused_with": ",".join(names)},
+                params={"fused": True})) for n in names}
+            return _fused_loop(model, names, configs, base, runs, streams, loaders, overwrite=overwrite,
+                               progress=progress)
+    finally:
+        base.model = model.unload()
+
+
+def _fused_loop(model, names, configs, base, runs, streams, loaders, *, overwrite, progress) -> list[dict]:
+    """The shared steps of a fused run, then each adapter's evaluation and finish()."""
+    import torch
+
+    from lora_project.models.losses import linear_cross_entropy
+    from lora_project.models.scoring import (
+        decoder_and_head,
+        limit_documents,
+        validation_metrics,
+    )
+    from lora_project.training.callbacks import CallbackList, ProgressBar, TrainState
+    from lora_project.training.trainer import (
+        check_finite,
+        lr_lambda,
+        optimizer_step,
+        total_steps,
+    )
+
+    runtime = base.runtime
+    shared = configs[names[0]].training
     params = {n: [p for pn, p in model.named_parameters() if "lora_" in pn and f".{n}." in pn] for n in names}
     max_steps = max(total_steps(configs[n].training, loaders[n].n_blocks) for n in names)
     optims, scheds = {}, {}
@@ -143,34 +137,19 @@ def _train_fused_locked(paths, names, configs, base, *, overwrite, use_mlflow, p
                                       weight_decay=t.weight_decay)
         scheds[n] = torch.optim.lr_scheduler.LambdaLR(optims[n], lr_lambda(t, max_steps))
     decoder, head = decoder_and_head(model)
-
     val_docs = {n: limit_documents(base.tokenizer, streams[n].validation_docs, shared.eval_max_tokens) for n in names}
 
     def evaluate(n):
         return validation_metrics(model, base.tokenizer, val_docs[n], streams[n].separator, runtime, shared.seq_len)
 
-    exp_dirs, trackers, before, cbs, states = {}, {}, {}, {}, {}
+    before, cbs, states = {}, {}, {}
     with model.disable_adapter():
         for n in names:
             before[n] = evaluate(n)
     for n in names:
-        cfg = configs[n]
-        exp_dirs[n] = new_experiment_dir(paths, n)
-        atomic_write_text(exp_dirs[n] / "config.yaml", cfg.to_yaml())
-        run_id = None
-        if use_mlflow and cfg.tracking.mlflow:
-            trackers[n] = MlflowTracker(paths, cfg.tracking.experiment_name, cfg.tracking.tracking_uri)
-            tags = {"dataset": n, "dataset_fingerprint": streams[n].fingerprint, "base_model": base.ref.name,
-                    "base_model_fingerprint": base.ref.fingerprint, "experiment_dir": exp_dirs[n].name,
-                    "fused_with": ",".join(names)}
-            if parent_run_id:
-                tags["mlflow.parentRunId"] = parent_run_id
-            run_id = trackers[n].start(exp_dirs[n].name, {**flatten(cfg.to_dict()), "fused": True}, tags)
-            trackers[n].log_metrics(before[n], step=0)
+        runs[n].log_metrics(before[n], step=0)
         states[n] = TrainState(max_steps, shared.batch_size * shared.grad_accum * shared.seq_len)
-        cb = [JsonlLogger(exp_dirs[n] / "logs" / "metrics.jsonl")] + ([MlflowCallback(trackers[n])] if n in trackers else [])
-        cbs[n] = CallbackList(cb)
-        states[n].run_id = run_id
+        cbs[n] = CallbackList(runs[n].callbacks(progress=False))  # one shared bar below
     # PEFT marks only its single "active" adapter trainable (again on leaving disable_adapter()),
     # so every adapter is made trainable here, right before the loop.
     for n in names:
@@ -184,7 +163,7 @@ def _train_fused_locked(paths, names, configs, base, *, overwrite, use_mlflow, p
     rows = [n for n in names for _ in range(shared.batch_size)]
     status = "FAILED"
     try:
-        for step in range(max_steps):
+        for _ in range(max_steps):
             check_stop()
             t_step = time.perf_counter()
             losses = {n: 0.0 for n in names}
@@ -206,26 +185,20 @@ def _train_fused_locked(paths, names, configs, base, *, overwrite, use_mlflow, p
                     losses[n] += float(loss.detach()) / shared.grad_accum
                     total = total + loss
                 (total / shared.grad_accum).backward()
-            dt = time.perf_counter() - t_step
+            check_stop()  # before the optimizer steps, as in the single trainer
+            stepped = {n: optimizer_step(params[n], optims[n], scheds[n], configs[n].training.max_grad_norm)
+                       for n in names}
+            dt = time.perf_counter() - t_step  # measured after the optimizer steps, as in the single trainer
             for n in names:
-                t = configs[n].training
-                if t.max_grad_norm:
-                    gnorm = float(torch.nn.utils.clip_grad_norm_(params[n], t.max_grad_norm))
-                else:
-                    gnorm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params[n]])))
-                lr = scheds[n].get_last_lr()[0]
-                optims[n].step()
-                scheds[n].step()
-                optims[n].zero_grad(set_to_none=True)
+                grad_norm, lr = stepped[n]
                 st = states[n]
                 st.step += 1
                 st.tokens_seen += st.tokens_per_step
                 st.train_seconds += dt  # the shared step's time: each adapter's own throughput
-                if not math.isfinite(losses[n]):
-                    raise UserError(f"{n}: training diverged at step {st.step}; lower its training.lr")
+                check_finite(losses[n], st.step, who=n)
                 windows[n].append(losses[n])
                 if st.step % shared.log_interval == 0 or st.step == max_steps:
-                    logged = {"loss": sum(windows[n]) / len(windows[n]), "lr": lr, "grad_norm": gnorm,
+                    logged = {"loss": sum(windows[n]) / len(windows[n]), "lr": lr, "grad_norm": grad_norm,
                               "tokens_per_second": st.tokens_seen / st.train_seconds,
                               "tokens_seen": float(st.tokens_seen)}
                     windows[n] = []
@@ -234,42 +207,28 @@ def _train_fused_locked(paths, names, configs, base, *, overwrite, use_mlflow, p
             bar_state.step += 1
             bar_state.tokens_seen += bar_state.tokens_per_step
             bar_state.train_seconds += dt
-            bar.on_step_end(bar_state, {"loss": sum(losses.values()) / len(names), "lr": scheds[names[0]].get_last_lr()[0],
+            bar.on_step_end(bar_state, {"loss": sum(losses.values()) / len(names),
+                                        "lr": scheds[names[0]].get_last_lr()[0],
                                         "tokens_per_second": bar_state.tokens_per_step / dt})
         status = "FINISHED"
+    except (KeyboardInterrupt, RunInterrupted):
+        status = "KILLED"
+        raise
     finally:
         bar.on_train_end(bar_state, status)
         for n in names:
             cbs[n].on_train_end(states[n], status)
-            if status != "FINISHED" and n in trackers:
-                trackers[n].end(status)
     model.eval()
     results = []
     for n in names:
-        cfg, st = configs[n], states[n]
+        st = states[n]
         model.set_adapter(n)
         after = evaluate(n)
-        provenance = provenance_of(paths, base, n, streams[n])
-
-        res = {"status": "FINISHED", "dataset": n, "adapter_name": n, "experiment_dir": str(exp_dirs[n]),
-               "mlflow_run_id": st.run_id, "fused_with": names, **provenance,
-               "metrics_before": results_metrics(before[n]), "metrics_after": results_metrics(after), "steps": st.step,
-               "tokens_seen": st.tokens_seen, "tokens_per_second": st.tokens_seen / st.train_seconds,
-               "train_seconds": st.train_seconds, "wall_seconds": time.perf_counter() - t0_all,
-               "peak_rss_mb": peak_rss_mb(), "adapter_dir": str(paths.adapter(n)),
-               "runtime": {"device": runtime.device, "precision": runtime.precision, "threads": runtime.threads}}
-        save_adapter(model, paths.adapter(n), AdapterMetadata(
-            adapter_name=n, **provenance, config=cfg.to_dict(),
-            final_metrics={"before": res["metrics_before"], "after": res["metrics_after"]},
-            mlflow_run_id=st.run_id, experiment_dir=str(exp_dirs[n]), created=now_iso(), origin="trained",
-            extra={"fused_with": names}), overwrite=overwrite, adapter_name=n)
-        plot_loss_curve(st.history, [{"step": st.step, **after}], exp_dirs[n] / "loss_curve.png", f"{n} (fused)")
-        atomic_write_json(exp_dirs[n] / "results.json", res)
-        if n in trackers:
-            trackers[n].log_metrics(after, step=st.step)
-            trackers[n].log_artifact(exp_dirs[n] / "results.json")
-            trackers[n].log_artifact(paths.adapter(n), "adapter")
-            trackers[n].end("FINISHED")
-        results.append(res)
-    base.model = model.unload()
+        runs[n].log_metrics(after, step=st.step)
+        outcome = Outcome(st.step, st.tokens_seen, st.train_seconds, st.history[-1]["loss"] if st.history else
+                          float("nan"), st.history, sum(p.numel() for p in params[n]))
+        results.append(runs[n].finish(model, outcome, before[n], after,
+                                      [{"step": 0, **before[n]}, {"step": st.step, **after}],
+                                      peft_adapter=n, overwrite=overwrite, extra_results={"fused_with": names},
+                                      extra_metadata={"fused_with": names}, plot_title=f"{n} (fused)"))
     return results

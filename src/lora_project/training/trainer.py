@@ -9,7 +9,6 @@ Only LoRA parameters have gradients; AdamW state lives in fp32.
 from __future__ import annotations
 
 import math
-import resource
 import time
 from dataclasses import dataclass
 
@@ -94,9 +93,33 @@ def total_steps(cfg: TrainingSection, n_blocks: int) -> int:
     return max(1, math.ceil(cfg.epochs * n_blocks / per_step))
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MiB (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def optimizer_step(params, optimizer, scheduler, max_grad_norm: float) -> tuple[float, float]:
+    """One optimizer step, the same in every trainer: clip (or just measure) the gradient norm,
+    step the optimizer and the schedule, zero the gradients. Returns (grad norm, lr used).
+
+    Parameters without a gradient (not reached this step) are left out of the norm.
+    """
+    import torch
+
+    with_grad = [p for p in params if p.grad is not None]
+    if max_grad_norm:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(with_grad, max_grad_norm))
+    elif with_grad:
+        grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in with_grad])))
+    else:
+        grad_norm = 0.0
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr
+
+
+def check_finite(loss: float, step: int, who: str = "") -> None:
+    """Stop a diverged run with a clear line instead of training on NaN."""
+    if not math.isfinite(loss):
+        prefix = f"{who}: " if who else ""
+        raise UserError(f"{prefix}training diverged at step {step} (loss {loss}); lower training.lr")
 
 
 @dataclass
@@ -175,15 +198,7 @@ class LoraTrainer:
                 t0 = time.perf_counter()
                 losses = [self.micro_step(*self.loader.next_batch()) for _ in range(self.cfg.grad_accum)]
                 check_stop()  # before the optimizer step, so a stopped run never applies a partial step
-                if self.cfg.max_grad_norm:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
-                else:
-                    grad_norm = float(torch.linalg.vector_norm(
-                        torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
-                lr = self.scheduler.get_last_lr()[0]
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                grad_norm, lr = optimizer_step(self.params, self.optimizer, self.scheduler, self.cfg.max_grad_norm)
                 if self.runtime.device == "cuda":
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
@@ -193,9 +208,7 @@ class LoraTrainer:
                 from lora_project.training.distributed import mean_across
 
                 last_loss = mean_across(sum(losses) / len(losses), self.dist)
-                if not math.isfinite(last_loss):
-                    raise UserError(f"training diverged at step {state.step} (loss {last_loss}); "
-                                    "lower training.lr")
+                check_finite(last_loss, state.step)
                 loss_window.append(last_loss)
                 metrics = {"loss": last_loss, "lr": lr, "grad_norm": grad_norm,
                            "tokens_per_second": state.tokens_per_step / dt,

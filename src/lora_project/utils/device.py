@@ -77,3 +77,10 @@ def resolve_runtime(device: str = "auto", precision: str = "auto", threads: int 
     if device == "cpu":
         torch.set_num_threads(n)
     return Runtime(device, precision, n)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
