@@ -215,7 +215,7 @@ def test_adopt_apply_again_and_undo(project, old_project, tiny_model_dir, other_
     from lora_project.adopt import adopt
     from lora_project.data.catalog import load_catalog
     from lora_project.data.dataset_loader import prepare_dataset
-    from lora_project.inspection.adapters import list_adapters
+    from lora_project.models.adapter import list_adapters
 
     paths = ProjectPaths(project.resolve())
     for keep in ("adapters", "data/raw", "data/processed", "data/datasets", "mlruns", "outputs/logs", "scripts"):
@@ -237,7 +237,7 @@ def test_adopt_apply_again_and_undo(project, old_project, tiny_model_dir, other_
         row = rows[Path(dest).name]
         assert row["status"] == "ok", row
         meta = json.loads((project / dest / "lora_project.json").read_text())
-        assert meta["dataset"]["name"] == "unknown" and "git_commit" in meta["unknown_fields"]
+        assert meta["origin"] == "adopted" and "dataset" not in meta and "git_commit" in meta["unknown"]
         base_dir = other_tiny_model_dir if src == "other_base_adapter/" else tiny_model_dir
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(project / dest))
         loaded = get_peft_model_state_dict(model)

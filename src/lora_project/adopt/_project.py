@@ -6,6 +6,7 @@ MLflow); the heavy parts are imported inside the functions that need them.
 
 from __future__ import annotations
 
+from lora_project.config import load_project_config  # noqa: F401
 from lora_project.data.catalog import (  # noqa: F401
     COLUMNS,
     append_rows,
@@ -14,9 +15,8 @@ from lora_project.data.catalog import (  # noqa: F401
     remove_rows,
 )
 from lora_project.errors import UserError, did_you_mean  # noqa: F401
-from lora_project.models.lora_model import METADATA_FILE, check_adapter_dir  # noqa: F401
+from lora_project.models.adapter import METADATA_FILE, AdapterMetadata, check_adapter_dir  # noqa: F401
 from lora_project.paths import _NAME_RE, ProjectPaths  # noqa: F401
-from lora_project.utils.config_utils import load_project_config  # noqa: F401
 from lora_project.utils.io_utils import atomic_write_json, fsync_dir, fsync_tree  # noqa: F401
 from lora_project.utils.mlflow_utils import default_tracking_uri, resolve_tracking_uri  # noqa: F401
 from lora_project.utils.provenance import sha256_file  # noqa: F401

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from lora_project.adopt._project import (
     METADATA_FILE,
+    AdapterMetadata,
     ProjectPaths,
     UserError,
     append_rows,
@@ -30,7 +31,6 @@ from lora_project.adopt._project import (
 from lora_project.adopt.plan import MANIFEST_FORMAT, Plan, manifest_dir
 from lora_project.adopt.scan import Item
 
-UNKNOWN = "unknown"
 _ORDER = {"adapter": 0, "data": 1, "chat": 1, "script": 2, "notebook": 2, "config": 2, "mlflow": 3}
 
 
@@ -176,10 +176,10 @@ def _convert_bin(src: Path, target: Path) -> None:
 
 
 def adapter_metadata(rec: Recorder, it: Item, trainer_state: Path | None) -> dict:
-    """Our lora_project.json for an adopted adapter: what is known, the rest marked unknown."""
-    base = it.info.get("base_model") or UNKNOWN
+    """Our lora_project.json for an adopted adapter: what is known; the rest None (unknown), not invented."""
+    base = it.info.get("base_model") or None
     fingerprint, directory = None, None
-    if base != UNKNOWN and not it.info.get("same_base") and Path(base).is_dir():
+    if base and not it.info.get("same_base") and Path(base).is_dir():
         from lora_project.models.base_model import resolve_model  # hashes the weights (cached)
 
         try:
@@ -194,26 +194,19 @@ def adapter_metadata(rec: Recorder, it: Item, trainer_state: Path | None) -> dic
             history = {"global_step": state.get("global_step"), "log_history": state.get("log_history", [])}
         except (ValueError, UnicodeDecodeError, AttributeError):
             history = {"error": "trainer_state.json is not readable JSON"}
-    cfg_rel = next(f for f in it.files if Path(f).name == "adapter_config.json")
-    cfg = json.loads((rec.plan.old_dir / cfg_rel).read_text(encoding="utf-8"))
-    return {
-        "format": "lora_project.adapter/1", "adapter_name": it.info["name"],
-        "adopted": {"from": str(rec.plan.old_dir / it.source), "old_project": str(rec.plan.old_dir),
-                    "adopted_at": datetime.now(timezone.utc).isoformat(), "manifest": rec.rel(rec.path),
-                    "weights": "converted from adapter_model.bin (torch.load weights_only=True)"
-                    if it.action == "convert" else "copied unchanged",
-                    "trainer_checkpoint": bool(it.info.get("checkpoint"))},
-        "base_model": {"name": base, "fingerprint": fingerprint, "directory": directory,
-                       "matches_configured_base": bool(it.info.get("same_base"))},
-        "dataset": {"name": UNKNOWN, "fingerprint": UNKNOWN},
-        "tokenizer_fingerprint": UNKNOWN,
-        "config": {"lora": {k: cfg.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules",
-                                                    "use_rslora", "bias")}, "training": UNKNOWN},
-        "final_metrics": {}, "trainer_history": history, "mlflow_run_id": None, "experiment_dir": None,
-        "git_commit": UNKNOWN, "packages": UNKNOWN, "created": UNKNOWN,
-        "unknown_fields": ["dataset", "tokenizer_fingerprint", "config.training", "final_metrics", "git_commit",
-                           "packages", "created"] + ([] if fingerprint else ["base_model.fingerprint"]),
-    }
+    meta = AdapterMetadata(
+        adapter_name=it.info["name"], origin="adopted",
+        base_model={"name": base, "fingerprint": fingerprint, "directory": directory,
+                    "matches_configured_base": bool(it.info.get("same_base"))},
+        extra={"adopted": {"from": str(rec.plan.old_dir / it.source), "old_project": str(rec.plan.old_dir),
+                           "adopted_at": datetime.now(timezone.utc).isoformat(), "manifest": rec.rel(rec.path),
+                           "weights": "converted from adapter_model.bin (torch.load weights_only=True)"
+                           if it.action == "convert" else "copied unchanged",
+                           "trainer_checkpoint": bool(it.info.get("checkpoint"))},
+               "trainer_history": history,
+               "unknown": ["dataset", "tokenizer_fingerprint", "config", "final_metrics", "git_commit", "packages",
+                           "created", "mlflow_run_id"] + ([] if fingerprint else ["base_model.fingerprint"])})
+    return meta.to_dict()
 
 
 def adopt_adapter(rec: Recorder, it: Item, dest: Path) -> None:
