@@ -82,7 +82,8 @@ def build_old_project(root: Path, tiny: Path, other: Path, outside: Path) -> Non
                            (root / rel).write_text(text))
     # scripts that import each other, from the root and from a subfolder
     w("helpers.py", "def load_text(p):\n    return open(p).read().splitlines()\n")
-    w("train_single_lora.py", "import torch\nfrom helpers import load_text\nprint(len(load_text('data/toddler.txt')))\n")
+    w("train_single_lora.py", "import torch\nfrom helpers import load_text\n"
+                              "print(len(load_text('data/toddler.txt')))\n")
     w("scripts/extract_children_speaking.py", "import helpers\nimport pylangacq_not_installed_xyz\n")
     w("config.yaml", "lora:\n  r: 8\n  lora_alpha: 16\n  target_modules: [q_proj, v_proj]\nlearning_rate: 0.0002\n"
                      "train_file: data/toddler.txt\n")
@@ -161,7 +162,8 @@ def test_plan_classifies_every_file_once_and_changes_nothing(project, old_projec
         assert by_source[src].kind == "adapter" and by_source[src].action in ("copy", "convert"), by_source[src]
     assert by_source["old_bin_adapter/"].action == "convert"
     assert by_source["broken_adapter/"].action == "leave" and "broken" in by_source["broken_adapter/"].reason
-    assert by_source["other_base_adapter/"].action == "copy" and "trained on base" in by_source["other_base_adapter/"].reason
+    other = by_source["other_base_adapter/"]
+    assert other.action == "copy" and "trained on base" in other.reason
     for pickle in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
         assert by_source[f"outputs/checkpoint-20/{pickle}"].kind == "trainer-state"
         assert by_source[f"outputs/checkpoint-20/{pickle}"].action == "leave"
@@ -256,7 +258,8 @@ def test_adopt_apply_again_and_undo(project, old_project, tiny_model_dir, other_
     rc, out, err = cli(capsys, "evaluate", "--text", str(text), "--adapter", items["my_adapter/"]["destination"],
                        "--adapter", items["old_bin_adapter/"]["destination"], "--json")
     assert rc == 0, err[-2000:]
-    rc, out, err = cli(capsys, "evaluate", "--text", str(text), "--adapter", items["other_base_adapter/"]["destination"])
+    rc, out, err = cli(capsys, "evaluate", "--text", str(text), "--adapter",
+                       items["other_base_adapter/"]["destination"])
     assert rc == 2 and str(other_tiny_model_dir) in err, err[-2000:]
     text.unlink()
 

@@ -45,10 +45,10 @@ def test_help_lists_every_subcommand_and_explains():
 
 def test_every_subcommand_has_its_own_handler():
     """Each subcommand maps to a distinct handler named after it (guards against a shadowed def)."""
-    from lora_project import cli
-
     import argparse
     import importlib
+
+    from lora_project import cli
 
     handlers = list(cli.COMMANDS.values())
     assert len(set(handlers)) == len(handlers)

@@ -20,7 +20,6 @@ from pathlib import Path
 from lora_project.adopt._project import (
     METADATA_FILE,
     AdapterMetadata,
-    ProjectPaths,
     UserError,
     append_rows,
     atomic_write_json,
@@ -180,7 +179,9 @@ def adapter_metadata(rec: Recorder, it: Item, trainer_state: Path | None) -> dic
     base = it.info.get("base_model") or None
     fingerprint, directory = None, None
     if base and not it.info.get("same_base") and Path(base).is_dir():
-        from lora_project.models.base_model import resolve_model  # hashes the weights (cached)
+        from lora_project.models.base_model import (
+            resolve_model,  # hashes the weights (cached)
+        )
 
         try:
             ref = resolve_model(base)

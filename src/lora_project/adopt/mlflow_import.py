@@ -45,7 +45,9 @@ def _target_experiment(client, paths: ProjectPaths, uri: str, name: str, created
     while True:
         exp = client.get_experiment_by_name(candidate)
         if exp is None:
-            artifacts = (paths.mlruns_dir / "artifacts").resolve().as_uri() if uri == default_tracking_uri(paths) else None
+            artifacts = None  # a server or another store keeps its own artifact root
+            if uri == default_tracking_uri(paths):
+                artifacts = (paths.mlruns_dir / "artifacts").resolve().as_uri()
             exp_id = client.create_experiment(candidate, artifact_location=artifacts,
                                               tags={ADOPTED_EXPERIMENT_TAG: "true"})
             created.append(exp_id)
@@ -118,7 +120,8 @@ def import_file_store(paths: ProjectPaths, store: Path, uri: str, record) -> dic
                 warnings.simplefilter("ignore")
                 migrate(store, db, progress=False)
         except MlflowException as exc:
-            raise UserError(f"mlflow migrate-filestore could not read {store}: {str(exc).splitlines()[0][:200]}") from None
+            first = (str(exc).splitlines() or [""])[0][:200]
+            raise UserError(f"mlflow migrate-filestore could not read {store}: {first}") from None
         src = MlflowClient(db)
         dst = MlflowClient(uri)
         done = existing_imports(dst)

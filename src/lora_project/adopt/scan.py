@@ -27,7 +27,8 @@ CACHE_DIRS = {"__pycache__", ".ipynb_checkpoints", ".cache", ".pytest_cache", ".
               ".git", ".hg", ".svn", ".venv", "venv", ".tox", ".nox", "node_modules", ".hypothesis",
               ".idea", ".vscode", ".eggs", "site-packages"}
 LOG_DIRS = {"logs", "log", "wandb", "lightning_logs", "tensorboard", "tb_logs"}
-_TEMP_RE = re.compile(r"^(tmp|temp|scratch|trash|junk|old|backup|bak)([._-].*|\d*)$|.*[._-](tmp|temp|bak|old)$", re.I)
+# Temporary folders by name: tmp, tmp_run3, temp2, scratch, old, backup1, run.tmp (not "old_data").
+_TEMP_RE = re.compile(r"^(tmp|temp|scratch|trash|junk)([._-].*|\d*)$|^(old|backup|bak)\d*$|.*[._-](tmp|temp)$", re.I)
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz"}
 TRAINER_PICKLES = re.compile(r"^(optimizer|scheduler|scaler|rng_state.*|training_args)\.(pt|pth|bin)$")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
@@ -53,9 +54,8 @@ FIELD_MAP = {
     "model_name": "model.source", "model_name_or_path": "model.source", "base_model": "model.source",
     "base_model_name_or_path": "model.source", "model_id": "model.source",
     "experiment_name": "tracking.experiment_name",
-    "train_file": "a catalog row (lora-project catalog add)", "data_path": "a catalog row (lora-project catalog add)",
-    "dataset_path": "a catalog row (lora-project catalog add)", "train_data": "a catalog row (lora-project catalog add)",
-    "data_file": "a catalog row (lora-project catalog add)", "dataset": "a catalog row (lora-project catalog add)",
+    **{k: "a catalog row (lora-project catalog add)"
+       for k in ("train_file", "data_path", "dataset_path", "train_data", "data_file", "dataset")},
 }
 
 # Which project command replaces an old script, judged by words in its file name.
@@ -318,7 +318,8 @@ class Scanner:
                 reason += "; loss history from trainer_state.json kept"
             self.add(src, "adapter", action, reason, used, info=info)
             for f in unused:
-                self.add(self.rel(f), "other", "leave", "second copy of the weights (the safetensors file is adopted)", [f])
+                self.add(self.rel(f), "other", "leave",
+                         "second copy of the weights (the safetensors file is adopted)", [f])
         for f in list(rest):
             if TRAINER_PICKLES.match(f.name):
                 self.add(self.rel(f), "trainer-state", "leave",
