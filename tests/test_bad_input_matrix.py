@@ -36,6 +36,13 @@ def write(rel: str, data: bytes | str):
     return setup
 
 
+def outside(name: str, data: bytes | str):
+    """A file beside the project folder (adopt and catalog add take paths outside it)."""
+    def setup(project: Path, _src: Path) -> None:
+        (project.parent / name).write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+    return setup
+
+
 def catalog_rows(*rows: str):
     def setup(project: Path, _src: Path) -> None:
         path = project / "config" / "dataset_catalog.csv"
@@ -209,6 +216,32 @@ CASES = [
     Case("batch-names-and-all", "names and --all together", ["train-batch", "kids", "--all"], ["not both"]),
     Case("bench-bad-steps", "benchmark --steps 0", ["benchmark", "--steps", "0"], ["--steps"]),
     Case("cli-unknown-command", "unknown command", ["frobnicate"], ["invalid choice"]),
+    # --- adopting an old project, and the catalog one row at a time
+    Case("adopt-missing", "old project folder that does not exist", ["adopt", "../no_such_project"],
+         ["folder not found"]),
+    Case("adopt-not-folder", "a file instead of a folder", ["adopt", "../notes.txt"], ["is not a folder"],
+         outside("notes.txt", "hello\n")),
+    Case("adopt-project-itself", "the project itself", ["adopt", "."], ["this project itself"]),
+    Case("adopt-inside-project", "a folder inside the project", ["adopt", "config"], ["inside this project"]),
+    Case("adopt-holds-project", "a folder that holds the project", ["adopt", ".."], ["contains this project"]),
+    Case("adopt-symlink-loop", "a symbolic link loop", ["adopt", "../loop"], ["symbolic link loop"],
+         lambda p, s: (p.parent / "loop").symlink_to("loop")),
+    Case("adopt-undo-not-manifest", "--undo with a file that is not a manifest",
+         ["adopt", "--undo", "config/dataset_catalog.csv"], ["not an adoption manifest"]),
+    Case("adopt-undo-foreign-json", "--undo with JSON that is not a manifest", ["adopt", "--undo", "m.json"],
+         ["not an adoption manifest"], write("m.json", '{"items": []}')),
+    Case("adopt-undo-missing", "--undo with a manifest that does not exist",
+         ["adopt", "--undo", "outputs/adopt/adopt_none.json"], ["manifest not found"]),
+    Case("catalog-add-missing", "catalog add of a missing file", ["catalog", "add", "x", "../nope.txt"],
+         ["not found"]),
+    Case("catalog-add-duplicate", "catalog add of a name already there", ["catalog", "add", "kids", "../n.txt"],
+         ["already in the catalog"], outside("n.txt", "hi there\n")),
+    Case("catalog-add-bad-name", "catalog add with a name that escapes", ["catalog", "add", "../x", "../n.txt"],
+         ["invalid dataset name"], outside("n.txt", "hi there\n")),
+    Case("catalog-add-binary", "catalog add of a binary file", ["catalog", "add", "b", "../b.txt"],
+         ["binary"], outside("b.txt", b"\x00\x01" * 50)),
+    Case("catalog-remove-unknown", "catalog remove of an unknown name", ["catalog", "remove", "kidz"],
+         ["did you mean 'kids'"]),
 ]
 
 

@@ -45,11 +45,20 @@ def test_help_lists_every_subcommand_and_explains():
 
 def test_every_subcommand_has_its_own_handler():
     """Each subcommand maps to a distinct handler named after it (guards against a shadowed def)."""
+    import argparse
+    import importlib
+
     from lora_project import cli
 
     handlers = list(cli.COMMANDS.values())
     assert len(set(handlers)) == len(handlers)
-    assert set(cli.COMMANDS) == set(cli.build_parser()._subparsers._group_actions[0].choices)
+    modular = set()  # command groups that plug in through COMMAND_MODULES, each with its own handler(s)
+    for module in cli.COMMAND_MODULES:
+        sub = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(f"lora_project.cli.{module}").register(sub)
+        modular |= set(sub.choices)
+    assert not modular & set(cli.COMMANDS)
+    assert set(cli.COMMANDS) | modular == set(cli.build_parser()._subparsers._group_actions[0].choices)
     assert cli.COMMANDS["generate-data"].__name__ == "_cmd_generate_data"
     assert cli.COMMANDS["generate"].__name__ == "_cmd_generate_text"
 

@@ -96,7 +96,7 @@ class _Parser(argparse.ArgumentParser):
 # Command groups that live in their own module under lora_project.cli: each exposes
 # register(sub), which adds its parser(s) and sets `handler=fn(args, paths)` as a default.
 # Modules here must stay light at import time (no torch, no transformers).
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("adopt", "catalog")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -225,3 +225,83 @@ def get_entry(catalog: dict[str, CatalogEntry], name: str) -> CatalogEntry:
         raise UserError(f"unknown dataset '{name}'{did_you_mean(name, catalog)}; "
                         f"known: {', '.join(sorted(catalog)) or '(none)'}")
     return catalog[name]
+
+
+def format_rows(rows: list[dict]) -> str:
+    """CSV text (no header) of catalog rows given as {column: value} dicts, in COLUMNS order."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    for row in rows:
+        unknown = set(row) - set(COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown catalog columns {sorted(unknown)}")
+        writer.writerow([row.get(c, "") for c in COLUMNS])
+    return buf.getvalue()
+
+
+def _read_catalog_text(path: Path) -> str:
+    load_catalog(path)  # a broken catalog is reported, never edited
+    return path.read_bytes().decode("utf-8-sig")
+
+
+def append_rows(path: Path, rows: list[dict]) -> str:
+    """Append rows to a catalog file in one atomic write; returns the exact text appended.
+
+    The whole new catalog is validated first (names unique, kinds and formats known), so a
+    bad row leaves the file as it was. The existing bytes are kept as they are.
+    """
+    from lora_project.utils.io_utils import atomic_write_bytes
+
+    path = Path(path)
+    text = _read_catalog_text(path)
+    header = next(csv.reader(io.StringIO(text)), [])
+    if list(header) != list(COLUMNS):
+        raise UserError(f"{path}: rows can only be added to a catalog with all columns "
+                        f"({','.join(COLUMNS)}); add the missing ones first")
+    added = ("" if not text or text.endswith("\n") else "\n") + format_rows(rows)
+    parse_catalog(text + added, source=str(path))
+    atomic_write_bytes(path, path.read_bytes() + added.encode("utf-8"))
+    return added
+
+
+def remove_rows(path: Path, names: list[str], appended: str | None = None) -> list[str]:
+    """Remove the named rows from a catalog file (atomically); returns the names removed.
+
+    When `appended` (the text `append_rows` returned) is still the end of the file, exactly
+    that text is cut, so the file gets back its earlier bytes. Otherwise each named row's
+    line is dropped and every other line is kept as it was.
+    """
+    from lora_project.utils.io_utils import atomic_write_bytes, atomic_write_text
+
+    path = Path(path)
+    text = _read_catalog_text(path)
+    present = [n for n in names if n in parse_catalog(text, source=str(path))]
+    if not present:
+        return []
+    raw, tail = path.read_bytes(), (appended or "").encode("utf-8")
+    if tail and raw.endswith(tail):
+        cut = set(parse_catalog(",".join(COLUMNS) + "\n" + appended.lstrip("\n"), source=str(path)))
+        if cut == set(names):
+            atomic_write_bytes(path, raw[: -len(tail)])
+            return present
+    lines = text.splitlines(keepends=True)
+    keep, drop = [], set(present)
+    # Records may span lines (quoted newlines): re-parse record by record, keeping raw text.
+    reader_lines: list[str] = []
+    for line in lines:
+        reader_lines.append(line)
+        chunk = "".join(reader_lines)
+        try:
+            rec = next(csv.reader(io.StringIO(chunk)))
+        except (StopIteration, csv.Error):
+            rec = []
+        if chunk.count('"') % 2:  # inside a quoted field: read on
+            continue
+        if not (rec and rec[0].strip() in drop and keep):  # keep the header and other rows
+            keep.append(chunk)
+        reader_lines = []
+    keep.extend(reader_lines)
+    new = "".join(keep)
+    parse_catalog(new, source=str(path))
+    atomic_write_text(path, new)
+    return present

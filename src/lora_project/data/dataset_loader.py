@@ -59,7 +59,11 @@ def fetch_source(paths: ProjectPaths, entry: CatalogEntry, progress: bool = True
         return download(entry.location, paths.datasets_dir / entry.name, entry.sha256,
                         allow_http=bool(entry.option("allow_http", False)), progress=progress, log=log)
     if entry.kind in ("local", "childes"):
-        src = paths.inside(Path(entry.location), f"dataset '{entry.name}' location")
+        try:
+            src = paths.inside(Path(entry.location), f"dataset '{entry.name}' location")
+        except UserError as exc:
+            raise UserError(f"{exc}; copy it in with `lora-project catalog add NAME {entry.location}` "
+                            "(and remove this row)") from None
         if not src.exists():
             raise UserError(f"dataset '{entry.name}': source not found: {src}")
         if entry.sha256 and src.is_file() and sha256_file(src) != entry.sha256:
