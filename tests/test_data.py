@@ -105,7 +105,7 @@ def test_prepare_is_deterministic_disjoint_and_idempotent(tmp_path):
 @pytest.mark.parametrize("content, fragment", [
     (b"", "no documents left"),
     (b"\x00\x01binary\x00", "binary"),
-    (b"ok line\nbad \xff\xfe byte\n", "not valid utf-8 at byte 12 (line 2)"),
+    (b"ok line\nbad \xff\xfe byte\n", "not UTF-8 (byte 12, line 2)"),
 ])
 def test_prepare_bad_inputs(tmp_path, content, fragment):
     src = tmp_path / "raw.txt"
@@ -160,3 +160,24 @@ def test_stats_json_records_fingerprints(tmp_path):
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats == prep.stats
     assert len(stats["source_sha256"]) == 64 and stats["settings"]["split"] == [0.6, 0.2, 0.2]
+
+
+def test_read_user_text_decodes_first_then_judges(tmp_path):
+    from lora_project.utils.text_io import read_user_text
+
+    u16 = tmp_path / "u16.txt"
+    u16.write_bytes("mommy want juice\nbye\n".encode("utf-16"))  # NUL bytes, BOM: still text
+    assert read_user_text(u16, encoding="utf-16") == "mommy want juice\nbye\n"
+    with pytest.raises(UserError, match="binary.*--encoding utf-16"):
+        read_user_text(u16)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(b"abc\n\xe9t\xe9\n")
+    with pytest.raises(UserError, match=r"not UTF-8 \(byte 4, line 2\)"):
+        read_user_text(latin)
+    assert read_user_text(latin, encoding="latin-1") == "abc\nété\n"
+    with pytest.raises(UserError, match="unknown encoding 'nope'"):
+        read_user_text(latin, encoding="nope")
+    controls = tmp_path / "ctl.txt"
+    controls.write_bytes(bytes(range(1, 9)) * 20)  # valid UTF-8, but control characters only
+    with pytest.raises(UserError, match="binary"):
+        read_user_text(controls)

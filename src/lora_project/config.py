@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from lora_project.errors import ConfigError, UserError, did_you_mean
+from lora_project.utils.text_io import read_user_text
 
 
 def opt(default: Any, doc: str, *, choices: tuple | None = None, min: float | None = None,
@@ -138,15 +139,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
-    try:
-        raw = path.read_bytes()
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); is it a binary file?") from None
-    except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc.strerror}") from None
-    if "\x00" in text:
-        raise UserError(f"{path}: binary file, expected YAML text")
+    text = read_user_text(path, what="YAML text")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

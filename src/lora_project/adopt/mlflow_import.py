@@ -20,7 +20,12 @@ import tempfile
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from lora_project.adopt._project import ProjectPaths, UserError, default_tracking_uri, sha256_file
+from lora_project.adopt._project import (
+    ProjectPaths,
+    UserError,
+    default_tracking_uri,
+    sha256_file,
+)
 
 ADOPTED_RUN_TAG = "lora_project.adopted_from_run"
 ADOPTED_EXPERIMENT_TAG = "lora_project.adopted_experiment"

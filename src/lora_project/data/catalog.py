@@ -34,6 +34,7 @@ from lora_project.data.childes import parse_age
 from lora_project.data.extract import SOURCE_FORMATS
 from lora_project.errors import UserError, did_you_mean
 from lora_project.paths import _NAME_RE
+from lora_project.utils.text_io import read_user_text
 
 COLUMNS = ("name", "kind", "location", "format", "text_field", "sha256", "license", "description",
            "options", "split", "enabled")
@@ -209,13 +210,7 @@ def load_catalog(path: Path) -> dict[str, CatalogEntry]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"dataset catalog not found: {path}")
-    raw = path.read_bytes()
-    if b"\x00" in raw:
-        raise UserError(f"{path}: binary file, expected CSV text")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 (byte {exc.start})") from None
+    text = read_user_text(path, what="CSV text", encoding="utf-8")
     return parse_catalog(text, source=str(path))
 
 

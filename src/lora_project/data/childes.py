@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_project.errors import UserError
+from lora_project.utils.text_io import decode_user_bytes
 
 _AGE_RE = re.compile(r"^\s*(\d+)(?:;(\d{1,2})?(?:\.(\d{1,2}))?)?\s*$")
 _TERMINATORS = {".", "?", "!"}
@@ -162,14 +163,10 @@ def parse_chat(name: str, raw: bytes, encoding: str = "utf-8"):
     """Parse one CHAT text; returns (reader, lenient_reason). Raises ValueError naming file and line."""
     from pylangacq import CHAT
 
-    if b"\x00" in raw[:65536]:
-        raise ValueError(f"{name}: binary file, not a CHAT transcript")
     try:
-        text = raw.decode(encoding).lstrip("\ufeff").replace("\r\n", "\n")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise ValueError(f"{name}: not valid {encoding} at byte {exc.start} (line {line}); "
-                         "pass --encoding") from None
+        text = decode_user_bytes(raw, name, what="a CHAT transcript", encoding=encoding).replace("\r\n", "\n")
+    except UserError as exc:
+        raise ValueError(str(exc)) from None
     if "\n*" not in "\n" + text:
         raise ValueError(f"{name}: no utterance lines ('*XXX:'), not a CHAT transcript")
     try:

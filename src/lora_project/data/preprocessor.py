@@ -21,6 +21,7 @@ from pathlib import Path
 from lora_project.errors import UserError
 from lora_project.utils.io_utils import atomic_write_json, atomic_write_text
 from lora_project.utils.provenance import sha256_file, sha256_json
+from lora_project.utils.text_io import read_user_text
 
 SPLITS = ("train", "validation", "test")
 PREPROCESS_VERSION = 1  # bump when cleaning rules change, so caches are rebuilt
@@ -28,25 +29,7 @@ PREPROCESS_VERSION = 1  # bump when cleaning rules change, so caches are rebuilt
 
 def read_text_file(path: Path, encoding: str = "utf-8") -> str:
     """Read a text file; missing, binary and non-UTF-8 files are one-line UserErrors."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"file not found: {path}")
-    if not path.is_file():
-        raise UserError(f"not a file: {path}")
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc.strerror}") from None
-    if b"\x00" in raw[:65536]:
-        raise UserError(f"{path}: looks like a binary file (NUL bytes), expected text")
-    try:
-        return raw.decode(encoding)
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise UserError(f"{path}: not valid {encoding} at byte {exc.start} (line {line}); "
-                        "convert the file to UTF-8 or pass --encoding") from None
-    except LookupError:
-        raise UserError(f"unknown encoding {encoding!r}") from None
+    return read_user_text(path, what="text", encoding=encoding)
 
 
 def normalise(text: str) -> str:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_project.errors import UserError
+from lora_project.utils.text_io import read_user_text
 
 
 @dataclass(frozen=True)
@@ -40,13 +41,7 @@ def load_pairs(path: Path, strict: bool = False, warn=print) -> list[Pair]:
         raise UserError(f"no .jsonl files in {path}")
     pairs, problems = [], []
     for f in files:
-        raw = f.read_bytes()
-        if b"\x00" in raw[:4096]:
-            raise UserError(f"{f}: binary file, expected JSON lines")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise UserError(f"{f}: not UTF-8 (byte {exc.start})") from None
+        text = read_user_text(f, what="JSON lines")
         for i, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
