@@ -101,3 +101,21 @@ def test_unreachable_tracking_server_warns_and_training_finishes(project):
     assert res["status"] == "FINISHED" and res["mlflow_run_id"] is None
     log = (project / "experiments" / "exp_001_toddler_data" / "logs" / "metrics.jsonl").read_text()
     assert '"event": "train"' in log and (project / "adapters" / "toddler_data_lora").is_dir()
+
+
+def test_adapter_lock_is_exclusive_and_leaves_no_lock_file(tmp_path):
+    from lora_project.errors import UserError
+    from lora_project.paths import ProjectPaths
+    from lora_project.training.lifecycle import adapter_lock
+
+    paths = ProjectPaths(tmp_path)
+    lock = paths.adapters_dir / ".kid_lora.lock"
+    with adapter_lock(paths, "kid"):
+        assert lock.is_file()
+        with pytest.raises(UserError, match="being trained by another process"):
+            with adapter_lock(paths, "kid"):
+                pass
+        assert lock.is_file()  # the refused second holder did not remove the first one's lock
+    assert not lock.exists()  # released: no lock file left for every adapter name ever tried
+    with adapter_lock(paths, "kid"):  # and it can be taken again
+        assert lock.is_file()

@@ -54,22 +54,40 @@ def new_experiment_dir(paths: ProjectPaths, name: str) -> Path:
 
 @contextmanager
 def adapter_lock(paths: ProjectPaths, adapter_name: str):
-    """Exclusive per-adapter lock: a second training of the same adapter stops at once."""
+    """Exclusive per-adapter lock: a second training of the same adapter stops at once.
+
+    The lock file is removed on release. Removing a locked file is safe only with the inode
+    check below: a process that opened the file just before it was unlinked would otherwise
+    lock an orphan while a third process locks a new file of the same name.
+    """
     paths.adapters_dir.mkdir(parents=True, exist_ok=True)
     lock_path = paths.adapters_dir / f".{adapter_name}_lora.lock"
-    fh = open(lock_path, "a+")
-    try:
+    while True:
+        fh = open(lock_path, "a+")
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            fh.close()
             raise UserError(f"adapter '{adapter_name}' is being trained by another process "
                             f"(lock {lock_path})") from None
+        try:
+            same = os.stat(lock_path).st_ino == os.fstat(fh.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        fh.close()  # we locked a file its previous holder had already removed: try again
+    try:
         fh.seek(0)
         fh.truncate()
         fh.write(str(os.getpid()))
         fh.flush()
         yield
     finally:
+        try:
+            os.unlink(lock_path)  # still holding the lock: nobody can be between open and flock on it
+        except OSError:
+            pass
         fh.close()
 
 
