@@ -225,4 +225,16 @@ def test_merge_linear_cat_and_exported_model(project, tiny_model_dir):
     before = snapshot(project / "adapters")
     assert_user_error(run_cli("merge", str(a), str(b), "--name", "both", cwd=project), "already exists")
     assert_user_error(run_cli("merge", str(a), str(b), "--name", "x", "--weights", "1", cwd=project), "--weights")
+    assert_user_error(run_cli("merge", str(a), str(b), "--name", "x", "--weights", "nan,1", cwd=project), "finite")
+    assert_user_error(run_cli("merge", str(a), str(a), "--name", "x", cwd=project), "named twice")
     assert snapshot(project / "adapters") == before
+    # --overwrite replaces an earlier export, never a folder that is not one
+    assert (project / "merged_model" / "lora_project_export.json").is_file()
+    proc = run_cli("merge", str(a), "--export-model", str(project / "merged_model"), "--overwrite", cwd=project)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    notes = project / "notes"
+    notes.mkdir()
+    (notes / "ideas.txt").write_text("keep me")
+    assert_user_error(run_cli("merge", str(a), "--export-model", str(notes), "--overwrite", cwd=project),
+                      "not a model folder exported by lora-project")
+    assert (notes / "ideas.txt").read_text() == "keep me"

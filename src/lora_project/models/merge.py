@@ -13,12 +13,15 @@ Both write into a temporary folder that is renamed into place only when complete
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from lora_project.errors import UserError
-from lora_project.utils.io_utils import atomic_directory
+from lora_project.utils.io_utils import atomic_directory, atomic_write_json
 
 METHODS = ("linear", "cat", "ties", "dare_linear", "dare_ties")
+# Written into every exported model folder: --overwrite replaces only folders that carry it.
+EXPORT_MARKER = "lora_project_export.json"
 
 
 def merge_adapters(base, adapter_dirs: list[Path], weights: list[float], method: str, target: Path,
@@ -33,6 +36,14 @@ def merge_adapters(base, adapter_dirs: list[Path], weights: list[float], method:
         raise UserError("name at least one adapter to merge")
     if len(weights) != len(adapter_dirs):
         raise UserError(f"--weights has {len(weights)} values for {len(adapter_dirs)} adapters")
+    bad = [w for w in weights if not math.isfinite(w)]
+    if bad:
+        raise UserError(f"--weights must be finite numbers, got {bad[0]}")
+    resolved = [Path(d).resolve() for d in adapter_dirs]
+    twice = sorted({str(d) for d in resolved if resolved.count(d) > 1})
+    if twice:
+        raise UserError(f"adapter {twice[0]} is named twice; merging an adapter with itself doubles its "
+                        "update (use --weights to scale one adapter instead)")
     if not 0 < density <= 1:
         raise UserError(f"--density must be in (0, 1], got {density}")
     if target.exists() and not overwrite:
@@ -68,12 +79,17 @@ def export_merged_model(base, adapter_dir: Path, target: Path, overwrite: bool =
 
     if target.exists() and not overwrite:
         raise UserError(f"{target} already exists; pass --overwrite to replace it")
+    if target.exists() and not (target / EXPORT_MARKER).is_file():
+        raise UserError(f"refusing to replace {target}: it is not a model folder exported by lora-project "
+                        f"(no {EXPORT_MARKER}); choose another --export-model folder")
     model, _ = attach_adapters(base.model, [adapter_dir], base.ref.fingerprint)
     merged = model.merge_and_unload()
     try:
         with atomic_directory(target, overwrite=overwrite) as tmp:
             merged.save_pretrained(str(tmp), safe_serialization=True)
             base.tokenizer.save_pretrained(str(tmp))
+            atomic_write_json(tmp / EXPORT_MARKER, {"adapter": str(adapter_dir), "base_model": base.ref.name,
+                                                    "base_fingerprint": base.ref.fingerprint})
     finally:
         base.model = None  # the base weights now hold the merge; callers must not reuse them
     return target
