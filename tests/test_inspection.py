@@ -238,3 +238,41 @@ def test_merge_linear_cat_and_exported_model(project, tiny_model_dir):
     assert_user_error(run_cli("merge", str(a), "--export-model", str(notes), "--overwrite", cwd=project),
                       "not a model folder exported by lora-project")
     assert (notes / "ideas.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("config-list", "expected a JSON object"),
+    ("config-rank", "'r' must be a positive integer"),
+    ("config-type", "is not a LoRA adapter"),
+    ("nan-weights", "NaN or infinite"),
+    ("wrong-targets", "the adapter would do nothing"),
+    ("rank-mismatch", "has rank 4 but adapter_config.json says r=8"),
+])
+def test_every_malformed_adapter_is_one_clear_error(tiny_model_dir, tmp_path, damage, message):
+    from safetensors.torch import load_file, save_file
+
+    from lora_project.errors import UserError
+    from lora_project.models.adapter import check_adapter_dir
+
+    d = make_adapter(tiny_model_dir, tmp_path / "bad_lora", 1)
+    cfg_path, weights_path = d / "adapter_config.json", d / "adapter_model.safetensors"
+    cfg = json.loads(cfg_path.read_text())
+    if damage == "config-list":
+        cfg_path.write_text("[1, 2]")
+    elif damage == "config-rank":
+        cfg_path.write_text(json.dumps({**cfg, "r": "eight"}))
+    elif damage == "config-type":
+        cfg_path.write_text(json.dumps({**cfg, "peft_type": "IA3"}))
+    elif damage == "wrong-targets":
+        cfg_path.write_text(json.dumps({**cfg, "target_modules": ["k_proj"]}))
+    elif damage == "rank-mismatch":
+        cfg_path.write_text(json.dumps({**cfg, "r": 8}))
+    else:
+        tensors = load_file(str(weights_path))
+        key = next(k for k in tensors if "lora_B" in k)
+        tensors[key][0, 0] = float("nan")
+        save_file(tensors, str(weights_path))
+    with pytest.raises(UserError, match=message):
+        check_adapter_dir(d)
+    rows = {r["name"]: r for r in list_adapters(tmp_path)}
+    assert rows["bad_lora"]["status"] == "broken" and message.split("'")[0][:12] in rows["bad_lora"]["reason"]

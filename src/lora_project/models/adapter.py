@@ -120,17 +120,69 @@ def check_adapter_dir(adapter_dir: Path) -> Path:
     if missing:
         raise UserError(f"{adapter_dir} is not a complete adapter: missing {', '.join(missing)}")
     try:
-        json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+        config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError):
         raise UserError(f"{adapter_dir}/adapter_config.json is corrupt (not JSON)") from None
-    from safetensors import SafetensorError, safe_open
+    _check_config(adapter_dir, config)
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
     try:
-        with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as fh:
-            list(fh.keys())
+        tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"{adapter_dir}/adapter_model.safetensors is corrupt: {exc}") from None
+    _check_weights(adapter_dir, config, tensors)
     return adapter_dir
+
+
+def _check_config(adapter_dir: Path, config) -> None:
+    """The adapter_config.json fields every reader relies on, with the right types."""
+    where = f"{adapter_dir}/adapter_config.json"
+    if not isinstance(config, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(config).__name__}")
+    kind = config.get("peft_type", "LORA")
+    if kind != "LORA":
+        raise UserError(f"{where}: peft_type {kind!r} is not a LoRA adapter (only LORA is supported)")
+    r = config.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise UserError(f"{where}: 'r' must be a positive integer, got {r!r}")
+    alpha = config.get("lora_alpha", r)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise UserError(f"{where}: 'lora_alpha' must be a number, got {alpha!r}")
+    targets = config.get("target_modules")
+    if not (targets is None or isinstance(targets, str)
+            or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        raise UserError(f"{where}: 'target_modules' must be a list of module names or a pattern")
+
+
+def _check_weights(adapter_dir: Path, config: dict, tensors: dict) -> None:
+    """LoRA factors present, finite, of the configured rank, on modules the config targets."""
+    where = f"{adapter_dir}/adapter_model.safetensors"
+    modules: dict[str, dict] = {}
+    for key, t in tensors.items():
+        m = _KEY.match(key)
+        if m:
+            modules.setdefault(m.group("module"), {})[m.group("which")] = t
+    if not modules:
+        raise UserError(f"{where}: no LoRA weights (lora_A/lora_B) found")
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(t.float().isfinite().all()):
+            raise UserError(f"{where}: tensor {key} holds NaN or infinite values")
+    targets = config.get("target_modules")
+    if isinstance(targets, list) and targets:
+        def targeted(name: str) -> bool:  # PEFT matches a target name as a suffix of the module path
+            return any(name == t or name.endswith("." + t) for t in targets)
+
+        stray = sorted({name.rsplit(".", 1)[-1] for name in modules if not targeted(name)})
+        if stray:
+            raise UserError(f"{where}: its weights are on modules {', '.join(stray) or '(none)'} but "
+                            f"adapter_config.json targets {', '.join(targets)}; the adapter would do nothing")
+    rank_pattern = config.get("rank_pattern") or {}
+    for name, ab in modules.items():
+        a = ab.get("A")
+        if a is not None and a.ndim == 2 and not rank_pattern and a.shape[0] != config["r"]:
+            raise UserError(f"{where}: module {name} has rank {a.shape[0]} but adapter_config.json says "
+                            f"r={config['r']}")
 
 
 def checked_adapters(adapters) -> list[Path]:
