@@ -239,7 +239,7 @@ def test_adopt_apply_again_and_undo(project, old_project, tiny_model_dir, other_
         row = rows[Path(dest).name]
         assert row["status"] == "ok", row
         meta = json.loads((project / dest / "lora_project.json").read_text())
-        assert meta["origin"] == "adopted" and "dataset" not in meta and "git_commit" in meta["unknown"]
+        assert meta["origin"] == "adopted" and meta["dataset"] is None and "git_commit" in meta["unknown"]
         base_dir = other_tiny_model_dir if src == "other_base_adapter/" else tiny_model_dir
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(project / dest))
         loaded = get_peft_model_state_dict(model)
