@@ -163,3 +163,30 @@ def test_catalog_problems_reported_with_row_numbers():
     assert "row 4: kind 'lokal'" in msg and "did you mean 'local'" in msg
     assert "row 4: unknown option 'sed' (did you mean 'seed'?)" in msg
     assert "row 4: enabled must be true or false" in msg
+
+
+def test_yaml_alias_bomb_refused_and_long_values_cut(tmp_path):
+    from lora_project.config import load_config, parse_override, safe_load_yaml
+
+    levels = ["x: &a [1,1,1,1,1,1,1,1,1]"] + [
+        f"l{i}: &{chr(98 + i)} [" + ",".join([f"*{chr(97 + i)}"] * 9) + "]" for i in range(6)]
+    bomb = "\n".join(levels)  # 9^7 = 4.8 million values from a few hundred bytes
+    assert len(bomb) < 400
+    with pytest.raises(UserError, match="alias bomb"):
+        parse_override("training.lr=" + bomb)
+    cfg_file = tmp_path / "bomb.yaml"
+    cfg_file.write_text("training:\n  note: " + bomb.replace("\n", "\n    ").replace("x:", "\n    x:", 1))
+    with pytest.raises(UserError, match="alias bomb"):
+        load_config([cfg_file])
+    assert safe_load_yaml("a: &x {r: 8}\nb: *x") == {"a": {"r": 8}, "b": {"r": 8}}  # ordinary anchors work
+    with pytest.raises(UserError) as err:
+        load_config([], ["training.precision=" + "z" * 1_000_000])
+    assert len(str(err.value)) < 400 and "chars]" in str(err.value)
+
+
+def test_seed_beyond_machine_range_is_refused():
+    from lora_project.config import load_config
+
+    with pytest.raises(UserError, match="training.seed: must be <="):
+        load_config([], [f"training.seed={2**64}"])
+    assert load_config([], [f"training.seed={2**63 - 1}"]).training.seed == 2**63 - 1

@@ -67,8 +67,8 @@ class LoraSection:
 class TrainingSection:
     """The optimisation loop."""
 
-    seed: int = opt(42, "Seeds Python, NumPy and torch before the adapter is initialised.", min=0)
-    max_steps: int = opt(200, "Optimizer steps to run; 0 means run `epochs` full passes instead.", min=0)
+    seed: int = opt(42, "Seeds Python, NumPy and torch before the adapter is initialised.", min=0, max=2**63 - 1)
+    max_steps: int = opt(200, "Optimizer steps to run; 0 means run `epochs` full passes instead.", min=0, max=10_000_000)
     epochs: float = opt(1.0, "Passes over the training blocks when max_steps is 0.", min=0,
                         min_exclusive=True)
     batch_size: int = opt(8, "Sequences per micro-batch.", min=1, max=4096)
@@ -78,7 +78,7 @@ class TrainingSection:
     lr: float = opt(5e-4, "Peak learning rate (AdamW).", min=0, max=1.0, min_exclusive=True)
     schedule: str = opt("cosine", "Learning-rate schedule after warm-up.",
                         choices=("constant", "linear", "cosine"))
-    warmup_steps: int = opt(10, "Linear warm-up steps from 0 to lr.", min=0)
+    warmup_steps: int = opt(10, "Linear warm-up steps from 0 to lr.", min=0, max=10_000_000)
     min_lr_ratio: float = opt(0.1, "Final lr as a fraction of lr for linear/cosine schedules.", min=0, max=1)
     weight_decay: float = opt(0.0, "AdamW decoupled weight decay on LoRA weights.", min=0, max=1)
     adam_beta1: float = opt(0.9, "AdamW beta1.", min=0, max=0.9999)
@@ -88,9 +88,9 @@ class TrainingSection:
                              min=0)
     eval_max_tokens: int = opt(16384, "Cap on validation tokens scored by periodic and final "
                                "evaluation (0 = the whole split).", min=0)
-    log_interval: int = opt(5, "Log training metrics every N optimizer steps.", min=1)
-    checkpoint_interval: int = opt(0, "Save a checkpoint every N optimizer steps; 0 = none.", min=0)
-    keep_checkpoints: int = opt(2, "How many recent checkpoints to keep.", min=1)
+    log_interval: int = opt(5, "Log training metrics every N optimizer steps.", min=1, max=10_000_000)
+    checkpoint_interval: int = opt(0, "Save a checkpoint every N optimizer steps; 0 = none.", min=0, max=10_000_000)
+    keep_checkpoints: int = opt(2, "How many recent checkpoints to keep.", min=1, max=1000)
     precision: str = opt("auto", "'bf16' = frozen base in bfloat16 with autocast, LoRA weights and "
                          "optimizer state in fp32; 'fp32' = everything fp32; 'auto' = bf16 where the "
                          "hardware has native bf16 (CUDA, or a CPU with AVX512-BF16/AMX), else fp32.",
@@ -134,6 +134,42 @@ SECTIONS: dict[str, type] = {f.name: f.default_factory().__class__ for f in data
 # --------------------------------------------------------------------------- loading
 
 
+MAX_YAML_NODES = 100_000  # values as their aliases expand: an "alias bomb" (377 bytes -> GBs) is refused
+
+
+class _LimitedSafeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader (no Python objects) that also refuses documents whose aliases would expand
+    to more than MAX_YAML_NODES values. Each node's expanded size is computed once, so checking
+    costs no expansion."""
+
+    def compose_node(self, parent, index):
+        node = super().compose_node(parent, index)
+        sizes = self.__dict__.setdefault("_expanded", {})
+        if id(node) not in sizes:
+            if isinstance(node, yaml.MappingNode):
+                size = 1 + sum(sizes.get(id(k), 1) + sizes.get(id(v), 1) for k, v in node.value)
+            elif isinstance(node, yaml.SequenceNode):
+                size = 1 + sum(sizes.get(id(c), 1) for c in node.value)
+            else:
+                size = 1
+            if size > MAX_YAML_NODES:
+                raise yaml.YAMLError(f"its aliases expand to more than {MAX_YAML_NODES:,} values "
+                                     "(a YAML 'alias bomb'?): refused")
+            sizes[id(node)] = size
+        return node
+
+
+def safe_load_yaml(text: str):
+    """yaml.safe_load with a limit on aliases."""
+    return yaml.load(text, Loader=_LimitedSafeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def short(value: Any, limit: int = 120) -> str:
+    """repr of a value for an error line, cut to `limit` characters (an error never echoes megabytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 15] + f"...[{len(text)} chars]"
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML mapping with safe_load; every failure is a one-line UserError."""
     path = Path(path)
@@ -141,7 +177,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise UserError(f"config file not found: {path}")
     text = read_user_text(path, what="YAML text")
     try:
-        data = yaml.safe_load(text)
+        data = safe_load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -158,14 +194,16 @@ def read_yaml(path: Path) -> dict[str, Any]:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse 'section.key=value' (value as YAML) into (['section', 'key'], value)."""
     if "=" not in text:
-        raise UserError(f"--set {text!r}: expected section.key=value, e.g. training.lr=2e-4")
+        raise UserError(f"--set {short(text)}: expected section.key=value, e.g. training.lr=2e-4")
     key, _, value = text.partition("=")
     parts = [p for p in key.strip().split(".") if p]
     if len(parts) != 2:
-        raise UserError(f"--set {text!r}: key must be section.key, e.g. training.lr, lora.r")
+        raise UserError(f"--set {short(text)}: key must be section.key, e.g. training.lr, lora.r")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
+        parsed = safe_load_yaml(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        if "alias bomb" in str(exc):
+            raise UserError(f"--set {key.strip()}: {exc}") from None
         parsed = value
     return parts, parsed
 
@@ -204,43 +242,43 @@ def _check_value(name: str, value: Any, f: dataclasses.Field, default: Any) -> t
     expected = type(default) if default is not None else str
     if isinstance(default, bool):
         if not isinstance(value, bool):
-            return value, f"{name}: expected true or false, got {value!r}"
+            return value, f"{name}: expected true or false, got {short(value)}"
     elif isinstance(default, int):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (
                 isinstance(value, float) and not value.is_integer()):
-            return value, f"{name}: expected an integer, got {value!r}"
+            return value, f"{name}: expected an integer, got {short(value)}"
         value = int(value)
     elif isinstance(default, float):
         if isinstance(value, str):
             try:  # YAML 1.1 reads '2e-4' as a string; accept it as a number
                 value = float(value)
             except ValueError:
-                return value, f"{name}: expected a number, got {value!r}"
+                return value, f"{name}: expected a number, got {short(value)}"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return value, f"{name}: expected a number, got {value!r}"
+            return value, f"{name}: expected a number, got {short(value)}"
         value = float(value)
         if not math.isfinite(value):
-            return value, f"{name}: must be finite, got {value!r}"
+            return value, f"{name}: must be finite, got {short(value)}"
     elif isinstance(default, list):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
-            return value, f"{name}: expected a non-empty list of names, got {value!r}"
+            return value, f"{name}: expected a non-empty list of names, got {short(value)}"
     elif expected is str:
         if not isinstance(value, str) or not value.strip():
-            return value, f"{name}: expected a non-empty string, got {value!r}"
+            return value, f"{name}: expected a non-empty string, got {short(value)}"
     choices = meta.get("choices")
     if choices and value not in choices:
-        return value, (f"{name}: {value!r} is not one of {', '.join(map(str, choices))}"
+        return value, (f"{name}: {short(value)} is not one of {', '.join(map(str, choices))}"
                        f"{did_you_mean(str(value), choices)}")
     lo, hi = meta.get("min"), meta.get("max")
     if lo is not None:
         if meta.get("min_exclusive") and value <= lo:
-            return value, f"{name}: must be > {lo:g}, got {value!r}"
+            return value, f"{name}: must be > {lo:g}, got {short(value)}"
         if not meta.get("min_exclusive") and value < lo:
-            return value, f"{name}: must be >= {lo:g}, got {value!r}"
+            return value, f"{name}: must be >= {lo:g}, got {short(value)}"
     if hi is not None and value > hi:
-        return value, f"{name}: must be <= {hi:g}, got {value!r}"
+        return value, f"{name}: must be <= {hi:g}, got {short(value)}"
     return value, None
 
 
