@@ -43,24 +43,43 @@ def test_help_lists_every_subcommand_and_explains():
     assert "--overwrite" in proc.stdout and "--set" in proc.stdout and "MLFLOW_TRACKING_URI" in proc.stdout
 
 
-def test_every_subcommand_has_its_own_handler():
-    """Each subcommand maps to a distinct handler named after it (guards against a shadowed def)."""
+def test_every_subcommand_has_its_own_handler_in_its_own_module():
+    """Each (sub)command sets a distinct handler defined in the cli module that registers its parser,
+    never in lora_project.cli itself; `--help` lists the commands in a fixed order."""
     import argparse
     import importlib
 
     from lora_project import cli
 
-    handlers = list(cli.COMMANDS.values())
-    assert len(set(handlers)) == len(handlers)
-    modular = set()  # command groups that plug in through COMMAND_MODULES, each with its own handler(s)
+    def leaves(name, parser):
+        nested = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not nested:
+            return [(name, parser)]
+        return [leaf for sub_name, p in nested[0].choices.items() for leaf in leaves(f"{name} {sub_name}", p)]
+
+    assert not hasattr(cli, "COMMANDS")
+    handlers, registered = {}, []
     for module in cli.COMMAND_MODULES:
+        mod = importlib.import_module(f"lora_project.cli.{module}")
         sub = argparse.ArgumentParser().add_subparsers()
-        importlib.import_module(f"lora_project.cli.{module}").register(sub)
-        modular |= set(sub.choices)
-    assert not modular & set(cli.COMMANDS)
-    assert set(cli.COMMANDS) | modular == set(cli.build_parser()._subparsers._group_actions[0].choices)
-    assert cli.COMMANDS["generate-data"].__name__ == "_cmd_generate_data"
-    assert cli.COMMANDS["generate"].__name__ == "_cmd_generate_text"
+        mod.register(sub)
+        registered += list(sub.choices)
+        for command, parser in sub.choices.items():
+            for leaf, p in leaves(command, parser):
+                handler = p._defaults.get("handler")
+                assert callable(handler), f"{leaf}: no handler"
+                assert handler.__module__ == mod.__name__, (leaf, handler.__module__)
+                handlers[leaf] = handler
+    assert len(set(handlers.values())) == len(handlers), "two subcommands share a handler"
+    top = list(cli.build_parser()._subparsers._group_actions[0].choices)
+    assert top == registered == ["demo", "generate-data", "prepare", "extract", "extract-children", "train",
+                                 "train-batch", "evaluate", "generate", "benchmark", "inspect", "merge", "config",
+                                 *top[13:]]
+    assert {"adopt", "catalog"} <= set(top[13:])
+    assert handlers["generate-data"].__name__ == "run_generate_data"
+    assert handlers["generate"].__name__ == "run_generate"
+    assert {"inspect adapters", "inspect weights", "inspect values", "inspect compare",
+            "catalog add", "catalog list", "catalog remove"} <= set(handlers)
 
 
 def test_every_script_shim_reaches_its_subcommand():

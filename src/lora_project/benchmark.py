@@ -285,6 +285,29 @@ def write_report(paths: ProjectPaths, result: dict) -> tuple:
     return base.with_suffix(".json"), base.with_suffix(".md")
 
 
+
+def benchmark_report(paths: ProjectPaths, cfg, *, quick: bool = False, shapes=((64, 16), (128, 8)), steps: int = 4,
+                     matrix: bool = False, reference: bool = False, reference_steps: int = 6, mlflow: bool = True,
+                     log=print) -> dict:
+    """`lora-project benchmark`: `run_benchmark`, optionally the cross matrix and the reference comparison,
+    the report files, and an MLflow run (when `mlflow` and the config's tracking allow); returns the result."""
+    if steps < 1:
+        raise UserError(f"--steps must be at least 1, got {steps}")
+    if reference and reference_steps < 2:
+        raise UserError("--reference-steps must be at least 2 (the first step is not timed)")
+    result = run_benchmark(paths, cfg, quick=quick, shapes=shapes, steps=steps, log=log)
+    if matrix:
+        log("cross-evaluation matrix ...")
+        result["matrix"] = cross_matrix(paths, cfg, log=log)
+    if reference:
+        result["reference_comparison"] = compare_with_reference(paths, cfg, steps=reference_steps, log=log)
+    json_path, md_path = write_report(paths, result)
+    result["report"] = {"json": str(json_path), "markdown": str(md_path)}
+    if cfg.tracking.mlflow and mlflow:
+        heat = (result.get("matrix") or {}).get("heatmap")
+        result["mlflow_run_id"] = log_to_mlflow(paths, cfg, result, [json_path, md_path, heat])
+    return result
+
 # --------------------------------------------------------------------------- ours vs reference
 # Each side runs in its own spawned process so that peak memory (ru_maxrss) is its own.
 

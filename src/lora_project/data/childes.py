@@ -241,3 +241,23 @@ def extract_children(paths: list[Path], participants: list[str] | tuple[str, ...
                 n_words += sum(1 for w in text.split() if any(c.isalpha() for c in w))
         rep.mlu_words = round(n_words / rep.lines, 3) if rep.lines else None
     return Extraction(lines, reports)
+
+
+def extract_children_corpus(sources: list[Path], out: Path, participants: str = "CHI", min_age: str | None = None,
+                            max_age: str | None = None, encoding: str = "utf-8",
+                            overwrite: bool = False) -> tuple[Extraction, dict]:
+    """`lora-project extract-children`: the chosen speakers' utterances into one text file plus a sidecar.
+
+    `participants` is comma-separated. Returns the Extraction and the summary (as in the sidecar,
+    plus "out" and "sidecar"); refuses to write when nothing was extracted.
+    """
+    from lora_project.data.extract import write_corpus
+
+    ex = extract_children(sources, participants.split(","), min_age, max_age, encoding=encoding)
+    summary = ex.summary()
+    summary.update(participants=participants, min_age=min_age, max_age=max_age)
+    if not ex.lines:
+        reasons = sorted({f.skipped for f in ex.files if f.skipped}) or ["no utterance with words"]
+        raise UserError(f"no utterances extracted from {len(ex.files)} files ({'; '.join(reasons)[:300]})")
+    side = write_corpus(out, ex.lines, summary, overwrite)
+    return ex, dict(summary, out=str(out), sidecar=side)

@@ -175,3 +175,25 @@ def load_streams(paths: ProjectPaths, prepared: Prepared, tokenizer, tok_fp: str
         separator=prepared.stats.get("separator", "\n"),
         fingerprint=prepared.stats["source_sha256"][:16] + "-" + prepared.stats["settings_sha256"][:16],
     )
+
+
+def prepare_datasets(paths: ProjectPaths, names: list[str], *, force: bool = False,
+                     catalog: dict[str, CatalogEntry] | None = None, progress: bool = True, log=print,
+                     count_tokens: bool = True):
+    """`lora-project prepare`: prepare each named row in turn, yielding (name, Prepared or None, error or None).
+
+    One bad row does not stop the others (its UserError's message is yielded); with a single
+    name the error is raised instead. Token counts load the base model's tokenizer once, lazily.
+    """
+    catalog = catalog if catalog is not None else load_catalog(paths.catalog)
+    count = token_counter(paths) if count_tokens else None
+    for n in names:
+        try:
+            prep = prepare_dataset(paths, n, force=force, catalog=catalog, progress=progress, log=log,
+                                   count_tokens=count)
+        except UserError as exc:
+            if len(names) == 1:
+                raise
+            yield n, None, " ".join(str(exc).split())
+            continue
+        yield n, prep, None

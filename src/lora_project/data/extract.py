@@ -13,8 +13,9 @@ import json
 import re
 from pathlib import Path
 
-from lora_project.data.preprocessor import normalise, read_text_file, split_documents
+from lora_project.data.preprocessor import doc_separator, normalise, read_text_file, split_documents
 from lora_project.errors import UserError, did_you_mean
+from lora_project.utils.io_utils import atomic_write_json, atomic_write_text
 
 TEXT_FORMATS = ("lines", "paragraphs", "separator", "gutenberg")
 STRUCTURED_FORMATS = ("jsonl", "csv", "parquet", "hf_disk")
@@ -205,3 +206,37 @@ def read_documents(path: Path, fmt: str = "auto", text_field: str = "", sep: str
             else:
                 docs.extend(split_documents(text, fmt, sep))
     return docs, info
+
+
+def write_corpus(out: Path, docs: list[str], sidecar: dict, overwrite: bool = False) -> str:
+    """Documents to `out` (one per line, or blank-line separated when any spans lines) + `<out>.json`.
+
+    Refuses an existing `out` unless `overwrite`, and an empty corpus; returns the sidecar's path.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} exists; pass --overwrite to replace it")
+    if not docs:
+        raise UserError("nothing extracted: no documents left (check the format, field and filters)")
+    sep = doc_separator(docs)
+    atomic_write_text(out, sep.join(docs) + "\n")
+    side = out.with_name(out.name + ".json")
+    atomic_write_json(side, dict(sidecar, output=str(out), documents=len(docs),
+                                 layout="paragraphs" if sep == "\n\n" else "lines"))
+    return str(side)
+
+
+def extract_corpus(sources: list[Path], out: Path, fmt: str = "auto", text_field: str = "", sep: str | None = None,
+                   encoding: str = "utf-8", one_line: bool = False, overwrite: bool = False) -> dict:
+    """`lora-project extract`: the documents of every source into one text file plus a sidecar.
+
+    Returns {"documents", "out", "sidecar", "sources": [per-source info]}.
+    """
+    docs, infos = [], []
+    for src in sources:
+        d, info = read_documents(src, fmt, text_field, sep, encoding)
+        docs.extend(" ".join(x.split()) if one_line else x.strip() for x in d)
+        infos.append(dict(info, source=str(src), documents=len(d)))
+    docs = [d for d in docs if d]
+    side = write_corpus(out, docs, {"sources": infos}, overwrite)
+    return {"documents": len(docs), "out": str(out), "sidecar": side, "sources": infos}

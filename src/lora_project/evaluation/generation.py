@@ -14,12 +14,21 @@ from lora_project.models.adapter import checked_adapters
 
 
 def generate_side_by_side(cfg, prompts: list[str], adapters: list[Path], *, max_new_tokens: int = 30,
-                          temperature: float = 0.0, top_p: float = 0.95, seed: int = 0, base=None) -> dict:
-    """Continuations from the base and every adapter, with one base load."""
+                          temperature: float = 0.0, top_p: float = 0.95, seed: int = 0, base=None,
+                          prompts_file: Path | None = None) -> dict:
+    """Continuations from the base and every adapter, with one base load.
+
+    `prompts_file` adds one prompt per non-blank line of a UTF-8 file after `prompts`.
+    """
     from lora_project.models.base_model import load_base
     from lora_project.models.lora_model import each_model
     from lora_project.models.sampling import generate_texts
 
+    prompts = list(prompts)
+    if prompts_file:
+        from lora_project.data.preprocessor import read_text_file
+
+        prompts += [line.strip() for line in read_text_file(prompts_file).splitlines() if line.strip()]
     if not prompts:
         raise UserError("give at least one prompt (--prompt TEXT or --prompts-file FILE)")
     if max_new_tokens < 1:

@@ -93,3 +93,48 @@ def export_merged_model(base, adapter_dir: Path, target: Path, overwrite: bool =
     finally:
         base.model = None  # the base weights now hold the merge; callers must not reuse them
     return target
+
+
+def merge_or_export(paths, adapter_dirs: list[Path], *, name: str | None = None, weights: str | None = None,
+                    method: str = "linear", density: float = 0.5, export_model: Path | None = None,
+                    overwrite: bool = False, config_files: list[Path] = (), overrides: list[str] = ()) -> dict:
+    """`lora-project merge`: adapters/<name>_lora from `adapter_dirs` (`name`), and/or one adapter baked
+    into a full model folder (`export_model`). Every input is checked before the base is loaded.
+
+    `weights` is comma-separated, one per adapter (default 1/N each). The base is loaded in fp32
+    (merging is exact arithmetic on the weights). Returns {"adapter": path, "model": path} as written.
+    """
+    import dataclasses
+
+    from lora_project.config import load_config
+    from lora_project.models.adapter import check_adapter_dir
+    from lora_project.models.base_model import load_base
+    from lora_project.paths import check_name
+
+    if not name and not export_model:
+        raise UserError("give --name for a merged adapter and/or --export-model DIR for a full model")
+    if export_model and len(adapter_dirs) != 1 and not name:
+        raise UserError("--export-model bakes one adapter into the base; name one adapter, or also --name")
+    for d in adapter_dirs:
+        check_adapter_dir(d)
+    factors = [1.0 / len(adapter_dirs)] * len(adapter_dirs)
+    if weights:
+        try:
+            factors = [float(w) for w in weights.split(",")]
+        except ValueError:
+            raise UserError(f"--weights: {weights!r} is not a comma-separated list of numbers") from None
+    target = paths.adapter(check_name(name, "adapter name")) if name else None
+    if target is not None and target.exists() and not overwrite:
+        raise UserError(f"adapter {target} already exists; pass --overwrite to replace it")
+    if export_model and export_model.exists() and not overwrite:
+        raise UserError(f"{export_model} already exists; pass --overwrite to replace it")
+    cfg = load_config(list(config_files), overrides)
+    cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, precision="fp32"))
+    base = load_base(cfg)
+    out = {}
+    if target is not None:
+        out["adapter"] = str(merge_adapters(base, list(adapter_dirs), factors, method, target, density, overwrite))
+    if export_model:
+        source = target if target is not None else adapter_dirs[0]
+        out["model"] = str(export_merged_model(base, source, export_model, overwrite))
+    return out

@@ -70,6 +70,21 @@ def is_up_to_date(paths: ProjectPaths, adapter_name: str, cfg: RunConfig, datase
             and meta.base_fingerprint == base_fp)
 
 
+def train_batch_from_files(paths: ProjectPaths, names: list[str], config_files: list[Path], overrides: list[str],
+                          batch_config: Path | None = None, **kwargs) -> dict:
+    """`lora-project train-batch`: read the config files and the per-dataset overrides, then `train_batch`.
+
+    `batch_config` None means config/batch_config.yaml when it exists (a named file must exist);
+    keyword arguments go to `train_batch`.
+    """
+    batch_file = batch_config or (paths.config_dir / "batch_config.yaml")
+    if batch_config is None and not batch_file.is_file():
+        batch_file = None
+    batch_overrides = load_batch_overrides(batch_file, names)
+    sources = [(str(f), read_yaml(f)) for f in config_files]
+    return train_batch(paths, names, sources, overrides, batch_overrides, **kwargs)
+
+
 def train_batch(paths: ProjectPaths, names: list[str], sources: list[tuple[str, dict]], overrides: list[str],
                 batch_overrides: dict[str, dict], *, overwrite: bool = False, use_mlflow: bool = True,
                 progress: bool = True, fused: bool = False, log=print) -> dict:

@@ -1,0 +1,92 @@
+"""Scoring commands: `evaluate` (perplexity, bits/byte, minimal pairs) and `generate` (side-by-side text)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lora_project.cli._common import add_config_args, load_cfg, print_json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("evaluate", help="perplexity and bits/byte of the base and adapters",
+                       description="Score a text file (--text, the whole content as one text) or a prepared "
+                                   "split (--dataset/--split) with the base model and each --adapter, using the "
+                                   "sliding-window method; BOS is prefixed so every token is scored once.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", type=Path, metavar="FILE", help="UTF-8 text file scored as one text")
+    src.add_argument("--dataset", metavar="NAME", help="prepared catalog dataset")
+    src.add_argument("--pairs", type=Path, metavar="PATH",
+                     help="BLiMP-style minimal pairs: a .jsonl file or a folder of them (accuracy, not perplexity)")
+    p.add_argument("--split", default="test", choices=("train", "validation", "test"),
+                   help="split of --dataset (default: test)")
+    p.add_argument("--adapter", type=Path, action="append", default=[], metavar="DIR",
+                   help="adapter folder (repeatable); results keyed by folder name")
+    p.add_argument("--limit", type=int, metavar="N", help="--pairs: at most N pairs per paradigm (seeded sample)")
+    p.add_argument("--strict", action="store_true", help="--pairs: fail on a bad line instead of skipping it")
+    p.add_argument("--max-length", type=int, default=1024, help="window length in tokens (default 1024)")
+    p.add_argument("--stride", type=int, help="window step in tokens (default: max-length / 2)")
+    add_config_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=run_evaluate)
+
+    p = sub.add_parser("generate", help="continue prompts with the base and each adapter, side by side",
+                       description="Print continuations of prompts from the base model and from each --adapter. "
+                                   "Greedy by default; --temperature > 0 samples (seeded, so reruns match).")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", type=Path, help="UTF-8 file with one prompt per line")
+    p.add_argument("--adapter", type=Path, action="append", default=[], metavar="DIR", help="adapter folder (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=30, help="tokens to generate per prompt (default 30)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass when sampling (default 0.95)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    add_config_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=run_generate)
+
+
+def run_evaluate(args, paths) -> None:
+    cfg = load_cfg(args, paths)
+    if args.pairs is not None:
+        from lora_project.evaluation.evaluate import evaluate_minimal_pairs
+
+        res = evaluate_minimal_pairs(paths, cfg, args.pairs, adapters=args.adapter, limit=args.limit,
+                                     strict=args.strict, log=lambda m: print(m, file=sys.stderr))
+        if args.json:
+            print_json(res)
+            return
+        names = list(res["models"])
+        print(f"{'paradigm':<48}" + "".join(f"{n[:14]:>15}" for n in names))
+        for uid in res["models"]["base"]["paradigms"]:
+            print(f"{uid:<48}" + "".join(f"{res['models'][n]['paradigms'][uid]['accuracy']:>15.3f}" for n in names))
+        print(f"{'macro average':<48}" + "".join(f"{res['models'][n]['macro_accuracy']:>15.3f}" for n in names))
+        print(f"{res['pairs']} pairs in {res['seconds']:.0f} s; saved {res['saved']}")
+        return
+    from lora_project.evaluation.evaluate import evaluate_perplexity
+
+    res = evaluate_perplexity(paths, cfg, text_file=args.text, dataset=args.dataset, split=args.split,
+                              adapters=args.adapter, max_length=args.max_length, stride=args.stride)
+    if args.json:
+        print_json(res)
+        return
+    base_ppl = res["models"]["base"]["perplexity"]
+    print(f"{'model':<32} {'perplexity':>11} {'bits/byte':>10} {'tokens':>8} {'vs base':>8}")
+    for name, m in res["models"].items():
+        delta = "" if name == "base" else f"{100 * (m['perplexity'] / base_ppl - 1):+.1f}%"
+        print(f"{name:<32} {m['perplexity']:>11.3f} {m['bits_per_byte']:>10.4f} {m['tokens']:>8} {delta:>8}")
+
+
+def run_generate(args, paths) -> None:
+    from lora_project.evaluation.generation import generate_side_by_side
+
+    res = generate_side_by_side(load_cfg(args, paths), args.prompt, args.adapter, prompts_file=args.prompts_file,
+                                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                seed=args.seed)
+    if args.json:
+        print_json(res)
+        return
+    for sample in res["samples"]:
+        print(f"== {sample['prompt']!r}")
+        for model, text in sample.items():
+            if model != "prompt":
+                print(f"  [{model}] {' '.join(text.split())}")

@@ -1,0 +1,94 @@
+"""Training commands: `train` (one adapter) and `train-batch` (one adapter per dataset)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lora_project.cli._common import (
+    add_config_args,
+    add_run_flags,
+    config_files,
+    load_cfg,
+    print_json,
+    progress_log,
+    select_datasets,
+)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train one LoRA adapter on one catalog dataset",
+                       description="Train adapters/<NAME>_lora on catalog dataset NAME. Writes "
+                                   "experiments/exp_NNN_<NAME>/ (config.yaml, results.json, logs/) and an "
+                                   "MLflow run (sqlite:///mlruns/mlflow.db unless MLFLOW_TRACKING_URI is set).",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", help="dataset name from config/dataset_catalog.csv")
+    p.add_argument("--adapter-name", help="adapter name (default: the dataset name)")
+    add_config_args(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing adapter of the same name")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the newest checkpoint of this adapter (same experiment folder and MLflow run; "
+                        "refused if config, base model or data changed)")
+    add_run_flags(p)
+    p.add_argument("--json", action="store_true", help="print results.json content on stdout")
+    p.set_defaults(handler=run_train)
+
+    p = sub.add_parser("train-batch", help="train one adapter per catalog dataset (base loaded once)",
+                       description="Train adapters/<NAME>_lora for each named (or every enabled) catalog dataset "
+                                   "with the same trainer as `train`. One MLflow parent run with a child run per "
+                                   "adapter; a failing dataset is recorded and the others go on (exit 2 at the "
+                                   "end if any failed); adapters already trained with the same config, data and "
+                                   "base are skipped unless --overwrite. Summary in outputs/metrics/.")
+    p.add_argument("names", nargs="*", help="dataset names from the catalog")
+    p.add_argument("--all", action="store_true", help="every enabled catalog dataset")
+    p.add_argument("--batch-config", type=Path, metavar="YAML",
+                   help="per-dataset overrides (default: config/batch_config.yaml if present)")
+    add_config_args(p)
+    p.add_argument("--overwrite", action="store_true", help="retrain and replace existing adapters")
+    p.add_argument("--fused", action="store_true",
+                   help="train all adapters at once: one forward/backward over a batch of every adapter's own "
+                        "examples, the frozen base shared (needs equal seq_len, batch_size, steps, precision)")
+    add_run_flags(p)
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.set_defaults(handler=run_train_batch)
+
+
+def run_train(args, paths) -> None:
+    from lora_project.training.run import train_adapter
+
+    cfg = load_cfg(args, paths)
+    res = train_adapter(paths, args.name, cfg, adapter_name=args.adapter_name, overwrite=args.overwrite,
+                        use_mlflow=not args.no_mlflow, progress=not args.no_progress, resume=args.resume,
+                        log=progress_log(args.json))
+    if res.get("rank", 0) != 0:
+        return  # torchrun worker: rank 0 reports
+    if args.json:
+        print_json(res)
+    else:
+        b, a = res["metrics_before"], res["metrics_after"]
+        print(f"validation perplexity {b['perplexity']:.3f} -> {a['perplexity']:.3f}; "
+              f"{res['tokens_seen']} tokens at {res['tokens_per_second']:.0f} tokens/s")
+        print(f"adapter: {res['adapter_dir']}\nexperiment: {res['experiment_dir']}")
+        if res.get("mlflow_run_id"):
+            print(f"MLflow run: {res['mlflow_run_id']}")
+
+
+def run_train_batch(args, paths) -> None:
+    from lora_project.data.catalog import load_catalog
+    from lora_project.training.batch import summary_table, train_batch_from_files
+
+    names = select_datasets(args, load_catalog(paths.catalog))
+    summary = train_batch_from_files(paths, names, config_files(args, paths), args.overrides, args.batch_config,
+                                     overwrite=args.overwrite, use_mlflow=not args.no_mlflow,
+                                     progress=not args.no_progress, fused=args.fused, log=progress_log(args.json))
+    if args.json:
+        print_json(summary)
+    else:
+        print("\n" + summary_table(summary["datasets"]))
+        print(f"\nsummary: {summary['report']['markdown']}")
+    failed = [r for r in summary["datasets"] if r["status"] == "failed"]
+    if failed:
+        print(f"error: {len(failed)} of {len(names)} dataset(s) failed: "
+              + "; ".join(f"{r['dataset']}: {r['reason']}" for r in failed), file=sys.stderr)
+        raise SystemExit(1 if any(r.get("bug") for r in failed) else 2)

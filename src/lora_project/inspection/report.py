@@ -1,0 +1,88 @@
+"""The `lora-project inspect` reports: what each subcommand computes and writes, ready to print.
+
+Plots (and `values --export` files) go under `out_root/<adapter>/` (`compare`: `out_root/`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from lora_project.errors import UserError
+from lora_project.inspection import analysis
+from lora_project.models.adapter import Adapter, BaseWeights, LoraModule, list_adapters, load_adapter
+
+
+def base_weights(adapter: Adapter, config_files: list[Path], overrides: list[str] = ()) -> BaseWeights:
+    """Base weights for relative updates: the adapter's recorded base folder, else the configured model."""
+    if adapter.base_directory is not None:
+        return BaseWeights(adapter.base_directory)
+    from lora_project.config import load_config
+    from lora_project.models.base_model import resolve_model
+
+    cfg = load_config(config_files, overrides)
+    return BaseWeights(resolve_model(cfg.model.source, cfg.model.revision).directory)
+
+
+def adapter_rows(directory: Path, filter_text: str = "", sort: str = "name") -> list[dict]:
+    """`inspect adapters`: one row per adapter folder (broken ones with the reason), filtered and sorted."""
+    rows = list_adapters(directory)
+    if filter_text:
+        rows = [r for r in rows if filter_text in r["name"] or filter_text in str(r.get("dataset") or "")]
+    if rows and sort not in rows[0]:
+        raise UserError(f"--sort: unknown column '{sort}'; columns: {', '.join(rows[0])}")
+    rows.sort(key=lambda r: (r.get(sort) is None, r.get(sort) if r.get(sort) is not None else 0))
+    return rows
+
+
+def weights_report(adapter_dir: Path, out_root: Path, top_k: int = 8, config_files: list[Path] = (),
+                   overrides: list[str] = ()) -> dict:
+    """`inspect weights`: `analysis.analyse_weights` plus its plots (paths under "plots")."""
+    if top_k < 1:
+        raise UserError("--top-k must be at least 1")
+    adapter = load_adapter(adapter_dir)
+    report = analysis.analyse_weights(adapter, base_weights(adapter, config_files, overrides), top_k)
+    report["plots"] = [str(p) for p in analysis.plot_weights(report, out_root / adapter.path.name)]
+    return report
+
+
+def values_report(adapter_dir: Path, pattern: str, out_root: Path,
+                  export: str | None = None) -> tuple[dict, list[tuple[LoraModule, dict[str, np.ndarray]]]]:
+    """`inspect values`: statistics, a histogram PNG and optional npy/csv exports of A, B and dW per module.
+
+    Returns the JSON-ready report and, per module, the module and its arrays (for printing slices).
+    """
+    if export not in (None, "npy", "csv"):
+        raise UserError(f"--export: {export!r} is not npy or csv")
+    adapter = load_adapter(adapter_dir)
+    out_dir = out_root / adapter.path.name
+    entries, arrays = [], []
+    for m in analysis.select_modules(adapter, pattern):
+        vals = analysis.module_values(m)
+        entry = {"name": m.name, "stats": {k: analysis.value_stats(v) for k, v in vals.items()}}
+        safe = m.name.replace("/", "_")
+        entry["histogram"] = str(analysis.plot_histograms(adapter.path.name, m, vals, out_dir / f"{safe}_hist.png"))
+        if export:
+            entry["exports"] = []
+            for k, v in vals.items():
+                f = out_dir / f"{safe}.{k}.{export}"
+                if export == "npy":
+                    np.save(f, v, allow_pickle=False)
+                else:
+                    np.savetxt(f, v, delimiter=",", fmt="%.8g")
+                entry["exports"].append(str(f))
+        entries.append(entry)
+        arrays.append((m, vals))
+    return {"adapter": adapter.path.name, "modules": entries}, arrays
+
+
+def compare_report(a_dir: Path, b_dir: Path, out_root: Path, max_rank: int | None = None,
+                   config_files: list[Path] = (), overrides: list[str] = ()) -> dict:
+    """`inspect compare`: `analysis.compare_adapters` (base from the first adapter) plus its heatmaps."""
+    a, b = load_adapter(a_dir), load_adapter(b_dir)
+    if max_rank is not None and max_rank < 1:
+        raise UserError("--max-rank must be at least 1")
+    report = analysis.compare_adapters(a, b, base_weights(a, config_files, overrides), max_rank)
+    report["plots"] = [str(p) for p in analysis.plot_compare(report, out_root)]
+    return report
