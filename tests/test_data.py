@@ -181,3 +181,16 @@ def test_read_user_text_decodes_first_then_judges(tmp_path):
     controls.write_bytes(bytes(range(1, 9)) * 20)  # valid UTF-8, but control characters only
     with pytest.raises(UserError, match="binary"):
         read_user_text(controls)
+
+
+def test_json_output_is_strict_json(tmp_path):
+    import json as _json
+
+    from lora_project.utils.io_utils import atomic_write_json, json_text
+
+    obj = {"ppl": float("nan"), "gain": [1.0, float("inf"), -float("inf")], "n": 3, "t": (1, 2)}
+    text = json_text(obj)
+    assert _json.loads(text) == {"ppl": None, "gain": [1.0, None, None], "n": 3, "t": [1, 2]}
+    assert "NaN" not in text and "Infinity" not in text
+    atomic_write_json(tmp_path / "r.json", obj)
+    _json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))

@@ -204,6 +204,11 @@ def test_sigterm_ends_run_killed_and_leaves_no_adapter(project):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err, err
+    # the one error line says what can be done: here no checkpoint interval was set, but the
+    # interruption itself checkpoints, so the exact --resume command is named
+    last = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(last) == 1 and last[0].startswith("error: interrupted; checkpoint of step "), err[-2000:]
+    assert "lora-project train toddler_data --resume" in last[0]
     res = json.loads((project / "experiments" / "exp_001_toddler_data" / "results.json").read_text())
     assert res["status"] == "KILLED"
     _, run = _mlflow_run(project, res["mlflow_run_id"])
@@ -221,3 +226,17 @@ def test_generate_data_and_prepare_cli(project):
     assert set(json.loads(first.stdout)) == {"toddler_data", "kids"}
     second = run_cli("prepare", "toddler_data", "kids", cwd=project)
     assert second.returncode == 0 and second.stdout.count("unchanged, skipped") == 2
+
+
+def test_generate_data_refuses_to_replace_an_explicit_out_file(project):
+    catalog = project / "config" / "dataset_catalog.csv"
+    before = catalog.read_bytes()
+    assert_user_error(run_cli("generate-data", "--kind", "kids", "--lines", "5", "--out", str(catalog), cwd=project),
+                      "exists; pass --overwrite")
+    assert catalog.read_bytes() == before
+    assert_user_error(run_cli("generate-data", "--kind", "kids", "--out", str(project / "config"), cwd=project),
+                      "is a folder")
+    out = project / "mine.txt"
+    assert run_cli("generate-data", "--kind", "kids", "--lines", "5", "--out", str(out), cwd=project).returncode == 0
+    proc = run_cli("generate-data", "--kind", "kids", "--lines", "7", "--out", str(out), "--overwrite", cwd=project)
+    assert proc.returncode == 0 and out.read_text().count("\n") == 7

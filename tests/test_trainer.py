@@ -149,3 +149,22 @@ def test_stop_inside_a_shielded_section_is_raised_when_it_ends():
         assert done == ["finished the write"]
     finally:
         interrupts.clear_stop()
+
+
+def test_a_stop_is_raised_once_so_clean_up_is_not_torn():
+    import signal
+
+    from lora_project.errors import RunInterrupted
+    from lora_project.utils import interrupts
+
+    interrupts.clear_stop()
+    try:
+        with pytest.raises(RunInterrupted):
+            with interrupts.shielded():
+                interrupts.handle_signal(signal.SIGTERM, None)
+        interrupts.acknowledge()  # the run's clean-up has received the stop
+        with interrupts.shielded():  # ending MLflow, writing results.json: not interrupted again
+            pass
+        interrupts.check_stop()
+    finally:
+        interrupts.clear_stop()

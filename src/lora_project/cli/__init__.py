@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, RunInterrupted):
-        print("error: interrupted", file=sys.stderr)
+        hint = getattr(sys.exc_info()[1], "hint", None)
+        print(f"error: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
         return 130
     except OSError as exc:
         if exc.errno not in _ENVIRONMENT_ERRNOS:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -59,7 +58,10 @@ def select_datasets(args, catalog) -> list[str]:
 
 
 def print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, default=str))
+    """One strict JSON object on stdout (NaN and infinities as null)."""
+    from lora_project.utils.io_utils import json_text
+
+    print(json_text(obj))
 
 
 def progress_log(as_json: bool):

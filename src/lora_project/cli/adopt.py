@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from lora_project.cli._common import print_json
 from lora_project.errors import UserError
 
 EPILOG = """\
@@ -47,7 +47,7 @@ def run(args, paths) -> None:
 
         result = undo_adoption(paths, args.undo, log=None if args.json else log)
         if args.json:
-            print(json.dumps(result, indent=2))
+            print_json(result)
         else:
             t = result["totals"]
             print(f"undone: {t['files_removed']} files removed, {t['files_kept']} changed files kept, "
@@ -59,6 +59,6 @@ def run(args, paths) -> None:
 
     result, text = adopt(paths, args.old_dir, apply=args.apply, log=log if args.apply else None)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print_json(result)
     else:
         print(text)

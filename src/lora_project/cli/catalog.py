@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from lora_project.cli._common import print_json
 
 EPILOG = """\
 examples:
@@ -48,7 +49,7 @@ def run_add(args, paths) -> None:
 
     out = catalog_add(paths, args.name, args.path, fmt=args.format, text_field=args.text_field)
     if args.json:
-        print(json.dumps(out, indent=2))
+        print_json(out)
     else:
         print(f"added catalog row '{out['name']}': {out['row']['kind']} {out['location']} ({out['guessed']})"
               + (f"; copied from {out['copied_from']}" if out["copied_from"] else ""))
@@ -60,7 +61,7 @@ def run_list(args, paths) -> None:
 
     rows = catalog_list(paths)
     if args.json:
-        print(json.dumps({"rows": rows}, indent=2))
+        print_json({"rows": rows})
         return
     cols = ("name", "kind", "format", "enabled", "present", "location")
     table = [cols] + [tuple("-" if r[c] is None else str(r[c]) for c in cols) for r in rows]
@@ -74,6 +75,6 @@ def run_remove(args, paths) -> None:
 
     out = catalog_remove(paths, args.name)
     if args.json:
-        print(json.dumps(out, indent=2))
+        print_json(out)
     else:
         print(f"removed catalog row '{out['removed']}' ({out['location']}); no data file was deleted")

@@ -6,7 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from lora_project.cli._common import add_config_args, load_cfg, print_json, progress_log, select_datasets
+from lora_project.cli._common import (
+    add_config_args,
+    load_cfg,
+    print_json,
+    progress_log,
+    select_datasets,
+)
 from lora_project.errors import UserError
 
 
@@ -35,6 +41,9 @@ def register(sub) -> None:
                    help="grammar file (default: config/grammars/<kind>.yaml; for stories: config/story_themes.yaml)")
     p.add_argument("--out", type=Path,
                    help="output file (default: data/raw/toddler_data.txt, data/raw/kids.txt or data/raw/stories.txt)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file (the default outputs under data/raw/ are generated "
+                        "data and are always regenerated)")
     p.add_argument("--batch-size", type=int, default=4, help="stories: prompts generated together (default: 4)")
     p.add_argument("--no-progress", action="store_true", help="stories: no progress bar")
     add_config_args(p)
@@ -97,7 +106,8 @@ def run_generate_data(args, paths) -> None:
 
         summary = write_stories(load_cfg(args, paths), args.grammar or paths.config_dir / "story_themes.yaml",
                                 args.out or paths.raw_dir / "stories.txt", args.lines, args.seed,
-                                batch_size=args.batch_size, progress=not (args.no_progress or args.json))
+                                batch_size=args.batch_size, progress=not (args.no_progress or args.json),
+                                overwrite=args.overwrite or args.out is None)
         if args.json:
             print_json(summary)
         else:
@@ -108,7 +118,8 @@ def run_generate_data(args, paths) -> None:
 
     grammar = args.grammar or paths.config_dir / "grammars" / f"{args.kind}.yaml"
     out = args.out or paths.raw_dir / OUTPUT_NAMES[args.kind]
-    summary = generate_corpus(grammar, out, seed=args.seed, n_lines=args.lines)
+    summary = generate_corpus(grammar, out, seed=args.seed, n_lines=args.lines,
+                              overwrite=args.overwrite or args.out is None)
     if args.json:
         print_json(summary)
     else:

@@ -13,7 +13,12 @@ import json
 import re
 from pathlib import Path
 
-from lora_project.data.preprocessor import doc_separator, normalise, read_text_file, split_documents
+from lora_project.data.preprocessor import (
+    doc_separator,
+    normalise,
+    read_text_file,
+    split_documents,
+)
 from lora_project.errors import UserError, did_you_mean
 from lora_project.utils.io_utils import atomic_write_json, atomic_write_text
 

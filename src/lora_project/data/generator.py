@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lora_project.config import read_yaml
 from lora_project.errors import UserError, did_you_mean
-from lora_project.utils.io_utils import atomic_write_text
+from lora_project.utils.io_utils import atomic_write_text, check_output_file
 
 _REF = re.compile(r"<([A-Za-z_][A-Za-z0-9_]*)>")
 _MAX_DEPTH = 20  # guards against a grammar whose symbols recurse forever
@@ -88,8 +88,7 @@ def generate_corpus(grammar_path: Path, out_path: Path, seed: int = 0, n_lines: 
     n = grammar.default_lines if n_lines is None else n_lines
     if n < 1:
         raise UserError(f"--lines must be at least 1, got {n}")
-    if out_path.exists() and not overwrite:
-        raise UserError(f"{out_path} exists; pass --overwrite to replace it")
+    check_output_file(Path(out_path), overwrite)
     lines = generate_lines(grammar, n, seed)
     atomic_write_text(out_path, "\n".join(lines) + "\n")
     return {"grammar": str(grammar_path), "output": str(out_path), "lines": n,

@@ -149,9 +149,12 @@ def generate_stories(model, tokenizer, prompts: StoryPrompts, n: int, seed: int,
 
 
 def write_stories(cfg, themes_path: Path, out: Path, n: int | None, seed: int, batch_size: int = 4,
-                  progress: bool = True, base=None) -> dict:
+                  progress: bool = True, base=None, overwrite: bool = True) -> dict:
     """Load the base model (or reuse `base`), write `n` stories to `out`, one per line."""
     from lora_project.models.base_model import load_base
+    from lora_project.utils.io_utils import check_output_file
+
+    check_output_file(Path(out), overwrite)  # before the model loads
 
     prompts = StoryPrompts.load(themes_path)
     n = prompts.default_stories if n is None else n

@@ -11,7 +11,13 @@ import numpy as np
 
 from lora_project.errors import UserError
 from lora_project.inspection import analysis
-from lora_project.models.adapter import Adapter, BaseWeights, LoraModule, list_adapters, load_adapter
+from lora_project.models.adapter import (
+    Adapter,
+    BaseWeights,
+    LoraModule,
+    list_adapters,
+    load_adapter,
+)
 
 
 def base_weights(adapter: Adapter, config_files: list[Path], overrides: list[str] = ()) -> BaseWeights:

@@ -22,6 +22,7 @@ import json
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,7 @@ class CheckpointCallback(Callback):
         self.keep = keep
         self.meta = meta  # fingerprints, run id, metrics_before: written into state.json
         self._snapshot = None  # (loader state, rng) at the end of the last completed step
+        self.failed: str | None = None  # why the interrupt checkpoint could not be written
 
     def on_train_start(self, state: TrainState) -> None:
         self._snapshot = (state.loader.state_dict(), capture_rng())
@@ -93,7 +95,23 @@ class CheckpointCallback(Callback):
 
     def on_train_end(self, state: TrainState, status: str) -> None:
         if status == "KILLED" and state.step and not (self.folder / f"step_{state.step:06d}").exists():
-            self.save(state)
+            try:
+                self.save(state)
+            except OSError as exc:  # a full disk must not hide the interruption itself
+                self.failed = f"{exc.strerror or exc}"
+                print(f"warning: could not write the interrupt checkpoint of step {state.step} "
+                      f"({self.failed})", file=sys.stderr)
+
+    def resume_hint(self, dataset: str, adapter_name: str) -> str:
+        """What a user can do after an interruption: the checkpoint and the exact command, or why not."""
+        ckpts = list_checkpoints(self.folder) if self.folder.is_dir() else []
+        if not ckpts:
+            why = f"writing it failed: {self.failed}" if self.failed else "the run stopped before its first step"
+            return f"no checkpoint was written ({why}), so there is nothing to resume"
+        step = int(ckpts[-1].name.split("_")[1])
+        name = "" if adapter_name == dataset else f" --adapter-name {adapter_name}"
+        return (f"checkpoint of step {step} in {ckpts[-1]}; continue with: lora-project train {dataset}{name} "
+                "--resume (with the same config and --set options)")
 
     def save(self, state: TrainState) -> Path:
         from safetensors.torch import save_file

@@ -296,6 +296,9 @@ class Run:
         if exc_type is None:
             self.status, error = "FAILED", "the run ended without saving an adapter"
         elif issubclass(exc_type, (KeyboardInterrupt, RunInterrupted)):
+            from lora_project.utils import interrupts
+
+            interrupts.acknowledge()  # the clean-up below must not be interrupted by the same stop
             self.status, error = "KILLED", "interrupted"
         else:
             self.status, error = "FAILED", f"{exc_type.__name__}: {exc}"[:2000]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_project.config import RunConfig, flatten
-from lora_project.errors import UserError
+from lora_project.errors import RunInterrupted, UserError
 from lora_project.models.base_model import BaseBundle, load_base, resolve_model
 from lora_project.models.scoring import validation_metrics
 from lora_project.paths import ProjectPaths, check_name
@@ -150,13 +150,15 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
                     log(f"validation perplexity before training: {before['val_perplexity']:.3f}"
                         + (f"; {dist.world_size} processes, data parallel" if dist.enabled else ""))
                 callbacks = run.callbacks(progress)
+                checkpointer = None
                 if main:  # checkpoints every checkpoint_interval steps, and always on interruption
-                    callbacks.append(CheckpointCallback(
+                    checkpointer = CheckpointCallback(
                         paths.checkpoints_dir / run.experiment_dir.name, t.checkpoint_interval, t.keep_checkpoints,
                         meta={"config_fields": config_fingerprint_fields(cfg), "dataset_name": dataset,
                               "dataset_fingerprint": streams.fingerprint, "base_fingerprint": base.ref.fingerprint,
                               "base_name": base.ref.name, "mlflow_run_id": run.run_id, "metrics_before": before,
-                              "evals": evals}))
+                              "evals": evals})
+                    callbacks.append(checkpointer)
 
                 def periodic_eval():
                     m = evaluate()
@@ -167,7 +169,12 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
                                       dist=dist)
                 if point is not None:
                     restore_checkpoint(trainer, *point.checkpoint)
-                fit = trainer.fit()
+                try:
+                    fit = trainer.fit()
+                except (KeyboardInterrupt, RunInterrupted) as exc:
+                    if checkpointer is not None:  # the cli prints it after "error: interrupted"
+                        exc.hint = checkpointer.resume_hint(dataset, adapter_name)
+                    raise
                 outcome = Outcome(fit.steps, fit.tokens_seen, fit.train_seconds, fit.final_loss,
                                   trainer.state.history, sum(p.numel() for p in trainer.params))
                 if not main:

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from lora_project.errors import RunInterrupted
 
 _requested: type[BaseException] | None = None
+_delivered = False  # the stop was raised once; clean-up code after it is not interrupted again
 _depth = 0
 
 
@@ -35,19 +36,34 @@ def handle_signal(signum, frame) -> None:
     _requested = _exception_for(signum)
     if _depth and first:
         return
-    raise _requested()
+    raise _requested()  # may be swallowed (inside a weakref callback): check_stop raises it again
 
 
 def check_stop() -> None:
-    """Raise the pending KeyboardInterrupt / RunInterrupted, if a stop was requested."""
-    if _requested is not None:
+    """Raise the pending KeyboardInterrupt / RunInterrupted, once, if a stop was requested.
+
+    Once raised, the stop travels up as an exception; the clean-up it passes through (ending the
+    MLflow run, writing results.json) is not torn by raising it again. A second signal still
+    raises at once.
+    """
+    global _delivered
+    if _requested is not None and not _delivered:
+        _delivered = True
         raise _requested()
+
+
+def acknowledge() -> None:
+    """The stop has reached the code that handles it: later check_stop() calls (in clean-up that
+    ends tracking or writes results) no longer raise it again."""
+    global _delivered
+    if _requested is not None:
+        _delivered = True
 
 
 def clear_stop() -> None:
     """Forget any stop request (start of a command)."""
-    global _requested, _depth
-    _requested, _depth = None, 0
+    global _requested, _depth, _delivered
+    _requested, _depth, _delivered = None, 0, False
 
 
 @contextmanager

@@ -8,12 +8,15 @@ Folders (adapters) are built under a temporary name and swapped in the same way.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from lora_project.errors import UserError
 
 
 def fsync_dir(path: Path) -> None:
@@ -52,9 +55,26 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def json_safe(obj: Any) -> Any:
+    """`obj` with NaN and infinities replaced by None: JSON has no such numbers, and a file or
+    line with `NaN` in it is not JSON that other tools can read."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, indent: int | None = 2) -> str:
+    """Strict JSON (no NaN/Infinity; those become null); unknown types as their str()."""
+    return json.dumps(json_safe(obj), indent=indent, default=str, allow_nan=False)
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
-    """atomic_write_text of indented JSON."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    """atomic_write_text of indented, strict JSON (see json_text)."""
+    atomic_write_text(path, json_text(obj) + "\n")
 
 
 def fsync_tree(path: Path) -> None:
@@ -135,3 +155,16 @@ def atomic_directory(target: Path, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_output_file(path: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an output file path that is a folder, lies under a file, or
+    exists without `overwrite`."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; give a file name for the output")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"cannot write {path}: {parent} is a file, not a folder")
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} exists; pass --overwrite to replace it")
