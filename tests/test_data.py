@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -194,3 +195,34 @@ def test_json_output_is_strict_json(tmp_path):
     assert "NaN" not in text and "Infinity" not in text
     atomic_write_json(tmp_path / "r.json", obj)
     _json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+
+
+def test_a_folder_location_with_a_symlink_out_of_the_project_is_refused(tmp_path):
+    from lora_project.paths import ProjectPaths
+
+    root = tmp_path / "proj"
+    (root / "data" / "raw" / "d").mkdir(parents=True)
+    (root / "data" / "raw" / "d" / "ok.txt").write_text("fine\n")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not yours\n")
+    paths = ProjectPaths(root.resolve())
+    assert paths.inside(Path("data/raw/d"), "location").is_dir()
+    (root / "data" / "raw" / "d" / "link.txt").symlink_to(secret)
+    with pytest.raises(UserError, match="link.txt is a symlink to .*secret.txt, outside the project"):
+        paths.inside(Path("data/raw/d"), "dataset 'd' location")
+    (root / "data" / "raw" / "d" / "link.txt").unlink()
+    (root / "data" / "raw" / "d" / "sub").symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(UserError, match="sub is a symlink"):
+        paths.inside(Path("data/raw/d"), "location")
+    (root / "data" / "raw" / "d" / "sub").unlink()
+    (root / "data" / "raw" / "d" / "inner").symlink_to(root / "data" / "raw" / "d" / "ok.txt")
+    assert paths.inside(Path("data/raw/d"), "location")  # a link inside the project is fine
+
+
+def test_catalog_separator_escapes_keep_non_ascii_text():
+    from lora_project.data.catalog import parse_catalog
+
+    row = ("name,kind,location,format,text_field,sha256,license,description,options,split,enabled\n"
+           "s,local,data/raw/s.txt,separator,,,,,sep=§\\n— ü\\t\\\\x,0.8/0.1/0.1,true\n")
+    entry = parse_catalog(row)["s"]
+    assert entry.option("sep", None) == "§\n— ü\t\\x"  # unicode_escape used to mangle § and ü

@@ -117,7 +117,21 @@ class ProjectPaths:
         p = (self.root / path).resolve() if not Path(path).is_absolute() else Path(path).resolve()
         if p != self.root and self.root not in p.parents:
             raise UserError(f"{what} {str(path)!r} points outside the project folder {self.root}")
+        if p.is_dir():
+            self._no_links_out(p, what)
         return p
+
+    def _no_links_out(self, folder: Path, what: str) -> None:
+        """Refuse a folder holding a symlink (to a file or folder) that resolves outside the project:
+        its contents would be read into the project's data as if they were the user's."""
+        for top, dirs, files in os.walk(folder, followlinks=False):
+            for name in dirs + files:
+                q = Path(top) / name
+                if q.is_symlink():
+                    target = q.resolve()
+                    if target != self.root and self.root not in target.parents:
+                        raise UserError(f"{what}: {q.relative_to(self.root)} is a symlink to {target}, outside "
+                                        "the project; copy the file in instead")
 
 
 def cache_dir() -> Path:

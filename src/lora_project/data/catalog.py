@@ -107,8 +107,17 @@ def _parse_options(text: str, where: str, problems: list[str]) -> dict:
                 problems.append(f"{where}: option {key} must be true or false, got {value!r}")
             out[key] = b
         else:
-            out[key] = value.encode("utf-8").decode("unicode_escape") if "\\" in value else value
+            out[key] = _unescape(value)
     return out
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def _unescape(value: str) -> str:
+    """Backslash escapes in option values: \\n, \\t, \\r and \\\\; anything else (and any non-ASCII
+    text) is kept exactly as written."""
+    return re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), m.group(0)), value)
 
 
 def _parse_split(text: str, where: str, problems: list[str]) -> tuple[float, float, float]:
