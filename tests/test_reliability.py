@@ -119,3 +119,31 @@ def test_adapter_lock_is_exclusive_and_leaves_no_lock_file(tmp_path):
     assert not lock.exists()  # released: no lock file left for every adapter name ever tried
     with adapter_lock(paths, "kid"):  # and it can be taken again
         assert lock.is_file()
+
+
+def test_half_created_tracking_store_is_moved_aside_and_rebuilt(tmp_path, capsys):
+    import sqlite3
+
+    from mlflow.tracking import MlflowClient
+
+    from lora_project.paths import ProjectPaths
+    from lora_project.utils.mlflow_utils import MlflowTracker, default_tracking_uri
+
+    paths = ProjectPaths(tmp_path)
+    db = paths.mlruns_dir / "mlflow.db"
+    db.parent.mkdir(parents=True)
+    MlflowClient(tracking_uri=default_tracking_uri(paths)).search_experiments()  # a complete store ...
+    con = sqlite3.connect(db)
+    con.execute("DELETE FROM alembic_version")  # ... whose creation was cut before it was stamped
+    con.commit()
+    con.close()
+    tracker = MlflowTracker(paths, "exp")
+    run_id = tracker.start("r", {"a": 1}, {})
+    assert run_id and tracker.failed is None, tracker.failed
+    tracker.end("FINISHED")
+    assert "half-created" in capsys.readouterr().err
+    assert [p.name for p in paths.mlruns_dir.glob("mlflow.db.broken-*")]  # moved aside, not deleted
+    assert MlflowClient(tracking_uri=default_tracking_uri(paths)).get_run(run_id).info.status == "FINISHED"
+    tracker = MlflowTracker(paths, "exp")  # the rebuilt store is healthy: no second warning
+    assert tracker.start("r2", {}, {}) and "half-created" not in capsys.readouterr().err
+    tracker.end("FINISHED")

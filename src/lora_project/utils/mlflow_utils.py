@@ -27,6 +27,63 @@ def default_tracking_uri(paths: ProjectPaths) -> str:
     return f"sqlite:///{paths.mlruns_dir / 'mlflow.db'}"
 
 
+def _schema_head() -> str | None:
+    """The database schema revision this MLflow version creates (its newest migration)."""
+    try:
+        from alembic.script import ScriptDirectory
+        from mlflow.store.db.utils import _get_alembic_config
+
+        return ScriptDirectory.from_config(_get_alembic_config("sqlite://")).get_current_head()
+    except Exception:  # a private MLflow helper moved: skip the check rather than fail tracking
+        return None
+
+
+def check_sqlite_store(db: Path) -> str | None:
+    """Make sure a SQLite tracking store is usable before a run writes to it.
+
+    A store whose creation was cut short (a full disk, a kill) has no schema revision or an
+    older one than its tables, and every later run would fail with errors such as
+    "duplicate column name". Such a store holding no runs is moved aside (never deleted) and
+    created anew; one holding runs is named in one clear line for the user to decide.
+    Returns a message for the user, or None when the store is fine (or does not exist yet).
+    """
+    import sqlite3
+
+    if not db.is_file() or db.stat().st_size == 0:
+        return None
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            revision = (con.execute("SELECT version_num FROM alembic_version").fetchone() or [None])[0] \
+                if "alembic_version" in tables else None
+            runs = con.execute("SELECT COUNT(*) FROM runs").fetchone()[0] if "runs" in tables else 0
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        revision, runs, tables = None, 0, {f"unreadable: {exc}"}
+    head = _schema_head()
+    if revision is not None and (head is None or revision == head):
+        return None
+    if revision is not None and runs:
+        return None  # an older store with runs: MLflow's own upgrade path (mlflow db upgrade) applies
+    if runs:
+        return (f"{db} looks half-created (no schema revision) but holds {runs} runs; tracking is off for this "
+                "run. Back it up and run `mlflow db upgrade sqlite:///<that file>`, or move it away")
+    aside = db.with_name(f"{db.name}.broken-{time.strftime('%Y%m%dT%H%M%S')}")
+    os.replace(db, aside)
+    try:  # a store and an engine cached for this URI in this process still point at the old file
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+        from mlflow.tracking._tracking_service.registry import TrackingStoreRegistry
+
+        TrackingStoreRegistry._get_store_with_resolved_uri.cache_clear()
+        for uri in [u for u in SqlAlchemyStore._engine_map if u.endswith(str(db))]:
+            SqlAlchemyStore._engine_map.pop(uri).dispose()
+    except Exception:
+        pass
+    return f"{db} was half-created by an earlier run (no runs in it); moved it to {aside.name} and started anew"
+
+
 def resolve_tracking_uri(paths: ProjectPaths, configured: str | None = None) -> str:
     """The configured URI, else MLFLOW_TRACKING_URI, else the project's SQLite file."""
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(paths)
@@ -61,7 +118,14 @@ class MlflowTracker:
             from mlflow.tracking import MlflowClient
 
             if self.uri.startswith("sqlite:///"):
-                Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+                db = Path(self.uri[len("sqlite:///"):])
+                db.parent.mkdir(parents=True, exist_ok=True)
+                problem = check_sqlite_store(db)
+                if problem:
+                    print(f"warning: {problem}", file=sys.stderr)
+                    if db.exists():  # not moved aside: leave the user's runs alone
+                        self.failed = problem
+                        return None
             self._client = MlflowClient(tracking_uri=self.uri)
             exp = self._client.get_experiment_by_name(self.experiment_name)
             if exp is None:
