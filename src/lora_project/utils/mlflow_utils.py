@@ -84,6 +84,27 @@ def check_sqlite_store(db: Path) -> str | None:
     return f"{db} was half-created by an earlier run (no runs in it); moved it to {aside.name} and started anew"
 
 
+# MLflow retries an unreachable server for minutes by default (a 24 s run took 261 s, silent);
+# tracking is optional here, so it gives up quickly, says so once, and training goes on.
+_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+PROBE_SECONDS = 3.0
+
+
+def probe_server(uri: str) -> str | None:
+    """None when an http(s) tracking server accepts a connection within PROBE_SECONDS, else why not."""
+    import socket
+    import urllib.parse
+
+    u = urllib.parse.urlparse(uri)
+    port = u.port or (443 if u.scheme == "https" else 80)
+    try:
+        with socket.create_connection((u.hostname or "localhost", port), timeout=PROBE_SECONDS):
+            return None
+    except OSError as exc:
+        return f"cannot reach the MLflow server at {u.scheme}://{u.hostname}:{port} ({exc.strerror or exc})"
+
+
 def resolve_tracking_uri(paths: ProjectPaths, configured: str | None = None) -> str:
     """The configured URI, else MLFLOW_TRACKING_URI, else the project's SQLite file."""
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(paths)
@@ -117,6 +138,13 @@ class MlflowTracker:
             from mlflow.entities import Param, RunTag
             from mlflow.tracking import MlflowClient
 
+            if self.uri.startswith(("http://", "https://")):
+                for k, v in _HTTP_DEFAULTS.items():
+                    os.environ.setdefault(k, v)
+                problem = probe_server(self.uri)
+                if problem:
+                    self._warn(ConnectionError(problem))
+                    return None
             if self.uri.startswith("sqlite:///"):
                 db = Path(self.uri[len("sqlite:///"):])
                 db.parent.mkdir(parents=True, exist_ok=True)
