@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -226,3 +227,21 @@ def test_catalog_separator_escapes_keep_non_ascii_text():
            "s,local,data/raw/s.txt,separator,,,,,sep=§\\n— ü\\t\\\\x,0.8/0.1/0.1,true\n")
     entry = parse_catalog(row)["s"]
     assert entry.option("sep", None) == "§\n— ü\t\\x"  # unicode_escape used to mangle § and ü
+
+
+def test_written_files_follow_the_umask_not_tempfile_defaults(tmp_path):
+    from lora_project.utils.io_utils import atomic_directory, atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        import lora_project.utils.io_utils as io
+
+        io._UMASK = None
+        atomic_write_text(tmp_path / "a.txt", "x")
+        with atomic_directory(tmp_path / "d", overwrite=False) as tmp:
+            (tmp / "f").write_text("y")
+        assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644  # tempfile alone gives 0600
+        assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755  # mkdtemp alone gives 0700
+    finally:
+        os.umask(old)
+        io._UMASK = None

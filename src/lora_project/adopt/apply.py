@@ -24,6 +24,7 @@ from lora_project.adopt._project import (
     append_rows,
     atomic_write_json,
     check_adapter_dir,
+    default_mode,
     fsync_dir,
     sha256_file,
 )
@@ -129,6 +130,7 @@ def copy_file(rec: Recorder, it: Item, rel_src: str, dest: Path) -> None:
     src = rec.plan.old_dir / rel_src
     rec.ensure_dir(dest.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.fchmod(fd, default_mode())
     os.close(fd)
     os.unlink(tmp)
     try:
@@ -143,6 +145,7 @@ def _build_dir(rec: Recorder, it: Item, dest: Path, fill) -> None:
     """Build a folder under a temporary name with `fill(tmp)`, then rename it to `dest`."""
     rec.ensure_dir(dest.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    os.chmod(tmp, default_mode(directory=True))
     try:
         files = fill(tmp)
         for d in [tmp, *[p for p in tmp.rglob("*") if p.is_dir()]]:

@@ -19,6 +19,7 @@ from lora_project.adopt._project import (
     ProjectPaths,
     UserError,
     append_rows,
+    default_mode,
     did_you_mean,
     load_catalog,
     remove_rows,
@@ -43,6 +44,7 @@ def _copy_tree(files: list[tuple[Path, str]], dest: Path) -> None:
     """Copy (source file, relative name) pairs into a new folder `dest`, atomically, sha256-checked."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    os.chmod(tmp, default_mode(directory=True))
     try:
         for src, rel in files:
             target = tmp / rel if rel else tmp
@@ -63,6 +65,7 @@ def _copy_file(src: Path, dest: Path) -> None:
         raise UserError(f"{dest} already exists; choose another name")
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.fchmod(fd, default_mode())
     os.close(fd)
     try:
         sha = file_sha256(src)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from lora_project.errors import UserError
 from lora_project.paths import cache_dir
-from lora_project.utils.io_utils import atomic_write_json, fsync_tree
+from lora_project.utils.io_utils import atomic_write_json, default_mode, fsync_tree
 from lora_project.utils.provenance import sha256_file
 
 if TYPE_CHECKING:  # annotations only: no import-time cost, no upward import
@@ -99,6 +99,7 @@ def convert_gguf(gguf: Path, target: Path) -> None:
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    os.chmod(tmp, default_mode(directory=True))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

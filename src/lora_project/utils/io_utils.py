@@ -33,12 +33,26 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_UMASK: int | None = None
+
+
+def default_mode(directory: bool = False) -> int:
+    """The permissions a plain open()/mkdir() would give under the user's umask. tempfile creates
+    0600 files and 0700 folders; renamed into place they would otherwise stay private."""
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0)
+        os.umask(_UMASK)
+    return (0o777 if directory else 0o666) & ~_UMASK
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write bytes to a temporary sibling, fsync, rename over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, default_mode())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -141,6 +155,7 @@ def atomic_directory(target: Path, overwrite: bool) -> Iterator[Path]:
     if target.exists() and not overwrite:
         raise FileExistsError(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    os.chmod(tmp, default_mode(directory=True))
     try:
         yield tmp
         fsync_tree(tmp)
