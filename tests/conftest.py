@@ -6,10 +6,17 @@ points at a SQLite file inside the temporary project.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
+import random
 import shutil
-import subprocess
+import signal
+import subprocess as _subprocess
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 import pytest
@@ -99,12 +106,135 @@ def project(tmp_path, tiny_model_dir, monkeypatch) -> Path:
     return root
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300):
+class CliResult:
+    """What `subprocess.run(..., capture_output=True, text=True)` returns, for an in-process run."""
+
+    def __init__(self, args: list[str], returncode: int, stdout: str, stderr: str):
+        self.args, self.returncode, self.stdout, self.stderr = args, returncode, stdout, stderr
+
+    def __repr__(self) -> str:
+        return f"CliResult(args={self.args!r}, returncode={self.returncode})"
+
+
+class _CurrentStream:
+    """A stream that writes wherever sys.stdout/sys.stderr points at the time of the write.
+
+    Logging handlers created while a command runs in-process bind the captured stream; they
+    are re-pointed here afterwards so that later output is neither lost nor mixed up.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def write(self, text: str) -> int:
+        return getattr(sys, self.name).write(text)
+
+    def flush(self) -> None:
+        getattr(sys, self.name).flush()
+
+
+def _text(buffer: io.BytesIO) -> str:
+    # The same newline handling as subprocess.run(text=True): universal newlines.
+    return buffer.getvalue().decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _all_loggers() -> list[logging.Logger]:
+    return [logging.getLogger(), *(lg for lg in logging.root.manager.loggerDict.values()
+                                   if isinstance(lg, logging.Logger))]
+
+
+@contextlib.contextmanager
+def _process_state(args: list[str], cwd: Path | None, env: dict | None):
+    """Give an in-process command what a fresh process would have, and take back what it changed.
+
+    Restored afterwards: cwd, os.environ (the CLI sets defaults such as TOKENIZERS_PARALLELISM,
+    tests pass MLFLOW_TRACKING_URI), sys.argv/stdin/stdout/stderr, the SIGINT/SIGTERM handlers
+    and sys.unraisablehook (lora_project.utils.interrupts.install), warning filters, the levels
+    and handlers of loggers that existed before, torch's thread count (resolve_runtime sets it)
+    and the Python/NumPy/torch random states (set_seed). Module imports stay, as caches.
+    """
+    import numpy as np
+    import torch
+
+    saved_env = dict(os.environ)
+    saved_cwd = os.getcwd()
+    saved_sys = (sys.argv, sys.stdin, sys.stdout, sys.stderr, sys.unraisablehook)
+    saved_signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    saved_loggers = {lg: (lg.level, list(lg.handlers), lg.propagate, lg.disabled) for lg in _all_loggers()}
+    saved_threads = torch.get_num_threads()
+    saved_rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    out, err = io.BytesIO(), io.BytesIO()
+    streams = (io.TextIOWrapper(out, encoding="utf-8", write_through=True),
+               io.TextIOWrapper(err, encoding="utf-8", write_through=True))
+    os.environ.update(env or {})
+    if cwd is not None:
+        os.chdir(cwd)
+    sys.argv, sys.stdin = ["lora-project", *args], io.StringIO("")
+    sys.stdout, sys.stderr = streams
+    captured: dict[str, str] = {}
+    try:
+        with warnings.catch_warnings():
+            yield captured
+    finally:
+        for stream in streams:
+            stream.flush()
+        captured.update(stdout=_text(out), stderr=_text(err))
+        sys.argv, sys.stdin, sys.stdout, sys.stderr, sys.unraisablehook = saved_sys
+        for signum, handler in saved_signals.items():
+            signal.signal(signum, handler)
+        os.chdir(saved_cwd)
+        for key in [k for k in os.environ if k not in saved_env]:
+            del os.environ[key]
+        os.environ.update({k: v for k, v in saved_env.items() if os.environ.get(k) != v})
+        for lg in _all_loggers():
+            if lg in saved_loggers:
+                level, lg.handlers[:], lg.propagate, lg.disabled = saved_loggers[lg]
+                lg.setLevel(level)
+            for h in lg.handlers:
+                if isinstance(h, logging.StreamHandler) and h.stream in streams:
+                    h.setStream(_CurrentStream("stdout" if h.stream is streams[0] else "stderr"))
+        torch.set_num_threads(saved_threads)
+        random.setstate(saved_rng[0])
+        np.random.set_state(saved_rng[1])
+        torch.set_rng_state(saved_rng[2])
+        interrupts = sys.modules.get("lora_project.utils.interrupts")
+        if interrupts is not None:
+            interrupts.clear_stop()
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300,
+            subprocess: bool = False):
+    """Run the CLI (`lora_project.cli.main`) in this process, as a fresh process would run it.
+
+    Returns an object like subprocess.CompletedProcess (`returncode`, `stdout`, `stderr`).
+    argparse's SystemExit becomes the exit code and an uncaught exception exit 1 with its
+    traceback on stderr, as the interpreter would do. `timeout` applies only to
+    `subprocess=True`: a real `python -m lora_project ...` process, for the tests whose point
+    is the process itself (the interpreter's exit codes, signals, entry points).
+    """
+    if subprocess:
+        return run_cli_process(*args, cwd=cwd, env=env, timeout=timeout)
+    from lora_project.cli import main
+
+    with _process_state(list(args), cwd, env) as captured:
+        try:
+            code = main(list(args))
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            if exc.code is not None and not isinstance(exc.code, int):
+                print(exc.code, file=sys.stderr)
+        except Exception:
+            traceback.print_exc()
+            code = 1
+    return CliResult(list(args), code, captured["stdout"], captured["stderr"])
+
+
+def run_cli_process(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300):
     """Run `python -m lora_project ...` as a real subprocess."""
     full_env = dict(os.environ)
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "lora_project", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return _subprocess.run([sys.executable, "-m", "lora_project", *args], cwd=cwd, env=full_env,
+                           capture_output=True, text=True, timeout=timeout)
 
 
 def assert_user_error(proc, *fragments: str) -> None:

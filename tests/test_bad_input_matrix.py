@@ -1,6 +1,7 @@
 """The bad-input matrix: every command fed each class of bad input.
 
-Each case sets up a fresh project, runs the real CLI in a subprocess, and requires exit
+Each case sets up a fresh project, runs the real CLI entry point (`main([...])`, in this
+process with its own cwd, environment and captured output: see conftest.run_cli), and requires exit
 code 2, exactly one `error:` line naming the problem (short, even for huge input), no
 traceback, and every file that existed before the command byte-for-byte unchanged.
 docs/research_notes.md lists every case id (a test below keeps the two in sync).

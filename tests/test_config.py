@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from conftest import REPO
+from conftest import REPO, assert_user_error, run_cli
 
 from lora_project.config import (
     SECTIONS,
@@ -190,3 +190,15 @@ def test_seed_beyond_machine_range_is_refused():
     with pytest.raises(UserError, match="training.seed: must be <="):
         load_config([], [f"training.seed={2**64}"])
     assert load_config([], [f"training.seed={2**63 - 1}"]).training.seed == 2**63 - 1
+
+
+def test_config_command_prints_the_resolved_config_and_explains(project):
+    import yaml
+
+    proc = run_cli("config", "--set", "training.lr=0.5", cwd=project)
+    assert proc.returncode == 0, proc.stderr
+    shown = yaml.safe_load(proc.stdout)
+    assert shown["training"]["lr"] == 0.5 and shown["training"]["max_steps"] == 6  # override + project file
+    proc = run_cli("config", "--explain", cwd=project)
+    assert proc.returncode == 0 and proc.stdout.rstrip("\n") == explain()
+    assert_user_error(run_cli("config", "--set", "training.sed=1", cwd=project), "did you mean 'seed'")

@@ -1,6 +1,7 @@
 """Fault injection: a process killed (SIGKILL) in the middle of writing, a full disk, and a
-real MLflow server that stops mid-run. Each fault runs in a real subprocess; the test then
-checks that what was on disk before is intact and loadable.
+real MLflow server that stops mid-run. The kills and the server run in real subprocesses (slow
+tier); the full disk is simulated in this process. Each test then checks that what was on disk
+before is intact and loadable.
 
 The kills are placed precisely by a small driver (below) that wraps one function of the
 package and sends SIGKILL to its own process at the chosen point, so no timing luck is
@@ -80,6 +81,7 @@ def _save_v1(tiny_model_dir, target: Path) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
+@pytest.mark.slow  # a real process killed with SIGKILL
 @pytest.mark.parametrize("mode", ["adapter-half-file", "adapter-before-swap", "adapter-between-renames"])
 def test_sigkill_while_saving_an_adapter_keeps_the_previous_one(mode, tiny_model_dir, tmp_path):
     from lora_project.models.adapter import load_adapter, read_metadata
@@ -99,6 +101,7 @@ def test_sigkill_while_saving_an_adapter_keeps_the_previous_one(mode, tiny_model
     assert leftovers == [] or mode != "adapter-between-renames", leftovers
 
 
+@pytest.mark.slow  # a real training process killed with SIGKILL, then resumed
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_checkpoint(project):
     """A real training run killed while its step-4 checkpoint is half-written; --resume
     continues from step 2 and finishes."""
@@ -136,26 +139,23 @@ sys.exit(main(sys.argv[1:]))
     assert not list(folder.glob(".step_*"))  # the half-written temporary folder was cleaned up
 
 
-def test_full_disk_while_saving_is_a_clear_error_and_keeps_earlier_outputs(project):
+def test_full_disk_while_saving_is_a_clear_error_and_keeps_earlier_outputs(project, monkeypatch):
     """ENOSPC raised by the file system when the adapter is written (simulated at the
     write call: this machine cannot mount a small file system without root)."""
     first = run_cli("train", "toddler_data", "--no-progress", "--no-mlflow", cwd=project)
     assert first.returncode == 0, first.stderr[-2000:]
     adapters_before = snapshot(project / "adapters" / "toddler_data_lora")
     processed_before = snapshot(project / "data" / "processed")
-    driver = r'''
-import errno, sys
-import lora_project.utils.io_utils as io
-real = io.fsync_tree
-def full(path):
-    raise OSError(errno.ENOSPC, "No space left on device", str(path))
-io.fsync_tree = full
-from lora_project.cli import main
-sys.exit(main(sys.argv[1:]))
-'''
-    proc = subprocess.run([sys.executable, "-c", driver, "train", "toddler_data", "--no-progress", "--no-mlflow",
-                           "--overwrite", "--set", "training.seed=9"], cwd=project, capture_output=True, text=True,
-                          timeout=300)
+    import errno
+
+    import lora_project.utils.io_utils as io
+
+    def full(path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(io, "fsync_tree", full)
+    proc = run_cli("train", "toddler_data", "--no-progress", "--no-mlflow", "--overwrite", "--set", "training.seed=9",
+                   cwd=project)
     assert_user_error(proc, "No space left on device")
     assert snapshot(project / "adapters" / "toddler_data_lora") == adapters_before
     assert [p.name for p in (project / "adapters").iterdir() if p.name.endswith(".tmp")] == []

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import assert_user_error, run_cli
 from safetensors.torch import load_file
 
@@ -20,6 +21,7 @@ def _weights(project, name):
     return load_file(project / "adapters" / f"{name}_lora" / "adapter_model.safetensors")
 
 
+@pytest.mark.slow  # a real process killed mid-run, then resumed: 400 steps twice
 def test_sigkill_then_resume_gives_the_same_adapter(project):
     from mlflow.tracking import MlflowClient
 
@@ -57,8 +59,12 @@ def test_sigkill_then_resume_gives_the_same_adapter(project):
     assert set(steps) == set(range(2, 401, 2))  # log_interval 2; steps after the checkpoint logged again
 
 
-def test_resume_is_refused_for_changed_config_or_missing_checkpoint(project):
+def test_resume_without_a_checkpoint_is_refused(project):
     assert_user_error(run_cli("train", "toddler_data", "--resume", cwd=project), "no checkpoint to resume")
+
+
+@pytest.mark.slow  # a real process stopped by SIGTERM, then resumed
+def test_resume_is_refused_for_changed_config(project):
     proc = subprocess.Popen([sys.executable, "-m", "lora_project", "train", "toddler_data", "--no-progress",
                              "--no-mlflow", *STEPS], cwd=project, env=dict(os.environ),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -73,3 +79,35 @@ def test_resume_is_refused_for_changed_config_or_missing_checkpoint(project):
     proc = run_cli("train", "toddler_data", "--resume", "--no-mlflow", *STEPS, "--set", "training.lr=0.02",
                    cwd=project)
     assert_user_error(proc, "different config", "training.lr")
+
+
+def test_stop_then_resume_in_process_gives_the_same_adapter(project, monkeypatch):
+    """The fast tier's resume check: a stop request (what SIGTERM's handler does) lands right
+    after the step-5 checkpoint; the command exits 130, a changed config is refused, and
+    --resume then ends with the weights of an uninterrupted run."""
+    from lora_project.training import checkpoint
+    from lora_project.utils import interrupts
+
+    steps = ["--no-progress", "--no-mlflow", "--set", "training.max_steps=10", "--set", "training.checkpoint_interval=5",
+             "--set", "training.eval_interval=0"]
+    ref = run_cli("train", "toddler_data", "--adapter-name", "ref", *steps, cwd=project)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    real_on_step_end = checkpoint.CheckpointCallback.on_step_end
+
+    def stop_after_step_5(self, state, metrics):
+        real_on_step_end(self, state, metrics)
+        if state.step == 5:
+            interrupts.handle_signal(signal.SIGTERM, None)
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint.CheckpointCallback, "on_step_end", stop_after_step_5)
+        stopped = run_cli("train", "toddler_data", *steps, cwd=project)
+    assert stopped.returncode == 130 and "error: interrupted" in stopped.stderr, stopped.stderr[-2000:]
+    assert not (project / "adapters" / "toddler_data_lora").exists()
+    assert_user_error(run_cli("train", "toddler_data", "--resume", *steps, "--set", "training.lr=0.02", cwd=project),
+                      "different config", "training.lr")
+    resumed = run_cli("train", "toddler_data", "--resume", "--json", *steps, cwd=project)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming exp_002_toddler_data from step 5" in resumed.stderr
+    a, b = _weights(project, "ref"), _weights(project, "toddler_data")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), "resume is not exact"

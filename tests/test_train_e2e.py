@@ -1,4 +1,5 @@
-"""End-to-end on a tiny model: CLI subprocesses, real files, real MLflow (SQLite in tmp)."""
+"""End-to-end on a tiny model: the CLI in-process (one real process for SIGTERM), real files, real
+MLflow (SQLite in tmp)."""
 
 from __future__ import annotations
 
@@ -240,3 +241,18 @@ def test_generate_data_refuses_to_replace_an_explicit_out_file(project):
     assert run_cli("generate-data", "--kind", "kids", "--lines", "5", "--out", str(out), cwd=project).returncode == 0
     proc = run_cli("generate-data", "--kind", "kids", "--lines", "7", "--out", str(out), "--overwrite", cwd=project)
     assert proc.returncode == 0 and out.read_text().count("\n") == 7
+
+
+def test_demo_runs_end_to_end_and_replaces_its_own_adapter(project):
+    """`make demo`'s command on the tiny model (the real model's demo is in the slow tier's docs run)."""
+    proc = run_cli("demo", "--set", "training.max_steps=2", "--no-mlflow", "--json", cwd=project)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    ev = out["evaluation"]["models"]
+    assert set(ev) == {"base", "toddler_data_demo_lora"} and all(m["perplexity"] > 1 for m in ev.values())
+    assert out["train"]["status"] == "FINISHED" and out["train"]["steps"] == 2
+    assert (project / "adapters" / "toddler_data_demo_lora" / "adapter_model.safetensors").is_file()
+    again = run_cli("demo", "--set", "training.max_steps=2", "--no-mlflow", cwd=project)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "replacing the demo's previous adapter" in again.stdout and "test perplexity" in again.stdout
+    assert len(list((project / "experiments").iterdir())) == 2

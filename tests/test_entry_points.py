@@ -1,0 +1,92 @@
+"""The real entry points, as real processes: the few places where the process itself is the point.
+
+Everything else runs the CLI in-process (`run_cli` in conftest.py), which cannot see what the
+interpreter does with an uncaught exception, how `python -m` and the console script start, or
+what a signal does to a running process. These do; the signals are in test_train_e2e.py
+(SIGTERM -> 130) and, in the slow tier, test_resume.py and test_faults.py (SIGKILL). The
+script shims are in test_docs.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import assert_user_error, run_cli
+
+from lora_project import __version__
+
+
+def test_python_m_succeeds_with_exit_0(project):
+    proc = run_cli("config", cwd=project, subprocess=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "lora:" in proc.stdout and proc.stderr == ""
+
+
+def test_console_script_runs():
+    script = Path(sys.executable).parent / "lora-project"
+    if not script.is_file():  # installed without scripts (or from another environment)
+        script = shutil.which("lora-project")
+    if not script:
+        pytest.skip("the lora-project console script is not installed")
+    proc = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert __version__ in proc.stdout
+
+
+def test_bad_input_exits_2_from_the_real_interpreter(project):
+    assert_user_error(run_cli("train", "toddler_dta", cwd=project, subprocess=True), "did you mean 'toddler_data'")
+    assert_user_error(run_cli("frobnicate", cwd=project, subprocess=True), "invalid choice")
+
+
+BUG_DRIVER = r'''
+import runpy, sys
+from lora_project.paths import ProjectPaths
+
+def discover(cls):
+    raise RuntimeError("a simulated bug")
+
+ProjectPaths.discover = classmethod(discover)
+sys.argv = ["lora-project", *sys.argv[1:]]
+runpy.run_module("lora_project", run_name="__main__", alter_sys=True)
+'''
+
+
+def test_a_bug_exits_1_with_its_traceback(project):
+    proc = subprocess.run([sys.executable, "-c", BUG_DRIVER, "config"], cwd=project, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" in proc.stderr and "RuntimeError: a simulated bug" in proc.stderr
+
+
+def test_in_process_runs_report_a_bug_the_same_way(project, monkeypatch):
+    from lora_project.paths import ProjectPaths
+
+    def discover(cls):
+        raise RuntimeError("a simulated bug")
+
+    monkeypatch.setattr(ProjectPaths, "discover", classmethod(discover))
+    proc = run_cli("config", cwd=project)
+    assert proc.returncode == 1 and "RuntimeError: a simulated bug" in proc.stderr
+
+
+def test_in_process_runs_leave_no_global_state_behind(project):
+    """What the CLI changes in its process is put back (see conftest._process_state)."""
+    import os
+    import signal
+
+    import torch
+
+    before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), sys.unraisablehook,
+              torch.get_num_threads(), os.getcwd(), sys.stdout, sys.stderr)
+    env_before = dict(os.environ)
+    proc = run_cli("train", "toddler_data", "--no-progress", "--no-mlflow", cwd=project.parent,  # threads: 1
+                   env={"MLFLOW_TRACKING_URI": f"sqlite:///{project / 'other.db'}"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    after = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), sys.unraisablehook,
+             torch.get_num_threads(), os.getcwd(), sys.stdout, sys.stderr)
+    assert after == before
+    assert dict(os.environ) == env_before
