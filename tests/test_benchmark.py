@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from conftest import assert_user_error, run_cli
 
 
@@ -45,6 +46,7 @@ def test_benchmark_bad_shapes(project):
     assert_user_error(run_cli("benchmark", "--quick", "--steps", "0", cwd=project), "--steps")
 
 
+@pytest.mark.slow  # the reference side trains with plain PEFT + transformers Trainer in child processes
 def test_reference_comparison_fields(project):
     proc = run_cli("benchmark", "--quick", "--shapes", "16x2", "--steps", "1", "--reference", "--reference-steps", "2",
                    "--json", cwd=project, timeout=600)

@@ -11,6 +11,8 @@ import pytest
 from conftest import run_cli
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # several processes under torchrun
+
 
 def _losses(project, exp):
     log = project / "experiments" / exp / "logs" / "metrics.jsonl"
