@@ -26,7 +26,10 @@ config_docs = st.dictionaries(sections, st.one_of(yaml_scalars, st.dictionaries(
 
 
 def _one_line(exc: UserError) -> None:
-    assert "\n" not in " ".join(str(exc).split()) and str(exc).strip()
+    """The CLI prints `error: ` + the message with its whitespace collapsed (one line by
+    construction); what can go wrong is an empty message or one that echoes the input at length."""
+    line = " ".join(str(exc).split())
+    assert line and len(line) <= 600, line[:200]  # 600: the bad-input matrix's MAX_ERROR_CHARS
 
 
 @SETTINGS
