@@ -9,7 +9,18 @@ import pytest
 from conftest import assert_user_error, run_cli
 
 
-def test_quick_benchmark_report(project):
+@pytest.fixture()
+def small_matmul(monkeypatch):
+    """The matmul-peak probe on small matrices: the same code, without the seconds that a
+    2048 x 576 x 1536 bf16 matmul takes on a CPU without native bf16 (the slow tier and
+    `lora-project benchmark` itself use the real size)."""
+    import lora_project.benchmark as bench
+
+    real = bench.matmul_gflops
+    monkeypatch.setattr(bench, "matmul_gflops", lambda dtype, **kw: real(dtype, m=256, k=128, n=256, min_seconds=0.1))
+
+
+def test_quick_benchmark_report(project, small_matmul):
     proc = run_cli("benchmark", "--quick", "--shapes", "32x4,16x8", "--steps", "2", "--json", cwd=project)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout)
@@ -59,7 +70,12 @@ def test_reference_comparison_fields(project):
     assert "plain PEFT + transformers Trainer" in Path(json.loads(proc.stdout)["report"]["markdown"]).read_text()
 
 
-def test_matrix_scores_base_and_adapters_on_every_prepared_dataset(project):
+def test_matrix_scores_base_and_adapters_on_every_prepared_dataset(project, small_matmul, monkeypatch):
+    import lora_project.benchmark as bench
+
+    # The fresh-process model-load timing is checked by test_quick_benchmark_report.
+    monkeypatch.setattr(bench, "load_times", lambda cfg, quick, log=print: {"cold_seconds": None,
+                                                                             "cached_seconds": 0.0})
     assert run_cli("train-batch", "toddler_data", "kids", "--no-mlflow", "--no-progress", cwd=project).returncode == 0
     broken = project / "adapters" / "broken_lora"
     broken.mkdir()
