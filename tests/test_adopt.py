@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import snapshot
+from conftest import run_cli, snapshot
 
 from lora_project.paths import ProjectPaths
 
@@ -200,13 +200,9 @@ def _ignored(rel: str) -> bool:
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:
-    """The real CLI entry point, in this process (a subprocess costs seconds of imports)."""
-    from lora_project.cli import main
-
-    capsys.readouterr()
-    rc = main(list(args))
-    out = capsys.readouterr()
-    return rc, out.out, out.err
+    """The real CLI entry point, in this process (conftest.run_cli: own output, state restored)."""
+    proc = run_cli(*args)
+    return proc.returncode, proc.stdout, proc.stderr
 
 
 def test_adopt_apply_again_and_undo(project, old_project, tiny_model_dir, other_tiny_model_dir, capsys):
