@@ -38,8 +38,8 @@ def test_console_script_runs():
 
 
 def test_bad_input_exits_2_from_the_real_interpreter(project):
+    # (argparse's own exit 2, e.g. an unknown command, is in the bad-input matrix, in-process)
     assert_user_error(run_cli("train", "toddler_dta", cwd=project, subprocess=True), "did you mean 'toddler_data'")
-    assert_user_error(run_cli("frobnicate", cwd=project, subprocess=True), "invalid choice")
 
 
 BUG_DRIVER = r'''
@@ -90,3 +90,31 @@ def test_in_process_runs_leave_no_global_state_behind(project):
              torch.get_num_threads(), os.getcwd(), sys.stdout, sys.stderr)
     assert after == before
     assert dict(os.environ) == env_before
+
+
+def test_the_fast_tier_runs_every_subcommand():
+    """`make test-fast` (-m "not slow") must exercise every subcommand: each appears as the first
+    argument of a run_cli(...) / cli(capsys, ...) call in a test that is not marked slow."""
+    import ast
+
+    from conftest import REPO
+
+    from lora_project.cli import build_parser
+
+    parser = build_parser()
+    commands = set(next(a for a in parser._actions if a.dest == "command").choices)
+    run = set()
+    for path in sorted((REPO / "tests").glob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        module_slow = any(isinstance(n, ast.Assign) and "pytestmark" in ast.unparse(n.targets[0])
+                          and "slow" in ast.unparse(n.value) for n in tree.body)
+        for fn in ast.walk(tree):
+            if not isinstance(fn, ast.FunctionDef) or not fn.name.startswith("test_") or module_slow \
+                    or any("slow" in ast.unparse(d) for d in fn.decorator_list):
+                continue
+            for call in ast.walk(fn):
+                if isinstance(call, ast.Call) and ast.unparse(call.func) in ("run_cli", "cli"):
+                    args = [a for a in call.args if ast.unparse(a) != "capsys"]
+                    if args and isinstance(args[0], ast.Constant):
+                        run.add(args[0].value)
+    assert not commands - run, f"subcommands no fast test runs: {sorted(commands - run)}"
