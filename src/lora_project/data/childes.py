@@ -159,6 +159,22 @@ def _error_line(text: str, message: str) -> int | None:
     return None
 
 
+def _parse(CHAT, text: str, name: str, strict: bool):
+    """pylangacq's parser; a panic in its compiled core (a BaseException, not an Exception) on odd
+    input becomes a ValueError naming the file, like any other unparsable transcript."""
+    try:
+        return CHAT.from_strs([text], ids=[name], strict=strict, mor_tier=None, gra_tier=None, parallel=False)
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except ValueError:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - pyo3's PanicException derives from BaseException
+        if type(exc).__name__ == "RunInterrupted":
+            raise
+        raise ValueError(f"{name}: the CHAT parser failed on this file ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:200]})") from None
+
+
 def parse_chat(name: str, raw: bytes, encoding: str = "utf-8"):
     """Parse one CHAT text; returns (reader, lenient_reason). Raises ValueError naming file and line."""
     from pylangacq import CHAT
@@ -170,15 +186,13 @@ def parse_chat(name: str, raw: bytes, encoding: str = "utf-8"):
     if "\n*" not in "\n" + text:
         raise ValueError(f"{name}: no utterance lines ('*XXX:'), not a CHAT transcript")
     try:
-        return CHAT.from_strs([text], ids=[name], strict=True, mor_tier=None, gra_tier=None,
-                             parallel=False), None
+        return _parse(CHAT, text, name, strict=True), None
     except ValueError as exc:
         reason = " ".join(str(exc).split()).replace(f"{name}: ", "")
         line = _error_line(text, reason)
         reason = f"{reason} (line {line})" if line else reason
     try:
-        return CHAT.from_strs([text], ids=[name], strict=False, mor_tier=None, gra_tier=None,
-                             parallel=False), reason
+        return _parse(CHAT, text, name, strict=False), reason
     except ValueError as exc:
         raise ValueError(f"{name}: {' '.join(str(exc).split())}") from None
 
