@@ -86,6 +86,47 @@ def _bad_config_json(folder: Path) -> None:
     (folder / "adapter_config.json").write_text("{ not json")
 
 
+def _json_file(rel: str, obj):
+    import json
+
+    def damage(folder: Path) -> None:
+        (folder / rel).write_text(json.dumps(obj))
+    return damage
+
+
+def _config_field(**fields):
+    import json
+
+    def damage(folder: Path) -> None:
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**cfg, **fields}))
+    return damage
+
+
+def _nan_weight(folder: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    f = folder / "adapter_model.safetensors"
+    tensors = load_file(f)
+    key = next(k for k in tensors if "lora_B" in k)
+    tensors[key][0, 0] = float("inf")
+    save_file(tensors, f)
+
+
+def _symlink_out(project: Path, _src: Path) -> None:
+    catalog_rows("d,local,data/raw/d,,,,,,,,true")(project, _src)
+    folder = project / "data" / "raw" / "d"
+    folder.mkdir(parents=True)
+    (folder / "ok.txt").write_text("a line of text\nanother line\n")
+    (project.parent / "private.txt").write_text("someone else's file\n")
+    (folder / "link.txt").symlink_to(project.parent / "private.txt")
+
+
+_BOMB = "\n".join(["x: &a [1,1,1,1,1,1,1,1,1]"] + [
+    f"l{i}: &{chr(98 + i)} [" + ",".join([f"*{chr(97 + i)}"] * 9) + "]" for i in range(6)])
+EVAL_TEXT = ["evaluate", "--text", "config/dataset_catalog.csv", "--adapter"]
+
+
 HUGE_LINE = "x" * 3_000_000  # one 3 MB line: the error must not echo it
 
 CASES = [
@@ -217,6 +258,96 @@ CASES = [
     Case("batch-names-and-all", "names and --all together", ["train-batch", "kids", "--all"], ["not both"]),
     Case("bench-bad-steps", "benchmark --steps 0", ["benchmark", "--steps", "0"], ["--steps"]),
     Case("cli-unknown-command", "unknown command", ["frobnicate"], ["invalid choice"]),
+    # --- round two (issue 20): outputs, malformed adapters of any shape, numbers, encodings, hostile values
+    Case("gen-out-existing", "generate-data --out onto an existing file", ["generate-data", "--kind", "kids",
+         "--lines", "5", "--out", "config/dataset_catalog.csv"], ["exists; pass --overwrite"]),
+    Case("gen-out-folder", "generate-data --out a folder", ["generate-data", "--kind", "kids", "--out", "config"],
+         ["is a folder"]),
+    Case("gen-out-under-file", "generate-data --out below a file",
+         ["generate-data", "--kind", "kids", "--out", "config/dataset_catalog.csv/x.txt"], ["is a file, not a folder"]),
+    Case("gen-zero-lines", "generate-data --lines 0", ["generate-data", "--kind", "kids", "--lines", "0"],
+         ["at least 1"]),
+    Case("merge-self", "merge of an adapter with itself", ["merge", "adapters/good_lora", "adapters/good_lora",
+         "--name", "twice"], ["named twice"], with_adapter("good_lora")),
+    Case("merge-nan-weight", "merge --weights nan,1", ["merge", "adapters/good_lora", "adapters/r2_lora", "--name",
+         "m", "--method", "cat", "--weights", "nan,1"], ["finite"],
+         lambda p, s: (with_adapter("good_lora")(p, s), with_adapter("r2_lora", source="r2_lora")(p, s))),
+    Case("merge-inf-weight", "merge --weights inf,1", ["merge", "adapters/good_lora", "adapters/r2_lora", "--name",
+         "m", "--method", "cat", "--weights", "inf,1"], ["finite"],
+         lambda p, s: (with_adapter("good_lora")(p, s), with_adapter("r2_lora", source="r2_lora")(p, s))),
+    Case("merge-export-notes", "merge --export-model onto a folder of notes with --overwrite",
+         ["merge", "adapters/good_lora", "--export-model", "notes", "--overwrite"], ["not a model folder exported"],
+         lambda p, s: (with_adapter("good_lora")(p, s), write("notes/ideas.txt", "keep me")(p, s))),
+    Case("merge-bad-density", "merge --density 0", ["merge", "adapters/good_lora", "adapters/r2_lora", "--name", "m",
+         "--method", "ties", "--density", "0"], ["--density"],
+         lambda p, s: (with_adapter("good_lora")(p, s), with_adapter("r2_lora", source="r2_lora")(p, s))),
+    Case("adapter-inf-weights", "adapter with an infinite weight", ["inspect", "weights", "adapters/inf_lora"],
+         ["NaN or infinite"], with_adapter("inf_lora", _nan_weight)),
+    Case("adapter-inf-eval", "evaluate with an infinite-weight adapter", EVAL_TEXT + ["adapters/inf_lora"],
+         ["NaN or infinite"], with_adapter("inf_lora", _nan_weight)),
+    Case("adapter-config-list", "adapter_config.json holding a list", ["inspect", "weights", "adapters/l_lora"],
+         ["expected a JSON object"], with_adapter("l_lora", _json_file("adapter_config.json", [1, 2]))),
+    Case("adapter-rank-type", "adapter rank that is not a number", EVAL_TEXT + ["adapters/r_lora"],
+         ["'r' must be a positive integer"], with_adapter("r_lora", _config_field(r="eight"))),
+    Case("adapter-rank-zero", "adapter rank 0", ["inspect", "weights", "adapters/r_lora"],
+         ["'r' must be a positive integer"], with_adapter("r_lora", _config_field(r=0))),
+    Case("adapter-alpha-type", "lora_alpha that is not a number", ["inspect", "weights", "adapters/a_lora"],
+         ["'lora_alpha' must be a number"], with_adapter("a_lora", _config_field(lora_alpha=[1]))),
+    Case("adapter-not-lora", "an IA3 adapter", EVAL_TEXT + ["adapters/ia3_lora"], ["not a LoRA adapter"],
+         with_adapter("ia3_lora", _config_field(peft_type="IA3"))),
+    Case("adapter-rank-mismatch", "config rank differs from the weights", ["inspect", "weights", "adapters/m_lora"],
+         ["has rank 4", "r=8"], with_adapter("m_lora", _config_field(r=8))),
+    Case("adapter-targets-mismatch", "target_modules matching none of the weights",
+         EVAL_TEXT + ["adapters/t_lora"], ["would do nothing"], with_adapter("t_lora", _config_field(target_modules=["k_proj"]))),
+    Case("adapter-targets-type", "target_modules of the wrong type", ["inspect", "weights", "adapters/t_lora"],
+         ["'target_modules'"], with_adapter("t_lora", _config_field(target_modules=7))),
+    Case("adapter-meta-list", "lora_project.json holding a list", ["inspect", "weights", "adapters/j_lora"],
+         ["corrupt metadata"], with_adapter("j_lora", _json_file("lora_project.json", ["x"]))),
+    Case("adapter-meta-field", "metadata field of the wrong type", EVAL_TEXT + ["adapters/j_lora"],
+         ["'base_model' should be an object"], with_adapter("j_lora", _json_file("lora_project.json",
+                                                                                   {"base_model": "tiny"}))),
+    Case("adapter-meta-not-json", "lora_project.json that is not JSON", ["inspect", "weights", "adapters/j_lora"],
+         ["corrupt metadata (not JSON)"], with_adapter("j_lora", lambda d: (d / "lora_project.json").write_text("{"))),
+    Case("adapter-twice-eval", "the same adapter twice in evaluate", EVAL_TEXT + ["adapters/good_lora", "--adapter",
+         "adapters/good_lora"], ["share the folder name"], with_adapter("good_lora")),
+    Case("adapter-twice-generate", "the same adapter twice in generate", ["generate", "--prompt", "hi", "--adapter",
+         "adapters/good_lora", "--adapter", "adapters/good_lora"], ["share the folder name"], with_adapter("good_lora")),
+    Case("cfg-seed-overflow", "seed above 2^64", ["train", "toddler_data", "--set", f"training.seed={2**64}"],
+         ["training.seed: must be <="]),
+    Case("cfg-steps-huge", "max_steps beyond any run", ["train", "toddler_data", "--set", "training.max_steps=10**12"],
+         ["training.max_steps"]),
+    Case("cfg-alias-bomb-set", "YAML alias bomb in a --set value", ["train", "toddler_data", "--set",
+         "training.lr=" + _BOMB], ["alias bomb"]),
+    Case("cfg-alias-bomb-file", "YAML alias bomb in a config file", ["train", "toddler_data", "--config", "b.yaml"],
+         ["alias bomb"], write("b.yaml", "training:\n  lr: 0.001\n" + "bomb:\n  " + _BOMB.replace("\n", "\n  "))),
+    Case("cfg-huge-value", "a 1 MB --set value", ["train", "toddler_data", "--set", "training.precision=" + "z" * 1_000_000],
+         ["training.precision", "chars]"]),
+    Case("cfg-nan-lr", "learning rate nan", ["train", "toddler_data", "--set", "training.lr=.nan"], ["training.lr"]),
+    Case("train-bad-target", "target_modules the model does not have", ["train", "toddler_data", "--no-mlflow",
+         "--set", "lora.target_modules=[nope_proj]"], ["nope_proj", "not found in the model"]),
+    Case("train-resume-nothing", "--resume without a checkpoint", ["train", "toddler_data", "--resume"],
+         ["no checkpoint to resume"]),
+    Case("cat-symlink-out", "catalog folder holding a symlink out of the project", ["prepare", "d", "--no-tokens"],
+         ["link.txt is a symlink", "outside the project"], _symlink_out),
+    Case("data-utf16-undeclared", "UTF-16 source without its encoding", ["prepare", "a", "--no-tokens"],
+         ["--encoding utf-16"], lambda p, s: (catalog_rows("a,local,data/raw/a.txt,,,,,,,,true")(p, s),
+                                              write("data/raw/a.txt", "one line\ntwo\n".encode("utf-16"))(p, s))),
+    Case("data-bad-encoding", "unknown encoding option", ["prepare", "a", "--no-tokens"], ["unknown encoding"],
+         lambda p, s: (catalog_rows("a,local,data/raw/a.txt,,,,,,encoding=klingon,,true")(p, s),
+                       write("data/raw/a.txt", "one\ntwo\n")(p, s))),
+    Case("eval-pairs-binary", "binary minimal-pairs file", ["evaluate", "--pairs", "p.jsonl"], ["binary"],
+         write("p.jsonl", b"\x00\x01\x02" * 20)),
+    Case("eval-text-folder", "evaluate --text a folder", ["evaluate", "--text", "config"], ["not a file"]),
+    Case("gen-bad-temperature", "generate --temperature -1", ["generate", "--prompt", "hi", "--temperature", "-1"],
+         ["--temperature"]),
+    Case("gen-bad-top-p", "generate --top-p 0", ["generate", "--prompt", "hi", "--top-p", "0"], ["--top-p"]),
+    Case("batch-unknown", "train-batch of an unknown dataset", ["train-batch", "kidz"], ["kidz", "did you mean"]),
+    Case("extract-out-existing", "extract --out onto an existing file", ["extract", "a.txt",
+         "--out", "config/training_config.yaml"], ["exists; pass --overwrite"], write("a.txt", "hello there\n")),
+    Case("extract-children-out-folder", "extract-children --out a folder", ["extract-children", "x.cha", "--out",
+         "config"], ["folder"], write("x.cha", "@Begin\n*CHI:\tmore juice .\n@End\n")),
+    Case("config-bad-set", "config with a malformed override", ["config", "--set", "training.lr"],
+         ["expected section.key=value"]),
     # --- adopting an old project, and the catalog one row at a time
     Case("adopt-missing", "old project folder that does not exist", ["adopt", "../no_such_project"],
          ["folder not found"]),

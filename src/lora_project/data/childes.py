@@ -266,7 +266,9 @@ def extract_children_corpus(sources: list[Path], out: Path, participants: str = 
     plus "out" and "sidecar"); refuses to write when nothing was extracted.
     """
     from lora_project.data.extract import write_corpus
+    from lora_project.utils.io_utils import check_output_file
 
+    check_output_file(Path(out), overwrite)  # before any reading
     ex = extract_children(sources, participants.split(","), min_age, max_age, encoding=encoding)
     summary = ex.summary()
     summary.update(participants=participants, min_age=min_age, max_age=max_age)

@@ -20,7 +20,11 @@ from lora_project.data.preprocessor import (
     split_documents,
 )
 from lora_project.errors import UserError, did_you_mean
-from lora_project.utils.io_utils import atomic_write_json, atomic_write_text
+from lora_project.utils.io_utils import (
+    atomic_write_json,
+    atomic_write_text,
+    check_output_file,
+)
 
 TEXT_FORMATS = ("lines", "paragraphs", "separator", "gutenberg")
 STRUCTURED_FORMATS = ("jsonl", "csv", "parquet", "hf_disk")
@@ -219,8 +223,7 @@ def write_corpus(out: Path, docs: list[str], sidecar: dict, overwrite: bool = Fa
     Refuses an existing `out` unless `overwrite`, and an empty corpus; returns the sidecar's path.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} exists; pass --overwrite to replace it")
+    check_output_file(out, overwrite)
     if not docs:
         raise UserError("nothing extracted: no documents left (check the format, field and filters)")
     sep = doc_separator(docs)
@@ -237,6 +240,7 @@ def extract_corpus(sources: list[Path], out: Path, fmt: str = "auto", text_field
 
     Returns {"documents", "out", "sidecar", "sources": [per-source info]}.
     """
+    check_output_file(Path(out), overwrite)  # before any reading
     docs, infos = [], []
     for src in sources:
         d, info = read_documents(src, fmt, text_field, sep, encoding)

@@ -50,6 +50,21 @@ def check_targets(model, cfg: LoraSection, who: str = "") -> None:
                         f"linear modules are: {', '.join(available)}")
 
 
+def check_targets_of(ref, cfg: LoraSection) -> None:
+    """check_targets() on the architecture of a resolved model, without loading its weights
+    (built on the meta device), so a bad target list is refused before any work."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(ref.directory)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception:  # an unusual model: the check runs again on the loaded model
+        return
+    check_targets(skeleton, cfg)
+
+
 def wrap_with_lora(model, cfg: LoraSection, seed: int):
     """Attach fresh LoRA weights. The seed is set here, right before initialisation."""
     from peft import get_peft_model

@@ -91,7 +91,11 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
     import torch
 
     from lora_project.data.dataset_loader import load_streams, prepare_dataset
-    from lora_project.models.lora_model import check_targets, wrap_with_lora
+    from lora_project.models.lora_model import (
+        check_targets,
+        check_targets_of,
+        wrap_with_lora,
+    )
     from lora_project.models.scoring import limit_documents
     from lora_project.training.checkpoint import CheckpointCallback
     from lora_project.training.checkpoint import restore as restore_checkpoint
@@ -110,8 +114,8 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
         progress = False
     with adapter_lock(paths, adapter_name) if main else nullcontext():
         point = _resume_point(paths, adapter_name, dataset, cfg) if resume else None
-        if base is None:  # a missing or unusable model fails before any data is written
-            resolve_model(cfg.model.source, cfg.model.revision)
+        # A missing or unusable model, or targets it does not have, fail before any data is written.
+        check_targets_of(base.ref if base else resolve_model(cfg.model.source, cfg.model.revision), cfg.lora)
         prepared = prepare_dataset(paths, dataset)
         log(f"dataset '{dataset}': {'unchanged' if prepared.skipped else 'prepared'} "
             f"({prepared.stats['splits']['train']['documents']} train / "
