@@ -184,11 +184,12 @@ class Run:
             else:
                 self.experiment_dir = new_experiment_dir(self.paths, self.adapter_name)
                 atomic_write_text(self.experiment_dir / "config.yaml", self.cfg.to_yaml())
-        self.provenance = provenance_of(self.paths, self.base, self.dataset, self.streams)
         self.results = {"status": "RUNNING", "kind": self.kind, "dataset": self.dataset,
                         "adapter_name": self.adapter_name, "experiment_dir": str(self.experiment_dir),
-                        "mlflow_run_id": None, "started": now_iso(), **self.provenance}
+                        "mlflow_run_id": None, "started": now_iso()}
         try:  # from here on, __exit__ owns the end state, even if the tracker's start is interrupted
+            self.provenance = provenance_of(self.paths, self.base, self.dataset, self.streams)
+            self.results.update(self.provenance)
             self._start_tracking()
         except BaseException:
             if not self.__exit__(*sys.exc_info()):
@@ -303,6 +304,8 @@ class Run:
         else:
             self.status, error = "FAILED", f"{exc_type.__name__}: {exc}"[:2000]
         self.results.update(status=self.status, error=error, finished=now_iso())
+        if self.tracker and self.tracker.run_id:  # also when the stop landed as the run was created
+            self.run_id = self.results["mlflow_run_id"] = self.tracker.run_id
         if self.write:
             try:
                 atomic_write_json(self.experiment_dir / "results.json", self.results)
