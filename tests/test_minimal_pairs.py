@@ -10,7 +10,7 @@ from conftest import REPO, SHARED_DATA, assert_user_error, run_cli
 
 from lora_project.errors import UserError
 from lora_project.evaluation.minimal_pairs import (
-    MARGIN_NATS_PER_TOKEN,
+    MARGINS,
     Pair,
     accuracy_report,
     format_summary,
@@ -160,10 +160,10 @@ def test_bf16_first_pass_rechecks_close_pairs_and_restores_fp32_decisions(tiny_m
     ties = sum(g16 == b16)  # bf16 sums are coarse: exact ties happen, and a tie is always re-scored
     flipped = [i for i in range(len(pairs)) if (g16[i] > b16[i]) != fp32_decision[i] and g16[i] != b16[i]]
     assert flipped, "no pair whose bf16 decision differs from fp32: the test would prove nothing"
-    margin = MARGIN_NATS_PER_TOKEN["bf16"]
+    constant, per_token = MARGINS["bf16"]
     for i in flipped:  # the low-precision difference falls inside the margin
-        assert abs(g16[i] - b16[i]) <= margin * (len(tokens[i].good) + len(tokens[i].bad))
-    unchecked = score_pairs(model, tok, pairs, runtime, "bf16", margin_nats_per_token=0.0)
+        assert abs(g16[i] - b16[i]) <= constant + per_token * (len(tokens[i].good) + len(tokens[i].bad))
+    unchecked = score_pairs(model, tok, pairs, runtime, "bf16", margin=(0.0, 0.0))
     assert unchecked.rescored == ties
     assert [g > b for g, b in zip(unchecked.good, unchecked.bad)] != fp32_decision
     checked = score_pairs(model, tok, pairs, runtime, "bf16")

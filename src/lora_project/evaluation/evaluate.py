@@ -93,7 +93,7 @@ def evaluate_minimal_pairs(paths: ProjectPaths, cfg, pairs_path: Path | list[Pat
     from datetime import datetime, timezone
 
     from lora_project.evaluation.minimal_pairs import (
-        MARGIN_NATS_PER_TOKEN,
+        MARGINS,
         evaluate_pairs,
         load_pairs,
         prefix_sharing,
@@ -146,7 +146,7 @@ def evaluate_minimal_pairs(paths: ProjectPaths, cfg, pairs_path: Path | list[Pat
                                  for s, v in b["suites"].items()},
                       "paradigms": {u: models[n]["paradigms"][u]["accuracy"] - v["accuracy"]
                                     for u, v in b["paradigms"].items()}} for n in names}
-    scoring = {"first_pass": path, "decisions": "fp32", "margin_nats_per_token": MARGIN_NATS_PER_TOKEN[path],
+    scoring = {"first_pass": path, "decisions": "fp32", "margin_nats": list(MARGINS[path]),
                "rescored": {n: m["rescored"] for n, m in models.items()}, **prefix_sharing(tokens)}
     result = {"pairs_path": str(sources[0]) if len(sources) == 1 else [str(s) for s in sources],
               "suites": list(dict.fromkeys(p.suite for p in pairs)), "pairs": len(pairs),
