@@ -284,6 +284,8 @@ def pair_logprobs(model, tokens: list[PairTokens], runtime, path: str = "fp32", 
         return good, bad
     order = sorted(range(len(tokens)), key=lambda i: tokens[i].row_length)
     decoder, head = decoder_and_head(model)
+    config = getattr(decoder, "config", None)
+    additive_mask = getattr(config, "_attn_implementation", "sdpa") == "eager"
     was_training = model.training
     model.eval()
     try:
@@ -291,6 +293,8 @@ def pair_logprobs(model, tokens: list[PairTokens], runtime, path: str = "fp32", 
             for group in _buckets([tokens[i].row_length for i in order], batch_tokens):
                 chosen = [tokens[order[k]] for k in group]
                 ids, pos, mask = _pair_batch(chosen, runtime.device)
+                if additive_mask:  # eager attention adds the mask to the scores: 0 where allowed, -inf-like elsewhere
+                    mask = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, torch.finfo(torch.float32).min)
                 hidden = decoder(input_ids=ids, position_ids=pos, attention_mask=mask,
                                  use_cache=False).last_hidden_state
                 index, target, owner, pair = _pair_targets(chosen, ids.shape[1])
