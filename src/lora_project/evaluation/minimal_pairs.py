@@ -384,38 +384,27 @@ def evaluate_pairs(model, tokenizer, pairs: list[Pair], runtime, first_pass: str
 
 
 def format_summary(result: dict) -> str:
-    """The console summary of `evaluate --pairs`: paradigms by suite, fields, terms, suite and macro
+    """The console summary of `evaluate --pairs`: paradigms, fields, terms, suite and macro
     averages, one column per model (full names, aligned), and how the decisions were made."""
     models = list(result["models"])
-    width = max([10] + [len(n) for n in models])
     base = result["models"]["base"]
-    label = max([24] + [len(u) for u in base["paradigms"]] + [len(k) for k in base["terms"]]) + 2
-
-    def row(name: str, values) -> str:
-        return f"{name:<{label}}" + "".join(f"  {v:>{width}}" for v in values)
-
-    def acc(v) -> str:
-        return f"{v:.3f}"
-
-    lines = [row("", models)]
-    suites = base.get("suites") or {}
+    rows: list = [("", models)]  # (label, cells) or a section line (str)
     for section, group in (("paradigm", "paradigms"), ("field", "fields"), ("term", "terms")):
-        keys = list(base[group])
-        if not keys:
-            continue
-        lines.append(f"-- {section} (pairs)")
-        for k in keys:
-            lines.append(row(f"{k} ({base[group][k]['pairs']})",
-                             [acc(result["models"][n][group][k]["accuracy"]) for n in models]))
-    lines.append("-- macro average")
-    for s in suites:
-        lines.append(row(f"{s} ({suites[s]['paradigms']} paradigms)",
-                         [acc(result["models"][n]["suites"][s]["macro_accuracy"]) for n in models]))
+        if base[group]:
+            rows.append(f"-- {section} (pairs)")
+            rows += [(f"{k} ({v['pairs']})", [f"{result['models'][n][group][k]['accuracy']:.3f}" for n in models])
+                     for k, v in base[group].items()]
+    rows.append("-- macro average")
+    suites = base.get("suites") or {}
+    rows += [(f"{s} ({v['paradigms']} paradigms)", [f"{result['models'][n]['suites'][s]['macro_accuracy']:.3f}"
+                                                   for n in models]) for s, v in suites.items()]
     if len(suites) != 1:
-        lines.append(row("all paradigms", [acc(result["models"][n]["macro_accuracy"]) for n in models]))
+        rows.append(("all paradigms", [f"{result['models'][n]['macro_accuracy']:.3f}" for n in models]))
     sc = result.get("scoring", {})
-    rescored = sc.get("rescored", {})
-    lines.append(row("re-scored in fp32", [str(rescored.get(n, 0)) for n in models]))
+    rows.append(("re-scored in fp32", [str(sc.get("rescored", {}).get(n, 0)) for n in models]))
+    label = max(len(r[0]) for r in rows if isinstance(r, tuple))
+    width = max([5] + [len(n) for n in models])
+    lines = [r if isinstance(r, str) else f"{r[0]:<{label}}" + "".join(f"  {c:>{width}}" for c in r[1]) for r in rows]
     lines.append(f"{result['pairs']} pairs per model in {result['seconds']:.0f} s "
                  f"({result.get('pairs_per_second') or 0:.1f} pairs/s); first pass {sc.get('first_pass', '?')}, "
                  f"decisions fp32; shared prefix {100 * sc.get('shared_prefix_fraction', 0):.0f}% of tokens")
