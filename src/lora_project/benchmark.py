@@ -614,8 +614,10 @@ def blimp_speed(cfg, pairs_dir: Path, *, per_paradigm: int = 5, rounds: int = 2,
             return
         rescored[path] = score_pairs(base.model, base.tokenizer, pairs, runtime, path, tokens=tokens).rescored
 
-    for path in paths.values():  # warm-up (allocator, kernels), not timed
-        if path is not None:
+    for path in paths.values():  # warm-up (allocator, kernels) of every path, not timed
+        if path is None:
+            sentence_logprobs(base.model, base.tokenizer, [p.good for p in pairs[:8]], runtime)
+        else:
             score_pairs(base.model, base.tokenizer, pairs[:8], runtime, path)
     speeds: dict[str, list[float]] = {k: [] for k in paths}
     for r in range(rounds):
@@ -654,6 +656,6 @@ def blimp_markdown(b: dict) -> list[str]:
              "|---|---|---|---|---|"]
     for r in b["paths"]:
         lines.append(f"| {r['path']} | {r['pairs_per_second']:.1f} | {r['speedup_vs_plain']:.2f}x | "
-                     f"{100 * r['rescored_fraction']:.1f}% | {r['projected_full_minutes']:.0f} min |")
+                     f"{100 * r['rescored_fraction']:.1f}% | {r['projected_full_minutes']:.1f} min |")
     lines += [f"- skipped: {s}" for s in b["skipped"]]
     return lines
