@@ -27,7 +27,8 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
+# ../shared/data beside the checkout; LORA_PROJECT_SHARED_DATA points elsewhere (e.g. from a git worktree).
+SHARED_DATA = Path(os.environ.get("LORA_PROJECT_SHARED_DATA") or REPO / ".." / "shared" / "data").resolve()
 
 TINY_TEXT = [
     "the dog runs to the ball.", "mommy want juice.", "more cookie please.", "the cat sleeps on the bed.",

@@ -93,3 +93,25 @@ def test_matrix_scores_base_and_adapters_on_every_prepared_dataset(project, smal
     assert m["cells"]["toddler_data_lora"]["toddler_data"]["perplexity"] < m["cells"]["base"]["toddler_data"]["perplexity"]
     assert Path(m["heatmap"]).is_file()
     assert "Cross-evaluation" in Path(out["report"]["markdown"]).read_text()
+
+
+def test_blimp_speed_section_names_cpu_paths_and_projects_full_time(project, tmp_path):
+    from lora_project.benchmark import blimp_markdown, blimp_speed
+    from lora_project.config import load_project_config
+    from lora_project.paths import ProjectPaths
+
+    folder = tmp_path / "blimp"
+    folder.mkdir()
+    for uid in ("agr", "order"):
+        (folder / f"{uid}.jsonl").write_text("\n".join(json.dumps(
+            {"sentence_good": f"the dog runs {i}.", "sentence_bad": f"the dog run {i}.", "UID": uid})
+            for i in range(6)) + "\n")
+    b = blimp_speed(load_project_config(ProjectPaths.discover()), folder, per_paradigm=2, rounds=1, log=lambda m: None)
+    assert b["sample_pairs"] == 4 and b["full_pairs"] == 12 and b["cpu"]["isa"] and b["cpu"]["model"]
+    labels = [r["path"] for r in b["paths"]]
+    assert labels[:2] == ["plain fp32 (before)", "shared prefix, fp32"]
+    assert ("shared prefix, bf16 first pass + fp32 re-check" in labels) == b["cpu"]["native_bf16"]
+    assert all(r["pairs_per_second"] > 0 and r["projected_full_minutes"] > 0 for r in b["paths"])
+    assert 0 < b["shared_prefix_fraction"] < 1
+    text = "\n".join(blimp_markdown(b))
+    assert b["cpu"]["isa"] in text and "projected full (12 pairs)" in text

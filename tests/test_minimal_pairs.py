@@ -6,15 +6,22 @@ import json
 
 import pytest
 import torch
-from conftest import SHARED_DATA, assert_user_error, run_cli
+from conftest import REPO, SHARED_DATA, assert_user_error, run_cli
 
 from lora_project.errors import UserError
 from lora_project.evaluation.minimal_pairs import (
+    MARGINS,
     Pair,
     accuracy_report,
+    format_summary,
     load_pairs,
+    pair_logprobs,
+    prefix_sharing,
+    resolve_first_pass,
     sample_pairs,
+    score_pairs,
     sentence_logprobs,
+    tokenize_pairs,
 )
 from lora_project.utils.device import resolve_runtime
 
@@ -98,3 +105,128 @@ def test_shared_blimp_loads_all_paradigms():
     pairs = load_pairs(SHARED_DATA / "blimp", strict=True)
     assert len({p.uid for p in pairs}) == 67 and len(pairs) == 67_000
     assert all(p.field for p in pairs)
+
+
+def _tiny(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir), AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+def test_shared_prefix_sums_equal_plain_per_sentence_sums(tiny_model_dir):
+    tok, model = _tiny(tiny_model_dir)
+    pairs = [Pair("the dog runs.", "the dog run.", "agr"), Pair("more cookie.", "cookie more.", "order"),
+             Pair("the bird sings in the tree on a big red truck.", "the bird sing in the tree on a big red truck.", "a"),
+             Pair("a", "b", "short"), Pair("the dog", "the dog runs to the ball.", "prefix of the other"),
+             Pair("where ball?", "where ball?", "identical")]
+    tokens = tokenize_pairs(tok, pairs)
+    assert all(len(t.prefix) >= 1 and t.good and t.bad for t in tokens)
+    assert len(tokens[2].prefix) > 3 and len(tokens[1].prefix) == 1  # shared words vs only the BOS
+    runtime = resolve_runtime("cpu", "fp32", 1)
+    good, bad = pair_logprobs(model, tokens, runtime, "fp32", batch_tokens=40)  # several batches, padding
+    ref_good = sentence_logprobs(model, tok, [p.good for p in pairs], runtime)
+    ref_bad = sentence_logprobs(model, tok, [p.bad for p in pairs], runtime)
+    assert good.tolist() == pytest.approx(ref_good, rel=1e-4)
+    assert bad.tolist() == pytest.approx(ref_bad, rel=1e-4)
+    assert good[5] == bad[5]  # identical sentences: exactly equal sums
+    share = prefix_sharing(tokens)
+    assert 0 < share["shared_prefix_fraction"] < 1
+    assert share["forward_tokens_shared"] < share["forward_tokens_plain"]
+
+
+def _close_pairs(tok, model, runtime):
+    """Pairs 'the dog X' / 'the dog Y' where X, Y are next tokens the fp32 model finds almost equally likely:
+    their fp32 differences are tiny, so bf16 rounding flips some of them."""
+    prefix = [tok.bos_token_id] + tok("the dog", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prefix])).logits[0, -1].double(), -1)
+    words = []
+    for t in torch.argsort(logp).tolist():
+        text = tok.decode([t])
+        if text.strip() and text.isprintable() and tok("the dog" + text, add_special_tokens=False)["input_ids"] == \
+                prefix[1:] + [t]:
+            words.append(text)
+    return [Pair("the dog" + a, "the dog" + b, "close") for a, b in zip(words, words[1:])]
+
+
+def test_bf16_first_pass_rechecks_close_pairs_and_restores_fp32_decisions(tiny_model_dir):
+    tok, model = _tiny(tiny_model_dir)
+    runtime = resolve_runtime("cpu", "fp32", 1)
+    pairs = _close_pairs(tok, model, runtime)
+    tokens = tokenize_pairs(tok, pairs)
+    g32, b32 = pair_logprobs(model, tokens, runtime, "fp32")
+    g16, b16 = pair_logprobs(model, tokens, runtime, "bf16")
+    fp32_decision = (g32 > b32).tolist()
+    ties = sum(g16 == b16)  # bf16 sums are coarse: exact ties happen, and a tie is always re-scored
+    flipped = [i for i in range(len(pairs)) if (g16[i] > b16[i]) != fp32_decision[i] and g16[i] != b16[i]]
+    assert flipped, "no pair whose bf16 decision differs from fp32: the test would prove nothing"
+    constant, per_token = MARGINS["bf16"]
+    for i in flipped:  # the low-precision difference falls inside the margin
+        assert abs(g16[i] - b16[i]) <= constant + per_token * (len(tokens[i].good) + len(tokens[i].bad))
+    unchecked = score_pairs(model, tok, pairs, runtime, "bf16", margin=(0.0, 0.0))
+    assert unchecked.rescored == ties
+    assert [g > b for g, b in zip(unchecked.good, unchecked.bad)] != fp32_decision
+    checked = score_pairs(model, tok, pairs, runtime, "bf16")
+    assert checked.first_pass == "bf16" and checked.rescored >= len(flipped)
+    assert [g > b for g, b in zip(checked.good, checked.bad)] == fp32_decision
+    fp32 = score_pairs(model, tok, pairs, runtime, "fp32")
+    assert fp32.rescored == 0  # an fp32 first pass is final
+    assert accuracy_report(pairs, checked.good, checked.bad) == accuracy_report(pairs, fp32.good, fp32.bad)
+
+
+def test_first_pass_choice_and_weights_must_be_fp32(tiny_model_dir):
+    tok, model = _tiny(tiny_model_dir)
+    assert resolve_first_pass("auto", resolve_runtime("cpu", "bf16", 1)) == "bf16"
+    assert resolve_first_pass("auto", resolve_runtime("cpu", "fp32", 1)) == "fp32"
+    with pytest.raises(UserError, match="unknown first pass"):
+        resolve_first_pass("int4", resolve_runtime("cpu", "fp32", 1))
+    with pytest.raises(UserError, match="fp32"):
+        score_pairs(model.to(torch.bfloat16), tok, [Pair("a", "b", "x")], resolve_runtime("cpu", "fp32", 1), "bf16")
+
+
+def test_suites_reported_side_by_side_and_summary_names_everything(project, tmp_path):
+    blimp, supplement = tmp_path / "blimp", tmp_path / "supplement"
+    blimp.mkdir()
+    supplement.mkdir()
+    (blimp / "agr.jsonl").write_text("\n".join(json.dumps(
+        {"sentence_good": g, "sentence_bad": b, "UID": "agreement", "field": "morphology", "linguistics_term": "s-v"})
+        for g, b in [("the dog runs.", "the dog run."), ("the cat sleeps.", "the cat sleep.")]) + "\n")
+    (supplement / "turn_taking.jsonl").write_text(json.dumps(
+        {"sentence_good": "A: Where ball?\nB: Here.", "sentence_bad": "A: Where ball?\nB: Yes."}) + "\n")
+    proc = run_cli("evaluate", "--pairs", str(blimp), "--pairs", str(supplement), "--first-pass", "bf16", "--json",
+                   cwd=project)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    base = out["models"]["base"]
+    assert set(base["suites"]) == {"blimp", "supplement"} and base["suites"]["supplement"]["paradigms"] == 1
+    assert set(base["paradigms"]) == {"agreement", "turn_taking"}
+    assert out["scoring"]["first_pass"] == "bf16" and out["scoring"]["decisions"] == "fp32"
+    assert out["scoring"]["rescored"]["base"] == base["rescored"] and 0 <= base["rescored"] <= 3
+    saved = json.loads(open(out["saved"]).read())
+    assert saved["scoring"]["first_pass"] == "bf16" and "rescored" in saved["scoring"]
+    text = format_summary(out)
+    for needle in ("agreement (2)", "morphology", "s-v", "blimp (1 paradigms)", "supplement (1 paradigms)",
+                   "re-scored in fp32", "first pass bf16"):
+        assert needle in text, (needle, text)
+    assert_user_error(run_cli("evaluate", "--pairs", str(blimp), "--pairs", str(blimp / "agr.jsonl"), cwd=project),
+                      "agreement")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_DATA / "blimp").is_dir(), reason="../shared/data/blimp is absent")
+def test_real_model_fast_path_decisions_equal_plain_fp32_on_blimp(project):
+    """This machine's first pass (bf16 where native, else the fp32 shared-prefix path) with the re-check
+    gives exactly the plain fp32 decisions on 268 BLiMP pairs (4 per paradigm)."""
+    from lora_project.config import load_config
+    from lora_project.models.base_model import load_base
+
+    cfg = load_config([REPO / "config" / "model_config.yaml"], ["training.precision=fp32"])
+    base = load_base(cfg)
+    pairs = sample_pairs(load_pairs(SHARED_DATA / "blimp"), 4, seed=3)
+    path = resolve_first_pass("auto", resolve_runtime("cpu", "auto", 0))
+    scores = score_pairs(base.model, base.tokenizer, pairs, base.runtime, path)
+    good = sentence_logprobs(base.model, base.tokenizer, [p.good for p in pairs], base.runtime)
+    bad = sentence_logprobs(base.model, base.tokenizer, [p.bad for p in pairs], base.runtime)
+    assert [g > b for g, b in zip(scores.good, scores.bad)] == [g > b for g, b in zip(good, bad)]
+    if path == "fp32":
+        assert scores.good == pytest.approx(good, rel=1e-4) and scores.bad == pytest.approx(bad, rel=1e-4)

@@ -177,6 +177,9 @@ def log_to_mlflow(paths: ProjectPaths, cfg, result: dict, files: list[Path]) -> 
     for k, v in (result.get("model_load") or {}).items():
         if v is not None:
             metrics[f"model_load_{k}"] = v
+    for row in (result.get("blimp") or {}).get("paths", []):
+        key = "plain" if row["path"].startswith("plain") else row["first_pass"]
+        metrics[f"blimp_pairs_per_second_{key}"] = row["pairs_per_second"]
     ref = result.get("reference_comparison")
     if ref:
         metrics.update(speedup_vs_reference=ref["speedup"], memory_ratio_vs_reference=ref["memory_ratio"])
@@ -280,6 +283,8 @@ def write_report(paths: ProjectPaths, result: dict) -> tuple:
                   f"| ours | {ref['ours']['tokens_per_second']:.0f} | {ref['ours']['peak_rss_mb']:.0f} | "
                   f"{ref['ours']['eval_loss']:.4f} |",
                   "", f"Speed-up {ref['speedup']:.2f}x; memory ratio {ref['memory_ratio']:.2f}."]
+    if result.get("blimp"):
+        lines += blimp_markdown(result["blimp"])
     atomic_write_json(base.with_suffix(".json"), result)
     atomic_write_text(base.with_suffix(".md"), "\n".join(lines) + "\n")
     return base.with_suffix(".json"), base.with_suffix(".md")
@@ -288,19 +293,24 @@ def write_report(paths: ProjectPaths, result: dict) -> tuple:
 
 def benchmark_report(paths: ProjectPaths, cfg, *, quick: bool = False, shapes=((64, 16), (128, 8)), steps: int = 4,
                      matrix: bool = False, reference: bool = False, reference_steps: int = 6, mlflow: bool = True,
-                     log=print) -> dict:
+                     blimp: Path | None = None, blimp_pairs: int = 5, log=print) -> dict:
     """`lora-project benchmark`: `run_benchmark`, optionally the cross matrix and the reference comparison,
     the report files, and an MLflow run (when `mlflow` and the config's tracking allow); returns the result."""
     if steps < 1:
         raise UserError(f"--steps must be at least 1, got {steps}")
     if reference and reference_steps < 2:
         raise UserError("--reference-steps must be at least 2 (the first step is not timed)")
+    if blimp is not None and (blimp_pairs < 1 or not Path(blimp).is_dir()):
+        raise UserError(f"--blimp needs a folder of .jsonl pairs and --blimp-pairs >= 1 ({blimp})")
     result = run_benchmark(paths, cfg, quick=quick, shapes=shapes, steps=steps, log=log)
     if matrix:
         log("cross-evaluation matrix ...")
         result["matrix"] = cross_matrix(paths, cfg, log=log)
     if reference:
         result["reference_comparison"] = compare_with_reference(paths, cfg, steps=reference_steps, log=log)
+    if blimp is not None:
+        log(f"minimal-pair scoring speed on {blimp} ...")
+        result["blimp"] = blimp_speed(cfg, Path(blimp), per_paradigm=blimp_pairs, log=log)
     json_path, md_path = write_report(paths, result)
     result["report"] = {"json": str(json_path), "markdown": str(md_path)}
     if cfg.tracking.mlflow and mlflow:
@@ -561,3 +571,91 @@ def matrix_markdown(matrix: dict) -> str:
                                               f"({matrix['cells'][m][d]['bits_per_byte']:.3f} b/B)"
                                               for d in matrix["datasets"]) + " |")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- BLiMP scoring speed
+
+
+def blimp_speed(cfg, pairs_dir: Path, *, per_paradigm: int = 5, rounds: int = 2, log=print) -> dict:
+    """Minimal-pair pairs/s per first-pass path on a seeded sample of every paradigm, against the plain
+    per-sentence fp32 scorer of before, interleaved in one process (ratios survive a shared machine),
+    with the projected time for the whole folder (full BLiMP: 67,000 pairs)."""
+    import statistics
+
+    from lora_project.evaluation.minimal_pairs import (
+        MARGINS,
+        load_pairs,
+        prefix_sharing,
+        sample_pairs,
+        score_pairs,
+        sentence_logprobs,
+        tokenize_pairs,
+    )
+    from lora_project.models.base_model import load_base
+    from lora_project.utils.device import cpu_class, resolve_runtime
+
+    t = cfg.training
+    runtime = resolve_runtime(t.device, "fp32", t.threads)
+    cpu = cpu_class()
+    everything = load_pairs(Path(pairs_dir), warn=log)
+    pairs = sample_pairs(everything, per_paradigm, t.seed)
+    base = load_base(cfg, runtime)
+    tokens = tokenize_pairs(base.tokenizer, pairs)
+    native_bf16 = cpu["native_bf16"] if runtime.device == "cpu" else True
+    paths = {"plain fp32 (before)": None, "shared prefix, fp32": "fp32"}
+    if native_bf16:
+        paths["shared prefix, bf16 first pass + fp32 re-check"] = "bf16"
+    rescored: dict[str, int] = {}
+
+    def run(path):
+        if path is None:
+            sentence_logprobs(base.model, base.tokenizer, [p.good for p in pairs], runtime)
+            sentence_logprobs(base.model, base.tokenizer, [p.bad for p in pairs], runtime)
+            return
+        rescored[path] = score_pairs(base.model, base.tokenizer, pairs, runtime, path, tokens=tokens).rescored
+
+    for path in paths.values():  # warm-up (allocator, kernels) of every path, not timed
+        if path is None:
+            sentence_logprobs(base.model, base.tokenizer, [p.good for p in pairs[:8]], runtime)
+        else:
+            score_pairs(base.model, base.tokenizer, pairs[:8], runtime, path)
+    speeds: dict[str, list[float]] = {k: [] for k in paths}
+    for r in range(rounds):
+        for label, path in paths.items():
+            t0 = time.perf_counter()
+            run(path)
+            speeds[label].append(len(pairs) / (time.perf_counter() - t0))
+            log(f"  round {r + 1}: {label}: {speeds[label][-1]:.1f} pairs/s")
+    rows = []
+    for label, path in paths.items():
+        ratios = [s / p for s, p in zip(speeds[label], speeds["plain fp32 (before)"])]
+        pps = statistics.median(speeds[label])
+        rows.append({"path": label, "first_pass": path or "fp32", "pairs_per_second": pps,
+                     "speedup_vs_plain": statistics.median(ratios),
+                     "rescored_fraction": rescored.get(path, 0) / len(pairs) if path else 0.0,
+                     "margin_nats": list(MARGINS[path or "fp32"]),
+                     "projected_full_minutes": len(everything) / pps / 60})
+    skipped = [] if native_bf16 else ["bf16 first pass: this CPU has no native bf16 (bf16 matmuls emulated, "
+                                      "about 100x slower than fp32), so fp32 is its fast path"]
+    for s in skipped:
+        log(f"  skipped: {s}")
+    return {"cpu": cpu, "threads": runtime.threads, "device": runtime.device, "pairs_dir": str(pairs_dir),
+            "sample_pairs": len(pairs), "per_paradigm": per_paradigm, "full_pairs": len(everything),
+            "rounds": rounds, "paths": rows, "skipped": skipped, **prefix_sharing(tokens)}
+
+
+def blimp_markdown(b: dict) -> list[str]:
+    """The BLiMP speed section of the benchmark report."""
+    cpu = b["cpu"]
+    lines = ["", f"## Minimal pairs (BLiMP) speed: {b['sample_pairs']} pairs ({b['per_paradigm']} per paradigm), "
+                 f"{b['rounds']} interleaved rounds", "",
+             f"CPU: {cpu['model']} ({cpu['isa']}, native bf16: {'yes' if cpu['native_bf16'] else 'no'}), "
+             f"{b['threads']} threads, {b['device']}. Shared prefix: {100 * b['shared_prefix_fraction']:.1f}% of "
+             f"the two sentences' tokens; forward tokens saved {100 * b['forward_tokens_saved']:.1f}%.", "",
+             f"| path | pairs/s | vs plain fp32 | re-scored in fp32 | projected full ({b['full_pairs']:,} pairs) |",
+             "|---|---|---|---|---|"]
+    for r in b["paths"]:
+        lines.append(f"| {r['path']} | {r['pairs_per_second']:.1f} | {r['speedup_vs_plain']:.2f}x | "
+                     f"{100 * r['rescored_fraction']:.1f}% | {r['projected_full_minutes']:.1f} min |")
+    lines += [f"- skipped: {s}" for s in b["skipped"]]
+    return lines

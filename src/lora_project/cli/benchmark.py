@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from lora_project.cli._common import add_config_args, load_cfg, print_json, progress_log
 
 
@@ -23,6 +25,11 @@ def register(sub) -> None:
     p.add_argument("--matrix", action="store_true",
                    help="also score the base and every adapter on every prepared dataset's test split "
                         "(table, markdown and heatmap PNG)")
+    p.add_argument("--blimp", type=Path, metavar="DIR",
+                   help="also time minimal-pair scoring per first-pass path on a sample of this BLiMP-style folder "
+                        "(e.g. ../shared/data/blimp), against the plain fp32 scorer, and project the full-folder time")
+    p.add_argument("--blimp-pairs", type=int, default=5, metavar="N",
+                   help="--blimp: seeded pairs per paradigm (default 5)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the report to MLflow")
     add_config_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -35,7 +42,8 @@ def run(args, paths) -> None:
     shapes = parse_shapes(args.shapes)
     result = benchmark_report(paths, load_cfg(args, paths), quick=args.quick, shapes=shapes, steps=args.steps,
                               matrix=args.matrix, reference=args.reference, reference_steps=args.reference_steps,
-                              mlflow=not args.no_mlflow, log=progress_log(args.json))
+                              mlflow=not args.no_mlflow, blimp=args.blimp, blimp_pairs=args.blimp_pairs,
+                              log=progress_log(args.json))
     if args.json:
         print_json(result)
     else:

@@ -16,14 +16,19 @@ def register(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", type=Path, metavar="FILE", help="UTF-8 text file scored as one text")
     src.add_argument("--dataset", metavar="NAME", help="prepared catalog dataset")
-    src.add_argument("--pairs", type=Path, metavar="PATH",
-                     help="BLiMP-style minimal pairs: a .jsonl file or a folder of them (accuracy, not perplexity)")
+    src.add_argument("--pairs", type=Path, action="append", metavar="PATH",
+                     help="BLiMP-style minimal pairs: a .jsonl file or a folder of them (accuracy, not perplexity); "
+                          "repeatable, each reported as its own suite (e.g. BLiMP and the BabyLM supplement)")
     p.add_argument("--split", default="test", choices=("train", "validation", "test"),
                    help="split of --dataset (default: test)")
     p.add_argument("--adapter", type=Path, action="append", default=[], metavar="DIR",
                    help="adapter folder (repeatable); results keyed by folder name")
     p.add_argument("--limit", type=int, metavar="N", help="--pairs: at most N pairs per paradigm (seeded sample)")
     p.add_argument("--strict", action="store_true", help="--pairs: fail on a bad line instead of skipping it")
+    p.add_argument("--first-pass", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="--pairs: precision of the first pass (auto: bf16 where the hardware has it, else fp32); "
+                        "close pairs are always re-scored in fp32, so decisions equal fp32 scoring")
+    p.add_argument("--no-progress", action="store_true", help="--pairs: no progress bar")
     p.add_argument("--max-length", type=int, default=1024, help="window length in tokens (default 1024)")
     p.add_argument("--stride", type=int, help="window step in tokens (default: max-length / 2)")
     add_config_args(p)
@@ -49,18 +54,15 @@ def run_evaluate(args, paths) -> None:
     cfg = load_cfg(args, paths)
     if args.pairs is not None:
         from lora_project.evaluation.evaluate import evaluate_minimal_pairs
+        from lora_project.evaluation.minimal_pairs import format_summary
 
         res = evaluate_minimal_pairs(paths, cfg, args.pairs, adapters=args.adapter, limit=args.limit,
-                                     strict=args.strict, log=lambda m: print(m, file=sys.stderr))
+                                     strict=args.strict, first_pass=args.first_pass, progress=not args.no_progress,
+                                     log=lambda m: print(m, file=sys.stderr))
         if args.json:
             print_json(res)
             return
-        names = list(res["models"])
-        print(f"{'paradigm':<48}" + "".join(f"{n[:14]:>15}" for n in names))
-        for uid in res["models"]["base"]["paradigms"]:
-            print(f"{uid:<48}" + "".join(f"{res['models'][n]['paradigms'][uid]['accuracy']:>15.3f}" for n in names))
-        print(f"{'macro average':<48}" + "".join(f"{res['models'][n]['macro_accuracy']:>15.3f}" for n in names))
-        print(f"{res['pairs']} pairs in {res['seconds']:.0f} s; saved {res['saved']}")
+        print(format_summary(res))
         return
     from lora_project.evaluation.evaluate import evaluate_perplexity
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import random
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ class Pair:
     uid: str
     field: str | None = None
     term: str | None = None
+    suite: str | None = None  # the file or folder the pair came from (BLiMP, the BabyLM supplement, ...)
 
 
 def load_pairs(path: Path, strict: bool = False, warn=print) -> list[Pair]:
@@ -62,7 +64,7 @@ def load_pairs(path: Path, strict: bool = False, warn=print) -> list[Pair]:
                 problems.append(f"{f.name} line {i}: expected a JSON object with sentence_good and sentence_bad")
                 continue
             pairs.append(Pair(good.strip(), bad.strip(), str(obj.get("UID") or f.stem), obj.get("field"),
-                              obj.get("linguistics_term")))
+                              obj.get("linguistics_term"), path.stem if path.is_file() else path.name))
     if problems:
         if strict:
             raise UserError(f"{len(problems)} bad line(s) in {path}: " + "; ".join(problems[:5]))
@@ -88,28 +90,31 @@ def sample_pairs(pairs: list[Pair], limit: int | None, seed: int) -> list[Pair]:
     return [p for i, p in enumerate(pairs) if i in keep]
 
 
-def sentence_logprobs(model, tokenizer, sentences: list[str], runtime, batch_tokens: int = 2048) -> list[float]:
-    """Sum of log p(token) over each sentence's tokens, BOS prefixed; batched by length."""
-    import torch
-
+def _project():
+    """The project functions this module builds on (kept in one place: they move with the layers)."""
     from lora_project.models.losses import token_nll
     from lora_project.models.scoring import decoder_and_head
     from lora_project.models.tokens import encode_documents, prefix_id
 
+    return encode_documents, prefix_id, decoder_and_head, token_nll
+
+
+def sentence_logprobs(model, tokenizer, sentences: list[str], runtime, batch_tokens: int = 2048) -> list[float]:
+    """Sum of log p(token) over each sentence's tokens, BOS prefixed; batched by length.
+
+    The plain computation (one row per sentence), kept as the reference the pair scorer is tested against.
+    """
+    import torch
+
+    encode_documents, prefix_id, decoder_and_head, token_nll = _project()
     ids = [[prefix_id(tokenizer)] + t for t in encode_documents(tokenizer, sentences)]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out = [0.0] * len(ids)
     decoder, head = decoder_and_head(model)
     model.eval()
     with torch.inference_mode(), runtime.autocast():
-        i = 0
-        while i < len(order):
-            # Sorted by length, so the last sentence of a group is its longest: grow the group
-            # while rows x that length stays within the token budget (little padding).
-            end = i + 1
-            while end < len(order) and (end + 1 - i) * len(ids[order[end]]) <= batch_tokens:
-                end += 1
-            group = order[i:end]
+        for group in _buckets([len(ids[j]) for j in order], batch_tokens):
+            group = [order[k] for k in group]
             width = len(ids[group[-1]])
             batch = torch.zeros(len(group), width, dtype=torch.long)
             mask = torch.zeros(len(group), width, dtype=torch.bool)
@@ -122,8 +127,228 @@ def sentence_logprobs(model, tokenizer, sentences: list[str], runtime, batch_tok
             picked = -token_nll(hidden, head, batch[:, 1:]) * mask[:, 1:]
             for r, j in enumerate(group):
                 out[j] = float(picked[r].sum())
-            i += len(group)
     return out
+
+
+def _buckets(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Consecutive index groups over length-sorted rows: rows x the group's longest row <= batch_tokens."""
+    groups, i = [], 0
+    while i < len(lengths):
+        # Sorted by length, so the last row of a group is its longest: grow the group while
+        # rows x that length stays within the token budget (little padding).
+        end = i + 1
+        while end < len(lengths) and (end + 1 - i) * lengths[end] <= batch_tokens:
+            end += 1
+        groups.append(list(range(i, end)))
+        i = end
+    return groups
+
+
+# --------------------------------------------------------------------------- shared-prefix pair scoring
+#
+# Both sentences of a pair start with the same tokens (at least the BOS). One row per pair holds
+# the shared prefix once and then both continuations: [prefix | good[:-1] | bad[:-1]], with
+# position ids restarting after the prefix for the bad continuation and an attention mask that
+# lets each continuation see the prefix and itself only. This is the prefix's KV cache reused by
+# both continuations, done in one forward pass, so rows of different pairs batch together by
+# total length. Every hidden state equals the one of the plain per-sentence computation (up to
+# float rounding), so each reported sum is the full sentence's sum: the prefix tokens'
+# log-probabilities, computed once, count in both.
+
+
+@dataclass(frozen=True)
+class PairTokens:
+    """Token ids of a pair: the shared prefix (BOS included, at least one id) and each continuation (at least one id)."""
+    prefix: tuple[int, ...]
+    good: tuple[int, ...]
+    bad: tuple[int, ...]
+
+    @property
+    def row_length(self) -> int:
+        return len(self.prefix) + len(self.good) - 1 + len(self.bad) - 1
+
+
+def tokenize_pairs(tokenizer, pairs: list[Pair]) -> list[PairTokens]:
+    """Each pair's ids with BOS (EOS if none) prefixed, split at the first differing token.
+
+    The prefix stops at least one token before either sentence ends, so each continuation is
+    non-empty (its first token is predicted from the prefix's last hidden state).
+    """
+    encode_documents, prefix_id, _, _ = _project()
+    first = prefix_id(tokenizer)
+    good = encode_documents(tokenizer, [p.good for p in pairs])
+    bad = encode_documents(tokenizer, [p.bad for p in pairs])
+    out = []
+    for g, b in zip(good, bad):
+        g, b = [first] + g, [first] + b
+        n = 1
+        limit = min(len(g), len(b)) - 1
+        while n < limit and g[n] == b[n]:
+            n += 1
+        out.append(PairTokens(tuple(g[:n]), tuple(g[n:]), tuple(b[n:])))
+    return out
+
+
+def prefix_sharing(tokens: list[PairTokens]) -> dict:
+    """How much the shared prefix saves: fraction of both sentences' tokens in it, forward tokens saved."""
+    plain = sum(2 * len(t.prefix) + len(t.good) + len(t.bad) for t in tokens)
+    shared = sum(2 * len(t.prefix) for t in tokens)
+    rows = sum(t.row_length for t in tokens)
+    return {"shared_prefix_fraction": shared / plain if plain else 0.0,
+            "forward_tokens_plain": plain, "forward_tokens_shared": rows,
+            "forward_tokens_saved": 1 - rows / plain if plain else 0.0}
+
+
+FIRST_PASSES = ("fp32", "bf16")
+
+# Bound on |difference(first pass) - difference(fp32)| in nats, as (constant, per continuation
+# token): a pair whose first-pass |good - bad| is within constant + per_token x (len(good) +
+# len(bad) continuation tokens) is scored again in fp32. bf16: measured on 268 real BLiMP pairs
+# with the default model, largest error 0.56 nats and at most 0.35 of this margin at any length
+# (docs/research_notes.md, "Machine-independent minimal-pair decisions"): a safety factor of 2.9
+# or more everywhere; 24% of those pairs fall within it.
+MARGINS = {"fp32": (0.0, 0.0), "bf16": (0.75, 0.075)}
+
+
+def resolve_first_pass(requested: str, runtime) -> str:
+    """'auto' -> the fastest precision this runtime has (bf16 where native, else fp32); names checked."""
+    if requested == "auto":
+        return "bf16" if runtime.precision == "bf16" else "fp32"
+    if requested not in FIRST_PASSES:
+        raise UserError(f"unknown first pass {requested!r}; choose auto, {', '.join(FIRST_PASSES)}")
+    return requested
+
+
+@contextmanager
+def precision_context(path: str, device: str):
+    """The numerics of one scoring pass: fp32 (autocast off) or bf16 autocast over fp32 weights."""
+    import torch
+
+    if path not in FIRST_PASSES:
+        raise UserError(f"unknown first pass {path!r}; choose one of {', '.join(FIRST_PASSES)}")
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=path == "bf16"):
+        yield
+
+
+def _pair_batch(tokens: list[PairTokens], device: str):
+    """Inputs, position ids and boolean 4D attention mask (True = may attend) for rows of pairs."""
+    import torch
+
+    width = max(t.row_length for t in tokens)
+    ids = torch.zeros(len(tokens), width, dtype=torch.long)
+    pos = torch.zeros(len(tokens), width, dtype=torch.long)
+    seg = torch.full((len(tokens), width), -1, dtype=torch.long)  # 0 prefix, 1 good, 2 bad, -1 padding
+    for r, t in enumerate(tokens):
+        p, a, b = len(t.prefix), len(t.good) - 1, len(t.bad) - 1
+        ids[r, :p + a + b] = torch.tensor(t.prefix + t.good[:-1] + t.bad[:-1])
+        pos[r, :p] = torch.arange(p)
+        pos[r, p:p + a] = torch.arange(p, p + a)
+        pos[r, p + a:p + a + b] = torch.arange(p, p + b)
+        seg[r, :p], seg[r, p:p + a], seg[r, p + a:p + a + b] = 0, 1, 2
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    # A query sees earlier keys of the prefix and of its own segment; padding sees padding (never NaN).
+    mask = causal[None] & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))
+    return ids.to(device), pos.to(device), mask[:, None].to(device)
+
+
+def _pair_targets(tokens: list[PairTokens], width: int):
+    """Flat (row * width + position) indices of the hidden states that predict each scored token,
+    the token ids, and which sum each belongs to: 0 both (shared prefix), 1 good, 2 bad; plus pair index."""
+    index, target, owner, pair = [], [], [], []
+    for r, t in enumerate(tokens):
+        p, a = len(t.prefix), len(t.good) - 1
+        base = r * width
+        for j in range(1, p):  # prefix token j, predicted at position j - 1
+            index.append(base + j - 1), target.append(t.prefix[j]), owner.append(0), pair.append(r)
+        for k, tok in enumerate(t.good):  # good[0] from the prefix's last position, then the good row part
+            index.append(base + (p - 1 if k == 0 else p + k - 1)), target.append(tok), owner.append(1), pair.append(r)
+        for k, tok in enumerate(t.bad):
+            index.append(base + (p - 1 if k == 0 else p + a + k - 1)), target.append(tok), owner.append(2), pair.append(r)
+    return index, target, owner, pair
+
+
+def pair_logprobs(model, tokens: list[PairTokens], runtime, path: str = "fp32", batch_tokens: int = 2048,
+                  progress=None):
+    """Full log-probability sums (good, bad) per pair as float64 arrays, in the given numerics.
+
+    One forward row per pair (shared prefix once), rows batched by length within `batch_tokens`.
+    `progress(n)` is called with the number of pairs finished after each batch.
+    """
+    import numpy as np
+    import torch
+
+    _, _, decoder_and_head, token_nll = _project()
+    good = np.zeros(len(tokens))
+    bad = np.zeros(len(tokens))
+    if not tokens:
+        return good, bad
+    order = sorted(range(len(tokens)), key=lambda i: tokens[i].row_length)
+    decoder, head = decoder_and_head(model)
+    config = getattr(decoder, "config", None)
+    additive_mask = getattr(config, "_attn_implementation", "sdpa") == "eager"
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), precision_context(path, runtime.device):
+            for group in _buckets([tokens[i].row_length for i in order], batch_tokens):
+                chosen = [tokens[order[k]] for k in group]
+                ids, pos, mask = _pair_batch(chosen, runtime.device)
+                if additive_mask:  # eager attention adds the mask to the scores: 0 where allowed, -inf-like elsewhere
+                    mask = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, torch.finfo(torch.float32).min)
+                hidden = decoder(input_ids=ids, position_ids=pos, attention_mask=mask,
+                                 use_cache=False).last_hidden_state
+                index, target, owner, pair = _pair_targets(chosen, ids.shape[1])
+                flat = hidden.reshape(-1, hidden.shape[-1])[torch.tensor(index, device=hidden.device)]
+                nll = token_nll(flat, head, torch.tensor(target, device=hidden.device)).double().cpu().numpy()
+                owner_a, pair_a = np.asarray(owner), np.asarray(pair)
+                sums = np.zeros((len(chosen), 3))
+                np.add.at(sums, (pair_a, owner_a), -nll)
+                rows = np.asarray([order[k] for k in group])
+                good[rows] = sums[:, 0] + sums[:, 1]
+                bad[rows] = sums[:, 0] + sums[:, 2]
+                if progress is not None:
+                    progress(len(group))
+    finally:
+        model.train(was_training)
+    return good, bad
+
+
+@dataclass
+class PairScores:
+    """Full log-probability sums per pair and how they were obtained."""
+    good: list[float]
+    bad: list[float]
+    first_pass: str
+    rescored: int  # pairs whose first-pass difference was within the margin, scored again in fp32
+    margin: tuple[float, float]  # (nats, nats per continuation token)
+
+
+def score_pairs(model, tokenizer, pairs: list[Pair], runtime, first_pass: str = "fp32", *,
+                tokens: list[PairTokens] | None = None, margin: tuple[float, float] | None = None,
+                batch_tokens: int = 2048, progress=None) -> PairScores:
+    """Score every pair in the first-pass precision, then re-score in fp32 each pair whose
+    |good - bad| lies within the margin, so that every decision is the fp32 decision.
+
+    The model's weights must be fp32 (bf16 runs as autocast over them). A tie is not a
+    correct decision, so a difference of exactly 0 is always re-scored.
+    """
+    import torch
+
+    if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
+        raise UserError("minimal pairs need the model's weights in fp32 (the re-check is fp32 scoring); "
+                        "load the base with precision fp32, the bf16 first pass runs as autocast over it")
+    tokens = tokens if tokens is not None else tokenize_pairs(tokenizer, pairs)
+    constant, per_token = MARGINS[first_pass] if margin is None else margin
+    good, bad = pair_logprobs(model, tokens, runtime, first_pass, batch_tokens, progress)
+    redo = []
+    if first_pass != "fp32":
+        for i, t in enumerate(tokens):
+            if abs(good[i] - bad[i]) <= constant + per_token * (len(t.good) + len(t.bad)):
+                redo.append(i)
+        if redo:
+            g, b = pair_logprobs(model, [tokens[i] for i in redo], runtime, "fp32", batch_tokens)
+            good[redo], bad[redo] = g, b
+    return PairScores(good.tolist(), bad.tolist(), first_pass, len(redo), (constant, per_token))
 
 
 def accuracy_report(pairs: list[Pair], good: list[float], bad: list[float]) -> dict:
@@ -139,13 +364,50 @@ def accuracy_report(pairs: list[Pair], good: list[float], bad: list[float]) -> d
         return {k: {"accuracy": sum(v) / len(v), "pairs": len(v)} for k, v in sorted(acc.items())}
 
     paradigms = group(lambda p: p.uid)
+    suites = {}
+    for suite in dict.fromkeys(p.suite for p in pairs if p.suite):
+        mine = {p.uid for p in pairs if p.suite == suite}
+        acc = [c for p, c in zip(pairs, correct) if p.suite == suite]
+        suites[suite] = {"macro_accuracy": sum(paradigms[u]["accuracy"] for u in mine) / len(mine),
+                         "micro_accuracy": sum(acc) / len(acc), "pairs": len(acc), "paradigms": len(mine)}
     return {"macro_accuracy": sum(v["accuracy"] for v in paradigms.values()) / len(paradigms),
             "micro_accuracy": sum(correct) / len(correct), "pairs": len(pairs), "paradigms": paradigms,
-            "fields": group(lambda p: p.field), "terms": group(lambda p: p.term)}
+            "fields": group(lambda p: p.field), "terms": group(lambda p: p.term), "suites": suites}
 
 
-def evaluate_pairs(model, tokenizer, pairs: list[Pair], runtime) -> dict:
-    """Score every pair with the model as it is (adapter on or off) and report accuracies."""
-    good = sentence_logprobs(model, tokenizer, [p.good for p in pairs], runtime)
-    bad = sentence_logprobs(model, tokenizer, [p.bad for p in pairs], runtime)
-    return accuracy_report(pairs, good, bad)
+def evaluate_pairs(model, tokenizer, pairs: list[Pair], runtime, first_pass: str = "fp32", *,
+                   tokens: list[PairTokens] | None = None, progress=None) -> dict:
+    """Score every pair with the model as it is (adapter on or off) and report accuracies and the re-scored count."""
+    scores = score_pairs(model, tokenizer, pairs, runtime, first_pass, tokens=tokens, progress=progress)
+    return {**accuracy_report(pairs, scores.good, scores.bad), "first_pass": scores.first_pass,
+            "rescored": scores.rescored}
+
+
+def format_summary(result: dict) -> str:
+    """The console summary of `evaluate --pairs`: paradigms, fields, terms, suite and macro
+    averages, one column per model (full names, aligned), and how the decisions were made."""
+    models = list(result["models"])
+    base = result["models"]["base"]
+    rows: list = [("", models)]  # (label, cells) or a section line (str)
+    for section, group in (("paradigm", "paradigms"), ("field", "fields"), ("term", "terms")):
+        if base[group]:
+            rows.append(f"-- {section} (pairs)")
+            rows += [(f"{k} ({v['pairs']})", [f"{result['models'][n][group][k]['accuracy']:.3f}" for n in models])
+                     for k, v in base[group].items()]
+    rows.append("-- macro average")
+    suites = base.get("suites") or {}
+    rows += [(f"{s} ({v['paradigms']} paradigms)", [f"{result['models'][n]['suites'][s]['macro_accuracy']:.3f}"
+                                                   for n in models]) for s, v in suites.items()]
+    if len(suites) != 1:
+        rows.append(("all paradigms", [f"{result['models'][n]['macro_accuracy']:.3f}" for n in models]))
+    sc = result.get("scoring", {})
+    rows.append(("re-scored in fp32", [str(sc.get("rescored", {}).get(n, 0)) for n in models]))
+    label = max(len(r[0]) for r in rows if isinstance(r, tuple))
+    width = max([5] + [len(n) for n in models])
+    lines = [r if isinstance(r, str) else f"{r[0]:<{label}}" + "".join(f"  {c:>{width}}" for c in r[1]) for r in rows]
+    lines.append(f"{result['pairs']} pairs per model in {result['seconds']:.0f} s "
+                 f"({result.get('pairs_per_second') or 0:.1f} pairs/s); first pass {sc.get('first_pass', '?')}, "
+                 f"decisions fp32; shared prefix {100 * sc.get('shared_prefix_fraction', 0):.0f}% of tokens")
+    if result.get("saved"):
+        lines.append(f"saved {result['saved']}")
+    return "\n".join(lines)

@@ -84,3 +84,26 @@ def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def cpu_class() -> dict:
+    """The CPU's model name and its widest matmul instruction class (AMX, AVX512-BF16, AVX-512, AVX2, other)."""
+    name, flags = platform_name(), set()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name") and name == platform_name():
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = next((label for flag, label in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"),
+                                          ("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), "other")
+    return {"model": name, "isa": isa, "native_bf16": cpu_has_native_bf16()}
+
+
+def platform_name() -> str:
+    import platform
+
+    return platform.processor() or platform.machine()
