@@ -16,8 +16,8 @@ def small_matmul(monkeypatch):
     `lora-project benchmark` itself use the real size)."""
     import lora_project.benchmark as bench
 
-    real = bench.matmul_gflops
-    monkeypatch.setattr(bench, "matmul_gflops", lambda dtype, **kw: real(dtype, m=256, k=128, n=256, min_seconds=0.1))
+    real = bench.speed.matmul_gflops
+    monkeypatch.setattr(bench.speed, "matmul_gflops", lambda dtype, **kw: real(dtype, m=256, k=128, n=256, min_seconds=0.1))
 
 
 def test_quick_benchmark_report(project, small_matmul):
@@ -74,7 +74,7 @@ def test_matrix_scores_base_and_adapters_on_every_prepared_dataset(project, smal
     import lora_project.benchmark as bench
 
     # The fresh-process model-load timing is checked by test_quick_benchmark_report.
-    monkeypatch.setattr(bench, "load_times", lambda cfg, quick, log=print: {"cold_seconds": None,
+    monkeypatch.setattr(bench.speed, "load_times", lambda cfg, quick, log=print: {"cold_seconds": None,
                                                                              "cached_seconds": 0.0})
     assert run_cli("train-batch", "toddler_data", "kids", "--no-mlflow", "--no-progress", cwd=project).returncode == 0
     broken = project / "adapters" / "broken_lora"

@@ -1,0 +1,129 @@
+"""The benchmark report: run everything asked for, write outputs/metrics/benchmark_*.{json,md}, log to MLflow."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+from lora_project.benchmark.blimp import blimp_markdown, blimp_speed
+from lora_project.benchmark.matrix import cross_matrix, matrix_markdown, plot_matrix
+from lora_project.benchmark.reference import compare_with_reference
+from lora_project.benchmark.speed import run_benchmark
+from lora_project.errors import UserError
+from lora_project.paths import ProjectPaths
+from lora_project.utils.io_utils import atomic_write_json, atomic_write_text
+
+
+def log_to_mlflow(paths: ProjectPaths, cfg, result: dict, files: list[Path]) -> str | None:
+    """One run in the MLflow experiment 'benchmark' with the headline numbers and the report files."""
+    from lora_project.utils.mlflow_utils import MlflowTracker
+
+    tracker = MlflowTracker(paths, "benchmark", cfg.tracking.tracking_uri)
+    params = {"mode": result["mode"], "model": result["model"], "precision": result["precision"],
+              "threads": result["machine"]["threads"], "device": result["machine"]["device"],
+              "lora.r": cfg.lora.r, "lora.target_modules": ",".join(cfg.lora.target_modules)}
+    run_id = tracker.start(f"benchmark_{result['mode']}", params, {"kind": "benchmark"})
+    metrics = {f"matmul_gflops_{k}": v for k, v in result["matmul_gflops"].items()}
+    for r in result["training"]:
+        metrics[f"train_tokens_per_second_{r['seq_len']}x{r['batch_size']}"] = r["tokens_per_second"]
+        metrics[f"fraction_of_peak_{r['seq_len']}x{r['batch_size']}"] = r["fraction_of_peak"]
+    inf = result.get("inference") or {}
+    if inf:
+        metrics["eval_tokens_per_second"] = inf["eval_tokens_per_second"]
+        metrics.update({f"generation_ms_per_token_{k}": v for k, v in inf["generation_ms_per_token"].items()})
+    for k, v in (result.get("model_load") or {}).items():
+        if v is not None:
+            metrics[f"model_load_{k}"] = v
+    for row in (result.get("blimp") or {}).get("paths", []):
+        key = "plain" if row["path"].startswith("plain") else row["first_pass"]
+        metrics[f"blimp_pairs_per_second_{key}"] = row["pairs_per_second"]
+    ref = result.get("reference_comparison")
+    if ref:
+        metrics.update(speedup_vs_reference=ref["speedup"], memory_ratio_vs_reference=ref["memory_ratio"])
+    tracker.log_metrics(metrics, step=0)
+    for f in files:
+        if f and Path(f).is_file():
+            tracker.log_artifact(Path(f))
+    tracker.end("FINISHED")
+    return run_id
+
+
+def write_report(paths: ProjectPaths, result: dict) -> tuple:
+    """Save a benchmark result as outputs/metrics/benchmark_<time>.{json,md} (+ heatmap PNG)."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    base = paths.metrics_dir / f"benchmark_{stamp}"
+    lines = [f"# Benchmark {result['created']} ({result['mode']} mode)", "",
+             f"Model: {result['model']} ({result['parameters'] / 1e6:.1f} M parameters), "
+             f"{result['machine']['device']}, {result['machine']['threads']} threads, {result['precision']}.", "",
+             f"Matmul peak: fp32 {result['matmul_gflops']['fp32']:.1f} GFLOP/s, "
+             f"bf16 {result['matmul_gflops']['bf16']:.1f} GFLOP/s.", "",
+             "| seq x batch | tokens/s | GFLOP/s | fraction of peak | peak RSS (MiB) |", "|---|---|---|---|---|"]
+    for r in result["training"]:
+        lines.append(f"| {r['seq_len']} x {r['batch_size']} | {r['tokens_per_second']:.0f} | "
+                     f"{r['achieved_gflops']:.1f} | {100 * r['fraction_of_peak']:.0f}% | "
+                     f"{r['peak_rss_mb_so_far']:.0f} |")
+    inf, load = result.get("inference"), result.get("model_load")
+    if inf:
+        g = inf["generation_ms_per_token"]
+        lines += ["", "| inference | value |", "|---|---|",
+                  f"| evaluation (forward + loss, {inf['eval_shape'][1]} x {inf['eval_shape'][0]} tokens) | "
+                  f"{inf['eval_tokens_per_second']:.0f} tokens/s |",
+                  f"| generation, base | {g['base']:.1f} ms/token |",
+                  f"| generation, adapter unmerged | {g['adapter_unmerged']:.1f} ms/token |",
+                  f"| generation, adapter merged | {g['adapter_merged']:.1f} ms/token |"]
+    if load:
+        cold = f"{load['cold_seconds']:.1f} s" if load.get("cold_seconds") is not None else "not measured (quick mode)"
+        lines += [f"| model load, cold (empty model cache) | {cold} |",
+                  f"| model load, cached (fresh process) | {load['cached_seconds']:.1f} s |"]
+    matrix = result.get("matrix")
+    if matrix:
+        heat = plot_matrix(matrix, base.parent / f"{base.name}_matrix.png")
+        result["matrix"]["heatmap"] = str(heat)
+        lines += ["", f"## Cross-evaluation: perplexity (bits per byte) on the {matrix['split']} splits", "",
+                  matrix_markdown(matrix), "", f"Heatmap: {heat.name}"]
+    ref = result.get("reference_comparison")
+    if ref:
+        lines += ["", f"## Ours vs plain PEFT + transformers Trainer ({ref['steps']} steps of "
+                      f"{ref['batch_size']} x {ref['seq_len']} tokens, same model and data)", "",
+                  "| | tokens/s | peak RSS (MiB) | eval loss after the same tokens |", "|---|---|---|---|",
+                  f"| reference | {ref['reference']['tokens_per_second']:.0f} | {ref['reference']['peak_rss_mb']:.0f} | "
+                  f"{ref['reference']['eval_loss']:.4f} |",
+                  f"| ours | {ref['ours']['tokens_per_second']:.0f} | {ref['ours']['peak_rss_mb']:.0f} | "
+                  f"{ref['ours']['eval_loss']:.4f} |",
+                  "", f"Speed-up {ref['speedup']:.2f}x; memory ratio {ref['memory_ratio']:.2f}."]
+    if result.get("blimp"):
+        lines += blimp_markdown(result["blimp"])
+    atomic_write_json(base.with_suffix(".json"), result)
+    atomic_write_text(base.with_suffix(".md"), "\n".join(lines) + "\n")
+    return base.with_suffix(".json"), base.with_suffix(".md")
+
+
+def benchmark_report(paths: ProjectPaths, cfg, *, quick: bool = False, shapes=((64, 16), (128, 8)), steps: int = 4,
+                     matrix: bool = False, reference: bool = False, reference_steps: int = 6, mlflow: bool = True,
+                     blimp: Path | None = None, blimp_pairs: int = 5, log=print) -> dict:
+    """`lora-project benchmark`: `run_benchmark`, optionally the cross matrix and the reference comparison,
+    the report files, and an MLflow run (when `mlflow` and the config's tracking allow); returns the result."""
+    if steps < 1:
+        raise UserError(f"--steps must be at least 1, got {steps}")
+    if reference and reference_steps < 2:
+        raise UserError("--reference-steps must be at least 2 (the first step is not timed)")
+    if blimp is not None and (blimp_pairs < 1 or not Path(blimp).is_dir()):
+        raise UserError(f"--blimp needs a folder of .jsonl pairs and --blimp-pairs >= 1 ({blimp})")
+    result = run_benchmark(paths, cfg, quick=quick, shapes=shapes, steps=steps, log=log)
+    if matrix:
+        log("cross-evaluation matrix ...")
+        result["matrix"] = cross_matrix(paths, cfg, log=log)
+    if reference:
+        result["reference_comparison"] = compare_with_reference(paths, cfg, steps=reference_steps, log=log)
+    if blimp is not None:
+        log(f"minimal-pair scoring speed on {blimp} ...")
+        result["blimp"] = blimp_speed(cfg, Path(blimp), per_paradigm=blimp_pairs, log=log)
+    json_path, md_path = write_report(paths, result)
+    result["report"] = {"json": str(json_path), "markdown": str(md_path)}
+    if cfg.tracking.mlflow and mlflow:
+        heat = (result.get("matrix") or {}).get("heatmap")
+        result["mlflow_run_id"] = log_to_mlflow(paths, cfg, result, [json_path, md_path, heat])
+    return result
+
+# --------------------------------------------------------------------------- ours vs reference
+# Each side runs in its own spawned process so that peak memory (ru_maxrss) is its own.

@@ -1,0 +1,196 @@
+"""Machine and training speed: matmul peaks, our trainer's throughput, generation latency, load times."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+
+from lora_project.errors import UserError
+from lora_project.paths import ProjectPaths
+
+
+def matmul_gflops(dtype_name: str, m: int = 2048, k: int = 576, n: int = 1536, min_seconds: float = 0.5) -> float:
+    """Sustained GFLOP/s of an (m x k) @ (k x n) matmul in the given dtype on the CPU threads set."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    a @ b  # warm-up
+    calls, t0 = 0, time.perf_counter()
+    while True:
+        a @ b
+        calls += 1
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_seconds:
+            return 2 * m * k * n * calls / elapsed / 1e9
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """'64x16,128x8' -> [(64, 16), (128, 8)] (sequence length x batch size)."""
+    shapes = []
+    for part in text.split(","):
+        try:
+            seq, bs = (int(x) for x in part.lower().split("x"))
+        except ValueError:
+            raise UserError(f"--shapes: {part!r} is not SEQxBATCH, e.g. 64x16") from None
+        if seq < 8 or bs < 1:
+            raise UserError(f"--shapes: {part!r} needs sequence length >= 8 and batch >= 1")
+        shapes.append((seq, bs))
+    return shapes
+
+
+def _tiny_setup():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    stream = np.random.default_rng(0).integers(0, 512, 40_000).astype(np.uint16)
+    return model, stream, "tiny-llama (quick mode)"
+
+
+def _time_generation(model, prompt, new_tokens: int, runtime) -> float:
+    """Seconds per generated token (greedy, KV cache, exactly `new_tokens` tokens, after a warm-up)."""
+    import torch
+
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    with torch.inference_mode(), runtime.autocast():
+        model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **dict(kwargs, max_new_tokens=2,
+                                                                                        min_new_tokens=2))
+        t0 = time.perf_counter()
+        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **kwargs)
+        seconds = time.perf_counter() - t0
+    assert out.shape[1] - prompt.shape[1] == new_tokens
+    return seconds / new_tokens
+
+
+def inference_speed(peft, stream: np.ndarray, runtime, *, quick: bool, log=print) -> dict:
+    """Evaluation tokens/s (forward + loss, no gradients) and generation latency per token for
+    the base, the adapter unmerged and the adapter merged into the weights."""
+    import torch
+
+    from lora_project.models.losses import token_nll
+    from lora_project.models.scoring import decoder_and_head
+
+    seq, rows = (64, 8) if quick else (256, 8)
+    x = torch.from_numpy(stream[: seq * rows + 1].astype(np.int64))
+    batch = x[:-1].view(rows, seq).to(runtime.device)
+    targets = x[1:].view(rows, seq).to(runtime.device)
+    decoder, head = decoder_and_head(peft)
+    peft.eval()
+    with torch.inference_mode(), runtime.autocast():
+        token_nll(decoder(input_ids=batch[:1], use_cache=False).last_hidden_state, head, targets[:1])  # warm-up
+        t0 = time.perf_counter()
+        token_nll(decoder(input_ids=batch, use_cache=False).last_hidden_state, head, targets)
+        eval_tps = batch.numel() / (time.perf_counter() - t0)
+    prompt = batch[:1, :16]
+    new_tokens = 8 if quick else 32
+    with peft.disable_adapter():
+        base_s = _time_generation(peft, prompt, new_tokens, runtime)
+    unmerged_s = _time_generation(peft, prompt, new_tokens, runtime)
+    peft.merge_adapter()
+    try:
+        merged_s = _time_generation(peft, prompt, new_tokens, runtime)
+    finally:
+        peft.unmerge_adapter()
+    log(f"  evaluation {eval_tps:.0f} tokens/s; generation {1000 * base_s:.1f} ms/token (base), "
+        f"{1000 * unmerged_s:.1f} (adapter unmerged), {1000 * merged_s:.1f} (merged)")
+    return {"eval_tokens_per_second": eval_tps, "eval_shape": [seq, rows], "generation_new_tokens": new_tokens,
+            "generation_ms_per_token": {"base": 1000 * base_s, "adapter_unmerged": 1000 * unmerged_s,
+                                        "adapter_merged": 1000 * merged_s}}
+
+
+_LOAD_CHILD = r"""
+import json, sys, time
+t0 = time.perf_counter()
+from lora_project.models.base_model import load_model, load_tokenizer, resolve_model
+ref = resolve_model(sys.argv[1], sys.argv[2] or None)
+load_tokenizer(ref); load_model(ref)
+print(json.dumps({"seconds": time.perf_counter() - t0}))
+"""
+
+
+def load_times(cfg, *, quick: bool, log=print) -> dict:
+    """Model-load time in fresh processes: cold (empty model cache: the embedded GGUF is
+    converted) and cached. Quick mode times only the cached load of the configured model."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    def child(env_cache: str | None) -> dict:
+        env = dict(os.environ)
+        if env_cache:
+            env["LORA_PROJECT_CACHE"] = env_cache
+        proc = subprocess.run([sys.executable, "-c", _LOAD_CHILD, cfg.model.source, cfg.model.revision or ""],
+                              capture_output=True, text=True, env=env, timeout=1800)
+        if proc.returncode != 0:
+            raise UserError(f"model-load benchmark failed: {proc.stderr.strip().splitlines()[-1][:300]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    if quick:
+        cached = child(None)
+        log(f"  model load (cached, fresh process): {cached['seconds']:.1f} s")
+        return {"cold_seconds": None, "cached_seconds": cached["seconds"]}
+    with tempfile.TemporaryDirectory(prefix="lora-cache-") as tmp:
+        cold = child(tmp)
+        cached = child(tmp)
+    log(f"  model load in a fresh process: cold {cold['seconds']:.1f} s (model cache empty), "
+        f"cached {cached['seconds']:.1f} s")
+    return {"cold_seconds": cold["seconds"], "cached_seconds": cached["seconds"]}
+
+
+def run_benchmark(paths: ProjectPaths, cfg, *, quick: bool = False, shapes=((64, 16), (128, 8)),
+                  steps: int = 4, log=print) -> dict:
+    """Matmul peak and training throughput of our trainer per shape; `quick` uses a tiny model."""
+    from lora_project.models.lora_model import wrap_with_lora
+    from lora_project.training.trainer import BlockLoader, LoraTrainer
+    from lora_project.utils.device import peak_rss_mb, resolve_runtime
+
+    t = cfg.training
+    runtime = resolve_runtime(t.device, t.precision, t.threads)
+    log(f"matmul peak on {runtime.threads} threads ...")
+    peaks = {d: matmul_gflops(d, min_seconds=0.2 if quick else 1.0) for d in ("fp32", "bf16")}
+    if quick:
+        model, stream, model_name = _tiny_setup()
+    else:
+        from lora_project.data.dataset_loader import load_streams, prepare_dataset
+        from lora_project.models.base_model import load_base
+
+        base = load_base(cfg, runtime)
+        prepared = prepare_dataset(paths, "toddler_data")
+        stream = load_streams(paths, prepared, base.tokenizer, base.tokenizer_fingerprint).train
+        model, model_name = base.model, base.ref.name
+    n_params = sum(p.numel() for p in model.parameters())
+    peft = wrap_with_lora(model, cfg.lora, t.seed)
+    rows = []
+    for seq, bs in shapes:
+        tcfg = dataclasses.replace(t, seq_len=seq, batch_size=bs, grad_accum=1, max_steps=steps,
+                                   warmup_steps=0, log_interval=max(1, steps))
+        trainer = LoraTrainer(peft, tcfg, BlockLoader(stream, seq, bs, t.seed), runtime, [])
+        trainer.micro_step(*trainer.loader.next_batch())  # warm-up, not timed
+        trainer.optimizer.zero_grad(set_to_none=True)
+        fit = trainer.fit()
+        flops_per_token = 4 * n_params
+        achieved = fit.tokens_per_second * flops_per_token / 1e9
+        peak = peaks["bf16" if runtime.precision == "bf16" else "fp32"]
+        rows.append({"seq_len": seq, "batch_size": bs, "steps": steps, "tokens_per_second": fit.tokens_per_second,
+                     "achieved_gflops": achieved, "fraction_of_peak": achieved / peak,
+                     "peak_rss_mb_so_far": peak_rss_mb()})
+        log(f"  {seq}x{bs}: {fit.tokens_per_second:.0f} tokens/s ({100 * achieved / peak:.0f}% of "
+            f"{runtime.precision} matmul peak)")
+    inference = inference_speed(peft, stream, runtime, quick=quick, log=log)
+    loading = load_times(cfg, quick=quick, log=log)
+    return {"created": datetime.now(timezone.utc).isoformat(), "mode": "quick" if quick else "full",
+            "model": model_name, "parameters": n_params, "inference": inference, "model_load": loading,
+            "machine": {"processor": platform.processor() or platform.machine(), "threads": runtime.threads,
+                        "device": runtime.device},
+            "precision": runtime.precision, "matmul_gflops": peaks,
+            "lora": {"r": cfg.lora.r, "target_modules": cfg.lora.target_modules}, "training": rows}
