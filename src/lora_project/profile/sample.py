@@ -1,0 +1,58 @@
+"""Sampled utterances from the base model and each adapter, seeded and reproducible.
+
+Each sample is one utterance: a prompt (the first word of a corpus utterance drawn with the
+seed, or nothing) and the model's continuation up to its first newline or its end-of-sequence
+token, sampled at temperature 1 (top-p 1 by default: the model's own distribution, which is
+what a profile of "how it talks" should describe). Training packs one utterance per
+document, separated by EOS, so an adapter ends its utterance with EOS or a newline.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from lora_project.errors import UserError
+
+PROMPT_MODES = ("start", "empty")
+
+
+def draw_prompts(corpus_utterances: list[str], n: int, seed: int, mode: str = "start") -> list[str]:
+    """`n` prompts: the first word of corpus utterances drawn with `seed` (with replacement), or n empty ones."""
+    if mode not in PROMPT_MODES:
+        raise UserError(f"--prompts must be one of {', '.join(PROMPT_MODES)}, got {mode!r}")
+    if n < 1:
+        raise UserError(f"--samples must be at least 1, got {n}")
+    if mode == "empty":
+        return [""] * n
+    starts = [u.split()[0] for u in corpus_utterances if u.split()]
+    if not starts:
+        raise UserError("the corpus has no utterance to take a prompt from; use --prompts empty")
+    rng = random.Random(seed)
+    return [rng.choice(starts) for _ in range(n)]
+
+
+def first_utterance(prompt: str, continuation: str) -> str:
+    """Prompt + continuation, cut at the first newline (EOS already ended the continuation)."""
+    text = prompt + continuation
+    return text.split("\n", 1)[0].strip()
+
+
+def sample_utterances(cfg, adapters: list[Path], prompts: list[str], *, seed: int, max_new_tokens: int = 32,
+                      temperature: float = 1.0, top_p: float = 1.0, base=None) -> dict[str, list[str]]:
+    """{"base": [...], "<adapter folder name>": [...]}: one utterance per prompt and model.
+
+    The base is loaded once (or passed in); adapters are switched with PEFT, so every model
+    sees the same prompts and the same per-prompt seeds (seed + prompt index).
+    """
+    from lora_project.evaluation.generation import generate_side_by_side
+
+    if temperature <= 0:
+        raise UserError(f"--temperature must be above 0 for sampling, got {temperature}")
+    names = [Path(a).name for a in adapters]
+    if len(set(names)) != len(names) or "base" in names:
+        raise UserError("adapter folder names must be distinct and not 'base'")
+    res = generate_side_by_side(cfg, prompts, [Path(a) for a in adapters], max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, seed=seed, base=base)
+    models = ["base"] + names
+    return {m: [first_utterance(s["prompt"], s[m]) for s in res["samples"]] for m in models}
