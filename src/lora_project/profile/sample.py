@@ -1,7 +1,7 @@
 """Sampled utterances from the base model and each adapter, seeded and reproducible.
 
 Each sample is one utterance: a prompt (the first word of a corpus utterance drawn with the
-seed, or nothing) and the model's continuation up to its first newline or its end-of-sequence
+seed, or nothing) and the model's continuation up to its first line break or its end-of-sequence
 token, sampled at temperature 1 (top-p 1 by default: the model's own distribution, which is
 what a profile of "how it talks" should describe). Training packs one utterance per
 document, separated by EOS, so an adapter ends its utterance with EOS or a newline.
@@ -33,9 +33,13 @@ def draw_prompts(corpus_utterances: list[str], n: int, seed: int, mode: str = "s
 
 
 def first_utterance(prompt: str, continuation: str) -> str:
-    """Prompt + continuation, cut at the first newline (EOS already ended the continuation)."""
-    text = prompt + continuation
-    return text.split("\n", 1)[0].strip()
+    """Prompt + continuation, cut at the first line break (EOS already ended the continuation).
+
+    Any line boundary counts (``str.splitlines``: also \\r, \\x0b, \\x1c, \\u2028, ...), so a
+    sample is always one line of the samples file.
+    """
+    lines = (prompt + continuation).splitlines()
+    return lines[0].strip() if lines else ""
 
 
 def sample_utterances(cfg, adapters: list[Path], prompts: list[str], *, seed: int, max_new_tokens: int = 32,
