@@ -116,8 +116,10 @@ def _without_differing_conventions(path: Path, participant: str = "CHI") -> str:
             blocks[-1].append(line)
         else:
             blocks.append([line])
-    with_mor = [u for u in CHAT.from_strs([text], strict=False).utterances()]
-    plain = [u for u in CHAT.from_strs([text], strict=False, mor_tier=None, gra_tier=None).utterances()]
+    # (pylangacq also yields a speaker-less entry for some mid-transcript headers: not an utterance line)
+    with_mor = [u for u in CHAT.from_strs([text], strict=False).utterances() if u.participant]
+    plain = [u for u in CHAT.from_strs([text], strict=False, mor_tier=None, gra_tier=None).utterances()
+             if u.participant]
     utterance_blocks = [b for b in blocks if b[0].startswith("*")]
     assert len(utterance_blocks) == len(with_mor) == len(plain)
     drop = set()
