@@ -190,7 +190,7 @@ def test_chat_morphemes_on_a_written_transcript(project, capsys):
 def test_sampling_is_seeded_and_logged_to_the_training_run(project, capsys):
     from mlflow.tracking import MlflowClient
 
-    from lora_project.models.lora_model import read_metadata
+    from lora_project.models.adapter import read_metadata
 
     assert main(["train", "toddler_data", "--no-progress"]) == 0
     capsys.readouterr()
@@ -212,7 +212,7 @@ def test_sampling_is_seeded_and_logged_to_the_training_run(project, capsys):
     assert Path(first["files"]["plot"]).stat().st_size > 1000
     saved = json.loads(Path(first["files"]["json"]).read_text())
     assert saved["models"]["toddler_data_lora"]["mlu_words"] == first["models"]["toddler_data_lora"]["mlu_words"]
-    run_id = read_metadata(project / "adapters/toddler_data_lora")["mlflow_run_id"]
+    run_id = read_metadata(project / "adapters/toddler_data_lora").mlflow_run_id
     assert first["mlflow_runs"] == [run_id]
     logged = MlflowClient(tracking_uri=f"sqlite:///{project}/mlruns/mlflow.db").get_run(run_id).data.metrics
     assert logged["profile_mlu_words"] == pytest.approx(first["models"]["toddler_data_lora"]["mlu_words"])

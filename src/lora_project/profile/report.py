@@ -99,10 +99,9 @@ def run_profile(paths, req: ProfileRequest) -> dict:
     check_request(req)
     adapters = [Path(a) for a in req.adapters]
     if adapters:
-        from lora_project.models.lora_model import check_adapter_dir
+        from lora_project.models.adapter import checked_adapters
 
-        for a in adapters:
-            check_adapter_dir(a)
+        adapters = checked_adapters(adapters)  # before any work: complete folders, distinct names
     corpus = load_corpus(paths, req)
     corpus_profile = metrics.profile(corpus.utterances, top=req.top, mlu_morphemes=corpus.mlu_morphemes)
     report: dict = {"source": corpus.source, "label": corpus.label, "mattr_window": metrics.MATTR_WINDOW,
@@ -117,7 +116,7 @@ def run_profile(paths, req: ProfileRequest) -> dict:
                               "train_utterances": len(train), **metrics.novelty(test, index)}
     samples: dict[str, list[str]] = {}
     if adapters or req.base:
-        from lora_project.utils.config_utils import load_config
+        from lora_project.config import load_config
 
         cfg = load_config(req.config_files or [paths.model_config, paths.training_config], req.overrides)
         n = req.samples or DEFAULT_SAMPLES
@@ -135,12 +134,22 @@ def run_profile(paths, req: ProfileRequest) -> dict:
             report["models"][name] = {**prof, **metrics.compare(utts, corpus.utterances, index,
                                                                   sampled_profile=prof, corpus_profile=corpus_profile)}
     report["files"] = save(paths, report, samples, _out_stem(paths, _label(corpus)))
-    if adapters and req.mlflow:
-        from lora_project.utils.mlflow_utils import log_to_training_runs
-
-        report["mlflow_runs"] = log_to_training_runs(paths, cfg, adapters, {
-            a.name: mlflow_metrics(report["models"][a.name]) for a in adapters}) or []
+    if adapters and req.mlflow and cfg.tracking.mlflow:
+        report["mlflow_runs"] = log_to_adapter_runs(paths, cfg, adapters, report["models"])
     return report
+
+
+def log_to_adapter_runs(paths, cfg, adapters: list[Path], models: dict) -> list[str]:
+    """Add each adapter's profile figures to its own training run (run id from its metadata)."""
+    from lora_project.models.adapter import read_metadata
+    from lora_project.utils.mlflow_utils import log_to_runs
+
+    by_run = {}
+    for a in adapters:
+        run_id = read_metadata(a).mlflow_run_id
+        if run_id:
+            by_run[run_id] = mlflow_metrics(models[a.name])
+    return (log_to_runs(paths, cfg.tracking.tracking_uri, by_run) or []) if by_run else []
 
 
 def mlflow_metrics(model: dict) -> dict[str, float]:

@@ -49,14 +49,22 @@ def sample_utterances(cfg, adapters: list[Path], prompts: list[str], *, seed: in
     The base is loaded once (or passed in); adapters are switched with PEFT, so every model
     sees the same prompts and the same per-prompt seeds (seed + prompt index).
     """
-    from lora_project.evaluation.generation import generate_side_by_side
+    from lora_project.models.adapter import checked_adapters
+    from lora_project.models.base_model import load_base
+    from lora_project.models.lora_model import each_model
+    from lora_project.models.sampling import generate_texts
 
     if temperature <= 0:
         raise UserError(f"--temperature must be above 0 for sampling, got {temperature}")
-    names = [Path(a).name for a in adapters]
-    if len(set(names)) != len(names) or "base" in names:
-        raise UserError("adapter folder names must be distinct and not 'base'")
-    res = generate_side_by_side(cfg, prompts, [Path(a) for a in adapters], max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_p=top_p, seed=seed, base=base)
-    models = ["base"] + names
-    return {m: [first_utterance(s["prompt"], s[m]) for s in res["samples"]] for m in models}
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    adapters = checked_adapters(adapters)
+    base = base or load_base(cfg)
+    out = {}
+    for label, model in each_model(base, adapters):
+        texts = generate_texts(model, base.tokenizer, prompts, base.runtime, max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_p=top_p, seed=seed)
+        out[label] = [first_utterance(p, t) for p, t in zip(prompts, texts)]
+    return out
