@@ -281,3 +281,14 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_within_train_baseline_lets_repeats_straddle():
+    from lora_project.profile.report import within_train_baseline
+
+    same = within_train_baseline(["more cookie."] * 30, seed=0)
+    assert same["utterances"] == 3 and same["verbatim_share"] == 1.0
+    distinct = within_train_baseline([f"w{i} x" for i in range(30)], seed=0)
+    assert distinct["verbatim_share"] == 0.0
+    assert within_train_baseline([f"w{i % 7} x" for i in range(50)], seed=1) == \
+        within_train_baseline([f"w{i % 7} x" for i in range(50)], seed=1)

@@ -324,7 +324,8 @@ _PROFILE_COLUMNS = ("utterances", "mlu_words", "mlu_morphemes", "mattr", "one_wo
 
 
 def profile_table(report: dict):
-    """One row for the corpus (with its test-vs-train novelty: the chance baseline) and one per sampled model."""
+    """One row for the corpus (with its test-vs-train novelty: the chance baseline), one for the
+    within-train baseline, and one per sampled model."""
     import pandas as pd
 
     def row(name, p, nov, jsd):
@@ -335,6 +336,10 @@ def profile_table(report: dict):
                 "brown_stage": (stage.get("stage", "") + ("~" if stage.get("approximate") else "")) or None}
 
     rows = [row(f"corpus {report['label']}", report["corpus"], report.get("baseline"), None)]
+    if "baseline_within_train" in report:
+        w = report["baseline_within_train"]
+        rows.append({"": "train 10% vs 90%", "verbatim_share": w["verbatim_share"],
+                     "ngram4_seen_share": w["ngram_seen_share"]})
     rows += [row(name, p, p.get("novelty"), p.get("jsd")) for name, p in report.get("models", {}).items()]
     return pd.DataFrame(rows).set_index("")
 

@@ -15,6 +15,7 @@ to their MLflow training runs (run id from the adapter's metadata).
 from __future__ import annotations
 
 import json
+import random
 import re
 import time
 from dataclasses import dataclass, field
@@ -114,6 +115,7 @@ def run_profile(paths, req: ProfileRequest) -> dict:
         test = corpus.utterances if req.split == "test" else dataset_split(paths, req.dataset, "test").utterances
         report["baseline"] = {"what": "the corpus's test split against its train split",
                               "train_utterances": len(train), **metrics.novelty(test, index)}
+        report["baseline_within_train"] = within_train_baseline(train, req.seed)
     samples: dict[str, list[str]] = {}
     if adapters or req.base:
         from lora_project.config import load_config
@@ -150,6 +152,23 @@ def log_to_adapter_runs(paths, cfg, adapters: list[Path], models: dict) -> list[
         if run_id:
             by_run[run_id] = mlflow_metrics(models[a.name])
     return (log_to_runs(paths, cfg.tracking.tracking_uri, by_run) or []) if by_run else []
+
+
+def within_train_baseline(train: list[str], seed: int, share: float = 0.1) -> dict:
+    """Novelty of a seeded random `share` of the train utterances against the rest.
+
+    The splits of ``prepare`` put identical documents in one split, so the test split never
+    repeats a train utterance exactly (only up to case and punctuation): its verbatim share
+    understates how often the source repeats itself. Here repeats can straddle the two parts,
+    as they do between a model's samples and its training data.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(train)))
+    rng.shuffle(order)
+    k = max(1, int(len(train) * share))
+    held, rest = [train[i] for i in order[:k]], [train[i] for i in order[k:]]
+    return {"what": f"a random {share:.0%} of the train split's utterances (seed {seed}) against the other "
+                    f"{1 - share:.0%}", **metrics.novelty(held, metrics.TrainingIndex(rest))}
 
 
 def mlflow_metrics(model: dict) -> dict[str, float]:
@@ -234,6 +253,10 @@ def format_report(report: dict) -> str:
                 _f(nov and nov["verbatim_share"], ".0%"), _f(nov and nov["ngram_seen_share"], ".0%"), stage(p)]
 
     rows = [row(f"corpus {report['label']}", c, report.get("baseline"))]
+    if "baseline_within_train" in report:
+        w = report["baseline_within_train"]
+        rows.append(["  train 10% vs 90%"] + [""] * 8 + [_f(w["verbatim_share"], ".0%"),
+                                                    _f(w["ngram_seen_share"], ".0%"), ""])
     for name, p in report.get("models", {}).items():
         rows.append(row(name, p, p.get("novelty"), p.get("jsd")))
     widths = [max(len(r[i]) for r in [cols] + rows) for i in range(len(cols))]
@@ -244,7 +267,8 @@ def format_report(report: dict) -> str:
              "JSD: Jensen-Shannon divergence (bits) of word distributions vs the corpus."]
     if "baseline" in report:
         notes.append("verbatim / 4g-seen: share found in the train split (utterances / utterances of 4+ words whose "
-                     "4-grams all occur); the corpus row is the chance baseline (test vs train).")
+                     "4-grams all occur); the corpus rows are the chance baselines: test vs train, and a random "
+                     "10% of train vs the rest (identical lines never straddle prepare's splits).")
     if "pylangacq" in report:
         pl = report["pylangacq"]
         notes.append(f"pylangacq (n=None, all {pl['utterances']} utterances): mluw {_f(pl['mluw'], '.3f')}, "
