@@ -292,3 +292,19 @@ def test_within_train_baseline_lets_repeats_straddle():
     assert distinct["verbatim_share"] == 0.0
     assert within_train_baseline([f"w{i % 7} x" for i in range(50)], seed=1) == \
         within_train_baseline([f"w{i % 7} x" for i in range(50)], seed=1)
+
+
+def test_chunked_sampling_gives_the_same_samples(project):
+    from lora_project.config import load_project_config
+    from lora_project.models.base_model import load_base
+    from lora_project.paths import ProjectPaths
+    from lora_project.profile.sample import sample_utterances
+
+    cfg = load_project_config(ProjectPaths.discover())
+    base = load_base(cfg)
+    prompts = ["more", "the", "", "baby", "where"]
+    lines = []
+    whole = sample_utterances(cfg, [], prompts, seed=5, max_new_tokens=5, base=base)
+    chunked = sample_utterances(cfg, [], prompts, seed=5, max_new_tokens=5, base=base, chunk=2, log=lines.append)
+    assert whole == chunked and list(whole) == ["base"] and len(whole["base"]) == 5
+    assert lines == ["sampling base: 2/5", "sampling base: 4/5", "sampling base: 5/5"]

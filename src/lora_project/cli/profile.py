@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 EXAMPLES = """\
@@ -65,5 +66,6 @@ def run(args, paths) -> None:
         dataset=args.dataset, split=args.split, text=args.text, chat=args.chat, participant=args.participant,
         encoding=args.encoding, adapters=list(args.adapters), samples=args.samples, base=args.base, seed=args.seed,
         prompts=args.prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        top=args.top, config_files=config_files, overrides=list(args.overrides), mlflow=not args.no_mlflow))
+        top=args.top, config_files=config_files, overrides=list(args.overrides), mlflow=not args.no_mlflow,
+        log=lambda m: print(m, file=sys.stderr, flush=True)))
     print(summary_json(report) if args.json else format_report(report))

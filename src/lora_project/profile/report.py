@@ -50,6 +50,7 @@ class ProfileRequest:
     config_files: list[Path] | None = None   # None: config/model_config.yaml + config/training_config.yaml
     overrides: list[str] = field(default_factory=list)
     mlflow: bool = True
+    log: object = None                # progress lines (e.g. print to stderr); None: silent
 
 
 def check_request(req: ProfileRequest) -> None:
@@ -125,7 +126,7 @@ def run_profile(paths, req: ProfileRequest) -> dict:
         prompts = draw_prompts(corpus.utterances, n, req.seed, req.prompts)
         t0 = time.perf_counter()
         samples = sample_utterances(cfg, adapters, prompts, seed=req.seed, max_new_tokens=req.max_new_tokens,
-                                    temperature=req.temperature, top_p=req.top_p)
+                                    temperature=req.temperature, top_p=req.top_p, log=req.log)
         report["sampling"] = {"samples": n, "seed": req.seed, "prompts": req.prompts,
                               "max_new_tokens": req.max_new_tokens, "temperature": req.temperature,
                               "top_p": req.top_p, "seconds": round(time.perf_counter() - t0, 1),

@@ -43,11 +43,13 @@ def first_utterance(prompt: str, continuation: str) -> str:
 
 
 def sample_utterances(cfg, adapters: list[Path], prompts: list[str], *, seed: int, max_new_tokens: int = 32,
-                      temperature: float = 1.0, top_p: float = 1.0, base=None) -> dict[str, list[str]]:
+                      temperature: float = 1.0, top_p: float = 1.0, base=None, log=None,
+                      chunk: int = 50) -> dict[str, list[str]]:
     """{"base": [...], "<adapter folder name>": [...]}: one utterance per prompt and model.
 
     The base is loaded once (or passed in); adapters are switched with PEFT, so every model
-    sees the same prompts and the same per-prompt seeds (seed + prompt index).
+    sees the same prompts and the same per-prompt seeds (seed + prompt index). Prompts go in
+    chunks of `chunk` (same seeds as one call) so that `log` can report progress.
     """
     from lora_project.models.adapter import checked_adapters
     from lora_project.models.base_model import load_base
@@ -64,7 +66,12 @@ def sample_utterances(cfg, adapters: list[Path], prompts: list[str], *, seed: in
     base = base or load_base(cfg)
     out = {}
     for label, model in each_model(base, adapters):
-        texts = generate_texts(model, base.tokenizer, prompts, base.runtime, max_new_tokens=max_new_tokens,
-                               temperature=temperature, top_p=top_p, seed=seed)
+        texts: list[str] = []
+        for start in range(0, len(prompts), chunk):
+            texts += generate_texts(model, base.tokenizer, prompts[start:start + chunk], base.runtime,
+                                    max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                    seed=seed + start)
+            if log:
+                log(f"sampling {label}: {len(texts)}/{len(prompts)}")
         out[label] = [first_utterance(p, t) for p, t in zip(prompts, texts)]
     return out
