@@ -305,3 +305,62 @@ def minimal_pairs(paths: ProjectPaths, pairs_path: Path, limit: int = 2):
     evaluate_minimal_pairs(paths, cfg, pairs_path, adapters=[paths.adapters_dir / n for n in names], limit=limit,
                            log=print)
     return pairs_accuracy(paths)
+
+
+# ------------------------------------------------------------------------------ child-language profile
+
+
+def latest_profile(paths: ProjectPaths) -> dict:
+    """The newest `lora-project profile` result (outputs/metrics/profile_*.json, by modification time)."""
+    files = list(paths.metrics_dir.glob("profile_*.json")) if paths.metrics_dir.is_dir() else []
+    if not files:
+        raise NothingYet("no saved profile; run: lora-project profile --dataset toddler_data "
+                         "--adapter adapters/toddler_data_lora --samples 200")
+    return json.loads(max(files, key=lambda p: p.stat().st_mtime).read_text())
+
+
+_PROFILE_COLUMNS = ("utterances", "mlu_words", "mlu_morphemes", "mattr", "one_word_share", "two_word_share",
+                    "vocabulary")
+
+
+def profile_table(report: dict):
+    """One row for the corpus (with its test-vs-train novelty: the chance baseline), one for the
+    within-train baseline, and one per sampled model."""
+    import pandas as pd
+
+    def row(name, p, nov, jsd):
+        stage = p.get("brown_stage") or {}
+        return {"": name, **{k: p.get(k) for k in _PROFILE_COLUMNS}, "jsd_vs_corpus": jsd,
+                "verbatim_share": (nov or {}).get("verbatim_share"),
+                "ngram4_seen_share": (nov or {}).get("ngram_seen_share"),
+                "brown_stage": (stage.get("stage", "") + ("~" if stage.get("approximate") else "")) or None}
+
+    rows = [row(f"corpus {report['label']}", report["corpus"], report.get("baseline"), None)]
+    if "baseline_within_train" in report:
+        w = report["baseline_within_train"]
+        rows.append({"": "train 10% vs 90%", "verbatim_share": w["verbatim_share"],
+                     "ngram4_seen_share": w["ngram_seen_share"]})
+    rows += [row(name, p, p.get("novelty"), p.get("jsd")) for name, p in report.get("models", {}).items()]
+    return pd.DataFrame(rows).set_index("")
+
+
+def plot_profile(report: dict):
+    """Utterance-length distributions of the corpus, the base and each adapter (a figure)."""
+    from lora_project.profile.report import plot_lengths
+
+    return plot_lengths(report)
+
+
+def corpus_profiles(paths: ProjectPaths, split: str = "test"):
+    """The profile of every prepared dataset's split, computed now (no model needed)."""
+    import pandas as pd
+
+    from lora_project.profile.metrics import profile
+    from lora_project.profile.sources import dataset_split
+
+    rows = []
+    for name in prepared_datasets(paths):
+        p = profile(dataset_split(paths, name, split).utterances)
+        rows.append({"dataset": name, **{k: p[k] for k in _PROFILE_COLUMNS},
+                     "brown_stage": p["brown_stage"]["stage"] + "~" if p["brown_stage"] else None})
+    return pd.DataFrame(rows).set_index("dataset")

@@ -34,7 +34,7 @@ examples:
 # Each exposes register(sub): it adds its parser(s) and sets `handler=fn(args, paths)` as a default.
 # Modules here must stay light at import time (no torch, no transformers).
 COMMAND_MODULES: tuple[str, ...] = ("demo", "data", "train", "evaluate", "benchmark", "inspect", "config",
-                                    "adopt", "catalog")
+                                    "adopt", "catalog", "profile")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,71 @@
+"""`lora-project profile`: child-language profile of a corpus, and of what adapters say."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXAMPLES = """\
+examples:
+  lora-project profile --dataset toddler_data                       # the test split's profile
+  lora-project profile --text data/raw/children.txt                 # one utterance per line
+  lora-project profile --chat ../shared/data/childes/pylangacq/eve_010600a.cha --participant CHI
+  lora-project profile --dataset toddler_data --adapter adapters/toddler_data_lora --samples 200 --seed 0
+  lora-project profile --dataset toddler_data --base --samples 100 --json
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("profile", help="child-language profile (MLU, MATTR, Brown stage, novelty) of a corpus "
+                                       "and of adapters' samples",
+                       description="Profile a corpus (MLU in words and morphemes, MATTR over 50-word windows, "
+                                   "one/two-word utterances, top words, Brown stage) and, with --adapter, "
+                                   "utterances sampled from the base and each adapter: distance to the corpus "
+                                   "(JS divergence) and novelty against the train split, with the corpus's own "
+                                   "test-vs-train figures as the chance baseline.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
+    src = p.add_argument_group("source (exactly one)")
+    src.add_argument("--dataset", metavar="NAME", help="a prepared dataset (lora-project prepare NAME)")
+    src.add_argument("--split", default="test", choices=("train", "validation", "test"),
+                     help="split of --dataset to profile (default: test)")
+    src.add_argument("--text", type=Path, metavar="FILE", help="a text file, one utterance per line")
+    src.add_argument("--chat", type=Path, metavar="FILE_OR_FOLDER", help="CHAT transcript(s): .cha, folder or .zip")
+    src.add_argument("--participant", default="CHI", help="speaker code or role for --chat (default: CHI)")
+    src.add_argument("--encoding", default="utf-8", help="text encoding of --text/--chat (default: utf-8)")
+    smp = p.add_argument_group("sampling (needs --dataset)")
+    smp.add_argument("--adapter", dest="adapters", action="append", default=[], type=Path, metavar="DIR",
+                     help="adapter folder to sample from (repeatable); the base is sampled too")
+    smp.add_argument("--base", action="store_true", help="sample the base model even without --adapter")
+    smp.add_argument("--samples", type=int, metavar="N", help="utterances per model (default: 200)")
+    smp.add_argument("--seed", type=int, default=0, help="seed of prompts and sampling (default: 0)")
+    smp.add_argument("--prompts", default="start", choices=("start", "empty"),
+                     help="prompt: first word of a corpus utterance (start, default) or nothing (empty)")
+    smp.add_argument("--max-new-tokens", type=int, default=32, help="longest continuation in tokens (default: 32)")
+    smp.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    smp.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0, off)")
+    p.add_argument("--top", type=int, default=20, help="how many most frequent words to report (default: 20)")
+    p.add_argument("--config", type=Path, action="append", metavar="YAML",
+                   help="training config file (default: config/training_config.yaml); repeatable, later wins")
+    p.add_argument("--model-config", type=Path, metavar="YAML",
+                   help="model/LoRA config file (default: config/model_config.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config field, e.g. --set training.threads=2 (repeatable)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not add the figures to the adapters' MLflow runs")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.set_defaults(handler=run)
+
+
+def run(args, paths) -> None:
+    from lora_project.profile.report import ProfileRequest, format_report, run_profile, summary_json
+
+    config_files = None
+    if args.config or args.model_config:
+        config_files = [args.model_config or paths.model_config] + (args.config or [paths.training_config])
+    report = run_profile(paths, ProfileRequest(
+        dataset=args.dataset, split=args.split, text=args.text, chat=args.chat, participant=args.participant,
+        encoding=args.encoding, adapters=list(args.adapters), samples=args.samples, base=args.base, seed=args.seed,
+        prompts=args.prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        top=args.top, config_files=config_files, overrides=list(args.overrides), mlflow=not args.no_mlflow,
+        log=lambda m: print(m, file=sys.stderr, flush=True)))
+    print(summary_json(report) if args.json else format_report(report))
