@@ -325,6 +325,8 @@ CASES = [
     Case("cfg-nan-lr", "learning rate nan", ["train", "toddler_data", "--set", "training.lr=.nan"], ["training.lr"]),
     Case("train-bad-target", "target_modules the model does not have", ["train", "toddler_data", "--no-mlflow",
          "--set", "lora.target_modules=[nope_proj]"], ["nope_proj", "not found in the model"]),
+    Case("train-too-big", "a step far bigger than this machine's memory", ["train", "toddler_data", "--set",
+         "training.batch_size=4096", "--set", "training.seq_len=131072"], ["GiB for one step", "available"]),
     Case("train-resume-nothing", "--resume without a checkpoint", ["train", "toddler_data", "--resume"],
          ["no checkpoint to resume"]),
     Case("cat-symlink-out", "catalog folder holding a symlink out of the project", ["prepare", "d", "--no-tokens"],

@@ -215,3 +215,19 @@ def test_corrupt_or_foreign_adapters_are_refused(tiny_model_dir, other_tiny_mode
                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
     with pytest.raises(UserError, match="does not fit the base model"):
         attach_adapters(wide, [good])
+
+
+def test_training_memory_estimate_grows_with_the_step_and_shrinks_with_checkpointing(tiny_model_dir):
+    from lora_project.models.base_model import ModelRef
+    from lora_project.models.lora_model import skeleton_of, training_memory_gib
+
+    ref = ModelRef(name="tiny", kind="local", directory=tiny_model_dir, fingerprint="f" * 64)
+    skeleton = skeleton_of(ref)
+    assert skeleton is not None and all(p.device.type == "meta" for p in skeleton.parameters())
+    small = training_memory_gib(skeleton, 2, 16, 4, False)
+    big = training_memory_gib(skeleton, 2, 1024, 4, False)
+    ckpt = training_memory_gib(skeleton, 2, 1024, 4, True)
+    weights = sum(p.numel() for p in skeleton.parameters()) * 4 / 2**30
+    assert weights < small < big and weights < ckpt < big
+    # 32 hidden, 2 layers, 4 heads: 2 * 2 * 16 * 32 * (34 + 5*4*16/32) * 4 / 2 bytes of activations
+    assert small - weights == pytest.approx(2 * 2 * 16 * 32 * (34 + 5 * 4 * 16 / 32) * 2 / 2**30)

@@ -57,7 +57,12 @@ def register(sub) -> None:
 
 
 def run(args, paths) -> None:
-    from lora_project.profile.report import ProfileRequest, format_report, run_profile, summary_json
+    from lora_project.profile.report import (
+        ProfileRequest,
+        format_report,
+        run_profile,
+        summary_json,
+    )
 
     config_files = None
     if args.config or args.model_config:

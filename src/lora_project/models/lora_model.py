@@ -50,19 +50,72 @@ def check_targets(model, cfg: LoraSection, who: str = "") -> None:
                         f"linear modules are: {', '.join(available)}")
 
 
-def check_targets_of(ref, cfg: LoraSection) -> None:
-    """check_targets() on the architecture of a resolved model, without loading its weights
-    (built on the meta device), so a bad target list is refused before any work."""
+def skeleton_of(ref):
+    """The model's architecture on the meta device (no weights, no memory), or None when it
+    cannot be built that way (the checks that use it then run on the loaded model)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         config = AutoConfig.from_pretrained(ref.directory)
         with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config)
-    except Exception:  # an unusual model: the check runs again on the loaded model
+            return AutoModelForCausalLM.from_config(config)
+    except Exception:
+        return None
+
+
+def check_targets_of(ref, cfg: LoraSection) -> None:
+    """check_targets() on the architecture of a resolved model, without loading its weights,
+    so a bad target list is refused before any work."""
+    skeleton = skeleton_of(ref)
+    if skeleton is not None:
+        check_targets(skeleton, cfg)
+
+
+def training_memory_gib(skeleton, batch_size: int, seq_len: int, bytes_per_value: int,
+                        gradient_checkpointing: bool) -> float:
+    """A rough peak-memory estimate of one training step, in GiB: the frozen weights plus the
+    activations autograd keeps. Activations per layer follow Korthikanti et al. (2022),
+    s*b*h*(34 + 5*a*s/h) bytes at 16 bits (doubled for 32-bit values); with gradient
+    checkpointing only each layer's input (s*b*h values) is kept. Meant to refuse settings that
+    cannot fit by a wide margin, not to predict the peak."""
+    cfg = skeleton.config
+    h = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0)
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0)
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1)
+    weights = sum(p.numel() for p in skeleton.parameters()) * bytes_per_value
+    tokens = batch_size * seq_len
+    if gradient_checkpointing:
+        acts = layers * tokens * h * bytes_per_value
+    else:
+        acts = layers * tokens * h * (34 + 5 * heads * seq_len / max(h, 1)) * bytes_per_value / 2
+    return (weights + acts) / 2**30
+
+
+def available_memory_gib() -> float | None:
+    """MemAvailable from /proc/meminfo (Linux), in GiB; None where it cannot be read."""
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+def check_fits_memory(ref, training, precision: str) -> None:
+    """Refuse, before the model loads, a training step that needs far more memory than this
+    machine has (more than twice what is available: the estimate is rough)."""
+    skeleton = skeleton_of(ref)
+    have = available_memory_gib()
+    if skeleton is None or have is None or training.device == "cuda":
         return
-    check_targets(skeleton, cfg)
+    need = training_memory_gib(skeleton, training.batch_size, training.seq_len, 2 if precision == "bf16" else 4,
+                               training.gradient_checkpointing)
+    if need > 2 * have:
+        raise UserError(f"training.batch_size={training.batch_size} x training.seq_len={training.seq_len} needs "
+                        f"about {need:,.0f} GiB for one step, this machine has {have:,.1f} GiB available; lower "
+                        "them (or set training.gradient_checkpointing=true)")
 
 
 def wrap_with_lora(model, cfg: LoraSection, seed: int):

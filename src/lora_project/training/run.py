@@ -92,6 +92,7 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
 
     from lora_project.data.dataset_loader import load_streams, prepare_dataset
     from lora_project.models.lora_model import (
+        check_fits_memory,
         check_targets,
         check_targets_of,
         wrap_with_lora,
@@ -115,7 +116,9 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
     with adapter_lock(paths, adapter_name) if main else nullcontext():
         point = _resume_point(paths, adapter_name, dataset, cfg) if resume else None
         # A missing or unusable model, or targets it does not have, fail before any data is written.
-        check_targets_of(base.ref if base else resolve_model(cfg.model.source, cfg.model.revision), cfg.lora)
+        ref = base.ref if base else resolve_model(cfg.model.source, cfg.model.revision)
+        check_targets_of(ref, cfg.lora)
+        check_fits_memory(ref, t, "fp32" if t.precision == "auto" else t.precision)
         prepared = prepare_dataset(paths, dataset)
         log(f"dataset '{dataset}': {'unchanged' if prepared.skipped else 'prepared'} "
             f"({prepared.stats['splits']['train']['documents']} train / "
