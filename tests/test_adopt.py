@@ -348,7 +348,7 @@ def test_unreadable_file_is_bad_input_and_changes_nothing(project, tmp_path, mon
     """Unreadable files (root reads everything, so the refusal is simulated at the open call)."""
     import builtins
 
-    from lora_project.adopt import adopt, scan
+    from lora_project.adopt import adopt, classify
     from lora_project.errors import UserError
 
     old = tmp_path / "old"
@@ -361,7 +361,7 @@ def test_unreadable_file_is_bad_input_and_changes_nothing(project, tmp_path, mon
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, *a, **kw)
 
-    monkeypatch.setattr(scan, "open", fake_open, raising=False)
+    monkeypatch.setattr(classify, "open", fake_open, raising=False)
     before = snapshot(project)
     with pytest.raises(UserError, match="cannot read .*a.txt: permission denied"):
         adopt(ProjectPaths(project.resolve()), old, apply=True)

@@ -308,3 +308,14 @@ def test_chunked_sampling_gives_the_same_samples(project):
     chunked = sample_utterances(cfg, [], prompts, seed=5, max_new_tokens=5, base=base, chunk=2, log=lines.append)
     assert whole == chunked and list(whole) == ["base"] and len(whole["base"]) == 5
     assert lines == ["sampling base: 2/5", "sampling base: 4/5", "sampling base: 5/5"]
+
+
+def test_profile_text_through_the_cli(project):
+    from conftest import run_cli
+
+    (project / "utts.txt").write_text("more cookie\nwhere ball\nthe dog runs fast\n")
+    proc = run_cli("profile", "--text", "utts.txt", "--json", cwd=project)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    text = json.dumps(out)
+    assert '"mlu_words": 2.6666666666666665' in text or '"mlu_words": 2.667' in text, text[:800]

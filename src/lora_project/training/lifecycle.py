@@ -249,6 +249,9 @@ class Run:
         from lora_project.models.lora_model import save_adapter
         from lora_project.utils.device import peak_rss_mb
 
+        if not self.write:  # another rank of a data-parallel run: rank 0 records everything
+            self.status = "FINISHED"
+            return self.results
         runtime = self.base.runtime
         wall = time.perf_counter() - self._wall0
         self.results.update({
@@ -263,9 +266,6 @@ class Run:
             import torch
 
             self.results["peak_cuda_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        if not self.write:
-            self.status = "FINISHED"
-            return self.results
         metadata = AdapterMetadata(
             adapter_name=self.adapter_name, **self.provenance, config=self.cfg.to_dict(),
             final_metrics={"before": self.results["metrics_before"], "after": self.results["metrics_after"]},
