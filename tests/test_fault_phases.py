@@ -94,19 +94,27 @@ def test_a_full_disk_at_the_adapter_save_fails_the_run_cleanly(project, monkeypa
     assert not (project / "adapters" / "toddler_data_lora").exists()
 
 
-def test_a_full_disk_at_the_interrupt_checkpoint_is_said(project, monkeypatch):
-    from lora_project.training import checkpoint, trainer
+def _ctrl_c_at_micro_step(monkeypatch, n: int):
+    """Ctrl-C during the n-th micro-step of training; returns the real micro_step."""
+    from lora_project.training import trainer
 
     calls = {"n": 0}
     real_step = trainer.LoraTrainer.micro_step
 
     def micro_step(self, *a):
         calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt  # Ctrl-C during the third step
+        if calls["n"] == n:
+            raise KeyboardInterrupt
         return real_step(self, *a)
 
     monkeypatch.setattr(trainer.LoraTrainer, "micro_step", micro_step)
+    return real_step
+
+
+def test_a_full_disk_at_the_interrupt_checkpoint_is_said(project, monkeypatch):
+    from lora_project.training import checkpoint
+
+    _ctrl_c_at_micro_step(monkeypatch, 3)
     monkeypatch.setattr(checkpoint.CheckpointCallback, "save", _disk_full)
     proc = run_cli("train", "toddler_data", "--no-progress", "--no-mlflow", cwd=project)
     assert proc.returncode == 130, proc.stderr[-2000:]
@@ -118,16 +126,7 @@ def test_a_full_disk_at_the_interrupt_checkpoint_is_said(project, monkeypatch):
 def test_an_interrupted_run_names_its_checkpoint_and_the_resume_command(project, monkeypatch):
     from lora_project.training import trainer
 
-    calls = {"n": 0}
-    real_step = trainer.LoraTrainer.micro_step
-
-    def micro_step(self, *a):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real_step(self, *a)
-
-    monkeypatch.setattr(trainer.LoraTrainer, "micro_step", micro_step)
+    real_step = _ctrl_c_at_micro_step(monkeypatch, 4)
     proc = run_cli("train", "toddler_data", "--no-progress", "--no-mlflow", "--adapter-name", "kid", cwd=project)
     assert proc.returncode == 130
     line = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")][0]

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from lora_project.cli._common import add_config_args
+
 EXAMPLES = """\
 examples:
   lora-project profile --dataset toddler_data                       # the test split's profile
@@ -45,12 +47,7 @@ def register(sub) -> None:
     smp.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
     smp.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0, off)")
     p.add_argument("--top", type=int, default=20, help="how many most frequent words to report (default: 20)")
-    p.add_argument("--config", type=Path, action="append", metavar="YAML",
-                   help="training config file (default: config/training_config.yaml); repeatable, later wins")
-    p.add_argument("--model-config", type=Path, metavar="YAML",
-                   help="model/LoRA config file (default: config/model_config.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config field, e.g. --set training.threads=2 (repeatable)")
+    add_config_args(p)
     p.add_argument("--no-mlflow", action="store_true", help="do not add the figures to the adapters' MLflow runs")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(handler=run)
