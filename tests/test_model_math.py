@@ -229,5 +229,5 @@ def test_training_memory_estimate_grows_with_the_step_and_shrinks_with_checkpoin
     ckpt = training_memory_gib(skeleton, 2, 1024, 4, True)
     weights = sum(p.numel() for p in skeleton.parameters()) * 4 / 2**30
     assert weights < small < big and weights < ckpt < big
-    # 32 hidden, 2 layers, 4 heads: 2 * 2 * 16 * 32 * (34 + 5*4*16/32) * 4 / 2 bytes of activations
-    assert small - weights == pytest.approx(2 * 2 * 16 * 32 * (34 + 5 * 4 * 16 / 32) * 2 / 2**30)
+    # 32 hidden, 2 layers, batch 2 x 16 tokens: 2 layers * 32 tokens * 32 * 34 values * 4 / 2 bytes
+    assert small - weights == pytest.approx(2 * 32 * 32 * 34 * 2 / 2**30)

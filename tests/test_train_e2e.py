@@ -99,7 +99,7 @@ def test_existing_adapter_is_not_overwritten_without_flag(project):
      ["training.lr: must be > 0", "did you mean 'seed'"]),
     (["train", "toddler_data", "--config", "missing.yaml"], ["config file not found"]),
     (["train", "../etc", "--adapter-name", "../x"], ["invalid adapter name"]),
-    (["train", "toddler_data", "--set", "training.seq_len=100000"], ["fewer than one block"]),
+    (["train", "toddler_data", "--set", "training.seq_len=20000"], ["fewer than one block"]),
     (["evaluate", "--text", "nope.txt"], ["file not found"]),
     (["evaluate", "--dataset", "kids"], ["not prepared", "lora-project prepare kids"]),
     (["evaluate", "--text", "config/dataset_catalog.csv", "--adapter", "adapters/none_lora"],

@@ -74,21 +74,21 @@ def check_targets_of(ref, cfg: LoraSection) -> None:
 
 def training_memory_gib(skeleton, batch_size: int, seq_len: int, bytes_per_value: int,
                         gradient_checkpointing: bool) -> float:
-    """A rough peak-memory estimate of one training step, in GiB: the frozen weights plus the
+    """A rough lower bound on one training step's memory, in GiB: the frozen weights plus the
     activations autograd keeps. Activations per layer follow Korthikanti et al. (2022),
-    s*b*h*(34 + 5*a*s/h) bytes at 16 bits (doubled for 32-bit values); with gradient
-    checkpointing only each layer's input (s*b*h values) is kept. Meant to refuse settings that
-    cannot fit by a wide margin, not to predict the peak."""
+    34*s*b*h bytes at 16 bits (doubled for 32-bit values), without their 5*a*s^2*b term for the
+    attention matrix, which SDPA's fused kernels never materialise; with gradient checkpointing
+    only each layer's input (s*b*h values) is kept. A lower bound, so it refuses only settings
+    that cannot fit, never one that might."""
     cfg = skeleton.config
     h = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0)
     layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0)
-    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1)
     weights = sum(p.numel() for p in skeleton.parameters()) * bytes_per_value
     tokens = batch_size * seq_len
     if gradient_checkpointing:
         acts = layers * tokens * h * bytes_per_value
     else:
-        acts = layers * tokens * h * (34 + 5 * heads * seq_len / max(h, 1)) * bytes_per_value / 2
+        acts = layers * tokens * h * 34 * bytes_per_value / 2
     return (weights + acts) / 2**30
 
 
