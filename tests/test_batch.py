@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 
 from conftest import run_cli
@@ -58,6 +60,7 @@ def test_batch_bad_input(project):
     assert_user_error(run_cli("train-batch", "kids", cwd=project), "training.max_step", "did you mean 'max_steps'")
 
 
+@pytest.mark.slow  # a real process (or the full quick benchmark): kept out of make test-fast
 def test_fused_training_equals_sequential(project):
     import shutil
 

@@ -20,6 +20,7 @@ def small_matmul(monkeypatch):
     monkeypatch.setattr(bench.speed, "matmul_gflops", lambda dtype, **kw: real(dtype, m=256, k=128, n=256, min_seconds=0.1))
 
 
+@pytest.mark.slow  # a real process (or the full quick benchmark): kept out of make test-fast
 def test_quick_benchmark_report(project, small_matmul):
     proc = run_cli("benchmark", "--quick", "--shapes", "32x4,16x8", "--steps", "2", "--json", cwd=project)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -37,6 +37,7 @@ def test_console_script_runs():
     assert __version__ in proc.stdout
 
 
+@pytest.mark.slow  # a real process (or the full quick benchmark): kept out of make test-fast
 def test_bad_input_exits_2_from_the_real_interpreter(project):
     # (argparse's own exit 2, e.g. an unknown command, is in the bad-input matrix, in-process)
     assert_user_error(run_cli("train", "toddler_dta", cwd=project, subprocess=True), "did you mean 'toddler_data'")

@@ -190,6 +190,7 @@ def test_failed_run_is_recorded_as_failed(project, monkeypatch):
     assert run.info.status == "FAILED"
 
 
+@pytest.mark.slow  # a real process (or the full quick benchmark): kept out of make test-fast
 def test_sigterm_ends_run_killed_and_leaves_no_adapter(project):
     env = dict(os.environ)
     proc = subprocess.Popen([sys.executable, "-m", "lora_project", "train", "toddler_data", "--no-progress",
