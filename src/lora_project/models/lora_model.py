@@ -64,12 +64,13 @@ def skeleton_of(ref):
         return None
 
 
-def check_targets_of(ref, cfg: LoraSection) -> None:
-    """check_targets() on the architecture of a resolved model, without loading its weights,
-    so a bad target list is refused before any work."""
+def check_before_loading(ref, lora: LoraSection, training, precision: str) -> None:
+    """The checks that need only the model's architecture, on one meta-device skeleton, so a bad
+    target list or a step that cannot fit in memory is refused before any work."""
     skeleton = skeleton_of(ref)
     if skeleton is not None:
-        check_targets(skeleton, cfg)
+        check_targets(skeleton, lora)
+        check_fits_memory(skeleton, training, precision)
 
 
 def training_memory_gib(skeleton, batch_size: int, seq_len: int, bytes_per_value: int,
@@ -103,12 +104,11 @@ def available_memory_gib() -> float | None:
     return None
 
 
-def check_fits_memory(ref, training, precision: str) -> None:
-    """Refuse, before the model loads, a training step that needs far more memory than this
-    machine has (more than twice what is available: the estimate is rough)."""
-    skeleton = skeleton_of(ref)
+def check_fits_memory(skeleton, training, precision: str) -> None:
+    """Refuse a training step that needs far more memory than this machine has (the estimate is
+    a lower bound; refused only above twice what is available)."""
     have = available_memory_gib()
-    if skeleton is None or have is None or training.device == "cuda":
+    if have is None or training.device == "cuda":
         return
     need = training_memory_gib(skeleton, training.batch_size, training.seq_len, 2 if precision == "bf16" else 4,
                                training.gradient_checkpointing)

@@ -92,9 +92,8 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
 
     from lora_project.data.dataset_loader import load_streams, prepare_dataset
     from lora_project.models.lora_model import (
-        check_fits_memory,
+        check_before_loading,
         check_targets,
-        check_targets_of,
         wrap_with_lora,
     )
     from lora_project.models.scoring import limit_documents
@@ -117,8 +116,7 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
         point = _resume_point(paths, adapter_name, dataset, cfg) if resume else None
         # A missing or unusable model, or targets it does not have, fail before any data is written.
         ref = base.ref if base else resolve_model(cfg.model.source, cfg.model.revision)
-        check_targets_of(ref, cfg.lora)
-        check_fits_memory(ref, t, "fp32" if t.precision == "auto" else t.precision)
+        check_before_loading(ref, cfg.lora, t, "fp32" if t.precision == "auto" else t.precision)
         prepared = prepare_dataset(paths, dataset)
         log(f"dataset '{dataset}': {'unchanged' if prepared.skipped else 'prepared'} "
             f"({prepared.stats['splits']['train']['documents']} train / "
