@@ -202,3 +202,13 @@ def test_config_command_prints_the_resolved_config_and_explains(project):
     proc = run_cli("config", "--explain", cwd=project)
     assert proc.returncode == 0 and proc.stdout.rstrip("\n") == explain()
     assert_user_error(run_cli("config", "--set", "training.sed=1", cwd=project), "did you mean 'seed'")
+
+
+def test_yaml_errors_do_not_suggest_an_encoding_option(tmp_path):
+    from lora_project.config import load_config
+
+    f = tmp_path / "u16.yaml"
+    f.write_bytes("training:\n  lr: 0.1\n".encode("utf-16"))
+    with pytest.raises(UserError) as err:
+        load_config([f])
+    assert "binary" in str(err.value) and "--encoding" not in str(err.value)

@@ -257,3 +257,14 @@ def test_demo_runs_end_to_end_and_replaces_its_own_adapter(project):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "replacing the demo's previous adapter" in again.stdout and "test perplexity" in again.stdout
     assert len(list((project / "experiments").iterdir())) == 2
+
+
+def test_extract_refuses_a_sidecar_in_the_way(project):
+    (project / "src.txt").write_text("one line\nanother\n")
+    (project / "q.txt.json").mkdir()  # a folder where the sidecar would go
+    assert_user_error(run_cli("extract", "src.txt", "--out", "q.txt", cwd=project), "q.txt.json is a folder")
+    assert not (project / "q.txt").exists()  # nothing half-written
+    (project / "q.txt.json").rmdir()
+    (project / "q.txt.json").write_text("keep me")
+    assert_user_error(run_cli("extract", "src.txt", "--out", "q.txt", cwd=project), "exists; pass --overwrite")
+    assert (project / "q.txt.json").read_text() == "keep me" and not (project / "q.txt").exists()

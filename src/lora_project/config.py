@@ -175,7 +175,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
-    text = read_user_text(path, what="YAML text")
+    text = read_user_text(path, what="YAML text", encoding_option=False)  # YAML files are UTF-8
     try:
         data = safe_load_yaml(text)
     except yaml.YAMLError as exc:

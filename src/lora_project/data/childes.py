@@ -268,7 +268,8 @@ def extract_children_corpus(sources: list[Path], out: Path, participants: str = 
     from lora_project.data.extract import write_corpus
     from lora_project.utils.io_utils import check_output_file
 
-    check_output_file(Path(out), overwrite)  # before any reading
+    check_output_file(Path(out), overwrite)  # before any reading, the sidecar too
+    check_output_file(Path(out).with_name(Path(out).name + ".json"), overwrite)
     ex = extract_children(sources, participants.split(","), min_age, max_age, encoding=encoding)
     summary = ex.summary()
     summary.update(participants=participants, min_age=min_age, max_age=max_age)

@@ -224,6 +224,7 @@ def write_corpus(out: Path, docs: list[str], sidecar: dict, overwrite: bool = Fa
     """
     out = Path(out)
     check_output_file(out, overwrite)
+    check_output_file(out.with_name(out.name + ".json"), overwrite)  # the sidecar is an output too
     if not docs:
         raise UserError("nothing extracted: no documents left (check the format, field and filters)")
     sep = doc_separator(docs)
@@ -240,7 +241,8 @@ def extract_corpus(sources: list[Path], out: Path, fmt: str = "auto", text_field
 
     Returns {"documents", "out", "sidecar", "sources": [per-source info]}.
     """
-    check_output_file(Path(out), overwrite)  # before any reading
+    check_output_file(Path(out), overwrite)  # before any reading, the sidecar too
+    check_output_file(Path(out).with_name(Path(out).name + ".json"), overwrite)
     docs, infos = [], []
     for src in sources:
         d, info = read_documents(src, fmt, text_field, sep, encoding)

@@ -20,22 +20,23 @@ _CONTROL = {chr(c) for c in range(32) if chr(c) not in "\t\n\r\f\x1b"} | {"\x7f"
 _SNIFF = 65536
 
 
-def decode_user_bytes(raw: bytes, where: str, *, what: str = "text", encoding: str = "utf-8") -> str:
+def decode_user_bytes(raw: bytes, where: str, *, what: str = "text", encoding: str = "utf-8",
+                      encoding_option: bool = True) -> str:
     """`raw` decoded as `encoding`, or a one-line UserError naming `where` and the problem."""
     try:
         codecs.lookup(encoding)
     except LookupError:
         raise UserError(f"unknown encoding {encoding!r}") from None
     shown = "UTF-8" if codecs.lookup(encoding).name == "utf-8" else encoding
-    hint = "; for UTF-16 text pass --encoding utf-16" if shown == "UTF-8" else ""
+    hint = "; for UTF-16 text pass --encoding utf-16" if shown == "UTF-8" and encoding_option else ""
     try:
         text = raw.decode(encoding)
     except UnicodeDecodeError as exc:
         if b"\x00" in raw[:_SNIFF]:
             raise UserError(f"{where}: looks like a binary file (NUL bytes), expected {what}{hint}") from None
         line = raw[: exc.start].count(b"\n") + 1
-        raise UserError(f"{where}: not {shown} (byte {exc.start}, line {line}); "
-                        "convert the file to UTF-8 or pass --encoding") from None
+        raise UserError(f"{where}: not {shown} (byte {exc.start}, line {line}); convert the file to UTF-8"
+                        + (" or pass --encoding" if encoding_option else "")) from None
     text = text.removeprefix("\ufeff")
     head = text[:_SNIFF]
     if "\x00" in head or (head and sum(ch in _CONTROL for ch in head) > len(head) / 100):
@@ -43,7 +44,7 @@ def decode_user_bytes(raw: bytes, where: str, *, what: str = "text", encoding: s
     return text
 
 
-def read_user_text(path: Path, *, what: str = "text", encoding: str = "utf-8") -> str:
+def read_user_text(path: Path, *, what: str = "text", encoding: str = "utf-8", encoding_option: bool = True) -> str:
     """The text of a user-supplied file; missing, unreadable, binary or mis-encoded files are
     one-line UserErrors that say which file and what was expected (`what`, e.g. "YAML")."""
     path = Path(path)
@@ -55,4 +56,4 @@ def read_user_text(path: Path, *, what: str = "text", encoding: str = "utf-8") -
         raw = path.read_bytes()
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror}") from None
-    return decode_user_bytes(raw, str(path), what=what, encoding=encoding)
+    return decode_user_bytes(raw, str(path), what=what, encoding=encoding, encoding_option=encoding_option)
