@@ -37,6 +37,10 @@ def test_quick_benchmark_report(project, small_matmul):
     assert "| 32 x 4 |" in md and Path(out["report"]["json"]).parent == project / "outputs" / "metrics"
     inf = out["inference"]
     assert inf["eval_tokens_per_second"] > 0 and inf["generation_new_tokens"] == 8
+    # each generation figure is the median of the timed runs that follow a warm-up
+    for side, runs in inf["generation_runs_ms_per_token"].items():
+        assert len(runs) == inf["generation_repeats"] == 3
+        assert inf["generation_ms_per_token"][side] == pytest.approx(sorted(runs)[1])
     assert set(inf["generation_ms_per_token"]) == {"base", "adapter_unmerged", "adapter_merged"}
     assert all(v > 0 for v in inf["generation_ms_per_token"].values())
     assert out["model_load"]["cached_seconds"] > 0 and out["model_load"]["cold_seconds"] is None
@@ -58,17 +62,41 @@ def test_benchmark_bad_shapes(project):
     assert_user_error(run_cli("benchmark", "--quick", "--steps", "0", cwd=project), "--steps")
 
 
-@pytest.mark.slow  # the reference side trains with plain PEFT + transformers Trainer in child processes
-def test_reference_comparison_fields(project):
-    proc = run_cli("benchmark", "--quick", "--shapes", "16x2", "--steps", "1", "--reference", "--reference-steps", "2",
-                   "--json", cwd=project, timeout=600)
+@pytest.mark.slow  # every reference and ours train the project's tiny model, each in a child process
+def test_reference_comparison_runs_every_reference_and_compares_with_the_fastest(project):
+    proc = run_cli("benchmark", "--quick", "--reference", "--references", "all", "--reference-steps", "2",
+                   "--json", cwd=project, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ref = json.loads(proc.stdout)["reference_comparison"]
-    for side in ("ours", "reference"):
-        assert ref[side]["tokens_per_second"] > 0 and ref[side]["peak_rss_mb"] > 0
-        assert 0 < ref[side]["eval_loss"] < 20
-    assert ref["speedup"] > 0
-    assert "plain PEFT + transformers Trainer" in Path(json.loads(proc.stdout)["report"]["markdown"]).read_text()
+    out = json.loads(proc.stdout)
+    ref = out["reference_comparison"]
+    assert out["training"] == [] and out["inference"] is None  # only the asked-for section ran
+    assert (ref["seq_len"], ref["batch_size"]) == (64, 4)  # quick mode's shape
+    assert list(ref["references"]) == ["trainer_fp32", "trainer_bf16", "peft_autocast_bf16"]
+    assert [ref["references"][n]["precision"] for n in ref["references"]] == ["fp32", "bf16", "bf16"]
+    for side in [ref["ours"], *ref["references"].values()]:
+        assert side["tokens_per_second"] > 0 and side["peak_rss_mb"] > 0 and side["fraction_of_peak"] > 0
+        assert side["tokens"] == ref["references"]["trainer_fp32"]["tokens"]  # the same tokens on every side
+        # same data, steps and seed: every training ends at nearly the same loss (tiny model, 2 steps)
+        assert abs(side["eval_loss"] - ref["ours"]["eval_loss"]) < 0.05
+    fastest = max(ref["references"], key=lambda n: ref["references"][n]["tokens_per_second"])
+    assert ref["fastest_reference"] == fastest and ref["reference"] == ref["references"][fastest]
+    assert ref["speedup"] == pytest.approx(ref["ours"]["tokens_per_second"]
+                                           / ref["references"][fastest]["tokens_per_second"])
+    md = Path(out["report"]["markdown"]).read_text()
+    assert "(fastest reference)" in md and "plain PEFT loop under torch.autocast(bfloat16)" in md
+
+
+def test_reference_choice_is_checked_before_anything_runs(project):
+    from lora_project.benchmark.reference import pick_references
+
+    assert pick_references("auto", False) == ["trainer_fp32"]
+    assert pick_references("auto", True) == ["trainer_fp32", "trainer_bf16", "peft_autocast_bf16"]
+    assert pick_references("peft_autocast_bf16, trainer_fp32", False) == ["peft_autocast_bf16", "trainer_fp32"]
+    assert_user_error(run_cli("benchmark", "--quick", "--reference", "--references", "trainer_fp64", cwd=project),
+                      "trainer_fp64")
+    assert_user_error(run_cli("benchmark", "--quick", "--reference", "--reference-repeats", "0", cwd=project),
+                      "--reference-repeats")
+    assert not list((project / "outputs" / "metrics").glob("benchmark_*"))
 
 
 def test_matrix_scores_base_and_adapters_on_every_prepared_dataset(project, small_matmul, monkeypatch):
@@ -83,6 +111,8 @@ def test_matrix_scores_base_and_adapters_on_every_prepared_dataset(project, smal
     proc = run_cli("benchmark", "--quick", "--shapes", "16x2", "--steps", "1", "--matrix", "--json", cwd=project)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
+    assert out["training"] == [] and out["inference"] is None and out["model_load"] is None  # matrix only
+    assert out["matmul_gflops"]["fp32"] > 0 and out["machine"]["cpu"]["isa"]
     m = out["matrix"]
     assert m["datasets"] == ["kids", "toddler_data"]
     assert m["models"] == ["base", "kids_lora", "toddler_data_lora"]

@@ -168,3 +168,44 @@ def test_a_stop_is_raised_once_so_clean_up_is_not_torn():
         interrupts.check_stop()
     finally:
         interrupts.clear_stop()
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1.0])
+def test_non_finite_gradients_stop_the_run_before_they_reach_the_weights(tiny_model_dir, max_grad_norm):
+    """A backward pass can produce NaN gradients while the loss is finite (seen with bf16 matmuls on
+    an AMX CPU): the step that has them must not update the weights, and the error names it."""
+    from transformers import AutoModelForCausalLM
+
+    from lora_project.errors import UserError
+    from lora_project.models.lora_model import wrap_with_lora
+
+    model = wrap_with_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraSection(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]), seed=0)
+    cfg = dataclasses.replace(TrainingSection(), max_steps=5, batch_size=2, seq_len=16, warmup_steps=0, lr=1e-2,
+                              log_interval=1, max_grad_norm=max_grad_norm)
+    stream = np.tile(np.arange(3, 40, dtype=np.uint16), 20)
+    trainer = LoraTrainer(model, cfg, BlockLoader(stream, cfg.seq_len, cfg.batch_size, 0), FP32, [])
+    target = next(p for n, p in model.named_parameters() if "lora_A" in n)
+    calls = []
+
+    def poison(grad):  # the third backward pass returns a NaN gradient for one LoRA matrix
+        calls.append(1)
+        return grad * float("nan") if len(calls) == 3 else grad
+
+    target.register_hook(poison)
+    before = {}
+
+    from lora_project.training.callbacks import Callback
+
+    class Snapshot(Callback):
+        def on_step_end(self, state, metrics):
+            before.update({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+
+    trainer.callbacks.callbacks.append(Snapshot())
+    with pytest.raises(UserError, match=r"diverged at step 3: non-finite gradients"):
+        trainer.fit()
+    assert trainer.state.step == 2  # steps 1 and 2 applied, step 3 refused
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.isfinite(p).all() and torch.equal(p.detach(), before[n])  # step 3 changed nothing
+            assert p.grad is None

@@ -40,6 +40,8 @@ def log_to_mlflow(paths: ProjectPaths, cfg, result: dict, files: list[Path]) -> 
     ref = result.get("reference_comparison")
     if ref:
         metrics.update(speedup_vs_reference=ref["speedup"], memory_ratio_vs_reference=ref["memory_ratio"])
+        for name, side in (ref.get("references") or {}).items():
+            metrics[f"reference_tokens_per_second_{name}"] = side["tokens_per_second"]
     tracker.log_metrics(metrics, step=0)
     for f in files:
         if f and Path(f).is_file():
@@ -48,16 +50,40 @@ def log_to_mlflow(paths: ProjectPaths, cfg, result: dict, files: list[Path]) -> 
     return run_id
 
 
+def reference_markdown(ref: dict) -> list[str]:
+    """The ours-vs-references section: every reference named, the fastest one marked."""
+    runs = f", median of {ref['repeats']} runs each" if ref.get("repeats", 1) > 1 else ""
+    lines = ["", f"## Ours vs the references a user could pick instead ({ref['steps']} steps of "
+                 f"{ref['batch_size']} x {ref['seq_len']} tokens, same model and data, each in its own process{runs})",
+             "", "| setup | precision | tokens/s | fraction of its matmul peak | peak RSS (MiB) | "
+                 "eval loss after the same tokens |", "|---|---|---|---|---|---|"]
+    refs = ref.get("references") or {"reference": dict(ref["reference"], label="plain PEFT + transformers Trainer",
+                                                       precision="fp32")}
+    for name, side in [*refs.items(), ("ours", ref["ours"])]:
+        mark = " (fastest reference)" if name == ref.get("fastest_reference") else ""
+        frac = f"{100 * side['fraction_of_peak']:.0f}%" if "fraction_of_peak" in side else "-"
+        lines.append(f"| {side.get('label', name)}{mark} | {side.get('precision', '?')} | "
+                     f"{side['tokens_per_second']:.0f} | {frac} | {side['peak_rss_mb']:.0f} | {side['eval_loss']:.4f} |")
+    lines += ["", f"Against the fastest reference ({ref.get('fastest_reference', 'reference')}): speed-up "
+                  f"{ref['speedup']:.2f}x; memory ratio {ref['memory_ratio']:.2f}; eval-loss difference "
+                  f"{ref['eval_loss_difference']:+.4f}."]
+    return lines
+
+
 def write_report(paths: ProjectPaths, result: dict) -> tuple:
     """Save a benchmark result as outputs/metrics/benchmark_<time>.{json,md} (+ heatmap PNG)."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     base = paths.metrics_dir / f"benchmark_{stamp}"
+    size = f" ({result['parameters'] / 1e6:.1f} M parameters)" if result.get("parameters") else ""
+    cpu = result["machine"].get("cpu") or {}
     lines = [f"# Benchmark {result['created']} ({result['mode']} mode)", "",
-             f"Model: {result['model']} ({result['parameters'] / 1e6:.1f} M parameters), "
-             f"{result['machine']['device']}, {result['machine']['threads']} threads, {result['precision']}.", "",
+             f"Model: {result['model']}{size}, {result['machine']['device']}, {result['machine']['threads']} "
+             f"threads, {result['precision']}. CPU: {cpu.get('model', '?')} ({cpu.get('isa', '?')}, native bf16: "
+             f"{'yes' if cpu.get('native_bf16') else 'no'}).", "",
              f"Matmul peak: fp32 {result['matmul_gflops']['fp32']:.1f} GFLOP/s, "
-             f"bf16 {result['matmul_gflops']['bf16']:.1f} GFLOP/s.", "",
-             "| seq x batch | tokens/s | GFLOP/s | fraction of peak | peak RSS (MiB) |", "|---|---|---|---|---|"]
+             f"bf16 {result['matmul_gflops']['bf16']:.1f} GFLOP/s.", ""]
+    if result["training"]:
+        lines += ["| seq x batch | tokens/s | GFLOP/s | fraction of peak | peak RSS (MiB) |", "|---|---|---|---|---|"]
     for r in result["training"]:
         lines.append(f"| {r['seq_len']} x {r['batch_size']} | {r['tokens_per_second']:.0f} | "
                      f"{r['achieved_gflops']:.1f} | {100 * r['fraction_of_peak']:.0f}% | "
@@ -65,7 +91,8 @@ def write_report(paths: ProjectPaths, result: dict) -> tuple:
     inf, load = result.get("inference"), result.get("model_load")
     if inf:
         g = inf["generation_ms_per_token"]
-        lines += ["", "| inference | value |", "|---|---|",
+        lines += ["", f"Generation: median of {inf.get('generation_repeats', 1)} timed runs after an untimed warm-up.",
+                  "", "| inference | value |", "|---|---|",
                   f"| evaluation (forward + loss, {inf['eval_shape'][1]} x {inf['eval_shape'][0]} tokens) | "
                   f"{inf['eval_tokens_per_second']:.0f} tokens/s |",
                   f"| generation, base | {g['base']:.1f} ms/token |",
@@ -83,14 +110,7 @@ def write_report(paths: ProjectPaths, result: dict) -> tuple:
                   matrix_markdown(matrix), "", f"Heatmap: {heat.name}"]
     ref = result.get("reference_comparison")
     if ref:
-        lines += ["", f"## Ours vs plain PEFT + transformers Trainer ({ref['steps']} steps of "
-                      f"{ref['batch_size']} x {ref['seq_len']} tokens, same model and data)", "",
-                  "| | tokens/s | peak RSS (MiB) | eval loss after the same tokens |", "|---|---|---|---|",
-                  f"| reference | {ref['reference']['tokens_per_second']:.0f} | {ref['reference']['peak_rss_mb']:.0f} | "
-                  f"{ref['reference']['eval_loss']:.4f} |",
-                  f"| ours | {ref['ours']['tokens_per_second']:.0f} | {ref['ours']['peak_rss_mb']:.0f} | "
-                  f"{ref['ours']['eval_loss']:.4f} |",
-                  "", f"Speed-up {ref['speedup']:.2f}x; memory ratio {ref['memory_ratio']:.2f}."]
+        lines += reference_markdown(ref)
     if result.get("blimp"):
         lines += blimp_markdown(result["blimp"])
     atomic_write_json(base.with_suffix(".json"), result)
@@ -100,21 +120,35 @@ def write_report(paths: ProjectPaths, result: dict) -> tuple:
 
 def benchmark_report(paths: ProjectPaths, cfg, *, quick: bool = False, shapes=((64, 16), (128, 8)), steps: int = 4,
                      matrix: bool = False, reference: bool = False, reference_steps: int = 6, mlflow: bool = True,
-                     blimp: Path | None = None, blimp_pairs: int = 5, log=print) -> dict:
-    """`lora-project benchmark`: `run_benchmark`, optionally the cross matrix and the reference comparison,
-    the report files, and an MLflow run (when `mlflow` and the config's tracking allow); returns the result."""
+                     blimp: Path | None = None, blimp_pairs: int = 5, speed: bool | None = None,
+                     references: str = "auto", reference_repeats: int = 1, log=print) -> dict:
+    """`lora-project benchmark`: the matmul peaks; the speed sections (`run_benchmark`) when `speed`, which
+    defaults to "only when no other section is asked for"; optionally the cross matrix, the reference
+    comparison and the minimal-pair speed; the report files, and an MLflow run (when `mlflow` and the
+    config's tracking allow); returns the result."""
     if steps < 1:
         raise UserError(f"--steps must be at least 1, got {steps}")
     if reference and reference_steps < 2:
         raise UserError("--reference-steps must be at least 2 (the first step is not timed)")
     if blimp is not None and (blimp_pairs < 1 or not Path(blimp).is_dir()):
         raise UserError(f"--blimp needs a folder of .jsonl pairs and --blimp-pairs >= 1 ({blimp})")
-    result = run_benchmark(paths, cfg, quick=quick, shapes=shapes, steps=steps, log=log)
+    if reference_repeats < 1:
+        raise UserError(f"--reference-repeats must be at least 1, got {reference_repeats}")
+    if reference:
+        from lora_project.benchmark.reference import pick_references
+
+        pick_references(references, False)  # a bad --references list is refused before anything runs
+    if speed is None:
+        speed = not (matrix or reference or blimp is not None)
+    result = run_benchmark(paths, cfg, quick=quick, shapes=shapes, steps=steps, speed=speed, log=log)
     if matrix:
         log("cross-evaluation matrix ...")
         result["matrix"] = cross_matrix(paths, cfg, log=log)
     if reference:
-        result["reference_comparison"] = compare_with_reference(paths, cfg, steps=reference_steps, log=log)
+        shape = {"seq_len": 64, "batch_size": 4} if quick else {}  # quick: a smoke test of every side
+        result["reference_comparison"] = compare_with_reference(
+            paths, cfg, steps=reference_steps, references=references, repeats=reference_repeats, **shape,
+            peaks=result["matmul_gflops"], log=log)
     if blimp is not None:
         log(f"minimal-pair scoring speed on {blimp} ...")
         result["blimp"] = blimp_speed(cfg, Path(blimp), per_paradigm=blimp_pairs, log=log)

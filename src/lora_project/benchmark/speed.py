@@ -56,24 +56,29 @@ def _tiny_setup():
     return model, stream, "tiny-llama (quick mode)"
 
 
-def _time_generation(model, prompt, new_tokens: int, runtime) -> float:
-    """Seconds per generated token (greedy, KV cache, exactly `new_tokens` tokens, after a warm-up)."""
+def _time_generation(model, prompt, new_tokens: int, runtime, repeats: int = 3) -> list[float]:
+    """Seconds per generated token (greedy, KV cache, exactly `new_tokens` tokens), one per timed
+    run: each side is first warmed up with one whole untimed generation (first calls pay for
+    allocation and kernel selection: on a loaded machine the untimed first call once read 30x)."""
     import torch
 
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    mask = torch.ones_like(prompt)
+    times = []
     with torch.inference_mode(), runtime.autocast():
-        model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **dict(kwargs, max_new_tokens=2,
-                                                                                        min_new_tokens=2))
-        t0 = time.perf_counter()
-        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **kwargs)
-        seconds = time.perf_counter() - t0
+        model.generate(input_ids=prompt, attention_mask=mask, **kwargs)  # warm-up
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = model.generate(input_ids=prompt, attention_mask=mask, **kwargs)
+            times.append((time.perf_counter() - t0) / new_tokens)
     assert out.shape[1] - prompt.shape[1] == new_tokens
-    return seconds / new_tokens
+    return times
 
 
-def inference_speed(peft, stream: np.ndarray, runtime, *, quick: bool, log=print) -> dict:
+def inference_speed(peft, stream: np.ndarray, runtime, *, quick: bool, repeats: int = 3, log=print) -> dict:
     """Evaluation tokens/s (forward + loss, no gradients) and generation latency per token for
-    the base, the adapter unmerged and the adapter merged into the weights."""
+    the base, the adapter unmerged and the adapter merged into the weights (each warmed up, then
+    the median of `repeats` timed runs)."""
     import torch
 
     from lora_project.models.losses import token_nll
@@ -92,19 +97,22 @@ def inference_speed(peft, stream: np.ndarray, runtime, *, quick: bool, log=print
         eval_tps = batch.numel() / (time.perf_counter() - t0)
     prompt = batch[:1, :16]
     new_tokens = 8 if quick else 32
+    runs = {}
     with peft.disable_adapter():
-        base_s = _time_generation(peft, prompt, new_tokens, runtime)
-    unmerged_s = _time_generation(peft, prompt, new_tokens, runtime)
+        runs["base"] = _time_generation(peft, prompt, new_tokens, runtime, repeats)
+    runs["adapter_unmerged"] = _time_generation(peft, prompt, new_tokens, runtime, repeats)
     peft.merge_adapter()
     try:
-        merged_s = _time_generation(peft, prompt, new_tokens, runtime)
+        runs["adapter_merged"] = _time_generation(peft, prompt, new_tokens, runtime, repeats)
     finally:
         peft.unmerge_adapter()
-    log(f"  evaluation {eval_tps:.0f} tokens/s; generation {1000 * base_s:.1f} ms/token (base), "
-        f"{1000 * unmerged_s:.1f} (adapter unmerged), {1000 * merged_s:.1f} (merged)")
+    ms = {k: 1000 * float(np.median(v)) for k, v in runs.items()}
+    log(f"  evaluation {eval_tps:.0f} tokens/s; generation (median of {repeats} after a warm-up) "
+        f"{ms['base']:.1f} ms/token (base), {ms['adapter_unmerged']:.1f} (adapter unmerged), "
+        f"{ms['adapter_merged']:.1f} (merged)")
     return {"eval_tokens_per_second": eval_tps, "eval_shape": [seq, rows], "generation_new_tokens": new_tokens,
-            "generation_ms_per_token": {"base": 1000 * base_s, "adapter_unmerged": 1000 * unmerged_s,
-                                        "adapter_merged": 1000 * merged_s}}
+            "generation_repeats": repeats, "generation_ms_per_token": ms,
+            "generation_runs_ms_per_token": {k: [1000 * x for x in v] for k, v in runs.items()}}
 
 
 _LOAD_CHILD = r"""
@@ -148,16 +156,25 @@ def load_times(cfg, *, quick: bool, log=print) -> dict:
 
 
 def run_benchmark(paths: ProjectPaths, cfg, *, quick: bool = False, shapes=((64, 16), (128, 8)),
-                  steps: int = 4, log=print) -> dict:
-    """Matmul peak and training throughput of our trainer per shape; `quick` uses a tiny model."""
+                  steps: int = 4, speed: bool = True, log=print) -> dict:
+    """Matmul peaks, and with `speed` the training throughput of our trainer per shape, inference
+    speed and model-load times; `quick` uses a tiny model."""
     from lora_project.models.lora_model import wrap_with_lora
     from lora_project.training.trainer import BlockLoader, LoraTrainer
-    from lora_project.utils.device import peak_rss_mb, resolve_runtime
+    from lora_project.utils.device import cpu_class, peak_rss_mb, resolve_runtime
 
     t = cfg.training
     runtime = resolve_runtime(t.device, t.precision, t.threads)
     log(f"matmul peak on {runtime.threads} threads ...")
     peaks = {d: matmul_gflops(d, min_seconds=0.2 if quick else 1.0) for d in ("fp32", "bf16")}
+    result = {"created": datetime.now(timezone.utc).isoformat(), "mode": "quick" if quick else "full",
+              "model": cfg.model.source, "parameters": None, "inference": None, "model_load": None,
+              "machine": {"processor": platform.processor() or platform.machine(), "cpu": cpu_class(),
+                          "threads": runtime.threads, "device": runtime.device},
+              "precision": runtime.precision, "matmul_gflops": peaks,
+              "lora": {"r": cfg.lora.r, "target_modules": cfg.lora.target_modules}, "training": []}
+    if not speed:
+        return result
     if quick:
         model, stream, model_name = _tiny_setup()
     else:
@@ -186,11 +203,7 @@ def run_benchmark(paths: ProjectPaths, cfg, *, quick: bool = False, shapes=((64,
                      "peak_rss_mb_so_far": peak_rss_mb()})
         log(f"  {seq}x{bs}: {fit.tokens_per_second:.0f} tokens/s ({100 * achieved / peak:.0f}% of "
             f"{runtime.precision} matmul peak)")
-    inference = inference_speed(peft, stream, runtime, quick=quick, log=log)
-    loading = load_times(cfg, quick=quick, log=log)
-    return {"created": datetime.now(timezone.utc).isoformat(), "mode": "quick" if quick else "full",
-            "model": model_name, "parameters": n_params, "inference": inference, "model_load": loading,
-            "machine": {"processor": platform.processor() or platform.machine(), "threads": runtime.threads,
-                        "device": runtime.device},
-            "precision": runtime.precision, "matmul_gflops": peaks,
-            "lora": {"r": cfg.lora.r, "target_modules": cfg.lora.target_modules}, "training": rows}
+    result.update(model=model_name, parameters=n_params, training=rows,
+                  inference=inference_speed(peft, stream, runtime, quick=quick, log=log),
+                  model_load=load_times(cfg, quick=quick, log=log))
+    return result

@@ -13,18 +13,31 @@ def register(sub) -> None:
                                    "memory per sequence shape; evaluation tokens/s; generation latency per token "
                                    "for the base, the adapter unmerged and merged; model-load time cold (empty "
                                    "model cache) and cached. Writes outputs/metrics/benchmark_<timestamp>.{json,md} "
-                                   "and an MLflow run in the experiment 'benchmark'. --quick uses a tiny model "
-                                   "built in code (seconds); the default uses the configured base model.")
+                                   "and an MLflow run in the experiment 'benchmark'. The speed sections run when none "
+                                   "of --matrix, --reference, --blimp is given, or with --speed; the matmul peaks and "
+                                   "the CPU class always. --quick uses a tiny model built in code (seconds); the "
+                                   "default uses the configured base model.")
     p.add_argument("--quick", action="store_true", help="tiny model built in code; for CI and smoke tests")
     p.add_argument("--shapes", default="64x16,128x8", help="SEQxBATCH list (default: 64x16,128x8)")
     p.add_argument("--steps", type=int, default=4, help="timed optimizer steps per shape (default: 4)")
+    p.add_argument("--speed", action="store_true",
+                   help="run the speed sections (training per shape, evaluation, generation, model load) even when "
+                        "--matrix, --reference or --blimp is given; without those three they always run")
     p.add_argument("--reference", action="store_true",
-                   help="also compare with plain PEFT + transformers Trainer (fp32 defaults) on the same model, "
-                        "data, batch (8) and sequence length (256), each in its own process")
+                   help="compare our trainer with the setups a user could pick instead, on the same model, data, "
+                        "batch (8) and sequence length (256), each in its own process: transformers Trainer fp32, "
+                        "and where bf16 is native also Trainer bf16=True and a plain PEFT loop under "
+                        "torch.autocast(bfloat16); speed-up and memory ratio are against the fastest")
+    p.add_argument("--references", default="auto", metavar="LIST",
+                   help="--reference: 'auto' (default: as above), 'all' (the bf16 ones too, even where bf16 is "
+                        "emulated and slow), or a comma list of trainer_fp32, trainer_bf16, peft_autocast_bf16")
     p.add_argument("--reference-steps", type=int, default=6, help="optimizer steps per side (default: 6)")
+    p.add_argument("--reference-repeats", type=int, default=1, metavar="N",
+                   help="--reference: runs per side, each a fresh process; the report gives medians (default 1; "
+                        "use 3 for figures you quote)")
     p.add_argument("--matrix", action="store_true",
-                   help="also score the base and every adapter on every prepared dataset's test split "
-                        "(table, markdown and heatmap PNG)")
+                   help="score the base and every adapter on every prepared dataset's test split "
+                        "(table, markdown and heatmap PNG); without --speed, the speed sections are skipped")
     p.add_argument("--blimp", type=Path, metavar="DIR",
                    help="also time minimal-pair scoring per first-pass path on a sample of this BLiMP-style folder "
                         "(e.g. ../shared/data/blimp), against the plain fp32 scorer, and project the full-folder time")
@@ -43,7 +56,8 @@ def run(args, paths) -> None:
     result = benchmark_report(paths, load_cfg(args, paths), quick=args.quick, shapes=shapes, steps=args.steps,
                               matrix=args.matrix, reference=args.reference, reference_steps=args.reference_steps,
                               mlflow=not args.no_mlflow, blimp=args.blimp, blimp_pairs=args.blimp_pairs,
-                              log=progress_log(args.json))
+                              speed=True if args.speed else None, references=args.references,
+                              reference_repeats=args.reference_repeats, log=progress_log(args.json))
     if args.json:
         print_json(result)
     else:

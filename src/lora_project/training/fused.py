@@ -186,8 +186,8 @@ def _fused_loop(model, names, configs, base, runs, streams, loaders, *, overwrit
                     total = total + loss
                 (total / shared.grad_accum).backward()
             check_stop()  # before the optimizer steps, as in the single trainer
-            stepped = {n: optimizer_step(params[n], optims[n], scheds[n], configs[n].training.max_grad_norm)
-                       for n in names}
+            stepped = {n: optimizer_step(params[n], optims[n], scheds[n], configs[n].training.max_grad_norm,
+                                         step=states[n].step + 1, who=n) for n in names}
             dt = time.perf_counter() - t_step  # measured after the optimizer steps, as in the single trainer
             for n in names:
                 grad_norm, lr = stepped[n]

@@ -93,11 +93,14 @@ def total_steps(cfg: TrainingSection, n_blocks: int) -> int:
     return max(1, math.ceil(cfg.epochs * n_blocks / per_step))
 
 
-def optimizer_step(params, optimizer, scheduler, max_grad_norm: float) -> tuple[float, float]:
+def optimizer_step(params, optimizer, scheduler, max_grad_norm: float, step: int | None = None,
+                   who: str = "") -> tuple[float, float]:
     """One optimizer step, the same in every trainer: clip (or just measure) the gradient norm,
     step the optimizer and the schedule, zero the gradients. Returns (grad norm, lr used).
 
-    Parameters without a gradient (not reached this step) are left out of the norm.
+    Parameters without a gradient (not reached this step) are left out of the norm. Non-finite
+    gradients stop the run before they reach the weights (`step` is the 1-based step they belong
+    to): the loss can still be finite on that step, and AdamW would turn every LoRA weight into NaN.
     """
     import torch
 
@@ -105,9 +108,16 @@ def optimizer_step(params, optimizer, scheduler, max_grad_norm: float) -> tuple[
     if max_grad_norm:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(with_grad, max_grad_norm))
     elif with_grad:
-        grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in with_grad])))
+        grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in with_grad])))
     else:
         grad_norm = 0.0
+    if not math.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        prefix = f"{who}: " if who else ""
+        at = f" at step {step}" if step is not None else ""
+        raise UserError(f"{prefix}training diverged{at}: non-finite gradients (norm {grad_norm}), stopped before "
+                        f"the weights were updated; lower training.lr, or set training.precision=fp32 if this run "
+                        f"used bf16")
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
@@ -198,7 +208,8 @@ class LoraTrainer:
                 t0 = time.perf_counter()
                 losses = [self.micro_step(*self.loader.next_batch()) for _ in range(self.cfg.grad_accum)]
                 check_stop()  # before the optimizer step, so a stopped run never applies a partial step
-                grad_norm, lr = optimizer_step(self.params, self.optimizer, self.scheduler, self.cfg.max_grad_norm)
+                grad_norm, lr = optimizer_step(self.params, self.optimizer, self.scheduler, self.cfg.max_grad_norm,
+                                               step=state.step + 1)
                 if self.runtime.device == "cuda":
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
