@@ -31,3 +31,28 @@ def test_generate_side_by_side(project, tiny_model_dir):
     assert sampled[0] == sampled[1]
     assert_user_error(run_cli("generate", cwd=project), "at least one prompt")
     assert_user_error(run_cli("generate", "--prompt", "x", "--top-p", "0", cwd=project), "--top-p")
+
+
+def test_stopping_at_a_line_break_keeps_the_same_first_line(tiny_model_dir):
+    """The profile keeps each sample's first line: stopping there gives that same line, with
+    nothing generated past it (the tiny tokenizer's byte-level alphabet has a line-break token)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_project.models.sampling import generate_texts, line_break_ids
+    from lora_project.utils.device import resolve_runtime
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    breaks = line_break_ids(tok)
+    assert breaks and all("\n" in tok.decode([i]) or len(("x" + tok.decode([i]) + "x").splitlines()) > 1
+                          for i in breaks)
+    assert tok.convert_tokens_to_ids("Ċ") in breaks  # byte-level BPE's "\n"
+    args = dict(max_new_tokens=24, temperature=1.0, top_p=1.0, seed=5)
+    runtime = resolve_runtime("cpu", "fp32", 1)
+    prompts = ["the dog", "a", "mommy", "the cat", "we", "go"]
+    full = generate_texts(model, tok, prompts, runtime, **args)
+    stopped = generate_texts(model, tok, prompts, runtime, stop_at_line_break=True, **args)
+    assert any(len(f.splitlines()) > 1 for f in full)  # some continuation did cross a line break
+    for f, s in zip(full, stopped):
+        assert (f.splitlines() or [""])[0] == (s.splitlines() or [""])[0]
+        assert len(s.splitlines()) <= 1 and len(s) <= len(f)

@@ -70,7 +70,7 @@ def sample_utterances(cfg, adapters: list[Path], prompts: list[str], *, seed: in
         for start in range(0, len(prompts), chunk):
             texts += generate_texts(model, base.tokenizer, prompts[start:start + chunk], base.runtime,
                                     max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                    seed=seed + start)
+                                    seed=seed + start, stop_at_line_break=True)
             if log:
                 log(f"sampling {label}: {len(texts)}/{len(prompts)}")
         out[label] = [first_utterance(p, t) for p, t in zip(prompts, texts)]
