@@ -173,6 +173,8 @@ def short(value: Any, limit: int = 120) -> str:
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML mapping with safe_load; every failure is a one-line UserError."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a YAML file")
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     text = read_user_text(path, what="YAML text", encoding_option=False)  # YAML files are UTF-8

@@ -55,7 +55,8 @@ def split_documents(text: str, fmt: str, sep: str | None = None) -> list[str]:
             docs.append("\n".join(cur))
     elif fmt == "separator":
         if not sep:
-            raise UserError("format 'separator' needs a separator (option sep=...)")
+            raise UserError("format 'separator' needs a separator: --sep on the command line, option sep=... "
+                            "in a catalog row")
         docs = text.split(sep)
     else:
         raise UserError(f"unknown format {fmt!r}")
