@@ -278,6 +278,9 @@ def test_cli_train_and_evaluate_another_base_with_the_default_config(family, pro
 
     (project / "config" / "model_config.yaml").write_text((REPO / "config" / "model_config.yaml").read_text())
     src = f"model.source={family_dirs[family]}"
+    if family == "gpt2":  # learned positions: a sequence past them is refused before any work
+        proc = run_cli("train", "toddler_data", "--set", src, "--set", "training.seq_len=300", cwd=project)
+        assert proc.returncode == 2 and "training.seq_len=300 exceeds the model's context of 256" in proc.stderr
     proc = run_cli("train", "toddler_data", "--json", "--no-progress", "--set", src, cwd=project)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout)

@@ -153,8 +153,10 @@ def check_before_loading(ref, lora: LoraSection, training, precision: str) -> No
     skeleton = skeleton_of(ref)
     if skeleton is not None:
         check_targets(skeleton, lora)
-        context = getattr(skeleton.config, "max_position_embeddings", None)
-        if isinstance(context, int) and 0 < context < training.seq_len:
+        from lora_project.models.scoring import model_context
+
+        context = model_context(skeleton)
+        if context and context < training.seq_len:
             raise UserError(f"training.seq_len={training.seq_len} exceeds the model's context of {context} "
                             f"positions ({skeleton.config.model_type}); lower it")
         check_fits_memory(skeleton, training, precision)

@@ -119,9 +119,13 @@ def check_decoder_and_head(model, n_tokens: int = 8) -> float:
 
 
 def model_context(model) -> int | None:
-    """The longest sequence the model's positions cover (config.max_position_embeddings), if it says."""
-    cfg = getattr(model, "config", None)
+    """The longest sequence a model with learned absolute positions can take (GPT-2, OPT:
+    config.max_position_embeddings; a longer one fails with an index error). None for rotary
+    models (Llama, GPT-NeoX, Qwen2, ...), whose positions extend past their training length."""
+    cfg = getattr(model, "config", model)
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    if getattr(cfg, "rope_parameters", None) is not None or getattr(cfg, "rope_theta", None) is not None:
+        return None
     value = getattr(cfg, "max_position_embeddings", None)
     return int(value) if isinstance(value, int) and value > 0 else None
 
