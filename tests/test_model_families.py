@@ -138,7 +138,7 @@ def test_family_trains_scores_generates_inspects_merges(family, family_dirs, tmp
     from lora_project.models.lora_model import attach_adapters, save_adapter
     from lora_project.models.merge import export_merged_model, merge_adapters
     from lora_project.models.sampling import generate_texts
-    from lora_project.models.scoring import score_text
+    from lora_project.models.scoring import check_decoder_and_head, score_text
 
     folder = family_dirs[family]
     base = _base(folder)
@@ -146,6 +146,7 @@ def test_family_trains_scores_generates_inspects_merges(family, family_dirs, tmp
     # The prefix token: BOS where the tokenizer has one (GPT-2 / NeoX / Phi: <|endoftext|>, which is also
     # their EOS), else EOS (Qwen2 has no BOS).
     assert prefix_id(tok) == (tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id)
+    assert check_decoder_and_head(base.model) < 1e-4  # the split reproduces this family's own logits
     model = _train(base)
     targets = FAMILIES[family][1]
     assert sorted(model.peft_config["default"].target_modules) == sorted(targets)
@@ -250,10 +251,18 @@ def test_target_modules_auto_all_linear_and_unknown_names(family_dirs):
         check_targets(neox, LoraSection())
 
 
-def test_unknown_logit_postprocessing_is_refused(family_dirs):
+def test_unknown_logit_postprocessing_is_refused(family_dirs, monkeypatch):
     from transformers import AutoModelForCausalLM
 
+    from lora_project.models import scoring
     from lora_project.models.scoring import check_decoder_and_head
+
+    checked = []
+    monkeypatch.setattr(scoring, "check_decoder_and_head", lambda m: checked.append(m.config.model_type))
+    _base(family_dirs["qwen2"])
+    monkeypatch.setattr(scoring, "TESTED_FAMILIES", frozenset({"gpt2"}))
+    _base(family_dirs["qwen2"])
+    assert checked == ["qwen2"]  # a family the tests do not cover is checked when it loads
 
     model = AutoModelForCausalLM.from_pretrained(family_dirs["gemma2"]).eval()
     assert check_decoder_and_head(model) < 1e-5  # the soft-capping is reproduced
@@ -303,8 +312,9 @@ def test_cli_train_and_evaluate_another_base_with_the_default_config(family, pro
     # eval_max_tokens (400) covers the whole tiny validation split: the run's own before/after numbers
     assert scores["base"]["perplexity"] == pytest.approx(res["metrics_before"]["perplexity"], rel=1e-3)
     assert scores["toddler_data_lora"]["perplexity"] == pytest.approx(res["metrics_after"]["perplexity"], rel=1e-3)
-    proc = run_cli(*evaluate[:-1], "1024", cwd=project)  # a window longer than GPT-2's learned positions
-    assert proc.returncode == 2 and "exceeds the model's context of 256 positions" in proc.stderr
+    if family == "gpt2":  # a window longer than GPT-2's learned positions (rotary NeoX has no such limit)
+        proc = run_cli(*evaluate[:-1], "1024", cwd=project)
+        assert proc.returncode == 2 and "exceeds the model's context of 256 positions" in proc.stderr
     # The same adapter on the default tiny Llama base of the project is refused, naming both bases.
     proc = run_cli("evaluate", "--dataset", "toddler_data", "--adapter", str(adapter), "--set",
                    f"model.source={tiny_model_dir}", cwd=project)

@@ -68,6 +68,11 @@ def windows(n_ids: int, max_length: int, stride: int) -> list[tuple[int, int, in
     return out
 
 
+# Families whose decoder + head split tests/test_model_families.py (and the Llama tests) check against
+# full logits; any other family is checked once when it loads (`check_decoder_and_head`, two short forwards).
+TESTED_FAMILIES = frozenset({"llama", "gpt2", "opt", "gpt_neox", "qwen2", "gemma2", "phi"})
+
+
 def decoder_and_head(model):
     """The decoder stack (returns final hidden states, after the last norm) and the output layer of
     a causal LM or PeftModel, found through the model's own accessors (`get_decoder()`,
