@@ -162,7 +162,8 @@ def compare_adapters(a: Adapter, b: Adapter, base: BaseWeights | None, max_rank:
     """Subspace similarity and update cosine of two adapters, module by module."""
     if a.base_fingerprint and b.base_fingerprint and a.base_fingerprint != b.base_fingerprint:
         raise UserError(f"{a.path.name} and {b.path.name} were trained on different base models "
-                        f"({a.base_fingerprint[:12]} vs {b.base_fingerprint[:12]})")
+                        f"({a.metadata.base_name or '?'} {a.base_fingerprint[:12]} vs "
+                        f"{b.metadata.base_name or '?'} {b.base_fingerprint[:12]})")
     mb = {m.name: m for m in b.modules}
     common = [m for m in a.modules if m.name in mb]
     if not common:
