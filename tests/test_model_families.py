@@ -35,7 +35,7 @@ FAMILIES = {
 def _model_config(family: str, tok):
     import transformers as tf
 
-    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
     v, h, inter = len(tok), 32, 64
     if family == "gpt2":
         return tf.GPT2Config(vocab_size=v, n_embd=h, n_layer=2, n_head=4, n_positions=256, **ids)
@@ -132,7 +132,11 @@ def test_family_trains_scores_generates_inspects_merges(family, family_dirs, tmp
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lora_project.evaluation.minimal_pairs import Pair, score_pairs, sentence_logprobs
+    from lora_project.evaluation.minimal_pairs import (
+        Pair,
+        score_pairs,
+        sentence_logprobs,
+    )
     from lora_project.inspection.analysis import analyse_weights
     from lora_project.models.adapter import BaseWeights, load_adapter
     from lora_project.models.lora_model import attach_adapters, save_adapter
