@@ -29,24 +29,24 @@ ALL_LINEAR = "all-linear"  # every linear layer (nn.Linear and GPT-2's Conv1D) b
 
 
 def target_kinds(model) -> dict[str, str]:
-    """Module name (last path component) -> kind, for every module LoRA can wrap: 'linear'
-    (torch.nn.Linear), 'conv1d' (transformers' Conv1D, GPT-2 style, weight stored in x out, which
-    PEFT wraps with fan_in_fan_out=True) or 'embedding'. A name used by two kinds keeps the first."""
+    """Module name (last path component) -> kind, for every layer offered as a LoRA target: 'linear'
+    (torch.nn.Linear) or 'conv1d' (transformers' Conv1D, GPT-2 style, weight stored d_in x d_out,
+    which PEFT wraps with fan_in_fan_out=True). Embedding layers are not offered: PEFT would save
+    a full copy of the embedding matrix into every adapter. A name used by both kinds keeps the first."""
     import torch
     from transformers.pytorch_utils import Conv1D
 
     kinds: dict[str, str] = {}
     for name, m in model.named_modules():
-        kind = ("conv1d" if isinstance(m, Conv1D) else "linear" if isinstance(m, torch.nn.Linear)
-                else "embedding" if isinstance(m, torch.nn.Embedding) else None)
+        kind = "conv1d" if isinstance(m, Conv1D) else "linear" if isinstance(m, torch.nn.Linear) else None
         if kind and name:
             kinds.setdefault(name.rsplit(".", 1)[-1], kind)
     return kinds
 
 
 def linear_module_names(model) -> list[str]:
-    """Names of the linear layers of a model (nn.Linear and Conv1D): the usual LoRA targets."""
-    return sorted(n for n, k in target_kinds(model).items() if k != "embedding")
+    """Names of the linear layers of a model (nn.Linear and Conv1D): the valid LoRA targets."""
+    return sorted(target_kinds(model))
 
 
 def _output_layer_names(model) -> set[str]:
@@ -102,10 +102,8 @@ def lora_config(cfg: LoraSection, model=None):
     if model is not None:
         targets = resolve_targets(model, targets)
         kinds = target_kinds(model)
+        # PEFT applies the flag per layer (and corrects it on a mismatched layer), so one Conv1D decides.
         fan_in_fan_out = any(kinds.get(t) == "conv1d" for t in targets)
-        if fan_in_fan_out and any(kinds.get(t) == "embedding" for t in targets):
-            raise UserError("lora.target_modules: Conv1D layers (which need fan_in_fan_out) and embedding layers "
-                            "(which refuse it) cannot be adapted together; choose one kind")
     return LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.r, lora_alpha=cfg.alpha,
                       lora_dropout=cfg.dropout, target_modules=targets, fan_in_fan_out=fan_in_fan_out,
                       use_rslora=cfg.use_rslora, bias=cfg.bias)
