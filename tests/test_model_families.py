@@ -103,14 +103,14 @@ def _base(folder):
                                       "training.device=cpu"]))
 
 
-def _train(base, steps=3):
+def _train(base, steps=3, checkpointing=False):
     from lora_project.models.lora_model import wrap_with_lora
     from lora_project.models.tokens import pack_documents
     from lora_project.training.trainer import BlockLoader, LoraTrainer
 
     model = wrap_with_lora(base.model, LoraSection(r=4, alpha=8, dropout=0.0), seed=0)
     t = TrainingSection(seq_len=16, batch_size=2, max_steps=steps, warmup_steps=0, lr=0.05, schedule="constant",
-                        log_interval=steps, precision="fp32")
+                        log_interval=steps, precision="fp32", gradient_checkpointing=checkpointing)
     stream = pack_documents(base.tokenizer, TINY_TEXT * 4)
     LoraTrainer(model, t, BlockLoader(stream, 16, 2, 0), base.runtime, []).fit()
     return model.eval()
@@ -232,6 +232,18 @@ def test_family_trains_scores_generates_inspects_merges(family, family_dirs, tmp
     with torch.no_grad():
         baked = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()(x).logits
     assert torch.allclose(baked, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "gemma2"])
+def test_gradient_checkpointing_gives_the_same_adapter(family, family_dirs):
+    runs = []
+    for checkpointing in (False, True):
+        base = _base(family_dirs[family])
+        model = _train(base, steps=2, checkpointing=checkpointing)
+        runs.append({n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n})
+    assert runs[0].keys() == runs[1].keys() and runs[0]
+    assert all(torch.allclose(runs[0][n], runs[1][n], atol=1e-5) for n in runs[0])
+    assert any(float(runs[0][n].abs().max()) > 0 for n in runs[0] if "lora_B" in n)  # it did train
 
 
 def test_target_modules_auto_all_linear_and_unknown_names(family_dirs):
