@@ -262,6 +262,9 @@ def test_target_modules_auto_all_linear_and_unknown_names(family_dirs):
         check_targets(gpt2, LoraSection(target_modules=["q_proj", "v_proj"]))
     with pytest.raises(UserError, match="stands alone"):
         check_targets(neox, LoraSection(target_modules=["auto", "dense"]))
+    with pytest.raises(UserError, match="lora.target_modules: 'all-linear' stands alone"):
+        load_config([], ["lora.target_modules=[q_proj, all-linear]"])
+    assert load_config([], ["lora.target_modules=all-linear"]).lora.target_modules == ["all-linear"]
     neox.config.model_type = "made_up"
     with pytest.raises(UserError, match="auto has no default for architecture 'made_up'.*query_key_value"):
         check_targets(neox, LoraSection())
