@@ -38,7 +38,9 @@ def _model_config(family: str, tok):
     ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
     v, h, inter = len(tok), 32, 64
     if family == "gpt2":
-        return tf.GPT2Config(vocab_size=v, n_embd=h, n_layer=2, n_head=4, n_positions=256, **ids)
+        # no dropout in the base (GPT-2's is 0.1): fused training then matches training alone exactly
+        return tf.GPT2Config(vocab_size=v, n_embd=h, n_layer=2, n_head=4, n_positions=256, resid_pdrop=0.0,
+                             embd_pdrop=0.0, attn_pdrop=0.0, **ids)
     if family == "opt":  # word_embed_proj_dim < hidden: OPT-350m's project_in / project_out
         return tf.OPTConfig(vocab_size=v, hidden_size=h, ffn_dim=inter, num_hidden_layers=2, num_attention_heads=4,
                             max_position_embeddings=256, word_embed_proj_dim=16, **ids)
@@ -249,7 +251,7 @@ def test_gradient_checkpointing_gives_the_same_adapter(family, family_dirs):
 def test_target_modules_auto_all_linear_and_unknown_names(family_dirs):
     from transformers import AutoModelForCausalLM
 
-    from lora_project.models.lora_model import check_targets, lora_config
+    from lora_project.models.lora_model import check_targets, linear_module_names, lora_config, wrap_with_lora
 
     gpt2 = AutoModelForCausalLM.from_pretrained(family_dirs["gpt2"])
     neox = AutoModelForCausalLM.from_pretrained(family_dirs["gpt_neox"])
@@ -257,6 +259,10 @@ def test_target_modules_auto_all_linear_and_unknown_names(family_dirs):
     assert check_targets(neox, LoraSection(target_modules=["all-linear"])) == [
         "dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"]  # not the output layer embed_out
     assert lora_config(LoraSection(target_modules=["c_fc"]), gpt2).fan_in_fan_out
+    wrapped = wrap_with_lora(gpt2, LoraSection(), 0)  # a second adapter sees the same layer names and kinds
+    assert linear_module_names(wrapped.get_base_model()) == ["c_attn", "c_fc", "c_proj", "lm_head"]
+    assert lora_config(LoraSection(target_modules=["c_attn"]), wrapped.get_base_model()).fan_in_fan_out
+    gpt2 = wrapped.unload()
     with pytest.raises(UserError, match=r"q_proj, v_proj not found in the model \(gpt2\); linear modules are: "
                                         r"c_attn, c_fc, c_proj, lm_head"):
         check_targets(gpt2, LoraSection(target_modules=["q_proj", "v_proj"]))

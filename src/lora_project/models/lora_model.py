@@ -39,8 +39,12 @@ def target_kinds(model) -> dict[str, str]:
     kinds: dict[str, str] = {}
     for name, m in model.named_modules():
         kind = "conv1d" if isinstance(m, Conv1D) else "linear" if isinstance(m, torch.nn.Linear) else None
-        if kind and name:
-            kinds.setdefault(name.rsplit(".", 1)[-1], kind)
+        parts = name.split(".")
+        if not kind or not name or any(p.startswith("lora_") for p in parts):
+            continue  # LoRA's own factors, when the model already carries an adapter
+        if parts[-1] == "base_layer" and len(parts) > 1:  # a layer PEFT has wrapped: named by its wrapper
+            parts = parts[:-1]
+        kinds.setdefault(parts[-1], kind)
     return kinds
 
 
