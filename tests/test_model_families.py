@@ -251,7 +251,12 @@ def test_gradient_checkpointing_gives_the_same_adapter(family, family_dirs):
 def test_target_modules_auto_all_linear_and_unknown_names(family_dirs):
     from transformers import AutoModelForCausalLM
 
-    from lora_project.models.lora_model import check_targets, linear_module_names, lora_config, wrap_with_lora
+    from lora_project.models.lora_model import (
+        check_targets,
+        linear_module_names,
+        lora_config,
+        wrap_with_lora,
+    )
 
     gpt2 = AutoModelForCausalLM.from_pretrained(family_dirs["gpt2"])
     neox = AutoModelForCausalLM.from_pretrained(family_dirs["gpt_neox"])
@@ -329,6 +334,7 @@ def test_cli_train_and_evaluate_another_base_with_the_default_config(family, pro
                                                                  "config.yaml").read_text()
     run = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlruns' / 'mlflow.db'}").get_run(res["mlflow_run_id"])
     assert run.info.status == "FINISHED"
+    assert FAMILIES[family][1][0] in run.data.params["lora.target_modules"]  # the resolved names, not 'auto'
     assert run.data.metrics["val_perplexity"] == pytest.approx(res["metrics_after"]["perplexity"])
     evaluate = ("evaluate", "--dataset", "toddler_data", "--split", "validation", "--adapter", str(adapter), "--json",
                 "--set", src, "--stride", "192", "--max-length", "256")  # the windows training validates with
