@@ -186,6 +186,10 @@ def test_unknown_target_module_lists_available(tiny_model_dir):
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with pytest.raises(UserError, match="q_projj not found.*q_proj"):
         wrap_with_lora(base, LoraSection(target_modules=["q_projj"]), 0)
+    from lora_project.models.lora_model import check_targets
+
+    # The default 'auto' on a Llama (the embedded SmolLM2's family) is the LoRA paper's q_proj, v_proj.
+    assert check_targets(base, LoraSection()) == ["q_proj", "v_proj"]
 
 
 def test_corrupt_or_foreign_adapters_are_refused(tiny_model_dir, other_tiny_model_dir, tmp_path):

@@ -57,8 +57,13 @@ class LoraSection:
     alpha: float = opt(16.0, "Scaling numerator: scale = alpha / r (or alpha / sqrt(r) with rslora).",
                        min=0, min_exclusive=True)
     dropout: float = opt(0.05, "Dropout on the LoRA input path during training.", min=0, max=0.99)
-    target_modules: list[str] = opt(["q_proj", "v_proj"], "Module names (suffixes) that get adapters, "
-                                    "e.g. q_proj k_proj v_proj o_proj gate_proj up_proj down_proj.")
+    target_modules: list[str] = opt(["auto"], "Module names (suffixes) that get adapters. 'auto' = the "
+                                    "attention query/value projections of the model's family, as PEFT maps "
+                                    "them (Llama/SmolLM2, OPT, Qwen2, Gemma, Mistral: q_proj v_proj; GPT-2: "
+                                    "c_attn; GPT-NeoX/Pythia: query_key_value; Phi: q_proj v_proj fc1 fc2); "
+                                    "'all-linear' = every linear layer but the output layer; or a list, e.g. "
+                                    "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj. Experiments and "
+                                    "adapters record the resolved list.")
     use_rslora: bool = opt(False, "Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023).")
     bias: str = opt("none", "Which biases to train.", choices=("none", "all", "lora_only"))
 
@@ -308,6 +313,9 @@ def build_config(merged: dict[str, dict[str, Any]]) -> RunConfig:
             kwargs[name] = value
         sections[section] = dataclasses.replace(defaults, **kwargs) if not problems else defaults
     if not problems:
+        special = [m for m in sections["lora"].target_modules if m in ("auto", "all-linear")]
+        if special and len(sections["lora"].target_modules) > 1:
+            problems.append(f"lora.target_modules: '{special[0]}' stands alone, not in a list with other names")
         t = sections["training"]
         if t.warmup_steps and t.max_steps and t.warmup_steps > t.max_steps:
             problems.append(f"training.warmup_steps: {t.warmup_steps} exceeds training.max_steps "

@@ -251,6 +251,7 @@ def compare_with_reference(paths: ProjectPaths, cfg, *, seq_len: int = 256, batc
 
     from lora_project.data.dataset_loader import load_streams, prepare_dataset
     from lora_project.models.base_model import load_base
+    from lora_project.models.lora_model import check_targets
     from lora_project.models.scoring import limit_documents
     from lora_project.utils.device import cpu_has_native_bf16, resolve_runtime
 
@@ -270,7 +271,7 @@ def compare_with_reference(paths: ProjectPaths, cfg, *, seq_len: int = 256, batc
                "batch_size": batch_size, "steps": steps, "seed": t.seed, "lr": t.lr, "threads": runtime.threads,
                "precision": runtime.precision, "val_docs": limit_documents(base.tokenizer, streams.validation_docs, 1500),
                "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": 0.0,
-                        "target_modules": list(cfg.lora.target_modules)}}
+                        "target_modules": check_targets(base.model, cfg.lora)}}  # 'auto' resolved
         del base
         shape = f"{steps} steps of {batch_size} x {seq_len}" + (f", {repeats} runs each" if repeats > 1 else "")
         refs = {}

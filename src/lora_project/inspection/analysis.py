@@ -49,7 +49,7 @@ def module_report(m: LoraModule, base: BaseWeights | None, top_k: int) -> dict:
            "delta_fro_norm": delta_fro, "spectral_norm": float(s.max()), "stable_rank": stable_rank(s),
            "effective_rank": effective_rank(s), "singular_values": [float(x) for x in s[:top_k]]}
     if base is not None:
-        w0 = base.get(m.base_weight_key)
+        w0 = base.weight_of(m)
         w0_fro = float(torch.linalg.matrix_norm(w0))
         row["base_fro_norm"] = w0_fro
         row["relative_update"] = delta_fro / w0_fro if w0_fro else float("inf")
@@ -162,7 +162,8 @@ def compare_adapters(a: Adapter, b: Adapter, base: BaseWeights | None, max_rank:
     """Subspace similarity and update cosine of two adapters, module by module."""
     if a.base_fingerprint and b.base_fingerprint and a.base_fingerprint != b.base_fingerprint:
         raise UserError(f"{a.path.name} and {b.path.name} were trained on different base models "
-                        f"({a.base_fingerprint[:12]} vs {b.base_fingerprint[:12]})")
+                        f"({a.metadata.base_name or '?'} {a.base_fingerprint[:12]} vs "
+                        f"{b.metadata.base_name or '?'} {b.base_fingerprint[:12]})")
     mb = {m.name: m for m in b.modules}
     common = [m for m in a.modules if m.name in mb]
     if not common:
@@ -180,7 +181,7 @@ def compare_adapters(a: Adapter, b: Adapter, base: BaseWeights | None, max_rank:
         row = {"name": ma.name, "layer": ma.layer, "module": ma.kind, "phi": grid, "phi_top1": grid[0][0],
                "phi_full": grid[-1][-1]}
         if base is not None:
-            w0 = base.get(ma.base_weight_key)
+            w0 = base.weight_of(ma)
             row["amplification_a"], row["amplification_b"] = amplification(sa, w0), amplification(sb, w0)
         rows.append(row)
     return {"a": a.path.name, "b": b.path.name, "modules": rows,

@@ -8,7 +8,11 @@ nobody recorded: unknown, never invented.
 
 Reading needs no model: factors come from safetensors, and the frozen weight of module
 ``base_model.model.model.layers.3.self_attn.q_proj`` is ``model.layers.3.self_attn.q_proj.weight``
-in the base model's safetensors files, read lazily with ``safe_open``.
+in the base model's safetensors files (or the same key without its first component, as in
+checkpoints saved from the bare decoder: GPT-2's ``h.3.attn.c_attn.weight``), read lazily with
+``safe_open``. Every update is dW = scale * B @ A in the nn.Linear orientation (d_out x d_in);
+GPT-2's Conv1D layers store W0 transposed (d_in x d_out, PEFT's ``fan_in_fan_out``), so
+`BaseWeights.weight_of` returns W0 transposed back for them.
 """
 
 from __future__ import annotations
@@ -206,7 +210,7 @@ def unique_adapter_labels(adapter_dirs: list[Path]) -> list[str]:
 
 
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
+_LAYER = re.compile(r"\.(\d+)\.")  # the block index: model.layers.3. / transformer.h.3. / gpt_neox.layers.3.
 
 
 @dataclass
@@ -216,6 +220,7 @@ class LoraModule:
     A: object          # torch.Tensor (r, d_in)
     B: object          # torch.Tensor (d_out, r)
     scale: float
+    fan_in_fan_out: bool = False  # the base layer stores its weight d_in x d_out (GPT-2's Conv1D)
 
     @property
     def layer(self) -> int | None:
@@ -286,7 +291,7 @@ def load_adapter(path: Path) -> Adapter:
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
             raise UserError(f"{path}: module {name} has factors of shapes {tuple(A.shape)} and "
                             f"{tuple(B.shape)} that do not multiply")
-        modules.append(LoraModule(name, A, B, scale))
+        modules.append(LoraModule(name, A, B, scale, bool(config.get("fan_in_fan_out"))))
     if not modules:
         raise UserError(f"{path}: no LoRA weights found in adapter_model.safetensors")
     return Adapter(path, config, read_metadata(path), modules)
@@ -312,10 +317,22 @@ class BaseWeights:
         if not self._index:
             raise UserError(f"base model folder {self.directory} has no .safetensors weights")
 
+    def key_of(self, key: str) -> str | None:
+        """The stored key for a weight name, also when the checkpoint holds the bare decoder (its keys
+        lack the first component, e.g. ``transformer.``) or a wrapper (one more leading component)."""
+        if key in self._index:
+            return key
+        short = key.split(".", 1)[-1]
+        if short in self._index:
+            return short
+        longer = [k for k in self._index if k.endswith("." + key)]
+        return longer[0] if len(longer) == 1 else None
+
     def shape(self, key: str):
         from safetensors import safe_open
 
-        if key not in self._index:
+        key = self.key_of(key)
+        if key is None:
             return None
         with safe_open(str(self._index[key]), framework="pt") as fh:
             return tuple(fh.get_slice(key).get_shape())
@@ -323,10 +340,23 @@ class BaseWeights:
     def get(self, key: str):
         from safetensors import safe_open
 
-        if key not in self._index:
+        found = self.key_of(key)
+        if found is None:
             raise UserError(f"base weight {key} not found in {self.directory}")
-        with safe_open(str(self._index[key]), framework="pt") as fh:
-            return fh.get_tensor(key).float()
+        with safe_open(str(self._index[found]), framework="pt") as fh:
+            return fh.get_tensor(found).float()
+
+    def weight_of(self, m: LoraModule):
+        """The frozen weight W0 of an adapted module in the orientation of its update, d_out x d_in."""
+        w = self.get(m.base_weight_key)
+        return w.T if _transposed(m, tuple(w.shape)) else w
+
+
+def _transposed(m: LoraModule, shape: tuple) -> bool:
+    """Whether the base stores this module's weight d_in x d_out: PEFT's fan_in_fan_out (Conv1D), or a
+    non-square weight that only fits that way round."""
+    d_out, d_in = m.B.shape[0], m.A.shape[1]
+    return shape == (d_in, d_out) and (m.fan_in_fan_out or d_in != d_out)
 
 
 def check_fits_base(adapter: Adapter, base: BaseWeights) -> None:
@@ -337,6 +367,8 @@ def check_fits_base(adapter: Adapter, base: BaseWeights) -> None:
             raise UserError(f"{adapter.path.name}: module {m.name} has no weight {m.base_weight_key} in the "
                             f"base model {base.directory}")
         expect = (m.B.shape[0], m.A.shape[1])
+        if _transposed(m, tuple(shape)):
+            shape = tuple(reversed(shape))
         if tuple(shape) != expect:
             raise UserError(f"{adapter.path.name}: module {m.name} expects a {expect[0]}x{expect[1]} base "
                             f"weight, the base has {shape[0]}x{shape[1]}")

@@ -170,10 +170,18 @@ def load_model(ref: ModelRef, dtype=None, device: str = "cpu", trust_remote_code
     import torch
     from transformers import AutoModelForCausalLM
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
+    def load(attention: str):
+        return AutoModelForCausalLM.from_pretrained(
             ref.directory, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
-            attn_implementation="sdpa", use_safetensors=True)
+            attn_implementation=attention, use_safetensors=True)
+
+    try:
+        try:
+            model = load("sdpa")
+        except ValueError as exc:  # a family without an SDPA path (e.g. Gemma 2): its eager attention
+            if "scaled_dot_product_attention" not in str(exc):
+                raise
+            model = load("eager")
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load model from {ref.directory}: {str(exc).splitlines()[0]}") from None
     model.to(device)
@@ -199,6 +207,7 @@ def load_base(cfg: RunConfig, runtime: Runtime | None = None) -> BaseBundle:
     """Resolve and load the base model and tokenizer once (reused by batch, evaluation, generation)."""
     import torch
 
+    from lora_project.models.scoring import TESTED_FAMILIES, check_decoder_and_head
     from lora_project.models.tokens import tokenizer_fingerprint
     from lora_project.utils.device import resolve_runtime
 
@@ -211,5 +220,7 @@ def load_base(cfg: RunConfig, runtime: Runtime | None = None) -> BaseBundle:
     # LoRA weights are created in fp32 by PEFT on top of it.
     dtype = torch.bfloat16 if runtime.precision == "bf16" else torch.float32
     model = load_model(ref, dtype=dtype, device=runtime.device, trust_remote_code=cfg.model.trust_remote_code)
+    if getattr(model.config, "model_type", None) not in TESTED_FAMILIES:
+        check_decoder_and_head(model)  # does our decoder + head split reproduce this architecture's logits?
     return BaseBundle(ref, tokenizer, model, runtime, tokenizer_fingerprint(tokenizer),
                       load_seconds=time.perf_counter() - t0)

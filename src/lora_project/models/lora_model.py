@@ -24,30 +24,115 @@ from lora_project.models.adapter import (
 from lora_project.utils.io_utils import atomic_directory, atomic_write_json
 
 
-def linear_module_names(model) -> list[str]:
-    """Names of the Linear module types of a model (valid LoRA targets)."""
+AUTO = "auto"              # the family's attention query/value projections, as PEFT maps them
+ALL_LINEAR = "all-linear"  # every linear layer (nn.Linear and GPT-2's Conv1D) but the output layer
+
+
+def target_kinds(model) -> dict[str, str]:
+    """Module name (last path component) -> kind, for every layer offered as a LoRA target: 'linear'
+    (torch.nn.Linear) or 'conv1d' (transformers' Conv1D, GPT-2 style, weight stored d_in x d_out,
+    which PEFT wraps with fan_in_fan_out=True). Embedding layers are not offered: PEFT would save
+    a full copy of the embedding matrix into every adapter. A name used by both kinds keeps the first."""
     import torch
+    from transformers.pytorch_utils import Conv1D
 
-    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    kinds: dict[str, str] = {}
+    for name, m in model.named_modules():
+        kind = "conv1d" if isinstance(m, Conv1D) else "linear" if isinstance(m, torch.nn.Linear) else None
+        parts = name.split(".")
+        if not kind or not name or any(p.startswith("lora_") for p in parts):
+            continue  # LoRA's own factors, when the model already carries an adapter
+        if parts[-1] == "base_layer" and len(parts) > 1:  # a layer PEFT has wrapped: named by its wrapper
+            parts = parts[:-1]
+        kinds.setdefault(parts[-1], kind)
+    return kinds
 
 
-def lora_config(cfg: LoraSection):
-    """The PEFT LoraConfig for a LoraSection."""
+def linear_module_names(model) -> list[str]:
+    """Names of the linear layers of a model (nn.Linear and Conv1D): the valid LoRA targets."""
+    return sorted(target_kinds(model))
+
+
+def _output_layer_names(model) -> set[str]:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if head is not None and m is head}
+
+
+def default_targets(model_type: str):
+    """PEFT's default target modules for a model type (a list, a regex string, or None)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    return TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+
+
+def resolve_targets(model, targets: list[str], who: str = "") -> list[str]:
+    """The explicit module names that `targets` means on this model.
+
+    ``[auto]``: PEFT's default for the architecture (``config.model_type``): q_proj, v_proj for
+    Llama, OPT, Qwen2, Gemma; c_attn for GPT-2; query_key_value for GPT-NeoX; ...
+    ``[all-linear]``: every nn.Linear / Conv1D layer name except the output layer's.
+    Anything else is returned unchanged (check_targets checks it exists)."""
+    prefix = f"{who}: " if who else ""
+    targets = list(targets)
+    special = [t for t in targets if t in (AUTO, ALL_LINEAR)]
+    if not special:
+        return targets
+    if len(targets) > 1:
+        raise UserError(f"{prefix}lora.target_modules: '{special[0]}' stands alone, not in a list with other names")
+    available = linear_module_names(model)
+    if special[0] == ALL_LINEAR:
+        head = _output_layer_names(model)
+        return [n for n in available if n not in head]
+    model_type = getattr(getattr(model, "config", None), "model_type", None) or "?"
+    default = default_targets(model_type)
+    if isinstance(default, str):  # a regex over full module paths (PEFT does this for a few families)
+        import re
+
+        default = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if re.fullmatch(default, n)})
+    found = [t for t in (default or []) if t in available]
+    if not default or len(found) != len(default):
+        raise UserError(f"{prefix}lora.target_modules: auto has no default for architecture '{model_type}'; "
+                        f"set it to all-linear or to a list of the model's linear modules: {', '.join(available)}")
+    return list(default)
+
+
+def lora_config(cfg: LoraSection, model=None):
+    """The PEFT LoraConfig for a LoraSection; with the model, 'auto'/'all-linear' are resolved and
+    fan_in_fan_out is set where the targets are Conv1D layers (GPT-2), as PEFT requires."""
     from peft import LoraConfig, TaskType
 
+    targets = list(cfg.target_modules)
+    fan_in_fan_out = False
+    if model is not None:
+        targets = resolve_targets(model, targets)
+        kinds = target_kinds(model)
+        # PEFT applies the flag per layer (and corrects it on a mismatched layer), so one Conv1D decides.
+        fan_in_fan_out = any(kinds.get(t) == "conv1d" for t in targets)
     return LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.r, lora_alpha=cfg.alpha,
-                      lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
+                      lora_dropout=cfg.dropout, target_modules=targets, fan_in_fan_out=fan_in_fan_out,
                       use_rslora=cfg.use_rslora, bias=cfg.bias)
 
 
-def check_targets(model, cfg: LoraSection, who: str = "") -> None:
-    """Refuse target modules the model does not have, naming the ones it has."""
-    available = linear_module_names(model)
-    missing = [t for t in cfg.target_modules if t not in available]
+def check_targets(model, cfg: LoraSection, who: str = "") -> list[str]:
+    """The resolved target modules; refuses names the model does not have, naming the ones it has."""
+    targets = resolve_targets(model, cfg.target_modules, who)
+    kinds = target_kinds(model)
+    missing = [t for t in targets if t not in kinds]
     if missing:
         prefix = f"{who}: " if who else ""
-        raise UserError(f"{prefix}lora.target_modules: {', '.join(missing)} not found in the model; "
-                        f"linear modules are: {', '.join(available)}")
+        raise UserError(f"{prefix}lora.target_modules: {', '.join(missing)} not found in the model "
+                        f"({getattr(model.config, 'model_type', '?')}); linear modules are: "
+                        f"{', '.join(linear_module_names(model))}")
+    return targets
+
+
+def resolved_config(cfg, model, who: str = ""):
+    """The RunConfig with lora.target_modules resolved on this model (what experiments and adapter
+    metadata record)."""
+    import dataclasses
+
+    targets = check_targets(model, cfg.lora, who)
+    return dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, target_modules=targets))
 
 
 def skeleton_of(ref):
@@ -70,6 +155,12 @@ def check_before_loading(ref, lora: LoraSection, training, precision: str) -> No
     skeleton = skeleton_of(ref)
     if skeleton is not None:
         check_targets(skeleton, lora)
+        from lora_project.models.scoring import model_context
+
+        context = model_context(skeleton)
+        if context and context < training.seq_len:
+            raise UserError(f"training.seq_len={training.seq_len} exceeds the model's context of {context} "
+                            f"positions ({skeleton.config.model_type}); lower it")
         check_fits_memory(skeleton, training, precision)
 
 
@@ -125,9 +216,10 @@ def wrap_with_lora(model, cfg: LoraSection, seed: int):
     from lora_project.utils.seed import set_seed
 
     check_targets(model, cfg)
+    config = lora_config(cfg, model)
     set_seed(seed)
     # autocast_adapter_dtype (PEFT default) keeps LoRA weights in fp32 on a bf16 base.
-    return get_peft_model(model, lora_config(cfg))
+    return get_peft_model(model, config)
 
 
 def save_adapter(peft_model, target: Path, metadata: AdapterMetadata | dict, overwrite: bool,
@@ -158,8 +250,10 @@ def save_adapter(peft_model, target: Path, metadata: AdapterMetadata | dict, ove
     return target
 
 
-def attach_adapters(base_model, adapter_dirs: list[Path], base_fingerprint: str | None = None):
+def attach_adapters(base_model, adapter_dirs: list[Path], base_fingerprint: str | None = None,
+                    base_name: str | None = None):
     """Load several adapters onto one base (PEFT adapter switching; the base is loaded once).
+    An adapter whose metadata names another base (by fingerprint) is refused, naming both bases.
 
     Returns (peft_model, names) where names[i] is the adapter name used for adapter_dirs[i].
     """
@@ -172,8 +266,9 @@ def attach_adapters(base_model, adapter_dirs: list[Path], base_fingerprint: str 
         meta = read_metadata(d)
         fp = meta.base_fingerprint
         if base_fingerprint and fp and fp != base_fingerprint:
+            loaded = base_name or getattr(getattr(base_model, "config", None), "_name_or_path", "") or "?"
             raise UserError(f"adapter {d} was trained on base model {meta.base_name or '?'} ({fp[:12]}), "
-                            f"not on the loaded base ({base_fingerprint[:12]})")
+                            f"not on the loaded base {loaded} ({base_fingerprint[:12]})")
         name = f"a{i}"
         try:
             if i == 0:
@@ -199,7 +294,7 @@ def each_model(base, adapter_dirs: list[Path]) -> Iterator[tuple[str, object]]:
     if not adapter_dirs:
         yield "base", base.model
         return
-    model, ids = attach_adapters(base.model, adapter_dirs, base.ref.fingerprint)
+    model, ids = attach_adapters(base.model, adapter_dirs, base.ref.fingerprint, base.ref.name)
     try:
         with model.disable_adapter():
             yield "base", model

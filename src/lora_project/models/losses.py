@@ -62,6 +62,25 @@ class _FusedLinearCE(torch.autograd.Function):
         return (grad_h * grad_out).to(ctx.h_dtype), None, None, None, None, None, None
 
 
+class PostProcessedHead(torch.nn.Module):
+    """The output layer followed by what a few families do to its logits before the softmax:
+    multiply by a constant (Cohere ``logit_scale``; Granite divides by ``logits_scaling``), then
+    soft-cap (Gemma 2/3: ``cap * tanh(logits / cap)`` with ``final_logit_softcapping``). Not a
+    plain nn.Linear, so the losses take their chunked path (one chunk's logits at a time)."""
+
+    def __init__(self, head: torch.nn.Module, scale: float = 1.0, cap: float | None = None):
+        super().__init__()
+        self.head, self.scale, self.cap = head, float(scale), cap
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.head(h)
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.cap:
+            logits = torch.tanh(logits / self.cap) * self.cap
+        return logits
+
+
 def linear_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
                          chunk_tokens: int = 1024, reduction: str = "mean") -> torch.Tensor:
     """Mean (or, with reduction='sum', summed) next-token NLL of `targets` given final hidden states and the output layer.

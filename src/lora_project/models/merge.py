@@ -48,7 +48,7 @@ def merge_adapters(base, adapter_dirs: list[Path], weights: list[float], method:
         raise UserError(f"--density must be in (0, 1], got {density}")
     if target.exists() and not overwrite:
         raise UserError(f"adapter {target} already exists; pass --overwrite to replace it")
-    model, names = attach_adapters(base.model, adapter_dirs, base.ref.fingerprint)
+    model, names = attach_adapters(base.model, adapter_dirs, base.ref.fingerprint, base.ref.name)
     ranks = {model.peft_config[n].r for n in names}
     if method != "cat" and len(ranks) > 1:
         raise UserError(f"method '{method}' needs adapters of equal rank (got {sorted(ranks)}); use --method cat")
@@ -82,7 +82,7 @@ def export_merged_model(base, adapter_dir: Path, target: Path, overwrite: bool =
     if target.exists() and not (target / EXPORT_MARKER).is_file():
         raise UserError(f"refusing to replace {target}: it is not a model folder exported by lora-project "
                         f"(no {EXPORT_MARKER}); choose another --export-model folder")
-    model, _ = attach_adapters(base.model, [adapter_dir], base.ref.fingerprint)
+    model, _ = attach_adapters(base.model, [adapter_dir], base.ref.fingerprint, base.ref.name)
     merged = model.merge_and_unload()
     try:
         with atomic_directory(target, overwrite=overwrite) as tmp:

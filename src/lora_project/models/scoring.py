@@ -68,15 +68,78 @@ def windows(n_ids: int, max_length: int, stride: int) -> list[tuple[int, int, in
     return out
 
 
+# Families whose decoder + head split tests/test_model_families.py (and the Llama tests) check against
+# full logits; any other family is checked once when it loads (`check_decoder_and_head`, two short forwards).
+TESTED_FAMILIES = frozenset({"llama", "gpt2", "opt", "gpt_neox", "qwen2", "gemma2", "phi"})
+
+
 def decoder_and_head(model):
-    """The decoder stack (returns hidden states) and output layer of a causal LM or PeftModel."""
+    """The decoder stack (returns final hidden states, after the last norm) and the output layer of
+    a causal LM or PeftModel, found through the model's own accessors (`get_decoder()`,
+    `get_output_embeddings()`), so any architecture's attribute names work (GPT-2 ``transformer``
+    + ``lm_head``, GPT-NeoX ``gpt_neox`` + ``embed_out``, OPT ``model.decoder`` with its
+    ``project_out``, Llama ``model`` + ``lm_head``). A family that rescales or soft-caps its logits
+    gets a head that does the same (`losses.PostProcessedHead`); `check_decoder_and_head` verifies
+    the split against the model's own forward."""
+    from lora_project.models.losses import PostProcessedHead
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder(), base.get_output_embeddings()
+    decoder, head = base.get_decoder(), base.get_output_embeddings()
+    if decoder is base or head is None:
+        raise UserError(f"cannot split {type(base).__name__} into a decoder stack and an output layer; "
+                        "it is not a supported causal language model")
+    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    scale = float(getattr(cfg, "logit_scale", None) or 1.0)
+    if getattr(cfg, "logits_scaling", None):
+        scale /= float(cfg.logits_scaling)
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if scale != 1.0 or cap:
+        head = PostProcessedHead(head, scale, cap)
+    return decoder, head
+
+
+def check_decoder_and_head(model, n_tokens: int = 8) -> float:
+    """Refuse a model whose logits `decoder_and_head` does not reproduce (an architecture that does
+    something after its output layer we do not know about). Returns the largest difference."""
+    import torch
+
+    decoder, head = decoder_and_head(model)
+    param = next(model.parameters())
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = (torch.arange(1, n_tokens + 1, device=param.device) * 7919 % max(vocab, 2))[None]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            full = model(input_ids=ids, use_cache=False).logits.float()
+            split = head(decoder(input_ids=ids, use_cache=False).last_hidden_state).float()
+    finally:
+        model.train(was_training)
+    diff = float((full - split).abs().max())
+    tol = (1e-3 if param.dtype == torch.float32 else 5e-2) * max(1.0, float(full.abs().max()))
+    if not diff <= tol:
+        raise UserError(f"{type(model).__name__}: its logits are not the output layer applied to the decoder's last "
+                        f"hidden states (largest difference {diff:.3g}); this architecture is not supported for scoring")
+    return diff
+
+
+def model_context(model) -> int | None:
+    """The longest sequence a model with learned absolute positions can take (GPT-2, OPT:
+    config.max_position_embeddings; a longer one fails with an index error). None for rotary
+    models (Llama, GPT-NeoX, Qwen2, ...), whose positions extend past their training length."""
+    cfg = getattr(model, "config", model)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    if getattr(cfg, "rope_parameters", None) is not None or getattr(cfg, "rope_theta", None) is not None:
+        return None
+    value = getattr(cfg, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def score_ids(model, ids: np.ndarray | list[int], n_bytes: int, runtime, max_length: int = 1024,
               stride: int | None = None, batch_size: int = 4, chunk_tokens: int = 1024) -> Score:
-    """Score a prefixed id sequence (ids[0] is the prefix token) with sliding windows."""
+    """Score a prefixed id sequence (ids[0] is the prefix token) with sliding windows. A window longer
+    than the model's context (``max_position_embeddings``; GPT-2's learned positions stop there) is
+    refused when the sequence would fill it."""
     import torch
 
     from lora_project.models.losses import IGNORE_INDEX, sum_nll
@@ -85,6 +148,10 @@ def score_ids(model, ids: np.ndarray | list[int], n_bytes: int, runtime, max_len
     n = len(ids_t)
     if n < 2:
         raise UserError("nothing to score: the text is empty")
+    context = model_context(model)
+    if context and min(n, max_length) > context:
+        raise UserError(f"--max-length {max_length} exceeds the model's context of {context} positions; "
+                        f"pass --max-length {context} or less")
     stride = max(1, max_length // 2) if stride is None else stride
     wins = windows(n, max_length, stride)
     decoder, head = decoder_and_head(model)
@@ -156,7 +223,7 @@ def validation_metrics(model, tokenizer, docs: list[str], separator: str, runtim
     Windows of 2 x seq_len tokens (256 to 1024) every 3/4 window: enough context for
     utterance-length documents at ~1.3x the cost of one pass.
     """
-    eval_len = min(1024, max(2 * seq_len, 256))
+    eval_len = min(1024, max(2 * seq_len, 256), model_context(model) or 1024)
     s = score_documents(model, tokenizer, docs, separator, runtime, max_length=eval_len, stride=eval_len * 3 // 4)
     return {"val_loss": s.nll_sum / s.tokens, "val_perplexity": s.perplexity, "val_bits_per_byte": s.bits_per_byte,
             "val_tokens": s.tokens, "val_bytes": s.bytes}

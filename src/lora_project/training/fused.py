@@ -74,7 +74,7 @@ def _train_fused_locked(paths, names, configs, base, *, overwrite, use_mlflow, p
     from peft import get_peft_model
 
     from lora_project.data.dataset_loader import load_streams, prepare_dataset
-    from lora_project.models.lora_model import check_targets, lora_config
+    from lora_project.models.lora_model import lora_config, resolved_config
     from lora_project.training.trainer import (
         BlockLoader,
     )
@@ -82,8 +82,9 @@ def _train_fused_locked(paths, names, configs, base, *, overwrite, use_mlflow, p
 
     shared = configs[names[0]].training
     streams, loaders = {}, {}
+    configs = dict(configs)
     for n in names:  # everything that can be refused is checked before any folder or run exists
-        check_targets(base.model, configs[n].lora, who=n)
+        configs[n] = resolved_config(configs[n], base.model, who=n)  # 'auto' -> the model's module names
         prepared = prepare_dataset(paths, n)
         streams[n] = load_streams(paths, prepared, base.tokenizer, base.tokenizer_fingerprint)
         loaders[n] = BlockLoader(streams[n].train, shared.seq_len, shared.batch_size, configs[n].training.seed)
@@ -93,9 +94,9 @@ def _train_fused_locked(paths, names, configs, base, *, overwrite, use_mlflow, p
     for n in names:
         set_seed(configs[n].training.seed)
         if model is None:
-            model = get_peft_model(base.model, lora_config(configs[n].lora), adapter_name=n)
+            model = get_peft_model(base.model, lora_config(configs[n].lora, base.model), adapter_name=n)
         else:
-            model.add_adapter(n, lora_config(configs[n].lora))
+            model.add_adapter(n, lora_config(configs[n].lora, base.model))
     try:
         with ExitStack() as stack:
             runs = {n: stack.enter_context(Run(

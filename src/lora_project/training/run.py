@@ -93,7 +93,7 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
     from lora_project.data.dataset_loader import load_streams, prepare_dataset
     from lora_project.models.lora_model import (
         check_before_loading,
-        check_targets,
+        resolved_config,
         wrap_with_lora,
     )
     from lora_project.models.scoring import limit_documents
@@ -125,7 +125,9 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
         runtime = base.runtime
         log(f"base model: {base.ref.name} on {runtime.device} ({runtime.precision}, "
             f"{runtime.threads} threads), loaded in {base.load_seconds:.1f} s")
-        check_targets(base.model, cfg.lora)  # before any folder or run exists
+        # Before any folder or run exists; 'auto'/'all-linear' become the model's module names, which the
+        # experiment's config.yaml and the adapter's metadata record (checkpoints compare what was asked).
+        asked, cfg = cfg, resolved_config(cfg, base.model)
         streams = load_streams(paths, prepared, base.tokenizer, base.tokenizer_fingerprint)
         if point is not None:
             _check_resume_inputs(point, base, dataset, streams)
@@ -159,7 +161,7 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
                 if main:  # checkpoints every checkpoint_interval steps, and always on interruption
                     checkpointer = CheckpointCallback(
                         paths.checkpoints_dir / run.experiment_dir.name, t.checkpoint_interval, t.keep_checkpoints,
-                        meta={"config_fields": config_fingerprint_fields(cfg), "dataset_name": dataset,
+                        meta={"config_fields": config_fingerprint_fields(asked), "dataset_name": dataset,
                               "dataset_fingerprint": streams.fingerprint, "base_fingerprint": base.ref.fingerprint,
                               "base_name": base.ref.name, "mlflow_run_id": run.run_id, "metrics_before": before,
                               "evals": evals})
