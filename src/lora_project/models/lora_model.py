@@ -37,7 +37,8 @@ def lora_config(cfg: LoraSection):
 
     return LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.r, lora_alpha=cfg.alpha,
                       lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
-                      use_rslora=cfg.use_rslora, bias=cfg.bias)
+                      use_rslora=cfg.use_rslora, bias=cfg.bias, use_dora=cfg.use_dora,
+                      init_lora_weights=True if cfg.init_lora_weights == "default" else cfg.init_lora_weights)
 
 
 def check_targets(model, cfg: LoraSection, who: str = "") -> None:

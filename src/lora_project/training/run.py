@@ -82,11 +82,13 @@ def _check_resume_inputs(point: _ResumePoint, base: BaseBundle, dataset: str, st
 def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_name: str | None = None,
                   overwrite: bool = False, use_mlflow: bool = True, progress: bool = True,
                   base: BaseBundle | None = None, resume: bool = False, parent_run_id: str | None = None,
-                  log=print, run_kind: str = "single", tags: dict | None = None, params: dict | None = None) -> dict:
+                  log=print, run_kind: str = "single", tags: dict | None = None, params: dict | None = None,
+                  extra_callbacks: list | None = None) -> dict:
     """Train one adapter on one catalog dataset; returns the results.json content.
 
     With `resume`, continue the newest checkpoint of this adapter in the same experiment
     folder and MLflow run; refused when the config, base model or data differ.
+    `extra_callbacks` observe the loop after the run's own (a sweep's pruning callback).
     """
     import torch
 
@@ -154,7 +156,7 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
                 if main:
                     log(f"validation perplexity before training: {before['val_perplexity']:.3f}"
                         + (f"; {dist.world_size} processes, data parallel" if dist.enabled else ""))
-                callbacks = run.callbacks(progress)
+                callbacks = run.callbacks(progress) + list(extra_callbacks or [])
                 checkpointer = None
                 if main:  # checkpoints every checkpoint_interval steps, and always on interruption
                     checkpointer = CheckpointCallback(
