@@ -75,10 +75,10 @@ class ParamSpec:
 
 def _field_default(section: str, name: str, text: str):
     if section not in SECTIONS:
-        raise UserError(f"--param {short(text)}: unknown section '{section}'{did_you_mean(section, SECTIONS)}")
+        raise UserError(f"--param {_cut(text)}: unknown section '{section}'{did_you_mean(section, SECTIONS)}")
     fields = {f.name: f for f in dataclasses.fields(SECTIONS[section])}
     if name not in fields:
-        raise UserError(f"--param {short(text)}: unknown key '{section}.{name}'{did_you_mean(name, fields)}")
+        raise UserError(f"--param {_cut(text)}: unknown key '{section}.{name}'{did_you_mean(name, fields)}")
     return getattr(SECTIONS[section](), name)
 
 
@@ -87,6 +87,11 @@ def _yaml_value(raw: str) -> Any:
         return safe_load_yaml(raw)
     except yaml.YAMLError:
         return raw
+
+
+def _cut(text: str, limit: int = 120) -> str:
+    """A --param as given, cut for an error line."""
+    return text if len(text) <= limit else text[: limit - 15] + f"...[{len(text)} chars]"
 
 
 def _as_float(value: Any) -> Any:
@@ -100,45 +105,45 @@ def _number(raw: str, text: str) -> float:
     try:
         return float(raw)
     except ValueError:
-        raise UserError(f"--param {short(text)}: range end {raw!r} is not a number "
+        raise UserError(f"--param {_cut(text)}: range end {raw!r} is not a number "
                         "(ranges are LO:HI or LO:HI:log)") from None
 
 
 def parse_param(text: str) -> ParamSpec:
     """Parse one ``--param`` string (syntax checks only; values are validated by `validate`)."""
     if "=" not in text:
-        raise UserError(f"--param {short(text)}: expected section.key=V1,V2 or section.key=LO:HI[:log], "
+        raise UserError(f"--param {_cut(text)}: expected section.key=V1,V2 or section.key=LO:HI[:log], "
                         "e.g. lora.r=4,8 or training.lr=1e-4:3e-3:log")
     key, _, rhs = text.partition("=")
     key, rhs = key.strip(), rhs.strip()
     parts = [p for p in key.split(".")]
     if len(parts) != 2 or not all(parts):
-        raise UserError(f"--param {short(text)}: key must be section.key, e.g. lora.r or training.lr")
+        raise UserError(f"--param {_cut(text)}: key must be section.key, e.g. lora.r or training.lr")
     section, name = parts
     default = _field_default(section, name, text)
     if section in FIXED_SECTIONS or key in FIXED:
-        raise UserError(f"--param {short(text)}: {key} cannot be swept (the base model is loaded once for all "
+        raise UserError(f"--param {_cut(text)}: {key} cannot be swept (the base model is loaded once for all "
                         "trials and tracking goes to one place); set it with --set")
     if not rhs:
-        raise UserError(f"--param {short(text)}: no values after '='")
+        raise UserError(f"--param {_cut(text)}: no values after '='")
     is_list = isinstance(default, list)
     if ":" in rhs and "," not in rhs and not is_list and not isinstance(default, (bool, str)):
         bits = rhs.split(":")
         if len(bits) not in (2, 3) or (len(bits) == 3 and bits[2].strip() != "log"):
-            raise UserError(f"--param {short(text)}: a range is LO:HI or LO:HI:log")
+            raise UserError(f"--param {_cut(text)}: a range is LO:HI or LO:HI:log")
         low, high = _number(bits[0], text), _number(bits[1], text)
         log = len(bits) == 3
         if not low < high:
-            raise UserError(f"--param {short(text)}: the range's low end must be below its high end")
+            raise UserError(f"--param {_cut(text)}: the range's low end must be below its high end")
         if log and low <= 0:
-            raise UserError(f"--param {short(text)}: a log range needs a low end above 0")
+            raise UserError(f"--param {_cut(text)}: a log range needs a low end above 0")
         is_int = isinstance(default, int)
         if is_int and not (float(low).is_integer() and float(high).is_integer()):
-            raise UserError(f"--param {short(text)}: {key} is an integer; give integer range ends")
+            raise UserError(f"--param {_cut(text)}: {key} is an integer; give integer range ends")
         return ParamSpec(text, key, "int" if is_int else "float", low=low, high=high, log=log)
     raws = [r.strip() for r in rhs.split(",")]
     if any(not r for r in raws):
-        raise UserError(f"--param {short(text)}: empty value in the list")
+        raise UserError(f"--param {_cut(text)}: empty value in the list")
     if is_list:
         choices = ["+".join(n.strip() for n in r.split("+") if n.strip()) for r in raws]
     else:
@@ -147,9 +152,9 @@ def parse_param(text: str) -> ParamSpec:
             choices = [_as_float(c) for c in choices]
         bad = [c for c in choices if not isinstance(c, (bool, int, float, str)) or c is None]
         if bad:
-            raise UserError(f"--param {short(text)}: {short(bad[0])} is not a single value")
+            raise UserError(f"--param {_cut(text)}: {short(bad[0])} is not a single value")
     if len(set(map(repr, choices))) != len(choices):
-        raise UserError(f"--param {short(text)}: a value is listed twice")
+        raise UserError(f"--param {_cut(text)}: a value is listed twice")
     return ParamSpec(text, key, "choice", choices=choices, is_list=is_list)
 
 
@@ -183,11 +188,11 @@ def parse_space(texts: list[str], base: dict, sampler: str) -> list[ParamSpec]:
             try:
                 trial_config(base, [s], {s.key: v}, origin=f"--param {s.key}")
             except ConfigError as exc:
-                raise UserError(f"--param {short(s.text)}: value {short(v)}: {'; '.join(exc.problems)}") from None
+                raise UserError(f"--param {_cut(s.text)}: value {short(v)}: {'; '.join(exc.problems)}") from None
     if sampler == "grid":
         ranges = [s.text for s in specs if s.kind != "choice"]
         if ranges:
-            raise UserError(f"--sampler grid needs lists of values, not ranges: --param {short(ranges[0])}")
+            raise UserError(f"--sampler grid needs lists of values, not ranges: --param {_cut(ranges[0])}")
         points = grid_points(specs)
         for point in points:  # combinations can break cross-field rules (orthogonal init needs an even r)
             try:

@@ -161,6 +161,7 @@ def plan_sweep(paths: ProjectPaths, dataset: str, cfg: RunConfig, params: list[s
                 "metric": metric, "sampler": sampler, "trials": trials, "keep_best": keep_best,
                 "base_config": cfg.to_dict(), "parent_run_id": None, "created": now_iso()}
     specs = parse_space(spec["params"], base_config.to_dict(), spec["sampler"])
+    check_architecture(base_config, specs)
     if spec["sampler"] == "grid":
         size = len(grid_points(specs))
         if spec["trials"] and spec["trials"] < size:
@@ -170,6 +171,28 @@ def plan_sweep(paths: ProjectPaths, dataset: str, cfg: RunConfig, params: list[s
         target = spec["trials"] or DEFAULT_TRIALS
     return Sweep(paths, name, folder, spec["dataset"], specs, spec, base_config, spec["metric"], target,
                  spec.get("keep_best"))
+
+
+def check_architecture(cfg: RunConfig, specs: list[ParamSpec]) -> None:
+    """Target modules the model lacks, or steps that cannot fit in memory, refused before any trial
+    (the checks `train` makes before loading, on one meta-device skeleton of the model)."""
+    from lora_project.models.base_model import resolve_model
+    from lora_project.models.lora_model import check_fits_memory, check_targets, skeleton_of
+
+    skeleton = skeleton_of(resolve_model(cfg.model.source, cfg.model.revision))
+    if skeleton is None:
+        return  # `train_adapter` checks each trial on the loaded model
+    precision = "fp32" if cfg.training.precision == "auto" else cfg.training.precision
+    for s in specs:
+        ends = s.choices if s.kind == "choice" else [int(s.low) if s.kind == "int" else s.low,
+                                                      int(s.high) if s.kind == "int" else s.high]
+        for v in ends:
+            c = trial_config(cfg.to_dict(), [s], {s.key: v})
+            try:
+                check_targets(skeleton, c.lora)
+                check_fits_memory(skeleton, c.training, precision)
+            except UserError as exc:
+                raise UserError(f"--param {s.text}: value {v}: {exc}") from None
 
 
 def _sampler(kind: str, seed: int, target: int):
