@@ -22,6 +22,7 @@ def _client(project):
     return MlflowClient(tracking_uri=f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
 
 
+@pytest.mark.slow  # five tiny trainings (~12 s on a quiet machine): over the fast tier's budget
 def test_grid_sweep_children_table_plots_and_best_config_reproduces(project):
     proc = run_cli("sweep", "toddler_data", *GRID, "--name", "g", "--no-progress", "--json", cwd=project)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -187,7 +188,7 @@ def test_sigint_mid_sweep_then_resume_reruns_only_the_interrupted_and_unstarted_
     assert parent.info.status == "FINISHED"
 
 
-def test_lora_variants_are_validated_wired_and_recorded(project):
+def test_lora_variants_are_validated_wired_and_recorded(project, tiny_model_dir):
     from lora_project.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="needs an even lora.r"):
@@ -211,3 +212,17 @@ def test_lora_variants_are_validated_wired_and_recorded(project):
     # weight inspection and merging assume dW = scale * B @ A: refused for DoRA, with the reason
     assert_user_error(run_cli("inspect", "weights", str(adapter), cwd=project), "DoRA adapter", "magnitude")
     assert_user_error(run_cli("merge", str(adapter), "--name", "m", cwd=project), "DoRA adapter")
+    # baking it into the weights is PEFT's own DoRA merge: the exported model gives base + adapter's logits
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    proc = run_cli("merge", str(adapter), "--export-model", str(project / "dora_model"), cwd=project)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    x = torch.tensor([[1, 7, 30, 12, 9]])
+    with torch.no_grad():
+        expect = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(),
+                                           str(adapter)).eval()(x).logits
+        plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()(x).logits
+        got = AutoModelForCausalLM.from_pretrained(project / "dora_model").eval()(x).logits
+    assert torch.allclose(got, expect, atol=1e-5) and not torch.allclose(got, plain, atol=1e-4)
