@@ -123,6 +123,8 @@ def test_bad_sweep_requests_exit_2(project):
                       "invalid sweep name")
     assert_user_error(run_cli("sweep", "toddler_data", "--param", "lora.r=2,4", "--sampler", "bayes", cwd=project),
                       "invalid choice")
+    assert_user_error(run_cli("sweep", "toddler_dta", "--param", "lora.r=2,4", cwd=project),
+                      "did you mean 'toddler_data'")
     assert not (project / "outputs" / "sweeps").exists()
 
 

@@ -114,7 +114,9 @@ def plan_sweep(paths: ProjectPaths, dataset: str, cfg: RunConfig, params: list[s
                metric: str | None, sampler: str | None, name: str | None, resume: bool,
                keep_best: int | None, log=print) -> Sweep:
     """Validate the request (and, with --resume, match it to the stored sweep); writes nothing."""
-    check_name(dataset, "dataset name")
+    from lora_project.data.catalog import get_entry, load_catalog
+
+    get_entry(load_catalog(paths.catalog), check_name(dataset, "dataset name"))  # unknown: did-you-mean, exit 2
     name = check_name(name or f"{dataset}_sweep", "sweep name")
     folder = paths.sweeps_dir / name
     exists = (folder / SPEC_FILE).is_file()
