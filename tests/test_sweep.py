@@ -228,3 +228,24 @@ def test_lora_variants_are_validated_wired_and_recorded(project, tiny_model_dir)
         plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()(x).logits
         got = AutoModelForCausalLM.from_pretrained(project / "dora_model").eval()(x).logits
     assert torch.allclose(got, expect, atol=1e-5) and not torch.allclose(got, plain, atol=1e-4)
+
+
+def test_adapters_trained_before_the_variant_fields_still_count_as_up_to_date(tmp_path):
+    from lora_project.config import RunConfig
+    from lora_project.paths import ProjectPaths
+    from lora_project.training.batch import is_up_to_date
+
+    paths = ProjectPaths(tmp_path)
+    cfg = RunConfig()
+    old = cfg.to_dict()
+    del old["lora"]["use_dora"], old["lora"]["init_lora_weights"]  # as written before these fields existed
+    folder = paths.adapter("old")
+    folder.mkdir(parents=True)
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+    meta = {"format": "lora_project.adapter/1", "config": old, "dataset": {"fingerprint": "d"},
+            "base_model": {"fingerprint": "b"}}
+    (folder / "lora_project.json").write_text(json.dumps(meta))
+    assert is_up_to_date(paths, "old", cfg, "d", "b")
+    old["lora"]["use_dora"] = True  # a recorded non-default value still differs
+    (folder / "lora_project.json").write_text(json.dumps(meta))
+    assert not is_up_to_date(paths, "old", cfg, "d", "b")

@@ -57,6 +57,8 @@ def _resume_point(paths: ProjectPaths, adapter_name: str, dataset: str, cfg: Run
     exp_dir, ckpt_path = find_resume_checkpoint(paths, adapter_name)
     ckpt = load_checkpoint(ckpt_path)
     saved_cfg = ckpt[0].get("config_fields", {})
+    # a field added since the checkpoint was written counts at its default (the behaviour it had then)
+    saved_cfg = {**{k: v for k, v in config_fingerprint_fields(RunConfig()).items() if k not in saved_cfg}, **saved_cfg}
     now_cfg = config_fingerprint_fields(cfg)
     differ = sorted(k for k in set(saved_cfg) | set(now_cfg) if saved_cfg.get(k) != now_cfg.get(k))
     if differ:
