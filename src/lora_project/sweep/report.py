@@ -72,6 +72,7 @@ def _numeric(values) -> bool:
 
 def plot_metric_vs_params(sw: Sweep, complete: list, out: Path) -> Path | None:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     if not complete:
         return None
@@ -82,8 +83,14 @@ def plot_metric_vs_params(sw: Sweep, complete: list, out: Path) -> Path | None:
         xs = [t.params[s.key] for t in complete]
         if s.kind != "choice" or (_numeric(s.choices) and not s.is_list):
             ax.scatter(xs, ys)
-            if s.log or (s.kind == "choice" and _numeric(xs) and min(xs) > 0 and max(xs) / min(xs) >= 8):
+            if s.log or (s.kind == "choice" and min(s.choices) > 0 and max(s.choices) / min(s.choices) >= 8):
                 ax.set_xscale("log")
+                ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 1, 2, 5 per decade
+                ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+                ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on a short axis
+            if s.kind == "choice":
+                ax.set_xticks(s.choices, [f"{c:g}" for c in s.choices])
+                ax.minorticks_off()
         else:  # categories at evenly spaced positions, labelled
             labels = [str(c) for c in s.choices]
             ax.scatter([labels.index(str(x)) for x in xs], ys)
@@ -119,7 +126,7 @@ def plot_importances(sw: Sweep, imp: dict, out: Path) -> Path:
     names = sorted(imp, key=imp.get)
     fig, ax = plt.subplots(figsize=(6, 0.6 * len(names) + 1.6))
     ax.barh(names, [imp[k] for k in names])
-    ax.set_xlabel("importance (share of the metric's variation; Optuna PED-ANOVA)")
+    ax.set_xlabel("importance (Optuna PED-ANOVA; sums to 1)")
     ax.set_title(f"sweep {sw.name}: parameter importances")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
