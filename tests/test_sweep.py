@@ -138,7 +138,8 @@ def _study(project, name):
 @pytest.mark.slow  # a real process stopped by SIGINT, then resumed
 def test_sigint_mid_sweep_then_resume_reruns_only_the_interrupted_and_unstarted_trials(project):
     args = ["sweep", "toddler_data", *GRID, "--name", "s", "--no-progress",
-            "--set", "training.max_steps=60", "--set", "training.eval_interval=0", "--set", "training.log_interval=1"]
+            "--set", "training.max_steps=20", "--set", "training.eval_interval=0", "--set", "training.log_interval=1",
+            "--set", "training.eval_max_tokens=200"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "lora_project", *args], cwd=project, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -166,8 +167,8 @@ def test_sigint_mid_sweep_then_resume_reruns_only_the_interrupted_and_unstarted_
     assert killed.info.status == "KILLED"
 
     resumed = run_cli("sweep", "toddler_data", "--name", "s", "--resume", "--no-progress", "--json",
-                      "--set", "training.max_steps=60", "--set", "training.eval_interval=0",
-                      "--set", "training.log_interval=1", cwd=project)
+                      "--set", "training.max_steps=20", "--set", "training.eval_interval=0",
+                      "--set", "training.log_interval=1", "--set", "training.eval_max_tokens=200", cwd=project)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     study = _study(project, "s")
     trials = study.trials
