@@ -66,6 +66,15 @@ class LoraSection:
                                     "adapters record the resolved list.")
     use_rslora: bool = opt(False, "Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023).")
     bias: str = opt("none", "Which biases to train.", choices=("none", "all", "lora_only"))
+    use_dora: bool = opt(False, "Weight-decomposed LoRA (DoRA, Liu et al. 2024): a trained magnitude vector "
+                         "per output feature on top of the LoRA direction. Slower steps; merge, weight "
+                         "inspection and fused training refuse DoRA adapters (their math is B @ A only).")
+    init_lora_weights: str = opt("default", "Initialisation of the LoRA factors (PEFT): 'default' = Kaiming A, "
+                                 "zero B (the update starts at 0); 'gaussian' = Gaussian A, zero B; 'orthogonal' = "
+                                 "orthogonal A and B (the update starts non-zero; needs an even r). PiSSA, OLoRA and "
+                                 "the data-driven inits (EVA, CorDA, LoftQ) are not offered: they rewrite the base "
+                                 "weights, so the adapter would not fit the base model it names.",
+                                 choices=("default", "gaussian", "orthogonal"))
 
 
 @dataclass
@@ -320,6 +329,9 @@ def build_config(merged: dict[str, dict[str, Any]]) -> RunConfig:
         if t.warmup_steps and t.max_steps and t.warmup_steps > t.max_steps:
             problems.append(f"training.warmup_steps: {t.warmup_steps} exceeds training.max_steps "
                             f"{t.max_steps}")
+        lo = sections["lora"]
+        if lo.init_lora_weights == "orthogonal" and lo.r % 2:
+            problems.append(f"lora.init_lora_weights: 'orthogonal' needs an even lora.r, got {lo.r}")
     if problems:
         raise ConfigError(problems)
     return RunConfig(**sections)

@@ -106,6 +106,10 @@ class ProjectPaths:
     def metrics_dir(self) -> Path:
         return self.outputs_dir / "metrics"
 
+    @property
+    def sweeps_dir(self) -> Path:
+        return self.outputs_dir / "sweeps"
+
     def processed(self, name: str) -> Path:
         return self.processed_dir / check_name(name, "dataset name")
 

@@ -224,9 +224,9 @@ def adapter_names(paths: ProjectPaths) -> list[str]:
 def weight_report(paths: ProjectPaths, name: str) -> dict:
     """`lora-project inspect weights` as a dict (relative update needs the base model's weights)."""
     from lora_project.inspection.analysis import analyse_weights
-    from lora_project.models.adapter import BaseWeights, load_adapter
+    from lora_project.models.adapter import BaseWeights, load_adapter, require_plain_lora
 
-    adapter = load_adapter(paths.adapters_dir / name)
+    adapter = require_plain_lora(load_adapter(paths.adapters_dir / name), "weight analysis")
     try:
         base = BaseWeights(adapter.base_directory) if adapter.base_directory is not None else None
     except UserError:

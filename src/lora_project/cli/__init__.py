@@ -25,6 +25,7 @@ examples:
   lora-project train toddler_data --set training.max_steps=100
   lora-project evaluate --dataset toddler_data --split test --adapter adapters/toddler_data_lora --json
   lora-project train-batch --all                     # one adapter per catalog dataset
+  lora-project sweep toddler_data --param lora.r=4,8 --param training.lr=1e-4:3e-3:log --trials 8
   lora-project inspect weights adapters/toddler_data_lora
   lora-project config --explain                      # every config field, default and range
 """
@@ -34,7 +35,7 @@ examples:
 # Each exposes register(sub): it adds its parser(s) and sets `handler=fn(args, paths)` as a default.
 # Modules here must stay light at import time (no torch, no transformers).
 COMMAND_MODULES: tuple[str, ...] = ("demo", "data", "train", "evaluate", "benchmark", "inspect", "config",
-                                    "adopt", "catalog", "profile")
+                                    "adopt", "catalog", "profile", "sweep")
 
 
 def build_parser() -> argparse.ArgumentParser:

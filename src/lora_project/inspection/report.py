@@ -17,6 +17,7 @@ from lora_project.models.adapter import (
     LoraModule,
     list_adapters,
     load_adapter,
+    require_plain_lora,
 )
 
 
@@ -47,7 +48,7 @@ def weights_report(adapter_dir: Path, out_root: Path, top_k: int = 8, config_fil
     """`inspect weights`: `analysis.analyse_weights` plus its plots (paths under "plots")."""
     if top_k < 1:
         raise UserError("--top-k must be at least 1")
-    adapter = load_adapter(adapter_dir)
+    adapter = require_plain_lora(load_adapter(adapter_dir), "weight analysis")
     report = analysis.analyse_weights(adapter, base_weights(adapter, config_files, overrides), top_k)
     report["plots"] = [str(p) for p in analysis.plot_weights(report, out_root / adapter.path.name)]
     return report
@@ -61,7 +62,7 @@ def values_report(adapter_dir: Path, pattern: str, out_root: Path,
     """
     if export not in (None, "npy", "csv"):
         raise UserError(f"--export: {export!r} is not npy or csv")
-    adapter = load_adapter(adapter_dir)
+    adapter = require_plain_lora(load_adapter(adapter_dir), "the update dW = scale * B @ A")
     out_dir = out_root / adapter.path.name
     entries, arrays = [], []
     for m in analysis.select_modules(adapter, pattern):
@@ -86,7 +87,7 @@ def values_report(adapter_dir: Path, pattern: str, out_root: Path,
 def compare_report(a_dir: Path, b_dir: Path, out_root: Path, max_rank: int | None = None,
                    config_files: list[Path] = (), overrides: list[str] = ()) -> dict:
     """`inspect compare`: `analysis.compare_adapters` (base from the first adapter) plus its heatmaps."""
-    a, b = load_adapter(a_dir), load_adapter(b_dir)
+    a, b = (require_plain_lora(load_adapter(d), "adapter comparison") for d in (a_dir, b_dir))
     if max_rank is not None and max_rank < 1:
         raise UserError("--max-rank must be at least 1")
     report = analysis.compare_adapters(a, b, base_weights(a, config_files, overrides), max_rank)

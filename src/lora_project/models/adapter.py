@@ -69,6 +69,12 @@ class AdapterMetadata:
         return (self.base_model or {}).get("directory")
 
     @property
+    def lora_variant(self) -> dict:
+        """use_rslora, use_dora and init_lora_weights as trained (from the resolved config; {} if unknown)."""
+        lora = (self.config or {}).get("lora") or {}
+        return {k: lora[k] for k in ("use_rslora", "use_dora", "init_lora_weights") if k in lora}
+
+    @property
     def dataset_name(self) -> str | None:
         return (self.dataset or {}).get("name")
 
@@ -263,6 +269,14 @@ def lora_scale(config: dict) -> float:
     r = config.get("r") or 1
     alpha = config.get("lora_alpha", r)
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def require_plain_lora(adapter: Adapter, what: str) -> Adapter:
+    """Refuse a DoRA adapter where the code assumes the update is exactly scale * B @ A."""
+    if adapter.config.get("use_dora"):
+        raise UserError(f"{adapter.path.name} is a DoRA adapter (use_dora): {what} assumes the update is "
+                        "scale * B @ A and would leave out its trained magnitude vector; not supported")
+    return adapter
 
 
 def load_adapter(path: Path) -> Adapter:

@@ -110,7 +110,8 @@ def lora_config(cfg: LoraSection, model=None):
         fan_in_fan_out = any(kinds.get(t) == "conv1d" for t in targets)
     return LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.r, lora_alpha=cfg.alpha,
                       lora_dropout=cfg.dropout, target_modules=targets, fan_in_fan_out=fan_in_fan_out,
-                      use_rslora=cfg.use_rslora, bias=cfg.bias)
+                      use_rslora=cfg.use_rslora, bias=cfg.bias, use_dora=cfg.use_dora,
+                      init_lora_weights=True if cfg.init_lora_weights == "default" else cfg.init_lora_weights)
 
 
 def check_targets(model, cfg: LoraSection, who: str = "") -> list[str]:

@@ -27,7 +27,7 @@ EXPORT_MARKER = "lora_project_export.json"
 def merge_adapters(base, adapter_dirs: list[Path], weights: list[float], method: str, target: Path,
                    density: float = 0.5, overwrite: bool = False) -> Path:
     """Combine adapters with one of PEFT's methods into a new adapter folder."""
-    from lora_project.models.adapter import AdapterMetadata, now_iso, read_metadata
+    from lora_project.models.adapter import AdapterMetadata, load_adapter, now_iso, read_metadata, require_plain_lora
     from lora_project.models.lora_model import attach_adapters, save_adapter
 
     if method not in METHODS:
@@ -48,6 +48,8 @@ def merge_adapters(base, adapter_dirs: list[Path], weights: list[float], method:
         raise UserError(f"--density must be in (0, 1], got {density}")
     if target.exists() and not overwrite:
         raise UserError(f"adapter {target} already exists; pass --overwrite to replace it")
+    for d in adapter_dirs:
+        require_plain_lora(load_adapter(Path(d)), f"--method {method} merging")
     model, names = attach_adapters(base.model, adapter_dirs, base.ref.fingerprint, base.ref.name)
     ranks = {model.peft_config[n].r for n in names}
     if method != "cat" and len(ranks) > 1:

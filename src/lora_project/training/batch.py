@@ -66,7 +66,11 @@ def is_up_to_date(paths: ProjectPaths, adapter_name: str, cfg: RunConfig, datase
         meta = read_metadata(d)
     except UserError:
         return False
-    return (meta.config == cfg.to_dict() and (meta.dataset or {}).get("fingerprint") == dataset_fp
+    try:  # fields added since the adapter was trained count at their defaults (the behaviour it had)
+        recorded = build_config(meta.config).to_dict() if isinstance(meta.config, dict) else None
+    except (UserError, TypeError, ValueError):
+        return False
+    return (recorded == cfg.to_dict() and (meta.dataset or {}).get("fingerprint") == dataset_fp
             and meta.base_fingerprint == base_fp)
 
 

@@ -40,6 +40,8 @@ def check_fusable(configs: dict[str, RunConfig]) -> None:
             if getattr(cfg.training, f) != getattr(first.training, f):
                 problems.append(f"training.{f} differs ({first_name}: {getattr(first.training, f)!r}, "
                                 f"{name}: {getattr(cfg.training, f)!r})")
+        if cfg.lora.use_dora:
+            problems.append(f"{name}: lora.use_dora is true (PEFT cannot route a mixed batch through DoRA layers)")
         if cfg.model != first.model:
             problems.append(f"model differs between {first_name} and {name}")
     if problems:

@@ -57,6 +57,8 @@ def _resume_point(paths: ProjectPaths, adapter_name: str, dataset: str, cfg: Run
     exp_dir, ckpt_path = find_resume_checkpoint(paths, adapter_name)
     ckpt = load_checkpoint(ckpt_path)
     saved_cfg = ckpt[0].get("config_fields", {})
+    # a field added since the checkpoint was written counts at its default (the behaviour it had then)
+    saved_cfg = {**{k: v for k, v in config_fingerprint_fields(RunConfig()).items() if k not in saved_cfg}, **saved_cfg}
     now_cfg = config_fingerprint_fields(cfg)
     differ = sorted(k for k in set(saved_cfg) | set(now_cfg) if saved_cfg.get(k) != now_cfg.get(k))
     if differ:
@@ -82,11 +84,13 @@ def _check_resume_inputs(point: _ResumePoint, base: BaseBundle, dataset: str, st
 def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_name: str | None = None,
                   overwrite: bool = False, use_mlflow: bool = True, progress: bool = True,
                   base: BaseBundle | None = None, resume: bool = False, parent_run_id: str | None = None,
-                  log=print, run_kind: str = "single", tags: dict | None = None, params: dict | None = None) -> dict:
+                  log=print, run_kind: str = "single", tags: dict | None = None, params: dict | None = None,
+                  extra_callbacks: list | None = None) -> dict:
     """Train one adapter on one catalog dataset; returns the results.json content.
 
     With `resume`, continue the newest checkpoint of this adapter in the same experiment
     folder and MLflow run; refused when the config, base model or data differ.
+    `extra_callbacks` observe the loop after the run's own (a sweep's pruning callback).
     """
     import torch
 
@@ -156,7 +160,7 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
                 if main:
                     log(f"validation perplexity before training: {before['val_perplexity']:.3f}"
                         + (f"; {dist.world_size} processes, data parallel" if dist.enabled else ""))
-                callbacks = run.callbacks(progress)
+                callbacks = run.callbacks(progress) + list(extra_callbacks or [])
                 checkpointer = None
                 if main:  # checkpoints every checkpoint_interval steps, and always on interruption
                     checkpointer = CheckpointCallback(

@@ -256,3 +256,18 @@ def log_to_runs(paths: ProjectPaths, tracking_uri: str | None, metrics_by_run: d
         except Exception as exc:  # a missing run or server must not fail the evaluation
             print(f"warning: could not log evaluation to MLflow run {run_id}: {type(exc).__name__}", file=sys.stderr)
     return written
+
+
+@shield
+def set_run_tags(paths: ProjectPaths, tracking_uri: str | None, run_id: str, tags: dict[str, str]) -> bool:
+    """Add tags to an ended run (e.g. a sweep trial's outcome); a missing run or store only warns."""
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=resolve_tracking_uri(paths, tracking_uri))
+        for k, v in tags.items():
+            client.set_tag(run_id, k, str(v))
+        return True
+    except Exception as exc:  # tracking must never stop the work it records
+        print(f"warning: could not tag MLflow run {run_id}: {type(exc).__name__}", file=sys.stderr)
+        return False
