@@ -24,7 +24,11 @@ def register(sub) -> None:
     p.add_argument("--reference-steps", type=int, default=6, help="optimizer steps per side (default: 6)")
     p.add_argument("--matrix", action="store_true",
                    help="also score the base and every adapter on every prepared dataset's test split "
-                        "(table, markdown and heatmap PNG)")
+                        "(the same scoring as evaluate --dataset, whole splits, 95%% bootstrap intervals; table, "
+                        "markdown and a heatmap PNG of each adapter's change against the base)")
+    p.add_argument("--matrix-max-tokens", type=int, default=0, metavar="N",
+                   help="--matrix: score only the leading documents that fit in N tokens per split (default 0: "
+                        "whole splits); the report says so")
     p.add_argument("--blimp", type=Path, metavar="DIR",
                    help="also time minimal-pair scoring per first-pass path on a sample of this BLiMP-style folder "
                         "(e.g. ../shared/data/blimp), against the plain fp32 scorer, and project the full-folder time")
@@ -43,6 +47,7 @@ def run(args, paths) -> None:
     result = benchmark_report(paths, load_cfg(args, paths), quick=args.quick, shapes=shapes, steps=args.steps,
                               matrix=args.matrix, reference=args.reference, reference_steps=args.reference_steps,
                               mlflow=not args.no_mlflow, blimp=args.blimp, blimp_pairs=args.blimp_pairs,
+                              matrix_max_tokens=args.matrix_max_tokens,
                               log=progress_log(args.json))
     if args.json:
         print_json(result)
