@@ -167,3 +167,59 @@ def test_training_evaluate_and_matrix_agree_on_one_split(project):
     assert d["bits_per_byte_ci"][0] <= d["bits_per_byte"] <= d["bits_per_byte_ci"][1]
     assert "whole split" in run_cli("evaluate", "--dataset", "toddler_data", "--split", "validation",
                                     cwd=project).stdout
+
+
+# ------------------------------------------------------------------------------ plots show the effect
+
+
+def test_pairs_change_table_and_figure_carry_the_paired_intervals():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from lora_project.evaluation.minimal_pairs import Pair, accuracy_report
+    from lora_project.evaluation.pair_report import paired_change
+    from lora_project.reports import pairs_change, plot_pairs_change
+
+    pairs = [Pair("g", "b", f"p{i // 10}", "syntax" if i < 20 else "morphology") for i in range(40)]
+    base = [i % 2 == 0 for i in range(40)]
+    adapter = [True] * 40  # right on every pair: 20 pairs only the adapter gets right, none the other way
+    res = {"pairs": 40, "models": {}, "difference": {}}
+    for name, flags in (("base", base), ("a_lora", adapter)):
+        res["models"][name] = accuracy_report(pairs, [1.0 if f else 0.0 for f in flags], [0.5] * 40)
+    res["difference"]["a_lora"] = {"paired": paired_change(pairs, res["models"]["base"]["decisions"],
+                                                           res["models"]["a_lora"]["decisions"])}
+    table = pairs_change(res).set_index("group")
+    assert table.loc["macro average", "change"] == pytest.approx(0.5)
+    assert table.loc["syntax", "p_value"] == pytest.approx(2 / 2 ** 10)  # 10 discordant pairs, all one way
+    # per-pair paired se for syntax: b=0, c=10, n=20 -> sqrt(10/400 - 100/8000)
+    se = math.sqrt(10 / 400 - 100 / 8000)
+    assert table.loc["syntax", "ci_high"] - table.loc["syntax", "change"] == pytest.approx(1.959964 * se, rel=1e-5)
+    fig = plot_pairs_change(res)
+    bars = [c for c in fig.axes[0].containers if hasattr(c, "has_xerr") and c.has_xerr]
+    assert len(bars) == 1  # one adapter: one set of error bars over macro + 2 fields
+    segments = bars[0].lines[2][0].get_segments()
+    assert len(segments) == 3 and segments[0][0][0] == pytest.approx(table.loc["macro average", "ci_low"])
+
+
+def test_matrix_heatmap_is_the_change_against_the_base_on_a_centred_scale():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from lora_project.benchmark.matrix import matrix_figure, matrix_markdown
+
+    def cell(bpb, change=None):
+        c = {"perplexity": 2 ** (3 * bpb), "bits_per_byte": bpb, "tokens": 10, "documents": 3,
+             "perplexity_ci": None, "bits_per_byte_ci": None}
+        if change is not None:
+            c["change"] = {"bits_per_byte": change, "bits_per_byte_ci": [change - 0.01, change + 0.01]}
+        return c
+
+    m = {"split": "test", "max_tokens": 0, "cap": None, "scope": {}, "datasets": ["x", "y"],
+         "models": ["base", "a_lora"], "cells": {"base": {"x": cell(1.0), "y": cell(2.0)},
+                                                 "a_lora": {"x": cell(0.9, -0.1), "y": cell(2.05, 0.05)}}}
+    fig = matrix_figure(m)
+    im = fig.axes[0].images[0]
+    assert im.get_array().tolist() == [[-0.1, 0.05]]  # adapters only, change against the base
+    assert im.norm.vmin == -im.norm.vmax == pytest.approx(-0.1)  # centred on 0
+    assert "whole splits" in fig.axes[0].get_title() and "-0.100" in fig.axes[0].texts[0].get_text()
+    assert "| a_lora | -0.1000 [-0.1100, -0.0900] | +0.0500 [+0.0400, +0.0600] |" in matrix_markdown(m)

@@ -106,7 +106,8 @@ def pairs_change(result: dict):
 
 def pairs_change_figure(result: dict):
     """Change in minimal-pair accuracy against the base per field (and the macro average), one marker
-    per adapter with its 95% interval; filled markers: exact McNemar p < 0.05. Without adapters:
+    per adapter with its 95% interval; filled markers: exact McNemar p < 0.05 (the macro average:
+    its interval excludes 0). Without adapters:
     the base's accuracy per field with Wilson intervals."""
     import matplotlib.pyplot as plt
     import numpy as np
@@ -126,7 +127,10 @@ def pairs_change_figure(result: dict):
             err = np.vstack([rows["change"] - rows["ci_low"], rows["ci_high"] - rows["change"]])
         colour = f"C{k}"
         ax.errorbar(rows["change"], y, xerr=err, fmt="none", ecolor=colour, elinewidth=1.2, capsize=2)
-        significant = rows["p_value"].fillna(1.0) < 0.05
+        # McNemar p where there is one; for the macro average, an interval that excludes 0
+        excludes = ((rows["ci_low"] > 0) | (rows["ci_high"] < 0)).to_numpy()
+        p = rows["p_value"].astype(float)
+        significant = np.where(p.isna(), excludes, p.fillna(1.0) < 0.05)
         ax.scatter(rows["change"][~significant], y[~significant], facecolors="white", edgecolors=colour, zorder=3)
         ax.scatter(rows["change"][significant], y[significant], color=colour, zorder=3, label=name)
         if not significant.any():
@@ -136,7 +140,7 @@ def pairs_change_figure(result: dict):
     ax.set_yticks(range(len(groups)), [f"{g} ({int(n)} pairs)" if n else g for g, n in zip(groups, counts)],
                   fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("change in accuracy vs base (95% CI; filled: McNemar p < 0.05)")
+    ax.set_xlabel("change in accuracy vs base (95% CI; filled: exact McNemar p < 0.05, macro: CI excludes 0)")
     ax.set_title(f"minimal pairs: {result.get('pairs', '?')} pairs per model", fontsize=9)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
