@@ -223,3 +223,15 @@ def test_matrix_heatmap_is_the_change_against_the_base_on_a_centred_scale():
     assert im.norm.vmin == -im.norm.vmax == pytest.approx(-0.1)  # centred on 0
     assert "whole splits" in fig.axes[0].get_title() and "-0.100" in fig.axes[0].texts[0].get_text()
     assert "| a_lora | -0.1000 [-0.1100, -0.0900] | +0.0500 [+0.0400, +0.0600] |" in matrix_markdown(m)
+
+
+def test_caps_are_refused_where_they_make_no_sense(project):
+    from conftest import assert_user_error
+
+    (project / "t.txt").write_text("mommy want juice\n")
+    assert_user_error(run_cli("evaluate", "--text", "t.txt", "--max-tokens", "5", cwd=project), "--max-tokens")
+    assert_user_error(run_cli("evaluate", "--dataset", "toddler_data", "--max-tokens", "-1", cwd=project),
+                      "--max-tokens")
+    assert_user_error(run_cli("benchmark", "--quick", "--matrix", "--matrix-max-tokens", "-1", cwd=project),
+                      "--matrix-max-tokens")
+    assert not (project / "outputs" / "metrics").exists() or not any((project / "outputs" / "metrics").iterdir())
