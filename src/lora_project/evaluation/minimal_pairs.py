@@ -354,7 +354,11 @@ def score_pairs(model, tokenizer, pairs: list[Pair], runtime, first_pass: str = 
 def accuracy_report(pairs: list[Pair], good: list[float], bad: list[float]) -> dict:
     """Accuracy per paradigm, field and term (each with a Wilson 95% interval), the macro average with
     its standard error and interval, the micro average, and the per-pair decisions."""
-    from lora_project.evaluation.pair_report import decisions_string, group_accuracy, macro_record
+    from lora_project.evaluation.pair_report import (
+        decisions_string,
+        group_accuracy,
+        macro_record,
+    )
 
     correct = [g > b for g, b in zip(good, bad)]
 
