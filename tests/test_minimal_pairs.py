@@ -48,10 +48,16 @@ def test_accuracy_aggregation_on_hand_made_pairs():
     good = [-1.0, -5.0, -1.0, -1.0, -1.0]
     bad = [-2.0, -4.0, -2.0, -2.0, -1.0]  # correct: T F T T F (a tie is not correct)
     r = accuracy_report(pairs, good, bad)
-    assert r["paradigms"] == {"p1": {"accuracy": 0.5, "pairs": 2}, "p2": {"accuracy": 2 / 3, "pairs": 3}}
+    assert {k: (v["accuracy"], v["pairs"]) for k, v in r["paradigms"].items()} == {"p1": (0.5, 2), "p2": (2 / 3, 3)}
     assert r["macro_accuracy"] == pytest.approx((0.5 + 2 / 3) / 2)
     assert r["micro_accuracy"] == pytest.approx(3 / 5)
-    assert r["terms"]["t3"] == {"accuracy": 0.0, "pairs": 1}
+    assert r["decisions"] == "10110"
+    # Wilson 95% for 1/2 by hand: (0.5 + 1.9208/2) / 1.9208 -+ 1.96 sqrt(0.125 + 0.2401) / 1.9208
+    assert r["paradigms"]["p1"]["accuracy_ci"] == pytest.approx([0.0945, 0.9055], abs=1e-4)
+    # macro se = sqrt(0.5*0.5/2 + (2/3)(1/3)/3) / 2 = sqrt(0.19907) / 2
+    assert r["macro_accuracy_se"] == pytest.approx(0.223089, abs=1e-5)
+    assert r["terms"]["t3"]["accuracy"] == 0.0 and r["terms"]["t3"]["pairs"] == 1
+    assert r["terms"]["t3"]["accuracy_ci"] == pytest.approx([0.0, 0.7935], abs=1e-4)  # Wilson 0/1: z^2/(1+z^2)
     assert r["fields"]["morphology"]["accuracy"] == pytest.approx(2 / 3)
 
 

@@ -101,7 +101,8 @@ class TrainingSection:
     eval_interval: int = opt(0, "Evaluate validation loss every N optimizer steps; 0 = only before/after.",
                              min=0)
     eval_max_tokens: int = opt(16384, "Cap on validation tokens scored by periodic and final "
-                               "evaluation (0 = the whole split).", min=0)
+                               "evaluation (0 = the whole split); the leading documents that fit are "
+                               "scored, and results.json records what was.", min=0)
     log_interval: int = opt(5, "Log training metrics every N optimizer steps.", min=1, max=10_000_000)
     checkpoint_interval: int = opt(0, "Save a checkpoint every N optimizer steps; 0 = none.", min=0, max=10_000_000)
     keep_checkpoints: int = opt(2, "How many recent checkpoints to keep.", min=1, max=1000)

@@ -18,7 +18,9 @@ DEMO_ADAPTER = "toddler_data_demo"
 # Small, fast settings measured on a 2-core CPU; see docs/research_notes.md.
 # About 20k training tokens (one pass over the toddler train split) at ~160 tokens/s in fp32.
 DEMO_OVERRIDES = ["training.max_steps=20", "training.seq_len=64", "training.batch_size=16",
-                  "training.warmup_steps=2", "training.lr=2e-3", "training.eval_max_tokens=2000"]
+                  "training.warmup_steps=2", "training.lr=2e-3", "training.eval_max_tokens=0"]
+# eval_max_tokens=0: the whole validation split (about 2,100 tokens), so results.json's validation
+# numbers equal `evaluate --dataset toddler_data --split validation` exactly (one scoring).
 
 
 def run_demo(paths: ProjectPaths, overrides: list[str] = (), use_mlflow: bool = True, log=print) -> dict:
@@ -43,8 +45,7 @@ def run_demo(paths: ProjectPaths, overrides: list[str] = (), use_mlflow: bool = 
     results = train_adapter(paths, DEMO_DATASET, cfg, adapter_name=DEMO_ADAPTER, overwrite=True,
                             use_mlflow=use_mlflow, base=base, log=lambda m: log("   " + m))
     log("== 3/3 evaluating base vs adapter on the held-out test split")
-    ev = evaluate_perplexity(paths, cfg, dataset=DEMO_DATASET, split="test", adapters=[adapter_dir],
-                             max_length=256, stride=128, base=base)
+    ev = evaluate_perplexity(paths, cfg, dataset=DEMO_DATASET, split="test", adapters=[adapter_dir], base=base)
     b, a = ev["models"]["base"], ev["models"][adapter_dir.name]
     total = time.perf_counter() - t0
     rows = [("model", "perplexity", "bits/byte", "tokens"),
@@ -55,8 +56,10 @@ def run_demo(paths: ProjectPaths, overrides: list[str] = (), use_mlflow: bool = 
     for r in rows:
         log("   " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
     log("")
+    d = ev["difference"][adapter_dir.name]
+    change = f", 95% CI {d['perplexity_ci'][0]:+.2f} to {d['perplexity_ci'][1]:+.2f}" if d["perplexity_ci"] else ""
     log(f"   test perplexity {b['perplexity']:.2f} -> {a['perplexity']:.2f} "
-        f"({100 * (1 - a['perplexity'] / b['perplexity']):.0f}% lower); "
+        f"({100 * (1 - a['perplexity'] / b['perplexity']):.0f}% lower{change}, paired bootstrap over documents); "
         f"training {results['tokens_seen']} tokens at {results['tokens_per_second']:.0f} tokens/s, "
         f"peak memory {results['peak_rss_mb']:.0f} MiB, demo wall time {total:.0f} s")
     log(f"   adapter:    {adapter_dir.relative_to(paths.root)}/")

@@ -182,22 +182,42 @@ def latest_metrics(paths: ProjectPaths, prefix: str) -> dict:
     return json.loads(files[-1].read_text())
 
 
+def latest_pairs(paths: ProjectPaths) -> dict:
+    """The newest `evaluate --pairs` result (outputs/metrics/minimal_pairs_*.json)."""
+    try:
+        return latest_metrics(paths, "minimal_pairs")
+    except NothingYet:
+        raise NothingYet("no minimal-pair results yet; run: lora-project evaluate --pairs "
+                         "../shared/data/blimp --limit 20 --adapter adapters/<name>") from None
+
+
 def pairs_accuracy(paths: ProjectPaths):
     """Per-paradigm minimal-pair accuracy of base and adapters from the newest `evaluate --pairs`."""
     import pandas as pd
 
-    try:
-        res = latest_metrics(paths, "minimal_pairs")
-    except NothingYet:
-        raise NothingYet("no minimal-pair results yet; run: lora-project evaluate --pairs "
-                         "../shared/data/blimp --limit 20 --adapter adapters/<name>") from None
+    res = latest_pairs(paths)
     table = pd.DataFrame({m: {u: p["accuracy"] for u, p in r["paradigms"].items()} for m, r in res["models"].items()})
     table.loc["macro average"] = [res["models"][m]["macro_accuracy"] for m in table.columns]
     return table
 
 
+def pairs_change(result: dict):
+    """Each adapter's change in minimal-pair accuracy against the base per field and macro average,
+    with 95% intervals and McNemar p-values (a DataFrame; see `evaluation.pair_report.pairs_change`)."""
+    from lora_project.evaluation.pair_report import pairs_change as table
+
+    return table(result)
+
+
+def plot_pairs_change(result: dict):
+    """The change per field against the base with 95% intervals, one marker per adapter (a figure)."""
+    from lora_project.evaluation.pair_report import pairs_change_figure
+
+    return pairs_change_figure(result)
+
+
 def plot_pairs(table):
-    """Bar chart of per-paradigm accuracy, one bar per model."""
+    """Bar chart of per-paradigm accuracy, one bar per model (see `plot_pairs_change` for the effect)."""
     import matplotlib.pyplot as plt
 
     body = table.drop(index="macro average")
@@ -274,7 +294,8 @@ def attempt(fn, *args, **kwargs):
 
 def cross_evaluation(paths: ProjectPaths, max_tokens: int = 1000, split: str = "test"):
     """(matrix, heatmap figure): the newest `benchmark --matrix` result, else computed now
-    (base and every adapter on every prepared dataset, `max_tokens` per dataset)."""
+    (base and every adapter on every prepared dataset, capped at `max_tokens` per dataset; 0 = whole
+    splits; the figure's title says which). The heatmap shows each adapter's change against the base."""
     from lora_project.benchmark import cross_matrix, matrix_figure
     from lora_project.config import load_project_config
 

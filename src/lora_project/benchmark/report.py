@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from lora_project.benchmark.blimp import blimp_markdown, blimp_speed
-from lora_project.benchmark.matrix import cross_matrix, matrix_markdown, plot_matrix
+from lora_project.benchmark.matrix import cross_matrix, matrix_markdown, plot_matrix, scope_note
 from lora_project.benchmark.reference import compare_with_reference
 from lora_project.benchmark.speed import run_benchmark
 from lora_project.errors import UserError
@@ -106,7 +106,8 @@ def write_report(paths: ProjectPaths, result: dict) -> tuple:
     if matrix:
         heat = plot_matrix(matrix, base.parent / f"{base.name}_matrix.png")
         result["matrix"]["heatmap"] = str(heat)
-        lines += ["", f"## Cross-evaluation: perplexity (bits per byte) on the {matrix['split']} splits", "",
+        lines += ["", f"## Cross-evaluation: perplexity (bits per byte) on the {matrix['split']} splits "
+                      f"({scope_note(matrix)})", "",
                   matrix_markdown(matrix), "", f"Heatmap: {heat.name}"]
     ref = result.get("reference_comparison")
     if ref:
@@ -121,15 +122,19 @@ def write_report(paths: ProjectPaths, result: dict) -> tuple:
 def benchmark_report(paths: ProjectPaths, cfg, *, quick: bool = False, shapes=((64, 16), (128, 8)), steps: int = 4,
                      matrix: bool = False, reference: bool = False, reference_steps: int = 6, mlflow: bool = True,
                      blimp: Path | None = None, blimp_pairs: int = 5, speed: bool | None = None,
-                     references: str = "auto", reference_repeats: int = 1, log=print) -> dict:
+                     references: str = "auto", reference_repeats: int = 1, matrix_max_tokens: int = 0,
+                     log=print) -> dict:
     """`lora-project benchmark`: the matmul peaks; the speed sections (`run_benchmark`) when `speed`, which
     defaults to "only when no other section is asked for"; optionally the cross matrix, the reference
     comparison and the minimal-pair speed; the report files, and an MLflow run (when `mlflow` and the
-    config's tracking allow); returns the result."""
+    config's tracking allow); returns the result. The matrix scores whole splits unless
+    `matrix_max_tokens` > 0 caps each one (said in the report)."""
     if steps < 1:
         raise UserError(f"--steps must be at least 1, got {steps}")
     if reference and reference_steps < 2:
         raise UserError("--reference-steps must be at least 2 (the first step is not timed)")
+    if matrix_max_tokens < 0:
+        raise UserError(f"--matrix-max-tokens must be 0 (whole splits) or positive, got {matrix_max_tokens}")
     if blimp is not None and (blimp_pairs < 1 or not Path(blimp).is_dir()):
         raise UserError(f"--blimp needs a folder of .jsonl pairs and --blimp-pairs >= 1 ({blimp})")
     if reference_repeats < 1:
@@ -143,7 +148,7 @@ def benchmark_report(paths: ProjectPaths, cfg, *, quick: bool = False, shapes=((
     result = run_benchmark(paths, cfg, quick=quick, shapes=shapes, steps=steps, speed=speed, log=log)
     if matrix:
         log("cross-evaluation matrix ...")
-        result["matrix"] = cross_matrix(paths, cfg, log=log)
+        result["matrix"] = cross_matrix(paths, cfg, max_tokens=matrix_max_tokens, log=log)
     if reference:
         shape = {"seq_len": 64, "batch_size": 4} if quick else {}  # quick: a smoke test of every side
         result["reference_comparison"] = compare_with_reference(

@@ -37,7 +37,12 @@ def register(sub) -> None:
                         "use 3 for figures you quote)")
     p.add_argument("--matrix", action="store_true",
                    help="score the base and every adapter on every prepared dataset's test split "
-                        "(table, markdown and heatmap PNG); without --speed, the speed sections are skipped")
+                        "(the same scoring as evaluate --dataset, whole splits, 95%% bootstrap intervals; table, "
+                        "markdown and a heatmap PNG of each adapter's change against the base); without "
+                        "--speed, the speed sections are skipped")
+    p.add_argument("--matrix-max-tokens", type=int, default=0, metavar="N",
+                   help="--matrix: score only the leading documents that fit in N tokens per split (default 0: "
+                        "whole splits); the report says so")
     p.add_argument("--blimp", type=Path, metavar="DIR",
                    help="also time minimal-pair scoring per first-pass path on a sample of this BLiMP-style folder "
                         "(e.g. ../shared/data/blimp), against the plain fp32 scorer, and project the full-folder time")
@@ -57,7 +62,8 @@ def run(args, paths) -> None:
                               matrix=args.matrix, reference=args.reference, reference_steps=args.reference_steps,
                               mlflow=not args.no_mlflow, blimp=args.blimp, blimp_pairs=args.blimp_pairs,
                               speed=True if args.speed else None, references=args.references,
-                              reference_repeats=args.reference_repeats, log=progress_log(args.json))
+                              reference_repeats=args.reference_repeats, matrix_max_tokens=args.matrix_max_tokens,
+                              log=progress_log(args.json))
     if args.json:
         print_json(result)
     else:

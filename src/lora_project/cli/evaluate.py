@@ -12,7 +12,9 @@ def register(sub) -> None:
     p = sub.add_parser("evaluate", help="perplexity and bits/byte of the base and adapters",
                        description="Score a text file (--text, the whole content as one text) or a prepared "
                                    "split (--dataset/--split) with the base model and each --adapter, using the "
-                                   "sliding-window method; BOS is prefixed so every token is scored once.")
+                                   "sliding-window method; BOS is prefixed so every token is scored once. A split is scored "
+                                   "whole (the same scoring as training's validation numbers) with bootstrap 95% "
+                                   "intervals over documents and a paired interval for each adapter's change.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", type=Path, metavar="FILE", help="UTF-8 text file scored as one text")
     src.add_argument("--dataset", metavar="NAME", help="prepared catalog dataset")
@@ -31,6 +33,9 @@ def register(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="--pairs: no progress bar")
     p.add_argument("--max-length", type=int, default=1024, help="window length in tokens (default 1024)")
     p.add_argument("--stride", type=int, help="window step in tokens (default: max-length / 2)")
+    p.add_argument("--max-tokens", type=int, default=0, metavar="N",
+                   help="--dataset: score only the leading documents that fit in N tokens (default 0: the whole "
+                        "split); the output says what was scored")
     add_config_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=run_evaluate)
@@ -64,18 +69,15 @@ def run_evaluate(args, paths) -> None:
             return
         print(format_summary(res))
         return
-    from lora_project.evaluation.evaluate import evaluate_perplexity
+    from lora_project.evaluation.evaluate import evaluate_perplexity, perplexity_table
 
     res = evaluate_perplexity(paths, cfg, text_file=args.text, dataset=args.dataset, split=args.split,
-                              adapters=args.adapter, max_length=args.max_length, stride=args.stride)
+                              adapters=args.adapter, max_length=args.max_length, stride=args.stride,
+                              max_tokens=args.max_tokens)
     if args.json:
         print_json(res)
         return
-    base_ppl = res["models"]["base"]["perplexity"]
-    print(f"{'model':<32} {'perplexity':>11} {'bits/byte':>10} {'tokens':>8} {'vs base':>8}")
-    for name, m in res["models"].items():
-        delta = "" if name == "base" else f"{100 * (m['perplexity'] / base_ppl - 1):+.1f}%"
-        print(f"{name:<32} {m['perplexity']:>11.3f} {m['bits_per_byte']:>10.4f} {m['tokens']:>8} {delta:>8}")
+    print(perplexity_table(res))
 
 
 def run_generate(args, paths) -> None:

@@ -7,6 +7,7 @@ base is scored with adapters disabled, so N adapters cost one model load.
 from __future__ import annotations
 
 import time
+from datetime import UTC
 from pathlib import Path
 
 from lora_project.errors import UserError
@@ -30,17 +31,39 @@ def log_to_adapter_runs(paths: ProjectPaths, cfg, adapter_dirs: list[Path], metr
 
 def evaluate_perplexity(paths: ProjectPaths, cfg, *, text_file: Path | None = None,
                         dataset: str | None = None, split: str = "test", adapters: list[Path] = (),
-                        max_length: int = 1024, stride: int | None = None, base=None) -> dict:
-    """Perplexity and bits per byte of the base and each adapter on a text file or a dataset split."""
+                        max_length: int = 1024, stride: int | None = None, max_tokens: int = 0, base=None,
+                        resamples: int | None = None, seed: int | None = None) -> dict:
+    """Perplexity and bits per byte of the base and each adapter on a text file or a dataset split.
+
+    A split is scored whole unless `max_tokens` caps it (`models.scoring.score_split`, the scoring
+    training's validation numbers use too); the result says what was scored (`scope`). For a split,
+    each model gets bootstrap 95% intervals over documents and each adapter its paired bootstrap
+    difference from the base (`difference`); a text file is one document, so it gets none.
+    """
     from lora_project.data.preprocessor import read_split, read_text_file
     from lora_project.models.base_model import load_base
     from lora_project.models.lora_model import each_model
-    from lora_project.models.scoring import score_documents, score_text, windows
+    from lora_project.models.scoring import (
+        default_stride,
+        score_split,
+        score_text,
+        tokenize_split,
+        windows,
+    )
+    from lora_project.utils.stats import (
+        DEFAULT_RESAMPLES,
+        DEFAULT_SEED,
+        paired_document_difference,
+    )
 
     if (text_file is None) == (dataset is None):
         raise UserError("give exactly one of --text FILE or --dataset NAME")
-    stride = max(1, max_length // 2) if stride is None else stride
+    if max_tokens < 0 or (max_tokens and text_file is not None):
+        raise UserError("--max-tokens must be a positive number of tokens, and only with --dataset")
+    stride = default_stride(max_length) if stride is None else stride
     windows(2, max_length, stride)  # validates max_length/stride before any loading
+    resamples = DEFAULT_RESAMPLES if resamples is None else resamples
+    seed = DEFAULT_SEED if seed is None else seed
     adapters = checked_adapters(adapters)
     if text_file is not None:
         text = read_text_file(Path(text_file))
@@ -60,17 +83,35 @@ def evaluate_perplexity(paths: ProjectPaths, cfg, *, text_file: Path | None = No
         separator = json.loads((folder / "stats.json").read_text()).get("separator", "\n")
         target = {"dataset": dataset, "split": split}
     base = base or load_base(cfg)
+    if text_file is None:
+        split_tokens = tokenize_split(base.tokenizer, docs, separator, max_tokens)
 
     def score(model):
         if text_file is not None:
             return score_text(model, base.tokenizer, text, base.runtime, max_length, stride)
-        return score_documents(model, base.tokenizer, docs, separator, base.runtime, max_length, stride)
+        return score_split(model, base.tokenizer, split_tokens, separator, base.runtime, max_length=max_length,
+                           stride=stride)
 
     t0 = time.perf_counter()
-    results = {label: score(model).to_dict() for label, model in each_model(base, adapters)}
+    scores = {label: score(model) for label, model in each_model(base, adapters)}
     elapsed = time.perf_counter() - t0
+    results = {label: {**s.to_dict(), **s.intervals(resamples, seed)} for label, s in scores.items()}
+    b = scores["base"]
+    difference = {}
+    for a in adapters:
+        s = scores[a.name]
+        if text_file is None:
+            d = paired_document_difference(b.doc_nll, s.doc_nll, b.doc_tokens, b.doc_bytes,
+                                           resamples=resamples, seed=seed)
+        else:
+            d = {"perplexity": s.perplexity - b.perplexity, "bits_per_byte": s.bits_per_byte - b.bits_per_byte,
+                 "perplexity_ci": None, "bits_per_byte_ci": None, "p_value": None}
+        difference[a.name] = {**d, "perplexity_relative": s.perplexity / b.perplexity - 1}
     out = {**target, "max_length": max_length, "stride": stride, "precision": base.runtime.precision,
-           "base_model": base.ref.name, "seconds": elapsed, "models": results}
+           "base_model": base.ref.name, "seconds": elapsed, "scope": b.scope(),
+           "bootstrap": {"unit": "document", "resamples": resamples, "seed": seed, "level": 0.95}
+           if text_file is None else None,
+           "models": results, "difference": difference}
     if dataset is not None and adapters:  # named evaluations are worth keeping with each training run
         key = f"eval_{dataset}_{split}"
         out["mlflow_runs_updated"] = log_to_adapter_runs(
@@ -80,17 +121,44 @@ def evaluate_perplexity(paths: ProjectPaths, cfg, *, text_file: Path | None = No
     return out
 
 
+def perplexity_table(res: dict) -> str:
+    """The console table of `evaluate --text/--dataset`: what was scored, then per model perplexity
+    and bits per byte with their 95% intervals and the change against the base (paired interval)."""
+    from lora_project.models.scoring import describe_scope
+
+    where = res.get("text") or f"{res['dataset']} {res['split']} split"
+    lines = [f"{where}: {describe_scope(res['scope'])}; windows {res['max_length']}/{res['stride']}"
+             + ("; 95% intervals: bootstrap over documents" if res.get("bootstrap") else "")]
+
+    def ci(v, fmt):
+        return f"[{v[0]:{fmt}}, {v[1]:{fmt}}]" if v else ""
+
+    lines.append(f"{'model':<32} {'perplexity':>11} {'95% CI':>17} {'bits/byte':>10} {'95% CI':>17} "
+                 f"{'vs base':>8} {'change in bits/byte (95% CI)':>32}")
+    for name, m in res["models"].items():
+        d = res.get("difference", {}).get(name)
+        rel = f"{100 * d['perplexity_relative']:+.1f}%" if d else ""
+        change = f"{d['bits_per_byte']:+.4f} {ci(d['bits_per_byte_ci'], '+.4f')}" if d else ""
+        lines.append(f"{name:<32} {m['perplexity']:>11.3f} {ci(m.get('perplexity_ci'), '.2f'):>17} "
+                     f"{m['bits_per_byte']:>10.4f} {ci(m.get('bits_per_byte_ci'), '.4f'):>17} {rel:>8} {change:>32}")
+    return "\n".join(lines)
+
+
 def evaluate_minimal_pairs(paths: ProjectPaths, cfg, pairs_path: Path | list[Path], *, adapters: list[Path] = (),
                            limit: int | None = None, strict: bool = False, base=None, first_pass: str = "auto",
                            progress: bool = False, log=print) -> dict:
     """Minimal-pair accuracy of the base and each adapter (one base load), saved to outputs/metrics/.
+
+    Each paradigm, field and term has a Wilson 95% interval, each macro average its standard error;
+    each adapter's `difference` has `paired`: the change against the base on the same pairs (macro
+    with a paired standard error, per field and paradigm with an exact McNemar p-value).
 
     `pairs_path` is one file or folder, or several (e.g. BLiMP and the BabyLM supplement), each
     reported as its own suite. Decisions equal fp32 scoring whatever the first pass: pairs whose
     first-pass difference lies within the precision's error margin are scored again in fp32.
     """
     import dataclasses
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from lora_project.evaluation.minimal_pairs import (
         MARGINS,
@@ -101,6 +169,7 @@ def evaluate_minimal_pairs(paths: ProjectPaths, cfg, pairs_path: Path | list[Pat
         sample_pairs,
         tokenize_pairs,
     )
+    from lora_project.evaluation.pair_report import paired_change
     from lora_project.models.base_model import load_base
     from lora_project.models.lora_model import each_model
     from lora_project.utils.device import resolve_runtime
@@ -145,7 +214,8 @@ def evaluate_minimal_pairs(paths: ProjectPaths, cfg, pairs_path: Path | list[Pat
                       "suites": {s: models[n]["suites"][s]["macro_accuracy"] - v["macro_accuracy"]
                                  for s, v in b["suites"].items()},
                       "paradigms": {u: models[n]["paradigms"][u]["accuracy"] - v["accuracy"]
-                                    for u, v in b["paradigms"].items()}} for n in names}
+                                    for u, v in b["paradigms"].items()},
+                      "paired": paired_change(pairs, b["decisions"], models[n]["decisions"])} for n in names}
     scoring = {"first_pass": path, "decisions": "fp32", "margin_nats": list(MARGINS[path]),
                "rescored": {n: m["rescored"] for n, m in models.items()}, **prefix_sharing(tokens)}
     result = {"pairs_path": str(sources[0]) if len(sources) == 1 else [str(s) for s in sources],
@@ -157,7 +227,7 @@ def evaluate_minimal_pairs(paths: ProjectPaths, cfg, pairs_path: Path | list[Pat
     result["mlflow_runs_updated"] = log_to_adapter_runs(
         paths, cfg, adapters, {n: {"pairs_macro_accuracy": models[n]["macro_accuracy"],
                                    "pairs_macro_accuracy_gain": difference[n]["macro_accuracy"]} for n in names})
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     out = paths.metrics_dir / f"minimal_pairs_{stamp}.json"
     atomic_write_json(out, result)
     result["saved"] = str(out)

@@ -352,7 +352,14 @@ def score_pairs(model, tokenizer, pairs: list[Pair], runtime, first_pass: str = 
 
 
 def accuracy_report(pairs: list[Pair], good: list[float], bad: list[float]) -> dict:
-    """Accuracy per paradigm, field and term, and the macro and micro averages."""
+    """Accuracy per paradigm, field and term (each with a Wilson 95% interval), the macro average with
+    its standard error and interval, the micro average, and the per-pair decisions."""
+    from lora_project.evaluation.pair_report import (
+        decisions_string,
+        group_accuracy,
+        macro_record,
+    )
+
     correct = [g > b for g, b in zip(good, bad)]
 
     def group(key):
@@ -361,18 +368,19 @@ def accuracy_report(pairs: list[Pair], good: list[float], bad: list[float]) -> d
             k = key(p)
             if k:
                 acc[k].append(c)
-        return {k: {"accuracy": sum(v) / len(v), "pairs": len(v)} for k, v in sorted(acc.items())}
+        return {k: group_accuracy(v) for k, v in sorted(acc.items())}
 
     paradigms = group(lambda p: p.uid)
     suites = {}
     for suite in dict.fromkeys(p.suite for p in pairs if p.suite):
-        mine = {p.uid for p in pairs if p.suite == suite}
+        mine = {u: paradigms[u] for u in dict.fromkeys(p.uid for p in pairs if p.suite == suite)}
         acc = [c for p, c in zip(pairs, correct) if p.suite == suite]
-        suites[suite] = {"macro_accuracy": sum(paradigms[u]["accuracy"] for u in mine) / len(mine),
+        suites[suite] = {"macro_accuracy": sum(v["accuracy"] for v in mine.values()) / len(mine), **macro_record(mine),
                          "micro_accuracy": sum(acc) / len(acc), "pairs": len(acc), "paradigms": len(mine)}
     return {"macro_accuracy": sum(v["accuracy"] for v in paradigms.values()) / len(paradigms),
-            "micro_accuracy": sum(correct) / len(correct), "pairs": len(pairs), "paradigms": paradigms,
-            "fields": group(lambda p: p.field), "terms": group(lambda p: p.term), "suites": suites}
+            **macro_record(paradigms), "micro_accuracy": sum(correct) / len(correct), "pairs": len(pairs),
+            "paradigms": paradigms, "fields": group(lambda p: p.field), "terms": group(lambda p: p.term),
+            "suites": suites, "decisions": decisions_string(correct)}
 
 
 def evaluate_pairs(model, tokenizer, pairs: list[Pair], runtime, first_pass: str = "fp32", *,
@@ -394,17 +402,24 @@ def format_summary(result: dict) -> str:
             rows.append(f"-- {section} (pairs)")
             rows += [(f"{k} ({v['pairs']})", [f"{result['models'][n][group][k]['accuracy']:.3f}" for n in models])
                      for k, v in base[group].items()]
-    rows.append("-- macro average")
+    rows.append("-- macro average (± standard error)")
     suites = base.get("suites") or {}
-    rows += [(f"{s} ({v['paradigms']} paradigms)", [f"{result['models'][n]['suites'][s]['macro_accuracy']:.3f}"
-                                                   for n in models]) for s, v in suites.items()]
+
+    def macro(r):
+        return f"{r['macro_accuracy']:.3f}" + (f" ±{r['macro_accuracy_se']:.3f}" if "macro_accuracy_se" in r else "")
+
+    rows += [(f"{s} ({v['paradigms']} paradigms)", [macro(result['models'][n]['suites'][s]) for n in models])
+             for s, v in suites.items()]
     if len(suites) != 1:
-        rows.append(("all paradigms", [f"{result['models'][n]['macro_accuracy']:.3f}" for n in models]))
+        rows.append(("all paradigms", [macro(result['models'][n]) for n in models]))
     sc = result.get("scoring", {})
     rows.append(("re-scored in fp32", [str(sc.get("rescored", {}).get(n, 0)) for n in models]))
     label = max(len(r[0]) for r in rows if isinstance(r, tuple))
-    width = max([5] + [len(n) for n in models])
+    width = max([12] + [len(n) for n in models])
     lines = [r if isinstance(r, str) else f"{r[0]:<{label}}" + "".join(f"  {c:>{width}}" for c in r[1]) for r in rows]
+    from lora_project.evaluation.pair_report import change_summary
+
+    lines += change_summary(result)
     lines.append(f"{result['pairs']} pairs per model in {result['seconds']:.0f} s "
                  f"({result.get('pairs_per_second') or 0:.1f} pairs/s); first pass {sc.get('first_pass', '?')}, "
                  f"decisions fp32; shared prefix {100 * sc.get('shared_prefix_fraction', 0):.0f}% of tokens")

@@ -1,12 +1,14 @@
-"""Token-level perplexity and bits per UTF-8 byte with the sliding-window method.
+"""Token-level perplexity and bits per UTF-8 byte with the sliding-window method: the one
+definition that training's validation numbers, `evaluate` and the cross-evaluation matrix share.
 
-Definition (what `lora-project evaluate --json` reports):
+Definition (every caller goes through `score_split` or `score_text`):
 
 * The text is tokenised without special tokens and the tokenizer's BOS (EOS if it has no
   BOS) is prefixed, so every token of the text is predicted: ids = [p, t1, ..., tN].
-* Windows of at most ``max_length`` ids start every ``stride`` ids. Each token t_j is
-  scored exactly once, in the first window that contains it and its predecessor but has
-  not scored it yet; later windows give it more left context only when stride < max_length.
+* Windows of at most ``max_length`` ids (default 1024) start every ``stride`` ids (default
+  max_length / 2). Each token t_j is scored exactly once, in the first window that contains it
+  and its predecessor but has not scored it yet; later windows give it more left context only
+  when stride < max_length.
 * ``nll_sum`` is the sum of -ln p(t_j | context) in nats over the N tokens;
   ``perplexity = exp(nll_sum / N)``; ``bits_per_byte = nll_sum / (ln 2 * bytes)`` with
   ``bytes`` the UTF-8 length of the text, which makes models with different tokenizers
@@ -14,26 +16,47 @@ Definition (what `lora-project evaluate --json` reports):
 
 A prepared dataset split is scored as its documents packed the way training sees them
 (doc EOS doc EOS ...): the EOS stands for the document separator, so ``bytes`` is exactly
-the split file's size.
+the split file's size. The whole split is scored unless a cap (``max_tokens``) is asked for;
+a cap keeps the leading documents that fit and is recorded with what was scored
+(``tokens``/``documents`` against ``tokens_total``/``documents_total``). Each document's own
+sum of NLL, tokens (its EOS included) and bytes are kept, so intervals resample documents.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from lora_project.errors import UserError
 from lora_project.models.tokens import prefix_id
 
+DEFAULT_MAX_LENGTH = 1024  # window length in tokens: the one definition's default
+
+
+def default_stride(max_length: int) -> int:
+    """The window step when none is given: half a window, so every token after the first window
+    has at least max_length / 2 tokens of left context."""
+    return max(1, max_length // 2)
+
 
 @dataclass
 class Score:
-    """Summed negative log-likelihood over scored tokens, with the byte count for bits per byte."""
+    """Summed negative log-likelihood over scored tokens, with the byte count for bits per byte,
+    what was scored out of what there was, and the per-document sums behind the totals."""
     nll_sum: float
     tokens: int
     bytes: int
+    documents: int = 1
+    documents_total: int | None = None  # documents in the split (None: a text, one document)
+    tokens_total: int | None = None  # tokens the whole split would score
+    cap: int | None = None  # max_tokens asked for (None: whole split)
+    max_length: int | None = None
+    stride: int | None = None
+    doc_nll: np.ndarray | None = field(default=None, repr=False)  # nats per document
+    doc_tokens: np.ndarray | None = field(default=None, repr=False)  # its tokens and separator EOS
+    doc_bytes: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def perplexity(self) -> float:
@@ -43,10 +66,46 @@ class Score:
     def bits_per_byte(self) -> float:
         return self.nll_sum / (math.log(2) * self.bytes) if self.bytes else float("nan")
 
+    @property
+    def capped(self) -> bool:
+        return self.documents_total is not None and self.documents < self.documents_total
+
+    def intervals(self, resamples: int | None = None, seed: int | None = None, level: float = 0.95) -> dict:
+        """Bootstrap 95% intervals of perplexity and bits per byte over documents (None for one document)."""
+        from lora_project.utils.stats import (
+            DEFAULT_RESAMPLES,
+            DEFAULT_SEED,
+            document_intervals,
+        )
+
+        if self.doc_nll is None:
+            return {"perplexity_ci": None, "bits_per_byte_ci": None}
+        return document_intervals(self.doc_nll, self.doc_tokens, self.doc_bytes, level=level,
+                                  resamples=DEFAULT_RESAMPLES if resamples is None else resamples,
+                                  seed=DEFAULT_SEED if seed is None else seed)
+
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.update(perplexity=self.perplexity, bits_per_byte=self.bits_per_byte)
-        return d
+        """The JSON record: totals, perplexity, bits per byte and what was scored (no per-document arrays)."""
+        return {"nll_sum": self.nll_sum, "tokens": self.tokens, "bytes": self.bytes,
+                "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte, **self.scope()}
+
+    def scope(self) -> dict:
+        """What was scored: tokens and documents against the whole split, the cap and the windows."""
+        return {"tokens_scored": self.tokens, "documents_scored": self.documents,
+                "tokens_total": self.tokens_total, "documents_total": self.documents_total, "cap": self.cap,
+                "max_length": self.max_length, "stride": self.stride}
+
+
+def describe_scope(scope: dict) -> str:
+    """One line saying what was scored, e.g. '2,084 tokens, 250 documents (whole split)' or
+    '1,999 of 2,084 tokens, 240 of 250 documents (capped at 2,000 tokens)'."""
+    t, d = scope.get("tokens_scored"), scope.get("documents_scored")
+    tt, dt = scope.get("tokens_total"), scope.get("documents_total")
+    if dt is None:
+        return f"{t:,} tokens (one text)"
+    if d is not None and d < dt:
+        return f"{t:,} of {tt:,} tokens, {d:,} of {dt:,} documents (capped at {scope.get('cap'):,} tokens)"
+    return f"{t:,} tokens, {dt:,} documents (whole split)"
 
 
 def windows(n_ids: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
@@ -135,14 +194,15 @@ def model_context(model) -> int | None:
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
-def score_ids(model, ids: np.ndarray | list[int], n_bytes: int, runtime, max_length: int = 1024,
-              stride: int | None = None, batch_size: int = 4, chunk_tokens: int = 1024) -> Score:
-    """Score a prefixed id sequence (ids[0] is the prefix token) with sliding windows. A window longer
-    than the model's context (``max_position_embeddings``; GPT-2's learned positions stop there) is
-    refused when the sequence would fill it."""
+def target_nll(model, ids: np.ndarray | list[int], runtime, max_length: int = DEFAULT_MAX_LENGTH,
+               stride: int | None = None, batch_size: int = 4, chunk_tokens: int = 1024) -> np.ndarray:
+    """-ln p(ids[j] | window context) in nats for j = 1 .. len(ids)-1 (ids[0] is the prefix token),
+    each target scored once by the sliding windows; returns an array of len(ids) - 1. A window
+    longer than the model's context (``max_position_embeddings``; GPT-2's learned positions stop
+    there) is refused when the sequence would fill it."""
     import torch
 
-    from lora_project.models.losses import IGNORE_INDEX, sum_nll
+    from lora_project.models.losses import token_nll
 
     ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64))
     n = len(ids_t)
@@ -152,12 +212,12 @@ def score_ids(model, ids: np.ndarray | list[int], n_bytes: int, runtime, max_len
     if context and min(n, max_length) > context:
         raise UserError(f"--max-length {max_length} exceeds the model's context of {context} positions; "
                         f"pass --max-length {context} or less")
-    stride = max(1, max_length // 2) if stride is None else stride
+    stride = default_stride(max_length) if stride is None else stride
     wins = windows(n, max_length, stride)
     decoder, head = decoder_and_head(model)
+    out = np.zeros(n, dtype=np.float64)
     was_training = model.training
     model.eval()
-    total = 0.0
     try:
         with torch.inference_mode(), runtime.autocast():
             # Windows of equal length go through the model together.
@@ -169,18 +229,28 @@ def score_ids(model, ids: np.ndarray | list[int], n_bytes: int, runtime, max_len
                        and wins[i + len(group)][1] - wins[i + len(group)][0] == length):
                     group.append(wins[i + len(group)])
                 inputs = torch.stack([ids_t[b:e - 1] for b, e, _ in group]).to(runtime.device)
-                targets = torch.stack([ids_t[b + 1:e] for b, e, _ in group]).clone()
-                for row, (b, _e, first) in enumerate(group):
-                    targets[row, : first - b - 1] = IGNORE_INDEX  # already scored earlier
+                targets = torch.stack([ids_t[b + 1:e] for b, e, _ in group]).to(runtime.device)
                 hidden = decoder(input_ids=inputs, use_cache=False).last_hidden_state
-                total += float(sum_nll(hidden, head, targets.to(runtime.device), chunk_tokens))
+                nll = token_nll(hidden, head, targets, chunk_tokens).double().cpu().numpy()
+                for row, (b, e, first) in enumerate(group):
+                    out[first:e] = nll[row, first - b - 1:]  # earlier targets were scored by earlier windows
                 i += len(group)
     finally:
         model.train(was_training)
-    return Score(nll_sum=total, tokens=n - 1, bytes=n_bytes)
+    return out[1:]
 
 
-def score_text(model, tokenizer, text: str, runtime, max_length: int = 1024, stride: int | None = None,
+def score_ids(model, ids: np.ndarray | list[int], n_bytes: int, runtime, max_length: int = DEFAULT_MAX_LENGTH,
+              stride: int | None = None, batch_size: int = 4, chunk_tokens: int = 1024) -> Score:
+    """Score a prefixed id sequence (ids[0] is the prefix token) with sliding windows, as one document."""
+    stride = default_stride(max_length) if stride is None else stride
+    nll = target_nll(model, ids, runtime, max_length, stride, batch_size, chunk_tokens)
+    total = float(nll.sum())
+    return Score(nll_sum=total, tokens=len(nll), bytes=n_bytes, max_length=max_length, stride=stride,
+                 doc_nll=np.array([total]), doc_tokens=np.array([len(nll)]), doc_bytes=np.array([n_bytes]))
+
+
+def score_text(model, tokenizer, text: str, runtime, max_length: int = DEFAULT_MAX_LENGTH, stride: int | None = None,
                batch_size: int = 4) -> Score:
     """Score one text with sliding windows (`max_length`, `stride`)."""
     if not text:
@@ -189,17 +259,65 @@ def score_text(model, tokenizer, text: str, runtime, max_length: int = 1024, str
     return score_ids(model, ids, len(text.encode("utf-8")), runtime, max_length, stride, batch_size)
 
 
-def score_documents(model, tokenizer, docs: list[str], separator: str, runtime, max_length: int = 1024,
-                    stride: int | None = None, batch_size: int = 4, stream: np.ndarray | None = None) -> Score:
-    """Score documents packed as doc EOS doc EOS ...; bytes count each doc plus its separator."""
-    from lora_project.models.tokens import pack_documents
+@dataclass
+class SplitTokens:
+    """A split tokenised once for scoring: the packed stream of the documents kept, their lengths, and
+    what the cap left out."""
+    ids: np.ndarray  # prefix + doc EOS doc EOS ...
+    doc_tokens: np.ndarray  # tokens per kept document, its EOS included
+    doc_bytes: np.ndarray  # UTF-8 bytes per kept document, its separator included
+    tokens_total: int
+    documents_total: int
+    cap: int | None
+
+
+def tokenize_split(tokenizer, docs: list[str], separator: str, max_tokens: int = 0) -> SplitTokens:
+    """Pack `docs` as training sees them (doc EOS doc EOS ...) behind the prefix token; with
+    `max_tokens` > 0, keep the leading documents whose packed length fits (at least one)."""
+    from lora_project.models.tokens import encode_documents, eos_id
 
     if not docs:
         raise UserError("nothing to score: no documents")
-    packed = stream if stream is not None else pack_documents(tokenizer, docs)
-    ids = np.concatenate([[prefix_id(tokenizer)], np.asarray(packed, dtype=np.int64)])
-    n_bytes = sum(len(d.encode("utf-8")) for d in docs) + len(separator.encode()) * len(docs)
-    return score_ids(model, ids, n_bytes, runtime, max_length, stride, batch_size)
+    if max_tokens < 0:
+        raise UserError(f"the token cap must be 0 (whole split) or positive, got {max_tokens}")
+    encoded = encode_documents(tokenizer, docs)
+    lengths = np.array([len(e) + 1 for e in encoded], dtype=np.int64)
+    keep = len(docs)
+    if max_tokens:
+        fits = int(np.searchsorted(np.cumsum(lengths), max_tokens, side="right"))
+        keep = max(1, fits)
+    eos = eos_id(tokenizer)
+    ids = np.fromiter((t for e in encoded[:keep] for t in (*e, eos)), dtype=np.int64, count=int(lengths[:keep].sum()))
+    sep = len(separator.encode("utf-8"))
+    return SplitTokens(ids=np.concatenate([[prefix_id(tokenizer)], ids]), doc_tokens=lengths[:keep],
+                       doc_bytes=np.array([len(d.encode("utf-8")) + sep for d in docs[:keep]], dtype=np.int64),
+                       tokens_total=int(lengths.sum()), documents_total=len(docs), cap=max_tokens or None)
+
+
+def score_split(model, tokenizer, docs: list[str] | SplitTokens, separator: str, runtime, *,
+                max_tokens: int = 0, max_length: int = DEFAULT_MAX_LENGTH, stride: int | None = None,
+                batch_size: int = 4) -> Score:
+    """The one scoring of a prepared split (training's validation, `evaluate --dataset`, the matrix):
+    documents packed with EOS behind BOS, sliding windows, the whole split unless `max_tokens` caps it.
+    `docs` may be a `tokenize_split` result, so repeated evaluations tokenise once."""
+    split = docs if isinstance(docs, SplitTokens) else tokenize_split(tokenizer, docs, separator, max_tokens)
+    context = model_context(model)
+    if context and max_length == DEFAULT_MAX_LENGTH and context < max_length:
+        max_length = context  # learned positions (GPT-2, OPT): the default window is the model's context
+    stride = default_stride(max_length) if stride is None else stride
+    nll = target_nll(model, split.ids, runtime, max_length, stride, batch_size)
+    doc_nll = np.add.reduceat(nll, np.concatenate([[0], np.cumsum(split.doc_tokens)[:-1]]))
+    return Score(nll_sum=float(nll.sum()), tokens=len(nll), bytes=int(split.doc_bytes.sum()),
+                 documents=len(split.doc_tokens), documents_total=split.documents_total,
+                 tokens_total=split.tokens_total, cap=split.cap, max_length=max_length, stride=stride,
+                 doc_nll=doc_nll, doc_tokens=split.doc_tokens, doc_bytes=split.doc_bytes)
+
+
+def score_documents(model, tokenizer, docs: list[str], separator: str, runtime, max_length: int = DEFAULT_MAX_LENGTH,
+                    stride: int | None = None, batch_size: int = 4) -> Score:
+    """Score documents packed as doc EOS doc EOS ... (the whole list): `score_split` without a cap."""
+    return score_split(model, tokenizer, docs, separator, runtime, max_length=max_length, stride=stride,
+                       batch_size=batch_size)
 
 
 def limit_documents(tokenizer, docs: list[str], max_tokens: int) -> list[str]:
@@ -217,19 +335,52 @@ def limit_documents(tokenizer, docs: list[str], max_tokens: int) -> list[str]:
     return out
 
 
-def validation_metrics(model, tokenizer, docs: list[str], separator: str, runtime, seq_len: int) -> dict:
-    """Validation loss, perplexity and bits per byte of `docs` as training sees them (packed with EOS).
+def validation_metrics(model, tokenizer, docs: list[str] | SplitTokens, separator: str, runtime,
+                       seq_len: int | None = None, *, max_tokens: int = 0) -> dict:
+    """Validation loss, perplexity and bits per byte as `evaluate --dataset ... --split validation`
+    computes them (`score_split`, default windows), capped at `max_tokens` when > 0 (training's
+    `eval_max_tokens`), with what was scored and bootstrap intervals over documents.
 
-    Windows of 2 x seq_len tokens (256 to 1024) every 3/4 window: enough context for
-    utterance-length documents at ~1.3x the cost of one pass.
+    Every value is a number (MLflow logs the dict as is); ``val_cap_tokens`` 0 means the whole split.
+    `seq_len` is accepted for old callers and no longer changes the windows.
     """
-    eval_len = min(1024, max(2 * seq_len, 256), model_context(model) or 1024)
-    s = score_documents(model, tokenizer, docs, separator, runtime, max_length=eval_len, stride=eval_len * 3 // 4)
-    return {"val_loss": s.nll_sum / s.tokens, "val_perplexity": s.perplexity, "val_bits_per_byte": s.bits_per_byte,
-            "val_tokens": s.tokens, "val_bytes": s.bytes}
+    s = score_split(model, tokenizer, docs, separator, runtime, max_tokens=max_tokens)
+    ci = s.intervals()
+    out = {"val_loss": s.nll_sum / s.tokens, "val_perplexity": s.perplexity, "val_bits_per_byte": s.bits_per_byte,
+           "val_tokens": s.tokens, "val_bytes": s.bytes, "val_documents": s.documents,
+           "val_documents_total": s.documents_total, "val_tokens_total": s.tokens_total,
+           "val_cap_tokens": s.cap or 0}
+    if ci["perplexity_ci"] is not None:
+        out.update(val_perplexity_ci_low=ci["perplexity_ci"][0], val_perplexity_ci_high=ci["perplexity_ci"][1],
+                   val_bits_per_byte_ci_low=ci["bits_per_byte_ci"][0],
+                   val_bits_per_byte_ci_high=ci["bits_per_byte_ci"][1])
+    return out
+
+
+def validation_scope(m: dict) -> dict:
+    """The scope record (`Score.scope`) of a validation_metrics() dict; old records give what they have."""
+    docs, total = m.get("val_documents"), m.get("val_documents_total")
+    return {"tokens_scored": m.get("val_tokens"), "documents_scored": None if docs is None else int(docs),
+            "tokens_total": None if m.get("val_tokens_total") is None else int(m["val_tokens_total"]),
+            "documents_total": None if total is None else int(total),
+            "cap": int(m["val_cap_tokens"]) if m.get("val_cap_tokens") else None,
+            "max_length": DEFAULT_MAX_LENGTH if docs is not None else None,
+            "stride": default_stride(DEFAULT_MAX_LENGTH) if docs is not None else None}
+
+
+def describe_validation(m: dict) -> str:
+    """The log line's tail for a validation_metrics() dict: perplexity, interval and what was scored."""
+    ci = ""
+    if m.get("val_perplexity_ci_low") is not None:
+        ci = f" (95% CI {m['val_perplexity_ci_low']:.3f} to {m['val_perplexity_ci_high']:.3f})"
+    scope = validation_scope(m)
+    where = f" over {describe_scope(scope)}" if scope["documents_total"] is not None else ""
+    return f"{m['val_perplexity']:.3f}{ci}{where}"
 
 
 def results_metrics(m: dict) -> dict:
     """A validation_metrics() record in the shape results.json uses for metrics_before/after."""
+    ci = (lambda k: [m[f"{k}_ci_low"], m[f"{k}_ci_high"]] if f"{k}_ci_low" in m else None)
     return {"perplexity": m["val_perplexity"], "bits_per_byte": m["val_bits_per_byte"], "loss": m["val_loss"],
-            "tokens": m["val_tokens"], "bytes": m["val_bytes"]}
+            "tokens": m["val_tokens"], "bytes": m["val_bytes"], "perplexity_ci": ci("val_perplexity"),
+            "bits_per_byte_ci": ci("val_bits_per_byte"), **validation_scope(m)}

@@ -118,7 +118,7 @@ def _fused_loop(model, names, configs, base, runs, streams, loaders, *, overwrit
     from lora_project.models.losses import linear_cross_entropy
     from lora_project.models.scoring import (
         decoder_and_head,
-        limit_documents,
+        tokenize_split,
         validation_metrics,
     )
     from lora_project.training.callbacks import CallbackList, ProgressBar, TrainState
@@ -140,10 +140,11 @@ def _fused_loop(model, names, configs, base, runs, streams, loaders, *, overwrit
                                       weight_decay=t.weight_decay)
         scheds[n] = torch.optim.lr_scheduler.LambdaLR(optims[n], lr_lambda(t, max_steps))
     decoder, head = decoder_and_head(model)
-    val_docs = {n: limit_documents(base.tokenizer, streams[n].validation_docs, shared.eval_max_tokens) for n in names}
+    val_docs = {n: tokenize_split(base.tokenizer, streams[n].validation_docs, streams[n].separator, shared.eval_max_tokens)
+                for n in names}  # the cap is recorded with every evaluation
 
     def evaluate(n):
-        return validation_metrics(model, base.tokenizer, val_docs[n], streams[n].separator, runtime, shared.seq_len)
+        return validation_metrics(model, base.tokenizer, val_docs[n], streams[n].separator, runtime)
 
     before, cbs, states = {}, {}, {}
     with model.disable_adapter():

@@ -100,7 +100,7 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
         resolved_config,
         wrap_with_lora,
     )
-    from lora_project.models.scoring import limit_documents
+    from lora_project.models.scoring import describe_validation, tokenize_split
     from lora_project.training.checkpoint import CheckpointCallback
     from lora_project.training.checkpoint import restore as restore_checkpoint
     from lora_project.training.distributed import init_distributed
@@ -143,10 +143,10 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
                      use_mlflow=use_mlflow, parent_run_id=parent_run_id, write=main, kind=run_kind,
                      resumed=point.resumed if point else None, tags=tags, params=params) as run:
                 model = wrap_with_lora(base.model, cfg.lora, t.seed)
-                val_docs = limit_documents(base.tokenizer, streams.validation_docs, t.eval_max_tokens)
+                val_docs = tokenize_split(base.tokenizer, streams.validation_docs, streams.separator, t.eval_max_tokens)
 
                 def evaluate() -> dict:
-                    return validation_metrics(model, base.tokenizer, val_docs, streams.separator, runtime, t.seq_len)
+                    return validation_metrics(model, base.tokenizer, val_docs, streams.separator, runtime)
 
                 if point is not None:
                     before, evals = point.checkpoint[0]["metrics_before"], point.checkpoint[0]["evals"]
@@ -158,7 +158,7 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
                 else:
                     before, evals = {}, []
                 if main:
-                    log(f"validation perplexity before training: {before['val_perplexity']:.3f}"
+                    log(f"validation perplexity before training: {describe_validation(before)}"
                         + (f"; {dist.world_size} processes, data parallel" if dist.enabled else ""))
                 callbacks = run.callbacks(progress) + list(extra_callbacks or [])
                 checkpointer = None
@@ -195,7 +195,7 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
                 after = evaluate()
                 evals.append({"step": fit.steps, **after})
                 run.log_metrics(after, step=fit.steps)
-                log(f"validation perplexity after training: {after['val_perplexity']:.3f}")
+                log(f"validation perplexity after training: {describe_validation(after)}")
                 return run.finish(model, outcome, before, after, evals, overwrite=overwrite)
         finally:
             # Unwrap so that a caller reusing `base` (batch training, sweeps) gets the plain model back.
