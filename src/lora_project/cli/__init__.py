@@ -27,6 +27,7 @@ examples:
   lora-project train-batch --all                     # one adapter per catalog dataset
   lora-project inspect weights adapters/toddler_data_lora
   lora-project config --explain                      # every config field, default and range
+  lora-project ui                                    # the web workbench on http://127.0.0.1:7860/
 """
 
 
@@ -34,7 +35,7 @@ examples:
 # Each exposes register(sub): it adds its parser(s) and sets `handler=fn(args, paths)` as a default.
 # Modules here must stay light at import time (no torch, no transformers).
 COMMAND_MODULES: tuple[str, ...] = ("demo", "data", "train", "evaluate", "benchmark", "inspect", "config",
-                                    "adopt", "catalog", "profile")
+                                    "adopt", "catalog", "profile", "ui")
 
 
 def build_parser() -> argparse.ArgumentParser:
