@@ -266,6 +266,17 @@ def test_board_in_a_real_browser(board, browser):
     assert "modules" in _text(d, "#in-msg")
     _shot(d, paths, "inspect")
 
+    # Gradio's file route serves none of the project's files, nor any other.
+    import urllib.error
+    import urllib.request
+
+    for target in ("/etc/passwd", str(paths.training_config), "config/training_config.yaml", "../../etc/passwd"):
+        try:
+            code = urllib.request.urlopen(f"{url.rstrip('/')}/gradio_api/file={target}", timeout=10).status
+        except urllib.error.HTTPError as exc:
+            code = exc.code
+        assert code in (403, 404), (target, code)
+
     outside = sorted(u for u in _requests(d) if urlparse(u).scheme in ("http", "https", "ws", "wss")
                      and urlparse(u).hostname not in ("127.0.0.1", "localhost", "::1"))
     assert not outside, f"the page asked for resources outside the machine: {outside[:5]}"
