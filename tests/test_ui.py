@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -127,7 +128,8 @@ def test_live_progress_is_read_from_the_experiment_folder(project):
     assert state.live_views(paths) == [] and state.progress_line(None) == "no training runs yet"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     _experiment(project, 1, "old", pid=int(dead.stdout), status="KILLED",
-                results={"status": "KILLED", "mlflow_run_id": "abc123", "dataset": "toddler_data"})
+                results={"status": "KILLED", "mlflow_run_id": "abc123",
+                         "dataset": {"name": "toddler_data", "fingerprint": "f00"}})  # as Run records it
     _experiment(project, 2, "crashed", pid=int(dead.stdout))  # RUNNING, but its process is gone
     _experiment(project, 3, "live", pid=os.getpid(), points=4)
     (project / "adapters").mkdir(exist_ok=True)
@@ -147,6 +149,7 @@ def test_live_progress_is_read_from_the_experiment_folder(project):
     old = state.live_views(paths, follow="old")[0]
     assert old["status"] == "KILLED" and old["eta_seconds"] is None
     rows = state.runs_table(paths)
+    assert rows[-1]["dataset"] == "toddler_data" and rows[-1]["mlflow_run_id"] == "abc123"
     assert [(r["experiment"], r["status"]) for r in rows] == [
         ("exp_003_live", "RUNNING"), ("exp_002_crashed", "ENDED (process gone)"), ("exp_001_old", "KILLED")]
     (project / "adapters" / ".live_lora.lock").unlink()
@@ -214,3 +217,12 @@ def test_catalog_rows_show_preparation_and_tokens(project):
     sample = state.dataset_sample(paths, "toddler_data", n=3).splitlines()
     assert len(sample) == 3 and sample[0].startswith("1. ")
     assert "unchanged, skipped" in actions.prepare(paths, "toddler_data")
+
+
+def test_readme_shows_the_board_and_its_command():
+    from conftest import REPO
+
+    text = (REPO / "README.md").read_text()
+    images = re.findall(r"!\[[^\]]*\]\((docs/images/[^)]+)\)", text)
+    assert images and all((REPO / i).is_file() for i in images), images
+    assert "lora-project ui" in text and "127.0.0.1:7860" in text

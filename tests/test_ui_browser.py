@@ -48,7 +48,7 @@ def browser():
     opts = webdriver.ChromeOptions()
     opts.binary_location = binary
     # Everything but loopback goes to a closed port: the board must work with the network off.
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1100",
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1300,1500",
                 "--proxy-server=127.0.0.1:9", "--no-first-run", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync"):
         opts.add_argument(arg)
@@ -150,6 +150,12 @@ def _shot(d, paths, name):
     d.save_screenshot(str(out / f"{name}.png"))
 
 
+def _cmd(d) -> str:
+    from selenium.webdriver.common.by import By
+
+    return d.find_element(By.CSS_SELECTOR, "#train-cmd textarea, #train-cmd input").get_attribute("value") or ""
+
+
 def _progress(d) -> str:
     return _text(d, "#train-progress")
 
@@ -190,26 +196,23 @@ def test_board_in_a_real_browser(board, browser):
 
     # Train: a bad value is refused beside its field, the command line follows the form.
     _tab(d, "train")
+    _wait(d, "the form's defaults", lambda: _cmd(d).startswith("lora-project train"))  # page load done
     _choose(d, "t-dataset", "toddler_data")
     _type(d, "f-training-max-steps", "-5")
     _wait(d, "error beside steps", lambda: "must be >= 0" in _text(d, "#err-training-max-steps"))
     _type(d, "f-training-max-steps", "4000")
-    cmd = _wait(d, "command line", lambda: (v := d.find_element(By.CSS_SELECTOR, "#train-cmd textarea, #train-cmd input")
-                                            .get_attribute("value")) and "max_steps=4000" in v and v)
+    cmd = _wait(d, "command line", lambda: "max_steps=4000" in (v := _cmd(d)) and v)
     assert cmd.startswith("lora-project train toddler_data --set training.max_steps=4000"), cmd
     assert _text(d, "#err-training-max-steps") == ""
     d.find_element(By.CSS_SELECTOR, "#t-mlflow input").click()  # this run is only for stopping: no tracking
-    _wait(d, "--no-mlflow", lambda: "--no-mlflow" in d.find_element(
-        By.CSS_SELECTOR, "#train-cmd textarea, #train-cmd input").get_attribute("value"))
+    _wait(d, "--no-mlflow", lambda: "--no-mlflow" in _cmd(d))
     d.find_element(By.ID, "start-btn").click()
     _wait(d, "started", lambda: "started" in _text(d, "#train-msg"), timeout=20)
     # A second adapter trains at the same time (one training per adapter, not per board) and finishes.
     d.find_element(By.CSS_SELECTOR, "#t-mlflow input").click()
     _type(d, "t-adapter", "tiny_done")
     _type(d, "f-training-max-steps", "20")
-    _wait(d, "second command line", lambda: (v := d.find_element(
-        By.CSS_SELECTOR, "#train-cmd textarea, #train-cmd input").get_attribute("value")) and
-        "--adapter-name tiny_done" in v and "--no-mlflow" not in v)
+    _wait(d, "second command line", lambda: "--adapter-name tiny_done" in (v := _cmd(d)) and "--no-mlflow" not in v)
     d.find_element(By.ID, "start-btn").click()
     _wait(d, "second start", lambda: "started" in _text(d, "#train-msg") and "tiny_done" in _text(d, "#train-msg"))
     _type(d, "t-adapter", "")  # the page follows the adapter the form names: toddler_data again
@@ -220,7 +223,6 @@ def test_board_in_a_real_browser(board, browser):
     line = _wait(d, "loss line", lambda: d.find_elements(By.CSS_SELECTOR, "#loss-plot .mark-line path"))
     assert (line[0].get_attribute("d") or "").count("L") >= 2, "the loss curve is not a drawn line"
     assert "linear scale" in d.find_element(By.CSS_SELECTOR, "#loss-plot g.role-axis[aria-label]").get_attribute("aria-label")
-    _shot(d, paths, "train")
     _wait(d, "second run FINISHED", lambda: _results(paths, "tiny_done").get("status") == "FINISHED", timeout=90)
     # A reload (or a second tab) shows the same live run: its state lives in the experiment folder.
     d.refresh()
@@ -232,6 +234,10 @@ def test_board_in_a_real_browser(board, browser):
     assert _results(paths, "toddler_data")["status"] == "KILLED"
     runs = _text(d, "#runs-table")
     assert "KILLED" in runs and "FINISHED" in runs, runs
+    # The curve no longer changes, so it is not redrawn: a stable screenshot.
+    _wait(d, "the plot's legend", lambda: d.find_elements(By.CSS_SELECTOR, "#loss-plot .role-legend"))
+    time.sleep(1.5)
+    _shot(d, paths, "train")
     run_id = _results(paths, "tiny_done")["mlflow_run_id"]
     assert run_id and run_id in runs and "mlflow ui" in _text(d, "#mlflow-hint")
 

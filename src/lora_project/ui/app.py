@@ -135,6 +135,7 @@ def build_app(paths: ProjectPaths, jobs: TrainingJobs | None = None):
                                elem_id="train-log", autoscroll=True)
             runs_html = gr.HTML(elem_id="runs-box")
             timer = gr.Timer(1.0)
+            t_shown = gr.State(None)  # what this page last drew (per browser tab)
 
         form_inputs = [t_dataset, t_adapter, t_overwrite, t_mlflow, *fields]
 
@@ -189,30 +190,37 @@ def build_app(paths: ProjectPaths, jobs: TrainingJobs | None = None):
             except UserError as exc:
                 return _err(exc) + f" (pid {views[0]['pid']}: stop it where it was started)"
 
-        def tick(dataset, adapter):
+        def tick(dataset, adapter, shown):
+            """Progress, loss curve, process output and runs; the curve (and the others) only when they
+            changed since this page last drew them (`shown`), so the plot is not redrawn every second."""
             views = state.live_views(paths, followed(dataset, adapter))
             view = views[0] if views else None
-            curve = pd.DataFrame({"step": pd.Series([p["step"] for p in view["curve"]] if view else [], dtype="int64"),
-                                  "loss": pd.Series([p["loss"] for p in view["curve"]] if view else [], dtype="float64"),
-                                  "series": pd.Series([p["series"] for p in view["curve"]] if view else [],
-                                                      dtype="str")})  # typed even when empty: a numeric axis
-            log = jobs.log_tail(view["adapter"]) if view else ""
+            pts = view["curve"] if view else []
             link = ""
             if view and view.get("mlflow_run_id"):
                 text, href = state.mlflow_link(uri, view["mlflow_run_id"])
                 link = f" · MLflow run [{text}]({href})" if href else f" · MLflow run `{text}`"
             others = "".join(f"\n\nalso: {state.progress_line(v)}" for v in views[1:])
-            runs = render.table(state.runs_table(paths), RUN_COLUMNS, table_id="runs-table",
-                                empty="no training runs yet", uri=uri)
-            return state.progress_line(view) + link + others, curve, log, runs
+            now = {"progress": state.progress_line(view) + link + others,
+                   "curve": [view["experiment"] if view else None, len(pts), pts[-1] if pts else None],
+                   "log": jobs.log_tail(view["adapter"]) if view else "",
+                   "runs": render.table(state.runs_table(paths), RUN_COLUMNS, table_id="runs-table",
+                                        empty="no training runs yet", uri=uri)}
+            shown = shown or {}
+            curve = pd.DataFrame({"step": pd.Series([p["step"] for p in pts], dtype="int64"),
+                                  "loss": pd.Series([p["loss"] for p in pts], dtype="float64"),
+                                  "series": pd.Series([p["series"] for p in pts], dtype="str")})  # typed when empty
+            return (*[now[k] if now[k] != shown.get(k) else gr.skip() for k in ("progress",)],
+                    curve if now["curve"] != shown.get("curve") else gr.skip(),
+                    *[now[k] if now[k] != shown.get(k) else gr.skip() for k in ("log", "runs")], now)
 
         for comp in form_inputs:
             comp.input(preview, inputs=form_inputs, outputs=form_outputs, show_progress="hidden")
         t_dataset.change(preview, inputs=form_inputs, outputs=form_outputs, show_progress="hidden")
         start_btn.click(start, inputs=form_inputs, outputs=[*form_outputs, t_msg])
         stop_btn.click(stop, inputs=[t_dataset, t_adapter], outputs=t_msg)
-        timer.tick(tick, inputs=[t_dataset, t_adapter], outputs=[t_progress, t_plot, t_log, runs_html],
-                   show_progress="hidden")
+        tick_io = dict(inputs=[t_dataset, t_adapter, t_shown], outputs=[t_progress, t_plot, t_log, runs_html, t_shown])
+        timer.tick(tick, **tick_io, show_progress="hidden")
         tab_train.select(lambda: gr.update(choices=dataset_names()), outputs=t_dataset)
 
         # ------------------------------------------------------------------ Compare
@@ -333,5 +341,5 @@ def build_app(paths: ProjectPaths, jobs: TrainingJobs | None = None):
         app.load(load_catalog, outputs=[catalog_html, cat_name])
         app.load(load_form, outputs=[*fields, e_general]).then(
             preview, inputs=form_inputs, outputs=form_outputs, show_progress="hidden")
-        app.load(tick, inputs=[t_dataset, t_adapter], outputs=[t_progress, t_plot, t_log, runs_html])
+        app.load(tick, **tick_io)
     return app

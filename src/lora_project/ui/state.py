@@ -337,7 +337,9 @@ def runs_table(paths: ProjectPaths, limit: int = 30) -> list[dict]:
     rows = []
     for exp in experiment_dirs(paths)[:limit]:
         status, results, progress = run_status(exp)
-        rows.append({"experiment": exp.name, "status": status, "dataset": results.get("dataset", ""),
+        dataset = results.get("dataset") or ""
+        dataset = dataset.get("name", "") if isinstance(dataset, dict) else dataset  # provenance: {name, fingerprint}
+        rows.append({"experiment": exp.name, "status": status, "dataset": dataset,
                      "steps": results.get("steps") or progress.get("step"),
                      "val ppl after": (results.get("metrics_after") or {}).get("perplexity"),
                      "mlflow_run_id": results.get("mlflow_run_id")})
