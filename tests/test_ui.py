@@ -226,3 +226,28 @@ def test_readme_shows_the_board_and_its_command():
     images = re.findall(r"!\[[^\]]*\]\((docs/images/[^)]+)\)", text)
     assert images and all((REPO / i).is_file() for i in images), images
     assert "lora-project ui" in text and "127.0.0.1:7860" in text
+
+
+def test_saved_evaluations_are_found_and_rendered(project):
+    from lora_project.ui import actions, render
+
+    paths = ProjectPaths(project)
+    assert state.saved_matrix(paths) is None and state.saved_pairs(paths) is None
+    paths.metrics_dir.mkdir(parents=True)
+    cells = {m: {"toddler_data": {"perplexity": p, "bits_per_byte": p / 100, "tokens": 50}}
+             for m, p in (("base", 40.0), ("a_lora", 20.0))}
+    (paths.metrics_dir / "benchmark_20260101T000000.json").write_text(json.dumps(
+        {"matrix": {"split": "test", "max_tokens": 100, "datasets": ["toddler_data"], "models": ["base", "a_lora"],
+                    "cells": cells}}))
+    (paths.metrics_dir / "benchmark_20260102T000000.json").write_text(json.dumps({"training": []}))  # no matrix
+    m = state.saved_matrix(paths)
+    assert m["source"] == "benchmark_20260101T000000.json" and m["models"] == ["base", "a_lora"]
+    html = render.matrix_table(m)
+    assert "20.00 (0.200 b/B)" in html and html.count("<tr") == 3
+    (paths.metrics_dir / "minimal_pairs_20260101T000000.json").write_text(json.dumps({"models": {
+        "base": {"macro_accuracy": 0.5, "paradigms": {"anaphor<x>": {"accuracy": 0.5}}},
+        "a_lora": {"macro_accuracy": 0.75, "paradigms": {"anaphor<x>": {"accuracy": 0.75}}}}}))
+    html = render.pairs_table(state.saved_pairs(paths))
+    assert "anaphor&lt;x&gt;" in html and "0.75" in html and "macro average" in html  # escaped
+    with pytest.raises(UserError, match="two different"):
+        actions.compare(paths, "a_lora", "a_lora")
