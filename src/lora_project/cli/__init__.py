@@ -28,6 +28,7 @@ examples:
   lora-project sweep toddler_data --param lora.r=4,8 --param training.lr=1e-4:3e-3:log --trials 8
   lora-project inspect weights adapters/toddler_data_lora
   lora-project config --explain                      # every config field, default and range
+  lora-project ui                                    # the web workbench on http://127.0.0.1:7860/
 """
 
 
@@ -35,7 +36,7 @@ examples:
 # Each exposes register(sub): it adds its parser(s) and sets `handler=fn(args, paths)` as a default.
 # Modules here must stay light at import time (no torch, no transformers).
 COMMAND_MODULES: tuple[str, ...] = ("demo", "data", "train", "evaluate", "benchmark", "inspect", "config",
-                                    "adopt", "catalog", "profile", "sweep")
+                                    "adopt", "catalog", "profile", "sweep", "ui")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -112,6 +112,43 @@ class JsonlLogger(Callback):
         self._write({"event": "end", "step": state.step, "time": time.time(), "status": status})
 
 
+class ProgressFile(Callback):
+    """``logs/progress.json``: the live state of a run (step of max_steps, latest loss, tokens/s, pid,
+    status), rewritten atomically at most every `every` seconds and at the end. The web board reads it,
+    so a page reload or a second browser tab sees the same run."""
+
+    def __init__(self, path: Path, every: float = 0.5):
+        self.path, self.every = Path(path), every
+        self._last = 0.0
+        self._loss: float | None = None
+
+    def _write(self, state, status: str) -> None:
+        import os
+
+        from lora_project.utils.io_utils import atomic_write_json
+
+        self._last = time.time()
+        atomic_write_json(self.path, {
+            "status": status, "pid": os.getpid(), "step": state.step, "max_steps": state.max_steps,
+            "tokens_seen": state.tokens_seen, "train_seconds": state.train_seconds, "loss": self._loss,
+            "tokens_per_second": state.tokens_seen / state.train_seconds if state.train_seconds else None,
+            "updated": self._last})
+
+    def on_train_start(self, state):
+        self._write(state, "RUNNING")
+
+    def on_step_end(self, state, metrics):
+        self._loss = metrics.get("loss")
+        if time.time() - self._last >= self.every or state.step == state.max_steps:
+            self._write(state, "RUNNING")
+
+    def on_train_end(self, state, status):
+        try:
+            self._write(state, status)
+        except OSError:
+            pass  # the run's own end state (results.json, MLflow) matters more than the board's view
+
+
 class MlflowCallback(Callback):
     """Per-step metrics to an MLflow run that the caller started (and ends)."""
 

@@ -222,17 +222,19 @@ class Run:
 
     # -- during training -------------------------------------------------------------------------
     def callbacks(self, progress: bool, desc: str | None = None) -> list:
-        """Progress bar, metrics.jsonl and MLflow logging for this run (nothing on other ranks)."""
+        """Progress bar, metrics.jsonl, progress.json and MLflow logging for this run (nothing on other ranks)."""
         from lora_project.training.callbacks import (
             JsonlLogger,
             MlflowCallback,
             ProgressBar,
+            ProgressFile,
         )
 
         if not self.write:
             return []
         cbs = [ProgressBar(progress, desc=desc or f"train {self.adapter_name}"),
-               JsonlLogger(self.experiment_dir / "logs" / "metrics.jsonl")]
+               JsonlLogger(self.experiment_dir / "logs" / "metrics.jsonl"),
+               ProgressFile(self.experiment_dir / "logs" / "progress.json")]
         if self.tracker:
             cbs.append(MlflowCallback(self.tracker))
         return cbs
