@@ -28,6 +28,7 @@ def _scripted_validation(monkeypatch, losses: list[float]):
     return calls
 
 
+@pytest.mark.slow  # a tiny end-to-end training; the BestCheckpoint callback has a fast unit test
 def test_early_stopping_keeps_the_best_adapter_and_records_why(project, monkeypatch):
     # before, steps 2, 4 (best), 6, 8 (second evaluation without improvement: stop), final at step 8
     calls = _scripted_validation(monkeypatch, [5.0, 4.0, 3.5, 3.6, 3.7, 3.8])

@@ -28,6 +28,7 @@ def test_seed_specs_and_templates():
         adapter_name("{dataset}_{rank}", "kids", cfg)
 
 
+@pytest.mark.slow  # five tiny trainings; names and seed lists have a fast unit test
 def test_train_seeds_and_batch_template(project):
     proc = run_cli("train", "kids", "--seeds", "2", "--json", "--no-progress", "--no-mlflow",
                    "--set", "training.max_steps=2", "--set", "training.eval_interval=0",
@@ -56,3 +57,15 @@ def test_train_seeds_and_batch_template(project):
                               "--no-mlflow", cwd=project), "would both be saved as adapter 'x_s42'")
     assert_user_error(run_cli("train-batch", "kids", "--seeds", "2", "--fused", "--no-mlflow", cwd=project),
                       "--seeds and --name-template work without --fused")
+
+
+def test_mean_and_sd_across_seeds_by_hand():
+    from lora_project.utils.seed_groups import mean_sd_across_seeds, seed_group
+
+    assert seed_group("kids_s42_lora") == ("kids_lora", 42) and seed_group("kids_r8_s7") == ("kids_r8", 7)
+    assert seed_group("kids") is None and seed_group("base") is None
+    out = mean_sd_across_seeds({"base": 30.0, "kids_s43": 12.0, "kids_s42": 10.0, "kids_s44": 14.0,
+                                "toddler_s42": 20.0, "toddler_s43": None, "other_s1": 1.0, "other": 5.0})
+    assert set(out) == {"kids"}  # toddler has one seed with a number, other_s1 is alone
+    assert out["kids"]["mean"] == 12.0 and out["kids"]["sd"] == pytest.approx(2.0)  # sqrt((4+0+4)/2)
+    assert out["kids"]["seeds"] == [42, 43, 44] and out["kids"]["members"] == ["kids_s42", "kids_s43", "kids_s44"]
