@@ -101,7 +101,11 @@ def init_of(adapter: Adapter) -> tuple[dict, dict | None]:
     elif adapter.base_directory is None:
         info["reason"] = "its base model folder is not available"
     else:
-        init = initial_lora_A(adapter.base_directory, lora, seed)
+        try:
+            init = initial_lora_A(adapter.base_directory, lora, seed)
+        except Exception as exc:  # the comparison itself still stands without the control
+            info["reason"] = f"its initialisation could not be re-created ({type(exc).__name__}: {exc})"[:300]
+            return info, None
         info["known"] = True
         return info, init
     return info, None
