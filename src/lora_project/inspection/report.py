@@ -103,7 +103,7 @@ def init_of(adapter: Adapter) -> tuple[dict, dict | None]:
     else:
         try:
             init = initial_lora_A(adapter.base_directory, lora, seed)
-        except Exception as exc:  # the comparison itself still stands without the control
+        except Exception as exc:  # noqa: BLE001 - the comparison still stands without the control
             info["reason"] = f"its initialisation could not be re-created ({type(exc).__name__}: {exc})"[:300]
             return info, None
         info["known"] = True
