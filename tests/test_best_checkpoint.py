@@ -50,10 +50,9 @@ def test_early_stopping_keeps_the_best_adapter_and_records_why(project, monkeypa
     at4, at8 = (load_file(str(ckpts / f"step_{s:06d}" / "adapter.safetensors"))
                 if (ckpts / f"step_{s:06d}").is_dir() else None for s in (4, 8))
     assert at4 is not None, sorted(p.name for p in ckpts.iterdir())
-    key = lambda k: k.replace(".default", "")  # noqa: E731
-    at4 = {key(k): v for k, v in at4.items()}
+    at4 = {k.replace(".default", ""): v for k, v in at4.items()}
     assert set(saved) == set(at4) and all(torch.equal(saved[k], at4[k]) for k in saved)
-    assert any(not torch.equal(saved[key(k)], v) for k, v in at8.items())
+    assert any(not torch.equal(saved[k.replace(".default", "")], v) for k, v in at8.items())
     meta = json.loads((project / "adapters" / "toddler_data_lora" / "lora_project.json").read_text())
     assert meta["final_metrics"]["after"]["loss"] == 3.5
     log = [json.loads(x) for x in (project / "experiments" / "exp_001_toddler_data" / "logs" / "metrics.jsonl")

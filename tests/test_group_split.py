@@ -44,8 +44,8 @@ def test_document_split_keeps_each_source_file_in_one_split(project):
     for i in range(8):  # 8 "books" of different lengths; lines repeat across books on purpose
         (stories / f"book{i}.txt").write_text("".join(f"line {j} of the tale.\nbook {i} line {j}.\n"
                                                       for j in range(5 + 3 * i)))
-    _catalog(project, ["books,local,data/raw/stories,lines,,,,,split_by=document;split_seed=1;dedupe=false,"
-                       "0.6/0.2/0.2,true",
+    _catalog(project, [("books,local,data/raw/stories,lines,,,,,split_by=document;split_seed=1;dedupe=false,"
+                        "0.6/0.2/0.2,true"),
                        "onefile,local,data/raw/stories/book1.txt,lines,,,,,split_by=document,0.8/0.1/0.1,true"])
     proc = run_cli("prepare", "books", "--no-tokens", "--json", cwd=project)
     assert proc.returncode == 0, proc.stderr
