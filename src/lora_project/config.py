@@ -103,6 +103,11 @@ class TrainingSection:
     eval_max_tokens: int = opt(16384, "Cap on validation tokens scored by periodic and final "
                                "evaluation (0 = the whole split); the leading documents that fit are "
                                "scored, and results.json records what was.", min=0)
+    keep_best: bool = opt(False, "Save the adapter as it was at the evaluation with the lowest validation "
+                          "loss (periodic ones every eval_interval steps, and the final one), not the last step.")
+    early_stopping_patience: int | None = opt(None, "Stop when the validation loss has not improved for this "
+                                              "many periodic evaluations (needs eval_interval); null = never.",
+                                              min=1, max=1_000_000, nullable=True)
     log_interval: int = opt(5, "Log training metrics every N optimizer steps.", min=1, max=10_000_000)
     checkpoint_interval: int = opt(0, "Save a checkpoint every N optimizer steps; 0 = none.", min=0, max=10_000_000)
     keep_checkpoints: int = opt(2, "How many recent checkpoints to keep.", min=1, max=1000)
@@ -256,6 +261,8 @@ def _check_value(name: str, value: Any, f: dataclasses.Field, default: Any) -> t
         if meta.get("nullable"):
             return None, None
         return value, f"{name}: must be set (got null)"
+    if default is None and str(f.type).split("|")[0].strip() == "int":
+        default = 0  # a nullable integer field (e.g. early_stopping_patience): checked as an integer
     expected = type(default) if default is not None else str
     if isinstance(default, bool):
         if not isinstance(value, bool):
@@ -333,6 +340,10 @@ def build_config(merged: dict[str, dict[str, Any]]) -> RunConfig:
         lo = sections["lora"]
         if lo.init_lora_weights == "orthogonal" and lo.r % 2:
             problems.append(f"lora.init_lora_weights: 'orthogonal' needs an even lora.r, got {lo.r}")
+        for key in ("keep_best", "early_stopping_patience"):
+            if getattr(t, key) not in (None, False) and not t.eval_interval:
+                problems.append(f"training.{key} needs periodic evaluations: set training.eval_interval "
+                                "(steps between validation evaluations)")
     if problems:
         raise ConfigError(problems)
     return RunConfig(**sections)

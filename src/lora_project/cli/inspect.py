@@ -141,11 +141,24 @@ def run_compare(args, paths) -> None:
     if args.json:
         print_json(report)
         return
+    learned = report.get("mean_learned_phi_full") is not None
+    init_cols = [("learned_phi_top1", "learned phi(1,1)", ".3f"), ("learned_phi_full", "learned phi(r,r)", ".3f"),
+                 ("init_phi_a", "a~init", ".3f"), ("init_phi_b", "b~init", ".3f")] if learned else []
     print(fmt_table(report["modules"], [
-        ("name", "module", ""), ("phi_top1", "phi(1,1)", ".3f"), ("phi_full", "phi(r,r)", ".3f"),
+        ("name", "module", ""), ("phi_top1", "phi(1,1)", ".3f"), ("phi_full", "phi(r,r)", ".3f"), *init_cols,
         ("amplification_a", f"ampl {report['a']}", ".2f"), ("amplification_b", f"ampl {report['b']}", ".2f")]))
     print(f"\nmean phi(1,1) {report['mean_phi_top1']:.3f}; mean phi(r,r) {report['mean_phi_full']:.3f} "
           f"(two random subspaces: ~{report['random_baseline_full']:.3f})")
+    if learned:
+        print(f"learned change (A - A_init): mean phi(1,1) {report['mean_learned_phi_top1']:.3f}, "
+              f"phi(r,r) {report['mean_learned_phi_full']:.3f}; each against its own init: "
+              f"{report['a']} {report['mean_init_phi_a']:.3f}, {report['b']} {report['mean_init_phi_b']:.3f} "
+              f"(A moved {report['mean_A_change_a']:.1%} and {report['mean_A_change_b']:.1%} of its init norm)")
+    else:
+        why = report["init"]["a"]["reason"] or report["init"]["b"]["reason"]
+        print(f"no init control: {why}")
+    if report["init"]["shared"]:
+        print(report["init"]["note"])
     print("plots: " + ", ".join(report["plots"]))
 
 

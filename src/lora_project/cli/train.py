@@ -30,8 +30,12 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the newest checkpoint of this adapter (same experiment folder and MLflow run; "
                         "refused if config, base model or data changed)")
+    p.add_argument("--seeds", metavar="N|S1,S2,...",
+                   help="train one adapter per seed, named <name>_s<seed>: N seeds from training.seed on "
+                        "(--seeds 3: 42, 43, 44 by default) or the seeds listed (--seeds 1,7,42)")
     add_run_flags(p)
-    p.add_argument("--json", action="store_true", help="print results.json content on stdout")
+    p.add_argument("--json", action="store_true", help="print results.json content on stdout "
+                                                       "(with --seeds: {dataset, seeds, runs: [...]})")
     p.set_defaults(handler=run_train)
 
     p = sub.add_parser("train-batch", help="train one adapter per catalog dataset (base loaded once)",
@@ -49,6 +53,13 @@ def register(sub) -> None:
     p.add_argument("--fused", action="store_true",
                    help="train all adapters at once: one forward/backward over a batch of every adapter's own "
                         "examples, the frozen base shared (needs equal seq_len, batch_size, steps, precision)")
+    p.add_argument("--seeds", metavar="N|S1,S2,...",
+                   help="one adapter per dataset and seed (N seeds from training.seed on, or the seeds listed); "
+                        "named <dataset>_s<seed> unless --name-template says otherwise")
+    p.add_argument("--name-template", metavar="TEMPLATE",
+                   help="adapter names from fields {dataset} {seed} {r} {alpha} {lr} {max_steps} {seq_len} "
+                        "{batch_size} {targets}, e.g. '{dataset}_r{r}_s{seed}', so a retrain with new settings "
+                        "does not overwrite (default: {dataset})")
     add_run_flags(p)
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.set_defaults(handler=run_train_batch)
@@ -58,6 +69,8 @@ def run_train(args, paths) -> None:
     from lora_project.training.run import train_adapter
 
     cfg = load_cfg(args, paths)
+    if args.seeds is not None:
+        return _run_seeds(args, paths, cfg)
     res = train_adapter(paths, args.name, cfg, adapter_name=args.adapter_name, overwrite=args.overwrite,
                         use_mlflow=not args.no_mlflow, progress=not args.no_progress, resume=args.resume,
                         log=progress_log(args.json))
@@ -74,14 +87,31 @@ def run_train(args, paths) -> None:
             print(f"MLflow run: {res['mlflow_run_id']}")
 
 
+def _run_seeds(args, paths, cfg) -> None:
+    from lora_project.training.seeds import parse_seeds, train_seeds
+
+    out = train_seeds(paths, args.name, cfg, parse_seeds(args.seeds), adapter_name=args.adapter_name,
+                      overwrite=args.overwrite, use_mlflow=not args.no_mlflow, progress=not args.no_progress,
+                      resume=args.resume, log=progress_log(args.json))
+    if args.json:
+        print_json(out)
+        return
+    for seed, res in zip(out["seeds"], out["runs"]):
+        b, a = res["metrics_before"], res["metrics_after"]
+        print(f"seed {seed}: validation perplexity {b['perplexity']:.3f} -> {a['perplexity']:.3f}; "
+              f"adapter {res['adapter_dir']}")
+
+
 def run_train_batch(args, paths) -> None:
     from lora_project.data.catalog import load_catalog
     from lora_project.training.batch import summary_table, train_batch_from_files
+    from lora_project.training.seeds import parse_seeds
 
     names = select_datasets(args, load_catalog(paths.catalog))
     summary = train_batch_from_files(paths, names, config_files(args, paths), args.overrides, args.batch_config,
                                      overwrite=args.overwrite, use_mlflow=not args.no_mlflow,
-                                     progress=not args.no_progress, fused=args.fused, log=progress_log(args.json))
+                                     progress=not args.no_progress, fused=args.fused, seeds=parse_seeds(args.seeds),
+                                     name_template=args.name_template, log=progress_log(args.json))
     if args.json:
         print_json(summary)
     else:
@@ -89,6 +119,7 @@ def run_train_batch(args, paths) -> None:
         print(f"\nsummary: {summary['report']['markdown']}")
     failed = [r for r in summary["datasets"] if r["status"] == "failed"]
     if failed:
-        print(f"error: {len(failed)} of {len(names)} dataset(s) failed: "
-              + "; ".join(f"{r['dataset']}: {r['reason']}" for r in failed), file=sys.stderr)
+        what = "dataset(s)" if len(summary["datasets"]) == len(names) else "run(s)"
+        print(f"error: {len(failed)} of {len(summary['datasets'])} {what} failed: "
+              + "; ".join(f"{r['adapter'].removesuffix('_lora')}: {r['reason']}" for r in failed), file=sys.stderr)
         raise SystemExit(1 if any(r.get("bug") for r in failed) else 2)

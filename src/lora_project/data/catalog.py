@@ -15,7 +15,10 @@ sha256       expected SHA-256 of a downloaded or local source file (optional)
 license      licence of the source text
 description  free text
 options      ``key=value`` pairs separated by ``;`` (see OPTION_KEYS; a ``;`` inside a value,
-             as in ``min_age=1;06``, is kept because it is not followed by ``key=``)
+             as in ``min_age=1;06``, is kept because it is not followed by ``key=``);
+             ``split_by=transcript|speaker|age_bin|document`` (childes rows; other rows:
+             ``document`` = source file) keeps each group in one split (``split_seed``,
+             ``age_bin_months`` tune it)
 split        train/validation/test fractions, e.g. ``0.8/0.1/0.1``
 enabled      true/false: whether ``--all`` includes the row
 
@@ -49,6 +52,7 @@ OPTION_KEYS = {
     "allow_http": bool,                             # url rows: permit plain http
     "hub_split": str, "revision": str,              # hub rows: split and pinned revision
     "participants": str, "min_age": str, "max_age": str,  # childes rows: CHI,MOT ; 1;06 ; 3;00
+    "split_by": str, "split_seed": int, "age_bin_months": int,  # group-aware splits (data/group_split.py)
 }
 _OPTION_SPLIT = re.compile(r";(?=\s*[A-Za-z_]+\s*=)")
 
@@ -193,6 +197,13 @@ def parse_catalog(text: str, source: str = "catalog") -> dict[str, CatalogEntry]
             problems.append(f"{where}: kind {kind} needs a path in the project, not a URL (use kind url)")
         if kind == "childes" and fmt != "lines":
             problems.append(f"{where}: childes rows give one utterance per line; leave format empty or 'lines'")
+        by = options.get("split_by")
+        allowed = ("transcript", "speaker", "age_bin", "document") if kind == "childes" else ("document",)
+        if by is not None and by not in allowed:
+            problems.append(f"{where}: option split_by={by!r} is not one of {', '.join(allowed)}"
+                            f"{' for a ' + kind + ' row' if kind != 'childes' else ''}{did_you_mean(by, allowed)}")
+        if options.get("age_bin_months") == 0:
+            problems.append(f"{where}: option age_bin_months must be at least 1")
         for key in ("min_age", "max_age"):
             if key in options:
                 try:

@@ -106,6 +106,7 @@ class Extraction:
     """The lines extracted from all sources plus one FileReport per file."""
     lines: list[str]
     files: list[FileReport]
+    meta: list[dict] = field(default_factory=list)  # per line: transcript, speaker, age_months
 
     @property
     def problems(self) -> list[FileReport]:
@@ -219,6 +220,7 @@ def extract_children(paths: list[Path], participants: list[str] | tuple[str, ...
     if lo is not None and hi is not None and lo > hi:
         raise UserError(f"--min-age {min_age} is above --max-age {max_age}")
     lines: list[str] = []
+    meta: list[dict] = []
     reports: list[FileReport] = []
     for name, raw in iter_chat_sources([Path(p) for p in paths]):
         rep = FileReport(file=name)
@@ -243,6 +245,11 @@ def extract_children(paths: list[Path], participants: list[str] | tuple[str, ...
                 continue
         else:
             codes = {p.code for p in speakers} | (wanted & {u.participant for u in reader.utterances()})
+        # A speaker is corpus/name; without a name in the headers, the code within this transcript
+        # (we cannot tell that two unnamed CHIs are one child, so they count as two).
+        who = {p.code: {"speaker": f"{(p.corpus or '?').lower()}/{p.name}" if p.name else f"{name}#{p.code}",
+                        "age_months": round(p.age.in_months(), 2) if p.age is not None else None}
+               for p in reader.participants()}
         n_words = 0
         for utt in reader.utterances():
             if utt.participant not in codes or utt.tokens is None:
@@ -251,10 +258,12 @@ def extract_children(paths: list[Path], participants: list[str] | tuple[str, ...
             text = utterance_text([t.word for t in utt.tokens])
             if text:
                 lines.append(text)
+                speaker = who.get(utt.participant, {"speaker": f"{name}#{utt.participant}", "age_months": None})
+                meta.append({"transcript": name, **speaker})
                 rep.lines += 1
                 n_words += sum(1 for w in text.split() if any(c.isalpha() for c in w))
         rep.mlu_words = round(n_words / rep.lines, 3) if rep.lines else None
-    return Extraction(lines, reports)
+    return Extraction(lines, reports, meta)
 
 
 def extract_children_corpus(sources: list[Path], out: Path, participants: str = "CHI", min_age: str | None = None,

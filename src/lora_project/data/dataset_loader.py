@@ -130,7 +130,9 @@ def prepare_dataset(paths: ProjectPaths, name: str, force: bool = False,
         def load_utterances():
             ex = extract_children([src], participants, entry.option("min_age", None),
                                   entry.option("max_age", None), encoding=encoding, warn=lambda m: log(f"warning: {m}"))
-            return ex.lines, ex.summary()
+            root = str(src) + "/" if src.is_dir() else str(src.parent) + "/"
+            meta = [dict(m, transcript=m["transcript"].removeprefix(root)) for m in ex.meta]
+            return ex.lines, ex.summary(), meta
 
         return prepare_documents(entry.name, str(src), tree_fingerprint(src), load_utterances, out,
                                  settings={"kind": "childes", "format": "lines"}, **common)
@@ -139,7 +141,12 @@ def prepare_dataset(paths: ProjectPaths, name: str, force: bool = False,
     from lora_project.data.extract import read_documents
 
     def load_docs():
-        return read_documents(src, entry.format, entry.text_field, entry.option("sep", None), encoding)
+        docs, info = read_documents(src, entry.format, entry.text_field, entry.option("sep", None), encoding)
+        if not entry.option("split_by", None):
+            return docs, info
+        # split_by=document: each source file (a book, a story collection) is one group
+        metas = [{"document": f} for f, n in info.get("documents_per_file", []) for _ in range(n)]
+        return docs, info, (metas if len(metas) == len(docs) else None)
 
     return prepare_documents(entry.name, str(src), tree_fingerprint(src), load_docs, out,
                              settings={"format": entry.format, "field": entry.text_field,

@@ -197,8 +197,10 @@ def read_documents(path: Path, fmt: str = "auto", text_field: str = "", sep: str
         info["files"] = 1
         return read_hf_disk(path, field), info
     docs: list[str] = []
+    per_file = info["documents_per_file"] = []  # [file relative to the source, documents], for split_by=document
     for f in _files(path, fmt):
         info["files"] += 1
+        before = len(docs)
         if fmt == "jsonl":
             docs.extend(read_jsonl(f, field, encoding))
         elif fmt == "csv":
@@ -214,6 +216,7 @@ def read_documents(path: Path, fmt: str = "auto", text_field: str = "", sep: str
                 docs.extend(" ".join(p.split()) for p in split_documents(text, "paragraphs"))
             else:
                 docs.extend(split_documents(text, fmt, sep))
+        per_file.append([str(f.relative_to(path)) if f != path else f.name, len(docs) - before])
     return docs, info
 
 

@@ -4,7 +4,10 @@ Cleaning: byte-order mark removed, CRLF/CR -> LF, Unicode NFC, documents strippe
 documents dropped, exact duplicates dropped (option ``dedupe``), length filters
 (``min_chars``/``max_chars``). Each document goes to a split chosen by a hash of its text,
 so the assignment does not depend on order, and identical documents always land together
-(the splits are disjoint even without deduplication).
+(the splits are disjoint even without deduplication). With the option ``split_by`` whole groups
+(transcripts, speakers, age bins, source documents) go to one split each instead
+(`group_split`); documents with metadata (CHILDES utterances) get ``<split>.meta.jsonl`` beside
+``<split>.txt``, one JSON object per document in the same order.
 
 Output: ``data/processed/<name>/{train,validation,test}.txt`` plus ``stats.json``; every
 file is written atomically. Re-running with unchanged source and options does nothing.
@@ -108,6 +111,27 @@ def clean_documents(docs: list[str], dedupe: bool, min_chars: int, max_chars: in
     return out, counts
 
 
+def _kept(docs: list[str], metas: list[dict] | None, transform) -> tuple[list[str], list[dict] | None]:
+    """Apply a per-document transform (None = drop) to documents, dropping their metadata alongside."""
+    out = transform(docs)
+    if metas is None:
+        return [d for d in out if d is not None], None
+    if len(metas) != len(docs):
+        raise RuntimeError(f"{len(metas)} metadata records for {len(docs)} documents")
+    pairs = [(d, m) for d, m in zip(out, metas) if d is not None]
+    return [d for d, _ in pairs], [m for _, m in pairs]
+
+
+def _follow(docs: list[str], metas: list[dict], kept: list[str]) -> list[dict]:
+    """Metadata of the documents `clean_documents` kept (an order-preserving subsequence of `docs`)."""
+    out, j = [], 0
+    for d, m in zip(docs, metas):
+        if j < len(kept) and d == kept[j]:
+            out.append(m)
+            j += 1
+    return out
+
+
 def _up_to_date(out_dir: Path, source_fp: str, settings_fp: str) -> dict | None:
     stats_path = out_dir / "stats.json"
     if not stats_path.is_file():
@@ -138,17 +162,35 @@ def prepare_documents(name: str, source: str, source_fp: str, load_docs, out_dir
         if old is not None:
             return Prepared(name, out_dir, old, skipped=True)
     loaded = load_docs()
-    docs, info = loaded if isinstance(loaded, tuple) else (loaded, {})
-    docs = [d.strip() for d in (normalise(d) for d in docs) if d.strip()]
-    docs, counts = clean_documents(docs, bool(options.get("dedupe", True)),
-                                   int(options.get("min_chars", 1)), int(options.get("max_chars", 0)))
+    docs, info, metas = (loaded + (None,) * (3 - len(loaded)) if isinstance(loaded, tuple)
+                         else (loaded, {}, None))
+    docs, metas = _kept(docs, metas, lambda ds: [(d.strip() if d.strip() else None) for d in map(normalise, ds)])
+    kept_docs, counts = clean_documents(docs, bool(options.get("dedupe", True)),
+                                        int(options.get("min_chars", 1)), int(options.get("max_chars", 0)))
+    if metas is not None:  # clean_documents keeps order: match the kept documents back to their metadata
+        metas = _follow(docs, metas, kept_docs)
+    docs = kept_docs
     if not docs:
         raise UserError(f"dataset '{name}': no documents left after cleaning {source} "
                         f"({counts['documents_in']} read, {counts['too_short']} too short, "
                         f"{counts['too_long']} too long)")
-    parts: dict[str, list[str]] = {s: [] for s in SPLITS}
-    for d in docs:
-        parts[assign_split(d, split)].append(d)
+    group_stats, part_meta = None, None
+    if options.get("split_by"):
+        from lora_project.data.group_split import split_by_groups
+
+        parts, part_meta, group_stats = split_by_groups(
+            docs, metas, options["split_by"], split, int(options.get("split_seed", 0)),
+            int(options.get("age_bin_months", 6)), Path(source).name)
+        if metas is None:
+            part_meta = None
+    else:
+        parts = {s: [] for s in SPLITS}
+        part_meta = {s: [] for s in SPLITS} if metas is not None else None
+        for i, d in enumerate(docs):
+            s = assign_split(d, split)
+            parts[s].append(d)
+            if part_meta is not None:
+                part_meta[s].append(metas[i])
     if not parts["train"]:
         raise UserError(f"dataset '{name}': the train split is empty ({len(docs)} documents)")
     sep = doc_separator(docs)
@@ -164,9 +206,16 @@ def prepare_documents(name: str, source: str, source_fp: str, load_docs, out_dir
     # error above leaves the previous output untouched.
     for s in SPLITS:
         atomic_write_text(out_dir / f"{s}.txt", bodies[s])
+        meta_path = out_dir / f"{s}.meta.jsonl"
+        if part_meta is not None:  # one JSON object per document, in the order of <split>.txt
+            atomic_write_text(meta_path, "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in part_meta[s]))
+        elif meta_path.exists():
+            meta_path.unlink()
     stats = {"name": name, "source": source, "source_sha256": source_fp,
              "settings": settings, "settings_sha256": settings_fp, "separator": sep,
              "cleaning": counts, "extraction": info, "splits": split_stats}
+    if group_stats is not None:
+        stats["groups"] = group_stats
     atomic_write_json(out_dir / "stats.json", stats)
     return Prepared(name, out_dir, stats, skipped=False)
 

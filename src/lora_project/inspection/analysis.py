@@ -158,8 +158,50 @@ def plot_histograms(adapter_name: str, m: LoraModule, values: dict[str, np.ndarr
     return out
 
 
-def compare_adapters(a: Adapter, b: Adapter, base: BaseWeights | None, max_rank: int | None = None) -> dict:
-    """Subspace similarity and update cosine of two adapters, module by module."""
+def _learned_svd(m: LoraModule, init: dict | None):
+    """SVD of the learned change of A (A minus its re-created init), or None when unknown or zero."""
+    import torch
+
+    if init is None or m.name not in init or tuple(init[m.name].shape) != tuple(m.A.shape):
+        return None
+    delta = m.A.double() - init[m.name].double()
+    if float(torch.linalg.matrix_norm(delta)) == 0.0:
+        return None
+    return factor_svd(delta, torch.eye(delta.shape[0], dtype=torch.float64), 1.0)
+
+
+def _init_svd(m: LoraModule, init: dict | None):
+    import torch
+
+    if init is None or m.name not in init or tuple(init[m.name].shape) != tuple(m.A.shape):
+        return None
+    a0 = init[m.name].double()
+    return factor_svd(a0, torch.eye(a0.shape[0], dtype=torch.float64), 1.0)
+
+
+def _mean(rows: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def _init_control(m: LoraModule, s, init: dict | None, side: str) -> dict:
+    """phi(r,r) between an adapter's update and its own initial A, and how far A moved (relative)."""
+    import torch
+
+    s0 = _init_svd(m, init)
+    if s0 is None:
+        return {}
+    r = m.A.shape[0]
+    a0 = init[m.name].double()
+    moved = float(torch.linalg.matrix_norm(m.A.double() - a0) / torch.linalg.matrix_norm(a0))
+    return {f"init_phi_{side}": subspace_similarity(s.right, s0.right, r, r), f"A_change_{side}": moved}
+
+
+def compare_adapters(a: Adapter, b: Adapter, base: BaseWeights | None, max_rank: int | None = None,
+                     init_a: dict | None = None, init_b: dict | None = None) -> dict:
+    """Subspace similarity of two adapters, module by module, with the init control when the
+    initial A of each is known (`init_a`/`init_b`: module path -> initial A): phi of the learned
+    changes (A - A_init) and phi between each adapter and its own initial A."""
     if a.base_fingerprint and b.base_fingerprint and a.base_fingerprint != b.base_fingerprint:
         raise UserError(f"{a.path.name} and {b.path.name} were trained on different base models "
                         f"({a.metadata.base_name or '?'} {a.base_fingerprint[:12]} vs "
@@ -180,6 +222,12 @@ def compare_adapters(a: Adapter, b: Adapter, base: BaseWeights | None, max_rank:
         grid = [[subspace_similarity(sa.right, sb.right, i, j) for j in range(1, rb + 1)] for i in range(1, ra + 1)]
         row = {"name": ma.name, "layer": ma.layer, "module": ma.kind, "phi": grid, "phi_top1": grid[0][0],
                "phi_full": grid[-1][-1]}
+        la, lb = _learned_svd(ma, init_a), _learned_svd(m2, init_b)
+        if la is not None and lb is not None:
+            row["learned_phi_top1"] = subspace_similarity(la.right, lb.right, 1, 1)
+            row["learned_phi_full"] = subspace_similarity(la.right, lb.right, ra, rb)
+        row.update(_init_control(ma, sa, init_a, "a"))
+        row.update(_init_control(m2, sb, init_b, "b"))
         if base is not None:
             w0 = base.weight_of(ma)
             row["amplification_a"], row["amplification_b"] = amplification(sa, w0), amplification(sb, w0)
@@ -187,6 +235,8 @@ def compare_adapters(a: Adapter, b: Adapter, base: BaseWeights | None, max_rank:
     return {"a": a.path.name, "b": b.path.name, "modules": rows,
             "mean_phi_top1": float(np.mean([r["phi_top1"] for r in rows])),
             "mean_phi_full": float(np.mean([r["phi_full"] for r in rows])),
+            **{f"mean_{k}": _mean(rows, k) for k in ("learned_phi_top1", "learned_phi_full", "init_phi_a",
+                                                     "init_phi_b", "A_change_a", "A_change_b")},
             "random_baseline_full": float(np.mean([max(len(r["phi"]), len(r["phi"][0])) /
                                                    mb[r["name"]].A.shape[1] for r in rows]))}
 

@@ -84,12 +84,55 @@ def values_report(adapter_dir: Path, pattern: str, out_root: Path,
     return {"adapter": adapter.path.name, "modules": entries}, arrays
 
 
+def init_of(adapter: Adapter) -> tuple[dict, dict | None]:
+    """What the metadata says about an adapter's initialisation ({seed, r, target_modules, base,
+    known, reason}) and its re-created initial A per module (None when it cannot be re-created)."""
+    from lora_project.models.lora_init import initial_lora_A, lora_section_of
+
+    meta = adapter.metadata
+    seed = ((meta.config or {}).get("training") or {}).get("seed")
+    lora = lora_section_of(meta.config)
+    info = {"seed": seed, "r": lora.r if lora else adapter.config.get("r"),
+            "target_modules": sorted(lora.target_modules) if lora else None,
+            "base_fingerprint": meta.base_fingerprint, "known": False, "reason": ""}
+    if meta.origin not in (None, "trained"):
+        info["reason"] = f"a {meta.origin} adapter has no single initialisation"
+    elif not isinstance(seed, int) or lora is None:
+        info["reason"] = "no seed or LoRA settings in its metadata (not trained by this tool?)"
+    elif adapter.base_directory is None:
+        info["reason"] = "its base model folder is not available"
+    else:
+        try:
+            init = initial_lora_A(adapter.base_directory, lora, seed)
+        except Exception as exc:  # noqa: BLE001 - the comparison still stands without the control
+            info["reason"] = f"its initialisation could not be re-created ({type(exc).__name__}: {exc})"[:300]
+            return info, None
+        info["known"] = True
+        return info, init
+    return info, None
+
+
+def shared_init(ia: dict, ib: dict) -> bool:
+    """Same seed, rank, targets and base: the two adapters started from the same A."""
+    return (ia["seed"] is not None and ia["target_modules"] is not None and ia["base_fingerprint"] is not None
+            and all(ia[k] == ib[k] for k in ("seed", "r", "target_modules", "base_fingerprint")))
+
+
 def compare_report(a_dir: Path, b_dir: Path, out_root: Path, max_rank: int | None = None,
                    config_files: list[Path] = (), overrides: list[str] = ()) -> dict:
-    """`inspect compare`: `analysis.compare_adapters` (base from the first adapter) plus its heatmaps."""
+    """`inspect compare`: `analysis.compare_adapters` (base from the first adapter) with the init
+    control (each adapter's initial A re-created from its seed), plus its heatmaps."""
     a, b = (require_plain_lora(load_adapter(d), "adapter comparison") for d in (a_dir, b_dir))
     if max_rank is not None and max_rank < 1:
         raise UserError("--max-rank must be at least 1")
-    report = analysis.compare_adapters(a, b, base_weights(a, config_files, overrides), max_rank)
+    (ia, init_a), (ib, init_b) = init_of(a), init_of(b)
+    report = analysis.compare_adapters(a, b, base_weights(a, config_files, overrides), max_rank, init_a, init_b)
+    report["init"] = {"a": ia, "b": ib, "shared": shared_init(ia, ib)}
+    if report["init"]["shared"]:
+        report["init"]["note"] = (f"{a.path.name} and {b.path.name} share their initialisation (seed {ia['seed']}, "
+                                  f"r={ia['r']}, same targets and base): raw phi mostly measures that shared "
+                                  "start; read the learned phi (A - A_init) instead")
+    else:
+        report["init"]["note"] = ""
     report["plots"] = [str(p) for p in analysis.plot_compare(report, out_root)]
     return report

@@ -11,6 +11,8 @@
 * One MLflow parent run; each adapter's run is its child (tag ``mlflow.parentRunId``).
 * An adapter whose metadata already records the same resolved config, base model and data
   fingerprints is skipped unless ``--overwrite``.
+* ``seeds`` trains one adapter per dataset and seed; ``name_template`` (e.g.
+  ``{dataset}_r{r}_s{seed}``) names the adapters (training/seeds.py).
 * A failing dataset is recorded with its reason and the others go on; the summary table is
   printed and saved to ``outputs/metrics/train_batch_<timestamp>.{json,md}``.
 """
@@ -91,12 +93,15 @@ def train_batch_from_files(paths: ProjectPaths, names: list[str], config_files: 
 
 def train_batch(paths: ProjectPaths, names: list[str], sources: list[tuple[str, dict]], overrides: list[str],
                 batch_overrides: dict[str, dict], *, overwrite: bool = False, use_mlflow: bool = True,
-                progress: bool = True, fused: bool = False, log=print) -> dict:
-    """Train one adapter per dataset (sequential or fused); a failing dataset does not stop the others."""
+                progress: bool = True, fused: bool = False, seeds=None, name_template: str | None = None,
+                log=print) -> dict:
+    """Train one adapter per dataset (sequential or fused), or per dataset and seed (`seeds`: a count
+    or a list, see training/seeds.py), named by `name_template`; a failing run does not stop the others."""
     from lora_project.data.catalog import load_catalog
     from lora_project.data.dataset_loader import prepare_dataset
     from lora_project.models.base_model import load_base
     from lora_project.training.run import train_adapter
+    from lora_project.training.seeds import check_unique, seeded_runs
     from lora_project.utils.mlflow_utils import MlflowTracker
 
     unknown = sorted(set(batch_overrides) - set(names))
@@ -104,6 +109,12 @@ def train_batch(paths: ProjectPaths, names: list[str], sources: list[tuple[str, 
         log(f"note: batch config has overrides for datasets not in this batch: {', '.join(unknown)}")
     # Validate every dataset's config before any training starts.
     configs = {n: config_for(sources, overrides, batch_overrides.get(n), n) for n in names}
+    # One job per adapter: (dataset, adapter name, config); names checked before any training.
+    jobs = [(n, a, c) for n in names for a, c in seeded_runs(n, configs[n], seeds, name_template)]
+    check_unique([a for _, a, _ in jobs])
+    if fused and (seeds is not None or any(a != n for n, a, _ in jobs)):
+        raise UserError("--fused trains one adapter per dataset under its own name; --seeds and --name-template "
+                        "work without --fused")
     first = configs[names[0]]
     catalog = load_catalog(paths.catalog)
     base = load_base(first)
@@ -116,24 +127,25 @@ def train_batch(paths: ProjectPaths, names: list[str], sources: list[tuple[str, 
         if parent:
             parent.start(f"train-batch {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S}",
                          {"datasets": ",".join(names), "overwrite": overwrite}, {"kind": "train-batch"})
-        for i, name in enumerate(names, 1):
-            cfg = configs[name]
-            row = {"dataset": name, "adapter": f"{name}_lora", "status": "", "reason": "", "steps": None,
-                   "tokens": None, "perplexity_before": None, "perplexity_after": None, "wall_seconds": None}
-            log(f"[{i}/{len(names)}] {name}")
+        for i, (name, adapter, cfg) in enumerate(jobs, 1):
+            row = {"dataset": name, "adapter": f"{adapter}_lora", "seed": cfg.training.seed, "status": "",
+                   "reason": "", "steps": None, "tokens": None, "perplexity_before": None, "perplexity_after": None,
+                   "wall_seconds": None}
+            log(f"[{i}/{len(jobs)}] {name}" + (f" -> {adapter}" if adapter != name else ""))
             t0 = time.perf_counter()
             try:
                 check_stop()
                 prepared = prepare_dataset(paths, name, catalog=catalog)
                 fp = prepared.stats["source_sha256"][:16] + "-" + prepared.stats["settings_sha256"][:16]
-                if not overwrite and is_up_to_date(paths, name, cfg, fp, base.ref.fingerprint):
+                if not overwrite and is_up_to_date(paths, adapter, cfg, fp, base.ref.fingerprint):
                     row.update(status="skipped", reason="adapter up to date (same config, data and base)")
                     log(f"  skipped: {row['reason']}")
                 elif fused:
                     row.update(status="pending")
                     log("  prepared; trains in the fused run")
                 else:
-                    res = train_adapter(paths, name, cfg, overwrite=overwrite, use_mlflow=use_mlflow,
+                    res = train_adapter(paths, name, cfg, adapter_name=adapter, overwrite=overwrite,
+                                        use_mlflow=use_mlflow,
                                         progress=progress, base=base, log=lambda m: log("  " + m),
                                         parent_run_id=parent.run_id if parent else None, run_kind="batch")
                     row.update(status="trained", steps=res["steps"], tokens=res["tokens_seen"],
@@ -153,8 +165,8 @@ def train_batch(paths: ProjectPaths, names: list[str], sources: list[tuple[str, 
             if row["status"] == "pending":
                 continue
             if parent:
-                parent.log_metrics({f"{name}.wall_seconds": row["wall_seconds"]} |
-                                   ({f"{name}.perplexity_after": row["perplexity_after"]}
+                parent.log_metrics({f"{adapter}.wall_seconds": row["wall_seconds"]} |
+                                   ({f"{adapter}.perplexity_after": row["perplexity_after"]}
                                     if row["perplexity_after"] else {}), step=i)
         pending_rows = [r for r in rows if r["status"] == "pending"]
         if pending_rows:
@@ -193,7 +205,8 @@ def summary_table(rows: list[dict]) -> str:
     """The batch summary as a text table."""
     from lora_project.utils.tables import fmt_table
 
-    return fmt_table(rows, [("dataset", "dataset", ""), ("status", "status", ""), ("steps", "steps", ""),
+    return fmt_table(rows, [("dataset", "dataset", ""), ("adapter", "adapter", ""), ("seed", "seed", ""),
+                            ("status", "status", ""), ("steps", "steps", ""),
                             ("tokens", "tokens", ""), ("perplexity_before", "ppl before", ".2f"),
                             ("perplexity_after", "ppl after", ".2f"), ("wall_seconds", "wall s", ".0f"),
                             ("reason", "reason", "")])

@@ -2,7 +2,8 @@
 
 The trainer calls every hook on every callback in order; a callback implements only the
 hooks it needs (the `Callback` base class gives no-op defaults). Callbacks observe and
-record; they do not change the optimisation.
+record; they do not change the optimisation. A callback may end the run early by setting
+``state.stop_reason`` (the trainer stops after the current step; the run ends FINISHED).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class TrainState:
         self.scheduler = None
         self.loader = None
         self.history: list[dict[str, float]] = []
+        self.stop_reason: str | None = None  # set by a callback to end the run early (as FINISHED)
 
 
 class Callback:
@@ -176,3 +178,53 @@ class CallbackList:
                 getattr(cb, hook)(*args, **kwargs)
 
         return call
+
+
+class BestCheckpoint(Callback):
+    """Tracks the evaluation with the lowest validation loss; keeps a copy of the trainable
+    weights at that point (`keep`) and asks the trainer to stop after `patience` periodic
+    evaluations without improvement. Evaluations count from step 1 (step 0 is the base)."""
+
+    def __init__(self, keep: bool, patience: int | None):
+        self.keep, self.patience = keep, patience
+        self.best_step: int | None = None
+        self.best_metrics: dict[str, float] | None = None
+        self.stale = 0  # evaluations since the last improvement
+        self._weights: dict | None = None
+
+    @property
+    def best_loss(self) -> float:
+        return self.best_metrics["val_loss"] if self.best_metrics else float("inf")
+
+    def consider(self, step: int, metrics: dict[str, float], model) -> bool:
+        """Record one evaluation; True when it is the best so far."""
+        if metrics["val_loss"] < self.best_loss:
+            self.best_step, self.best_metrics, self.stale = step, dict(metrics), 0
+            if self.keep:
+                self._weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            return True
+        self.stale += 1
+        return False
+
+    def on_eval(self, state, metrics):
+        self.consider(state.step, metrics, state.model)
+        if self.patience and self.stale >= self.patience and state.stop_reason is None:
+            state.stop_reason = (f"early stopping: validation loss did not improve for {self.stale} evaluations "
+                                 f"(best {self.best_loss:.4f} at step {self.best_step})")
+
+    def restore(self, model) -> bool:
+        """Put the best weights back into `model`; False when there is nothing kept."""
+        if not self._weights:
+            return False
+        import torch
+
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, w in self._weights.items():
+                params[n].copy_(w)
+        return True
+
+    def record(self, final_step: int) -> dict:
+        """What results.json and MLflow record about the best evaluation."""
+        return {"best_step": self.best_step, "best_val_loss": self.best_loss if self.best_metrics else None,
+                "kept": "best" if self.keep and self.best_step != final_step else "last"}

@@ -44,6 +44,9 @@ def check_fusable(configs: dict[str, RunConfig]) -> None:
             problems.append(f"{name}: lora.use_dora is true (PEFT cannot route a mixed batch through DoRA layers)")
         if cfg.model != first.model:
             problems.append(f"model differs between {first_name} and {name}")
+        if cfg.training.keep_best or cfg.training.early_stopping_patience:
+            raise UserError(f"{name}: training.keep_best and training.early_stopping_patience are not "
+                            "supported with --fused yet; train without --fused")
     if problems:
         raise UserError("--fused trains the adapters in one batch, so these must be equal: " + "; ".join(problems))
 

@@ -81,6 +81,31 @@ def _check_resume_inputs(point: _ResumePoint, base: BaseBundle, dataset: str, st
                         "(its fingerprint differs); train again without --resume")
 
 
+def _keep_best(best, model, fit, after: dict, run: Run, log) -> tuple[dict, dict]:
+    """With keep_best, put the best evaluation's weights back; returns (metrics of the adapter that
+    is saved, extra results.json fields). The best one's metrics were measured on exactly those
+    weights, so they are not scored again."""
+    from lora_project.models.scoring import results_metrics
+
+    extra = {"stop_reason": fit.stop_reason}
+    if best is None:
+        return after, extra
+    best.consider(fit.steps, after, model)
+    record = best.record(fit.steps)
+    if record["kept"] == "best":
+        best.restore(model)
+        log(f"keeping the adapter of step {best.best_step} (validation perplexity "
+            f"{best.best_metrics['val_perplexity']:.3f}), the lowest validation loss")
+        extra["metrics_last_step"] = results_metrics(after)
+        after = best.best_metrics
+    extra["best"] = record
+    run.log_metrics({"best_step": float(record["best_step"]), "best_val_loss": record["best_val_loss"]},
+                    step=fit.steps)
+    if run.tracker:
+        run.tracker.set_tags({"kept_checkpoint": record["kept"], "stop_reason": fit.stop_reason or "max_steps"})
+    return after, extra
+
+
 def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_name: str | None = None,
                   overwrite: bool = False, use_mlflow: bool = True, progress: bool = True,
                   base: BaseBundle | None = None, resume: bool = False, parent_run_id: str | None = None,
@@ -103,7 +128,7 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
     from lora_project.models.scoring import describe_validation, tokenize_split
     from lora_project.training.checkpoint import CheckpointCallback
     from lora_project.training.checkpoint import restore as restore_checkpoint
-    from lora_project.training.distributed import init_distributed
+    from lora_project.training.distributed import dist_info, init_distributed
     from lora_project.training.trainer import BlockLoader, LoraTrainer
 
     adapter_name = check_name(adapter_name or dataset, "adapter name")
@@ -111,6 +136,9 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
         raise UserError(f"adapter {paths.adapter(adapter_name)} already exists; pass --overwrite to replace it")
     t = cfg.training
     device = "cuda" if t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()) else "cpu"
+    if t.early_stopping_patience and dist_info().enabled:
+        raise UserError("training.early_stopping_patience is not supported with several processes yet "
+                        "(only rank 0 evaluates); set it to null or train in one process")
     dist = init_distributed(device, t.batch_size)
     main = dist.is_main  # only rank 0 writes files and talks to MLflow
     if not main:
@@ -161,6 +189,12 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
                     log(f"validation perplexity before training: {describe_validation(before)}"
                         + (f"; {dist.world_size} processes, data parallel" if dist.enabled else ""))
                 callbacks = run.callbacks(progress) + list(extra_callbacks or [])
+                best = None
+                if main and (t.keep_best or t.early_stopping_patience):
+                    from lora_project.training.callbacks import BestCheckpoint
+
+                    best = BestCheckpoint(t.keep_best, t.early_stopping_patience)
+                    callbacks.append(best)
                 checkpointer = None
                 if main:  # checkpoints every checkpoint_interval steps, and always on interruption
                     checkpointer = CheckpointCallback(
@@ -195,8 +229,11 @@ def train_adapter(paths: ProjectPaths, dataset: str, cfg: RunConfig, *, adapter_
                 after = evaluate()
                 evals.append({"step": fit.steps, **after})
                 run.log_metrics(after, step=fit.steps)
+                if fit.stop_reason:
+                    log(f"stopped at step {fit.steps} of {trainer.max_steps}: {fit.stop_reason}")
                 log(f"validation perplexity after training: {describe_validation(after)}")
-                return run.finish(model, outcome, before, after, evals, overwrite=overwrite)
+                after, extra = _keep_best(best, model, fit, after, run, log)
+                return run.finish(model, outcome, before, after, evals, overwrite=overwrite, extra_results=extra)
         finally:
             # Unwrap so that a caller reusing `base` (batch training, sweeps) gets the plain model back.
             if model is not None and hasattr(model, "unload"):

@@ -141,6 +141,7 @@ class FitResult:
     tokens_per_second: float
     final_loss: float
     status: str
+    stop_reason: str | None = None  # why the run ended before max_steps (None: it ran them all)
 
 
 class LoraTrainer:
@@ -236,6 +237,8 @@ class LoraTrainer:
                     self.model.train()
                 # Last, so that a checkpoint taken here includes this step's log and evaluation.
                 self.callbacks.on_step_end(state, metrics)
+                if state.stop_reason:  # a callback ended the run (early stopping)
+                    break
             status = "FINISHED"
         except (KeyboardInterrupt, RunInterrupted):
             status = "KILLED"
@@ -245,4 +248,4 @@ class LoraTrainer:
         self.model.eval()
         return FitResult(steps=state.step, tokens_seen=state.tokens_seen, train_seconds=state.train_seconds,
                          tokens_per_second=state.tokens_seen / max(state.train_seconds, 1e-9),
-                         final_loss=last_loss, status="FINISHED")
+                         final_loss=last_loss, status="FINISHED", stop_reason=state.stop_reason)
