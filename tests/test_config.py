@@ -212,3 +212,14 @@ def test_yaml_errors_do_not_suggest_an_encoding_option(tmp_path):
     with pytest.raises(UserError) as err:
         load_config([f])
     assert "binary" in str(err.value) and "--encoding" not in str(err.value)
+
+
+def test_many_config_problems_stay_one_short_line():
+    from lora_project.errors import ConfigError
+
+    problems = [f"training.field_{i}: must be at least 1, got {-i} (a long explanation of the bound)" for i in range(20)]
+    msg = str(ConfigError(problems, "c.yaml"))
+    assert msg.startswith("c.yaml: training.field_0:") and len(msg) <= 600
+    shown = msg.count("training.field_")
+    assert 1 <= shown < 20 and msg.endswith(f"and {20 - shown} more problem(s)")
+    assert str(ConfigError(["one problem"])) == "one problem"

@@ -22,7 +22,14 @@ class ConfigError(UserError):
         self.problems = list(problems)
         self.source = source
         where = f"{source}: " if source else ""
-        super().__init__(where + "; ".join(self.problems))
+        shown, length = [], len(where)
+        for i, problem in enumerate(self.problems):  # the line stays short: the first problems, then a count
+            if shown and length + len(problem) > 480:
+                shown.append(f"and {len(self.problems) - i} more problem(s)")
+                break
+            shown.append(problem)
+            length += len(problem) + 2
+        super().__init__(where + "; ".join(shown))
 
 
 class RunInterrupted(BaseException):
