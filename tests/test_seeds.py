@@ -23,7 +23,9 @@ def test_seed_specs_and_templates():
     runs = seeded_runs("kids", cfg, [7, 1], "{dataset}_r{r}_lr{lr}_s{seed}")
     assert [(n, c.training.seed) for n, c in runs] == [("kids_r8_lr0.0005_s7", 7), ("kids_r8_lr0.0005_s1", 1)]
     assert [n for n, _ in seeded_runs("kids", cfg, None, None, "mine")] == ["mine"]
-    assert adapter_name("{dataset}/{targets}", "kids", cfg) == "kids-q_proj-v_proj"  # no folder escapes
+    assert adapter_name("{dataset}/{targets}", "kids", cfg) == "kids-auto"  # the config's words; no folder escapes
+    explicit = build_config({"lora": {"target_modules": ["q_proj", "v_proj"]}})
+    assert adapter_name("{dataset}/{targets}", "kids", explicit) == "kids-q_proj-v_proj"
     with pytest.raises(UserError, match=r"unknown field \{rank\}; fields: \{dataset\}"):
         adapter_name("{dataset}_{rank}", "kids", cfg)
 

@@ -170,18 +170,18 @@ def load_model(ref: ModelRef, dtype=None, device: str = "cpu", trust_remote_code
     import torch
     from transformers import AutoModelForCausalLM
 
-    def load(attention: str):
+    def from_folder(attention: str):
         return AutoModelForCausalLM.from_pretrained(
             ref.directory, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
             attn_implementation=attention, use_safetensors=True)
 
     try:
         try:
-            model = load("sdpa")
+            model = from_folder("sdpa")
         except ValueError as exc:  # a family without an SDPA path (e.g. Gemma 2): its eager attention
             if "scaled_dot_product_attention" not in str(exc):
                 raise
-            model = load("eager")
+            model = from_folder("eager")
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load model from {ref.directory}: {str(exc).splitlines()[0]}") from None
     model.to(device)
