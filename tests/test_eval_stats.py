@@ -235,3 +235,28 @@ def test_caps_are_refused_where_they_make_no_sense(project):
     assert_user_error(run_cli("benchmark", "--quick", "--matrix", "--matrix-max-tokens", "-1", cwd=project),
                       "--matrix-max-tokens")
     assert not (project / "outputs" / "metrics").exists() or not any((project / "outputs" / "metrics").iterdir())
+
+
+def test_adapters_trained_with_several_seeds_get_a_mean_and_sd_row():
+    from lora_project.benchmark.matrix import matrix_markdown
+    from lora_project.evaluation.evaluate import perplexity_table, seeds_summary
+
+    per_model = {"base": {"perplexity": 30.0, "bits_per_byte": 2.0},
+                 "kids_s42": {"perplexity": 20.0, "bits_per_byte": 1.5},
+                 "kids_s43": {"perplexity": 22.0, "bits_per_byte": 1.6},
+                 "kids_s44": {"perplexity": 24.0, "bits_per_byte": 1.7},
+                 "other_s1": {"perplexity": 9.0, "bits_per_byte": 1.0}}  # one seed: no spread to report
+    g = seeds_summary(per_model, ("perplexity", "bits_per_byte"))
+    assert list(g) == ["kids"] and g["kids"]["perplexity"]["seeds"] == [42, 43, 44]
+    assert g["kids"]["perplexity"]["mean"] == pytest.approx(22.0)
+    assert g["kids"]["perplexity"]["sd"] == pytest.approx(2.0)  # sample sd of 20, 22, 24
+    assert g["kids"]["bits_per_byte"]["sd"] == pytest.approx(0.1)
+    res = {"dataset": "kids", "split": "test", "scope": {"tokens_scored": 10, "documents_scored": 2,
+                                                         "tokens_total": 10, "documents_total": 2, "cap": None},
+           "max_length": 1024, "stride": 512, "models": per_model, "difference": {}, "across_seeds": g}
+    row = next(line for line in perplexity_table(res).splitlines() if line.startswith("kids (seeds 42,43,44)"))
+    assert "22.000" in row and "sd 2.000" in row and "across 3 seeds" in row
+    cells = {m: {"x": {"perplexity": v["perplexity"], "bits_per_byte": v["bits_per_byte"]}} for m, v in per_model.items()}
+    m = {"split": "test", "max_tokens": 0, "cap": None, "scope": {}, "datasets": ["x"],
+         "models": list(per_model), "cells": cells}
+    assert "| kids | 22.00 ± 2.00 (3) |" in matrix_markdown(m)

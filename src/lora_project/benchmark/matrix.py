@@ -197,6 +197,18 @@ def matrix_markdown(matrix: dict) -> str:
             lines.append(f"| {m} | " + " | ".join(
                 f"{c['bits_per_byte']:+.4f}{ci(c.get('bits_per_byte_ci'), '+.4f')}"
                 for c in (_change(matrix, m, d) for d in matrix["datasets"])) + " |")
+    from lora_project.utils.seed_groups import mean_sd_across_seeds
+
+    groups = {d: mean_sd_across_seeds({m: matrix["cells"][m][d]["perplexity"] for m in matrix["models"]})
+              for d in matrix["datasets"]}
+    stems = sorted({stem for g in groups.values() for stem in g})
+    if stems:
+        lines += ["", "Across seeds (adapters named <stem>_s<seed>): perplexity mean ± sd (n seeds):", "",
+                  head, rule]
+        for stem in stems:
+            lines.append(f"| {stem} | " + " | ".join(
+                f"{groups[d][stem]['mean']:.2f} ± {groups[d][stem]['sd']:.2f} ({groups[d][stem]['n']})"
+                if stem in groups[d] else "-" for d in matrix["datasets"]) + " |")
     return "\n".join(lines)
 
 

@@ -111,7 +111,8 @@ def evaluate_perplexity(paths: ProjectPaths, cfg, *, text_file: Path | None = No
            "base_model": base.ref.name, "seconds": elapsed, "scope": b.scope(),
            "bootstrap": {"unit": "document", "resamples": resamples, "seed": seed, "level": 0.95}
            if text_file is None else None,
-           "models": results, "difference": difference}
+           "models": results, "difference": difference,
+           "across_seeds": seeds_summary(results, ("perplexity", "bits_per_byte"))}
     if dataset is not None and adapters:  # named evaluations are worth keeping with each training run
         key = f"eval_{dataset}_{split}"
         out["mlflow_runs_updated"] = log_to_adapter_runs(
@@ -141,7 +142,24 @@ def perplexity_table(res: dict) -> str:
         change = f"{d['bits_per_byte']:+.4f} {ci(d['bits_per_byte_ci'], '+.4f')}" if d else ""
         lines.append(f"{name:<32} {m['perplexity']:>11.3f} {ci(m.get('perplexity_ci'), '.2f'):>17} "
                      f"{m['bits_per_byte']:>10.4f} {ci(m.get('bits_per_byte_ci'), '.4f'):>17} {rel:>8} {change:>32}")
+    for stem, g in (res.get("across_seeds") or {}).items():
+        p, b = g["perplexity"], g["bits_per_byte"]
+        lines.append(f"{stem + ' (seeds ' + ','.join(map(str, p['seeds'])) + ')':<32} {p['mean']:>11.3f} "
+                     f"{'sd ' + format(p['sd'], '.3f'):>17} {b['mean']:>10.4f} {'sd ' + format(b['sd'], '.4f'):>17}"
+                     f"   mean and sd across {p['n']} seeds")
     return "\n".join(lines)
+
+
+def seeds_summary(per_model: dict[str, dict], keys) -> dict:
+    """{stem: {key: {mean, sd, n, seeds, members}}} over adapters named <stem>_s<seed> (train --seeds):
+    the run-to-run spread beside each seed's own interval."""
+    from lora_project.utils.seed_groups import mean_sd_across_seeds
+
+    out: dict[str, dict] = {}
+    for key in keys:
+        for stem, g in mean_sd_across_seeds({m: v.get(key) for m, v in per_model.items()}).items():
+            out.setdefault(stem, {})[key] = g
+    return out
 
 
 def evaluate_minimal_pairs(paths: ProjectPaths, cfg, pairs_path: Path | list[Path], *, adapters: list[Path] = (),
