@@ -28,8 +28,8 @@ def cross_matrix(paths: ProjectPaths, cfg, *, max_tokens: int = 0, split: str = 
     from lora_project.models.base_model import load_base
     from lora_project.models.lora_model import each_model
     from lora_project.models.scoring import (
-        DEFAULT_MAX_LENGTH,
         default_stride,
+        default_window,
         score_split,
         tokenize_split,
     )
@@ -80,7 +80,7 @@ def cross_matrix(paths: ProjectPaths, cfg, *, max_tokens: int = 0, split: str = 
                     b.doc_nll, s.doc_nll, b.doc_tokens, b.doc_bytes, resamples=resamples, seed=seed)
         log(f"  {name}: " + ", ".join(f"{d} {c['perplexity']:.2f}" for d, c in cells[name].items()))
     return {"split": split, "max_tokens": max_tokens, "cap": max_tokens or None, "scope": scope,
-            "max_length": DEFAULT_MAX_LENGTH, "stride": default_stride(DEFAULT_MAX_LENGTH),
+            "max_length": default_window(base.model), "stride": default_stride(default_window(base.model)),
             "bootstrap": {"unit": "document", "resamples": resamples, "seed": seed, "level": 0.95},
             "datasets": list(splits), "models": list(cells), "cells": cells}
 

@@ -31,7 +31,8 @@ def register(sub) -> None:
                    help="--pairs: precision of the first pass (auto: bf16 where the hardware has it, else fp32); "
                         "close pairs are always re-scored in fp32, so decisions equal fp32 scoring")
     p.add_argument("--no-progress", action="store_true", help="--pairs: no progress bar")
-    p.add_argument("--max-length", type=int, default=1024, help="window length in tokens (default 1024)")
+    p.add_argument("--max-length", type=int, help="window length in tokens (default 1024, or the model's context "
+                                                  "where its learned positions stop sooner, as for GPT-2)")
     p.add_argument("--stride", type=int, help="window step in tokens (default: max-length / 2)")
     p.add_argument("--max-tokens", type=int, default=0, metavar="N",
                    help="--dataset: score only the leading documents that fit in N tokens (default 0: the whole "

@@ -31,7 +31,7 @@ def log_to_adapter_runs(paths: ProjectPaths, cfg, adapter_dirs: list[Path], metr
 
 def evaluate_perplexity(paths: ProjectPaths, cfg, *, text_file: Path | None = None,
                         dataset: str | None = None, split: str = "test", adapters: list[Path] = (),
-                        max_length: int = 1024, stride: int | None = None, max_tokens: int = 0, base=None,
+                        max_length: int | None = None, stride: int | None = None, max_tokens: int = 0, base=None,
                         resamples: int | None = None, seed: int | None = None) -> dict:
     """Perplexity and bits per byte of the base and each adapter on a text file or a dataset split.
 
@@ -44,7 +44,9 @@ def evaluate_perplexity(paths: ProjectPaths, cfg, *, text_file: Path | None = No
     from lora_project.models.base_model import load_base
     from lora_project.models.lora_model import each_model
     from lora_project.models.scoring import (
+        DEFAULT_MAX_LENGTH,
         default_stride,
+        default_window,
         score_split,
         score_text,
         tokenize_split,
@@ -60,8 +62,8 @@ def evaluate_perplexity(paths: ProjectPaths, cfg, *, text_file: Path | None = No
         raise UserError("give exactly one of --text FILE or --dataset NAME")
     if max_tokens < 0 or (max_tokens and text_file is not None):
         raise UserError("--max-tokens must be a positive number of tokens, and only with --dataset")
-    stride = default_stride(max_length) if stride is None else stride
-    windows(2, max_length, stride)  # validates max_length/stride before any loading
+    asked = max_length or DEFAULT_MAX_LENGTH  # None: the one definition's window (see default_window)
+    windows(2, asked, default_stride(asked) if stride is None else stride)  # checked before any loading
     resamples = DEFAULT_RESAMPLES if resamples is None else resamples
     seed = DEFAULT_SEED if seed is None else seed
     adapters = checked_adapters(adapters)
@@ -83,6 +85,9 @@ def evaluate_perplexity(paths: ProjectPaths, cfg, *, text_file: Path | None = No
         separator = json.loads((folder / "stats.json").read_text()).get("separator", "\n")
         target = {"dataset": dataset, "split": split}
     base = base or load_base(cfg)
+    max_length = default_window(base.model) if max_length is None else max_length
+    stride = default_stride(max_length) if stride is None else stride
+    windows(2, max_length, stride)
     if text_file is None:
         split_tokens = tokenize_split(base.tokenizer, docs, separator, max_tokens)
 

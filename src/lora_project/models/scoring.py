@@ -294,16 +294,21 @@ def tokenize_split(tokenizer, docs: list[str], separator: str, max_tokens: int =
                        tokens_total=int(lengths.sum()), documents_total=len(docs), cap=max_tokens or None)
 
 
+def default_window(model) -> int:
+    """The one definition's window: DEFAULT_MAX_LENGTH tokens, or the model's context where its
+    learned positions stop sooner (GPT-2, OPT)."""
+    context = model_context(model)
+    return min(DEFAULT_MAX_LENGTH, context) if context else DEFAULT_MAX_LENGTH
+
+
 def score_split(model, tokenizer, docs: list[str] | SplitTokens, separator: str, runtime, *,
-                max_tokens: int = 0, max_length: int = DEFAULT_MAX_LENGTH, stride: int | None = None,
+                max_tokens: int = 0, max_length: int | None = None, stride: int | None = None,
                 batch_size: int = 4) -> Score:
     """The one scoring of a prepared split (training's validation, `evaluate --dataset`, the matrix):
     documents packed with EOS behind BOS, sliding windows, the whole split unless `max_tokens` caps it.
     `docs` may be a `tokenize_split` result, so repeated evaluations tokenise once."""
     split = docs if isinstance(docs, SplitTokens) else tokenize_split(tokenizer, docs, separator, max_tokens)
-    context = model_context(model)
-    if context and max_length == DEFAULT_MAX_LENGTH and context < max_length:
-        max_length = context  # learned positions (GPT-2, OPT): the default window is the model's context
+    max_length = default_window(model) if max_length is None else max_length
     stride = default_stride(max_length) if stride is None else stride
     nll = target_nll(model, split.ids, runtime, max_length, stride, batch_size)
     doc_nll = np.add.reduceat(nll, np.concatenate([[0], np.cumsum(split.doc_tokens)[:-1]]))
@@ -313,7 +318,7 @@ def score_split(model, tokenizer, docs: list[str] | SplitTokens, separator: str,
                  doc_nll=doc_nll, doc_tokens=split.doc_tokens, doc_bytes=split.doc_bytes)
 
 
-def score_documents(model, tokenizer, docs: list[str], separator: str, runtime, max_length: int = DEFAULT_MAX_LENGTH,
+def score_documents(model, tokenizer, docs: list[str], separator: str, runtime, max_length: int | None = None,
                     stride: int | None = None, batch_size: int = 4) -> Score:
     """Score documents packed as doc EOS doc EOS ... (the whole list): `score_split` without a cap."""
     return score_split(model, tokenizer, docs, separator, runtime, max_length=max_length, stride=stride,
