@@ -64,15 +64,17 @@ def test_benchmark_bad_shapes(project):
 
 @pytest.mark.slow  # every reference and ours train the project's tiny model, each in a child process
 def test_reference_comparison_runs_every_reference_and_compares_with_the_fastest(project):
-    proc = run_cli("benchmark", "--quick", "--reference", "--references", "all", "--reference-steps", "2",
+    # one fp32 and one bf16 reference (emulated here where bf16 is not native); `auto` is unit-tested below
+    proc = run_cli("benchmark", "--quick", "--reference", "--references", "trainer_fp32,peft_autocast_bf16",
+                   "--reference-steps", "2",
                    "--json", cwd=project, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     ref = out["reference_comparison"]
     assert out["training"] == [] and out["inference"] is None  # only the asked-for section ran
     assert (ref["seq_len"], ref["batch_size"]) == (64, 4)  # quick mode's shape
-    assert list(ref["references"]) == ["trainer_fp32", "trainer_bf16", "peft_autocast_bf16"]
-    assert [ref["references"][n]["precision"] for n in ref["references"]] == ["fp32", "bf16", "bf16"]
+    assert list(ref["references"]) == ["trainer_fp32", "peft_autocast_bf16"]
+    assert [ref["references"][n]["precision"] for n in ref["references"]] == ["fp32", "bf16"]
     for side in [ref["ours"], *ref["references"].values()]:
         assert side["tokens_per_second"] > 0 and side["peak_rss_mb"] > 0 and side["fraction_of_peak"] > 0
         assert side["tokens"] == ref["references"]["trainer_fp32"]["tokens"]  # the same tokens on every side

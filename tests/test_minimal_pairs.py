@@ -222,13 +222,14 @@ def test_suites_reported_side_by_side_and_summary_names_everything(project, tmp_
 @pytest.mark.skipif(not (SHARED_DATA / "blimp").is_dir(), reason="../shared/data/blimp is absent")
 def test_real_model_fast_path_decisions_equal_plain_fp32_on_blimp(project):
     """This machine's first pass (bf16 where native, else the fp32 shared-prefix path) with the re-check
-    gives exactly the plain fp32 decisions on 268 BLiMP pairs (4 per paradigm)."""
+    gives exactly the plain fp32 decisions on 134 BLiMP pairs (2 per paradigm: every paradigm; the
+    margin itself was set on 268 pairs, docs/research_notes.md)."""
     from lora_project.config import load_config
     from lora_project.models.base_model import load_base
 
     cfg = load_config([REPO / "config" / "model_config.yaml"], ["training.precision=fp32"])
     base = load_base(cfg)
-    pairs = sample_pairs(load_pairs(SHARED_DATA / "blimp"), 4, seed=3)
+    pairs = sample_pairs(load_pairs(SHARED_DATA / "blimp"), 2, seed=3)
     path = resolve_first_pass("auto", resolve_runtime("cpu", "auto", 0))
     scores = score_pairs(base.model, base.tokenizer, pairs, base.runtime, path)
     good = sentence_logprobs(base.model, base.tokenizer, [p.good for p in pairs], base.runtime)
