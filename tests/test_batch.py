@@ -9,6 +9,7 @@ import json
 from conftest import run_cli
 
 
+@pytest.mark.slow  # several trainings in one test: kept out of make test-fast's 2 minutes
 def test_batch_over_three_datasets_with_one_broken(project):
     with open(project / "config" / "dataset_catalog.csv", "a") as fh:
         fh.write("broken,local,data/raw/missing.txt,lines,,,,a dataset whose file is missing,,0.8/0.1/0.1,true\n")

@@ -101,6 +101,7 @@ def test_reference_choice_is_checked_before_anything_runs(project):
     assert not list((project / "outputs" / "metrics").glob("benchmark_*"))
 
 
+@pytest.mark.slow  # several trainings in one test: kept out of make test-fast's 2 minutes
 def test_matrix_scores_base_and_adapters_on_every_prepared_dataset(project, small_matmul, monkeypatch):
     import lora_project.benchmark as bench
 

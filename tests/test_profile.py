@@ -187,6 +187,7 @@ def test_chat_morphemes_on_a_written_transcript(project, capsys):
 # ---------------------------------------------------------------------------------- sampling
 
 
+@pytest.mark.slow  # several trainings in one test: kept out of make test-fast's 2 minutes
 def test_sampling_is_seeded_and_logged_to_the_training_run(project, capsys):
     from mlflow.tracking import MlflowClient
 

@@ -122,6 +122,7 @@ def test_adapter_lock_is_exclusive_and_leaves_no_lock_file(tmp_path):
         assert lock.is_file()
 
 
+@pytest.mark.slow  # real MLflow store rebuilt twice: kept out of make test-fast's 2 minutes
 def test_half_created_tracking_store_is_moved_aside_and_rebuilt(tmp_path, capsys):
     import sqlite3
 
