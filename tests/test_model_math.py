@@ -33,6 +33,29 @@ def test_fused_loss_matches_reference_value_and_gradient():
     assert sum_nll(h, head, t, 5).item() == pytest.approx(ref.item() * n, rel=1e-5)
 
 
+def test_fused_loss_in_bf16_stays_near_fp32_and_survives_underflow():
+    """The bf16 path's loss is -log of a bf16 softmax probability: near the fp32 value of the same
+    logits; a target whose probability underflows (nll > 69) still gets its exact, finite nll."""
+    torch.manual_seed(2)
+    h = torch.randn(40, 32).to(torch.bfloat16).requires_grad_(True)
+    head = torch.nn.Linear(32, 300, bias=True).to(torch.bfloat16).requires_grad_(False)
+    with torch.no_grad():
+        head.bias[7] = -150.0  # token 7 is (nearly) impossible: p underflows bf16 and fp32
+    t = torch.randint(0, 300, (40,))
+    t[3] = 7
+    t[5] = IGNORE_INDEX
+    loss = linear_cross_entropy(h, head, t, chunk_tokens=16)
+    (g,) = torch.autograd.grad(loss, h)
+    h2 = h.detach().float().requires_grad_(True)
+    logits = h2 @ head.weight.float().t() + head.bias.float()
+    ref = torch.nn.functional.cross_entropy(logits, t, ignore_index=IGNORE_INDEX)
+    (g_ref,) = torch.autograd.grad(ref, h2)
+    assert torch.isfinite(loss) and loss.item() > 150.0 / 39  # the underflowed token counts in full
+    assert loss.item() == pytest.approx(ref.item(), abs=0.05)  # bf16 logits (8-bit mantissa) and probabilities
+    assert (g.float() - g_ref).abs().max() < 0.02 * g_ref.abs().max()
+    assert torch.all(g[5] == 0)  # ignored position: no gradient
+
+
 def test_trainable_head_takes_the_checkpointed_path_with_the_same_result():
     torch.manual_seed(1)
     h = torch.randn(2, 9, 16)

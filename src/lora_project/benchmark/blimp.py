@@ -25,7 +25,7 @@ def blimp_speed(cfg, pairs_dir: Path, *, per_paradigm: int = 5, rounds: int = 2,
     from lora_project.utils.device import cpu_class, resolve_runtime
 
     t = cfg.training
-    runtime = resolve_runtime(t.device, "fp32", t.threads)
+    runtime = resolve_runtime(t.device, "fp32", t.threads, t.malloc_reuse)
     cpu = cpu_class()
     everything = load_pairs(Path(pairs_dir), warn=log)
     pairs = sample_pairs(everything, per_paradigm, t.seed)

@@ -35,11 +35,17 @@ def _child_setup(job: dict, dtype: str = "fp32"):
     return tok, model
 
 
+# Our trainer's speed switches (training.*) that the benchmark passes to our side; the references
+# run as a user would run them, without these.
+LEVERS = ("malloc_reuse", "loss_chunk_tokens", "gradient_checkpointing")
+
+
 def _child_eval(model, tok, job: dict) -> float:
     from lora_project.models.scoring import score_documents
     from lora_project.utils.device import resolve_runtime
 
-    s = score_documents(model, tok, job["val_docs"], "\n", resolve_runtime("cpu", "fp32", job["threads"]),
+    runtime = resolve_runtime("cpu", "fp32", job["threads"], job.get("malloc_reuse", False))
+    s = score_documents(model, tok, job["val_docs"], "\n", runtime,
                         max_length=256, stride=192)
     return s.nll_sum / s.tokens
 
@@ -56,9 +62,10 @@ def _child_ours(job: dict, queue) -> None:
     stream = np.load(job["stream"], mmap_mode="r", allow_pickle=False)
     cfg = dataclasses.replace(TrainingSection(), seq_len=job["seq_len"], batch_size=job["batch_size"],
                               max_steps=job["steps"], warmup_steps=0, lr=job["lr"], schedule="constant",
-                              max_grad_norm=0.0, log_interval=job["steps"], precision=job["precision"])
-    trainer = LoraTrainer(peft, cfg, BlockLoader(stream, job["seq_len"], job["batch_size"], job["seed"]),
-                          resolve_runtime("cpu", job["precision"], job["threads"]), [])
+                              max_grad_norm=0.0, log_interval=job["steps"], precision=job["precision"],
+                              **job["levers"])
+    runtime = resolve_runtime("cpu", job["precision"], job["threads"], cfg.malloc_reuse)
+    trainer = LoraTrainer(peft, cfg, BlockLoader(stream, job["seq_len"], job["batch_size"], job["seed"]), runtime, [])
     trainer.micro_step(*BlockLoader(stream, job["seq_len"], job["batch_size"], job["seed"]).next_batch())
     trainer.optimizer.zero_grad(set_to_none=True)  # a warm-up, untimed like the references' first step
     fit = trainer.fit()
@@ -258,7 +265,7 @@ def compare_with_reference(paths: ProjectPaths, cfg, *, seq_len: int = 256, batc
     if repeats < 1:
         raise UserError(f"--reference-repeats must be at least 1, got {repeats}")
     t = cfg.training
-    runtime = resolve_runtime(t.device, t.precision, t.threads)
+    runtime = resolve_runtime(t.device, t.precision, t.threads, t.malloc_reuse)
     native = runtime.device == "cuda" or cpu_has_native_bf16()
     names = pick_references(references, native)
     base = load_base(cfg, runtime)
@@ -282,8 +289,9 @@ def compare_with_reference(paths: ProjectPaths, cfg, *, seq_len: int = 256, batc
                               label=REFERENCES[name][0])
             log(f"  {refs[name]['tokens_per_second']:.0f} tokens/s, peak {refs[name]['peak_rss_mb']:.0f} MiB")
         log(f"ours ({runtime.precision}), {shape} ...")
-        ours = dict(_median_run(_child_ours, dict(job, variant="ours"), repeats), precision=runtime.precision,
-                    label="lora-project")
+        levers = {k: getattr(t, k) for k in LEVERS}
+        ours = dict(_median_run(_child_ours, dict(job, variant="ours", levers=levers, malloc_reuse=t.malloc_reuse),
+                                repeats), precision=runtime.precision, label="lora-project", levers=levers)
         log(f"  {ours['tokens_per_second']:.0f} tokens/s, peak {ours['peak_rss_mb']:.0f} MiB")
     if peaks:  # achieved GFLOP/s (4 x parameters per token: forward + input-gradient backward) vs the side's peak
         for side in [ours, *refs.values()]:

@@ -67,6 +67,14 @@ def reference_markdown(ref: dict) -> list[str]:
     lines += ["", f"Against the fastest reference ({ref.get('fastest_reference', 'reference')}): speed-up "
                   f"{ref['speedup']:.2f}x; memory ratio {ref['memory_ratio']:.2f}; eval-loss difference "
                   f"{ref['eval_loss_difference']:+.4f}."]
+    levers = ref["ours"].get("levers")
+    if levers:
+        lines.append("Our speed switches in this run: " + ", ".join(f"training.{k}={v}" for k, v in levers.items())
+                     + " (change one with --set to measure it).")
+    if len(ref["ours"].get("runs_tokens_per_second", [])) > 1:
+        lines.append("Tokens/s of every run: " + "; ".join(
+            f"{side.get('label', name)} " + ", ".join(f"{v:.0f}" for v in side["runs_tokens_per_second"])
+            for name, side in [*refs.items(), ("ours", ref["ours"])]) + ".")
     return lines
 
 

@@ -164,7 +164,7 @@ def run_benchmark(paths: ProjectPaths, cfg, *, quick: bool = False, shapes=((64,
     from lora_project.utils.device import cpu_class, peak_rss_mb, resolve_runtime
 
     t = cfg.training
-    runtime = resolve_runtime(t.device, t.precision, t.threads)
+    runtime = resolve_runtime(t.device, t.precision, t.threads, t.malloc_reuse)
     log(f"matmul peak on {runtime.threads} threads ...")
     peaks = {d: matmul_gflops(d, min_seconds=0.2 if quick else 1.0) for d in ("fp32", "bf16")}
     result = {"created": datetime.now(timezone.utc).isoformat(), "mode": "quick" if quick else "full",

@@ -210,7 +210,7 @@ def evaluate_minimal_pairs(paths: ProjectPaths, cfg, pairs_path: Path | list[Pat
                 raise UserError(f"paradigm '{p.uid}' is in both {owner[p.uid]} and {src}; give each suite once")
             pairs.append(p)
     t = cfg.training
-    runtime = resolve_runtime(t.device, t.precision, t.threads)
+    runtime = resolve_runtime(t.device, t.precision, t.threads, t.malloc_reuse)
     path = resolve_first_pass(first_pass, runtime)
     # The fp32 re-check needs fp32 weights: a bf16 first pass is autocast over them.
     base = base if base is not None and base.runtime.precision == "fp32" else \

@@ -213,7 +213,7 @@ def load_base(cfg: RunConfig, runtime: Runtime | None = None) -> BaseBundle:
 
     t = cfg.training
     t0 = time.perf_counter()
-    runtime = runtime or resolve_runtime(t.device, t.precision, t.threads)
+    runtime = runtime or resolve_runtime(t.device, t.precision, t.threads, t.malloc_reuse)
     ref = resolve_model(cfg.model.source, cfg.model.revision)
     tokenizer = load_tokenizer(ref)
     # bf16 runs keep the frozen base in bf16 (half the memory, native bf16 matmuls);

@@ -170,6 +170,11 @@ class LoraTrainer:
         from lora_project.models.scoring import decoder_and_head
 
         self.decoder, self.head = decoder_and_head(model)
+        # Under bf16 autocast PEFT's cast of each LoRA layer's input to the fp32 LoRA weights is
+        # undone at once by autocast (the LoRA matmuls run in bf16 either way): two copies of the
+        # activations per LoRA layer and step for nothing. The forward skips them (same numerics).
+        self.uncast_lora = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")] \
+            if runtime.precision == "bf16" else []
         if cfg.gradient_checkpointing:
             # Recompute each decoder layer's activations in backward instead of keeping them.
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -188,8 +193,14 @@ class LoraTrainer:
             inputs, targets = inputs[self.dist.rank::self.dist.world_size], targets[self.dist.rank::self.dist.world_size]
         inputs = inputs.to(self.runtime.device, non_blocking=True)
         targets = targets.to(self.runtime.device, non_blocking=True)
-        with self.runtime.autocast():
-            hidden = self.decoder(input_ids=inputs, use_cache=False).last_hidden_state
+        for m in self.uncast_lora:
+            m.cast_input_dtype_enabled = False
+        try:
+            with self.runtime.autocast():
+                hidden = self.decoder(input_ids=inputs, use_cache=False).last_hidden_state
+        finally:
+            for m in self.uncast_lora:
+                m.cast_input_dtype_enabled = True
         loss = linear_cross_entropy(hidden, self.head, targets, self.cfg.loss_chunk_tokens)
         (loss / self.cfg.grad_accum).backward()
         return float(loss.detach())

@@ -60,8 +60,39 @@ class Runtime:
         return torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
 
-def resolve_runtime(device: str = "auto", precision: str = "auto", threads: int = 0) -> Runtime:
-    """Turn the config's device/precision/threads (auto allowed) into a Runtime."""
+_MALLOC_TUNED = False
+
+
+def reuse_freed_memory() -> bool:
+    """Keep freed memory in this process for reuse instead of handing it back to the OS (glibc only).
+
+    By default glibc serves every allocation above a threshold (at most 32 MB) with a fresh mmap
+    and unmaps it when freed, so each large tensor (a chunk of logits, an activation) costs a page
+    fault per 4 KiB page on first touch, every step. Raising the mmap and trim thresholds makes
+    those blocks come from, and return to, the heap. Process-wide and idempotent; returns whether
+    it is in effect (False on non-glibc systems).
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return True
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    _MALLOC_TUNED = bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    return _MALLOC_TUNED
+
+
+def resolve_runtime(device: str = "auto", precision: str = "auto", threads: int = 0,
+                    malloc_reuse: bool = True) -> Runtime:
+    """Turn the config's device/precision/threads (auto allowed) into a Runtime; on CPU with
+    `malloc_reuse`, also keep freed memory for reuse (`reuse_freed_memory`)."""
     import torch
 
     if device == "auto":
@@ -76,6 +107,8 @@ def resolve_runtime(device: str = "auto", precision: str = "auto", threads: int 
     n = threads or physical_cores()
     if device == "cpu":
         torch.set_num_threads(n)
+        if malloc_reuse:
+            reuse_freed_memory()
     return Runtime(device, precision, n)
 
 
