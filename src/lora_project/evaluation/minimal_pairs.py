@@ -220,14 +220,31 @@ def resolve_first_pass(requested: str, runtime) -> str:
 
 
 @contextmanager
-def precision_context(path: str, device: str):
-    """The numerics of one scoring pass: fp32 (autocast off) or bf16 autocast over fp32 weights."""
+def precision_context(path: str, device: str, model=None):
+    """The numerics of one scoring pass: fp32 (autocast off) or bf16 autocast over fp32 weights.
+
+    With `model` given, a bf16 pass casts each linear layer's weight to bf16 once, for the whole
+    pass, instead of autocast casting every weight again for every batch; the values are the same
+    (autocast's cast is that same rounding), and the fp32 weights are back in place afterwards.
+    """
     import torch
 
     if path not in FIRST_PASSES:
         raise UserError(f"unknown first pass {path!r}; choose one of {', '.join(FIRST_PASSES)}")
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=path == "bf16"):
-        yield
+    swapped = []
+    try:
+        if path == "bf16" and model is not None:
+            with torch.no_grad():
+                for module in model.modules():
+                    weight = getattr(module, "weight", None)
+                    if isinstance(module, torch.nn.Linear) and weight is not None and weight.dtype == torch.float32:
+                        swapped.append((module, weight))
+                        module.weight = torch.nn.Parameter(weight.detach().to(torch.bfloat16), requires_grad=False)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=path == "bf16"):
+            yield
+    finally:
+        for module, weight in swapped:
+            module.weight = weight
 
 
 def _pair_batch(tokens: list[PairTokens], device: str):
@@ -289,7 +306,7 @@ def pair_logprobs(model, tokens: list[PairTokens], runtime, path: str = "fp32", 
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), precision_context(path, runtime.device):
+        with precision_context(path, runtime.device, model), torch.inference_mode():
             for group in _buckets([tokens[i].row_length for i in order], batch_tokens):
                 chosen = [tokens[order[k]] for k in group]
                 ids, pos, mask = _pair_batch(chosen, runtime.device)

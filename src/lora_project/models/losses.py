@@ -143,11 +143,12 @@ def token_nll(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor
             hc = h[s:s + chunk_tokens]
             if plain:
                 with torch.autocast(h.device.type, enabled=False):
-                    logits = (hc.to(dtype) @ weight.to(dtype).t()).float()
+                    logits = hc.to(dtype) @ weight.to(dtype).t()
                     if head.bias is not None:
-                        logits += head.bias.float()
+                        logits = logits.float() + head.bias.float()
             else:
-                logits = head(hc).float()
+                logits = head(hc)
             tc = t[s:s + chunk_tokens].clamp(min=0)
-            out[s:s + chunk_tokens] = torch.logsumexp(logits, -1) - logits.gather(1, tc[:, None]).squeeze(1)
+            # log_softmax in fp32 is one fused kernel: fewer passes over chunk x vocab than logsumexp
+            out[s:s + chunk_tokens] = -torch.log_softmax(logits, -1, dtype=torch.float32).gather(1, tc[:, None]).squeeze(1)
         return out.reshape(targets.shape)
