@@ -125,6 +125,10 @@ class TrainingSection:
     loss_chunk_tokens: int = opt(1024, "Tokens per chunk of the fused output-layer + cross-entropy "
                                  "(bounds logits memory to chunk x vocab).", min=16)
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward: less memory, ~30% slower.")
+    lean_activations: bool = opt(True, "Keep less for backward in Llama-family RMSNorms (their input, not an fp32 "
+                                 "copy of it) and SiLU-gated MLPs (gate and up, not silu(gate)): one tokens x "
+                                 "intermediate tensor less per layer, same results up to float rounding; other "
+                                 "models' modules run unchanged.")
 
 
 @dataclass

@@ -37,7 +37,7 @@ def _child_setup(job: dict, dtype: str = "fp32"):
 
 # Our trainer's speed switches (training.*) that the benchmark passes to our side; the references
 # run as a user would run them, without these.
-LEVERS = ("malloc_reuse", "loss_chunk_tokens", "gradient_checkpointing")
+LEVERS = ("malloc_reuse", "loss_chunk_tokens", "gradient_checkpointing", "lean_activations")
 
 
 def _child_eval(model, tok, job: dict) -> float:

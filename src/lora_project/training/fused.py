@@ -28,7 +28,8 @@ from lora_project.training.lifecycle import Outcome, Run, adapter_lock
 from lora_project.utils.interrupts import check_stop
 
 SHARED_FIELDS = ("seq_len", "batch_size", "grad_accum", "max_steps", "epochs", "precision", "device", "threads",
-                 "loss_chunk_tokens", "gradient_checkpointing", "eval_max_tokens", "log_interval")
+                 "loss_chunk_tokens", "gradient_checkpointing", "lean_activations", "eval_max_tokens",
+                 "log_interval")
 
 
 def check_fusable(configs: dict[str, RunConfig]) -> None:
@@ -142,6 +143,9 @@ def _fused_loop(model, names, configs, base, runs, streams, loaders, *, overwrit
         optims[n] = torch.optim.AdamW(params[n], lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
                                       weight_decay=t.weight_decay)
         scheds[n] = torch.optim.lr_scheduler.LambdaLR(optims[n], lr_lambda(t, max_steps))
+    from lora_project.models.lean import apply_lean_activations, remove_lean_activations
+
+    (apply_lean_activations if shared.lean_activations else remove_lean_activations)(model)  # as LoraTrainer
     decoder, head = decoder_and_head(model)
     val_docs = {n: tokenize_split(base.tokenizer, streams[n].validation_docs, streams[n].separator, shared.eval_max_tokens)
                 for n in names}  # the cap is recorded with every evaluation

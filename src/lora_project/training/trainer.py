@@ -179,6 +179,11 @@ class LoraTrainer:
             # Recompute each decoder layer's activations in backward instead of keeping them.
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Llama-family norms and SwiGLU MLPs keep less for backward (models/lean.py), same numerics;
+        # off, a base patched by an earlier run in this process gets its own forwards back.
+        from lora_project.models.lean import apply_lean_activations, remove_lean_activations
+
+        (apply_lean_activations if cfg.lean_activations else remove_lean_activations)(model)
         # Data parallel (torchrun): DDP averages LoRA gradients across processes in backward.
         self.dist = dist or DistInfo()
         self.decoder = wrap_decoder(self.decoder, runtime.device, self.dist)
