@@ -28,8 +28,9 @@ def register(sub) -> None:
     p.add_argument("--limit", type=int, metavar="N", help="--pairs: at most N pairs per paradigm (seeded sample)")
     p.add_argument("--strict", action="store_true", help="--pairs: fail on a bad line instead of skipping it")
     p.add_argument("--first-pass", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="--pairs: precision of the first pass (auto: bf16 where the hardware has it, else fp32); "
-                        "close pairs are always re-scored in fp32, so decisions equal fp32 scoring")
+                   help="--pairs: precision of the first pass (auto: fp32, exact and, with the margin bf16's error "
+                        "tail needs, no slower than bf16); after a bf16 pass, pairs within its error margin are "
+                        "re-scored in fp32, so decisions equal fp32 scoring either way")
     p.add_argument("--no-progress", action="store_true", help="--pairs: no progress bar")
     p.add_argument("--max-length", type=int, help="window length in tokens (default 1024, or the model's context "
                                                   "where its learned positions stop sooner, as for GPT-2)")
