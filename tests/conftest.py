@@ -108,7 +108,7 @@ def project(tmp_path, tiny_model_dir, monkeypatch) -> Path:
 
 
 @pytest.fixture(scope="session")
-def _tracking_store_template(tmp_path_factory) -> Path:
+def tracking_store_template(tmp_path_factory) -> Path:
     """An empty MLflow SQLite store, created once per session by MLflow itself.
 
     Creating one runs every schema migration with a disk sync after each statement: ~5 s on
@@ -153,10 +153,10 @@ def copy_tracking_store(template: Path, db: Path, default_artifacts: str) -> Pat
 
 
 @pytest.fixture()
-def tracking_store(project, _tracking_store_template) -> Path:
+def tracking_store(project, tracking_store_template) -> Path:
     """The project's MLflow store (mlruns/mlflow.db) already created, empty: for the slow tests whose
     point is not the store's creation (that is tested on fresh projects everywhere else)."""
-    return copy_tracking_store(_tracking_store_template, project / "mlruns" / "mlflow.db",
+    return copy_tracking_store(tracking_store_template, project / "mlruns" / "mlflow.db",
                                str(project / "mlruns" / "0"))
 
 
