@@ -107,6 +107,59 @@ def project(tmp_path, tiny_model_dir, monkeypatch) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def tracking_store_template(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store, created once per session by MLflow itself.
+
+    Creating one runs every schema migration with a disk sync after each statement: ~5 s on
+    a disk (under 1 s on tmpfs), paid by each fresh project's first tracked run. So the template
+    is made on tmpfs (/dev/shm) where there is one, then kept with the session's other files.
+    """
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    shm = Path("/dev/shm")
+    with tempfile.TemporaryDirectory(dir=shm if shm.is_dir() and os.access(shm, os.W_OK) else None) as tmp:
+        made = Path(tmp) / "mlflow.db"
+        client = MlflowClient(tracking_uri=f"sqlite:///{made}")
+        client.search_experiments()
+        shutil.copyfile(made, db)
+        try:  # MLflow keeps an engine per URI: let go of the file about to be deleted
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            for uri in [u for u in SqlAlchemyStore._engine_map if u.endswith(str(made))]:
+                SqlAlchemyStore._engine_map.pop(uri).dispose()
+        except Exception:
+            pass
+    return db
+
+
+def copy_tracking_store(template: Path, db: Path, default_artifacts: str) -> Path:
+    """`template` copied to `db`, its Default experiment's artifact folder set to `default_artifacts`
+    (where MLflow would have put it had it created the store there)."""
+    import sqlite3
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, db)
+    con = sqlite3.connect(db)
+    try:
+        with con:
+            con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", (default_artifacts,))
+    finally:
+        con.close()
+    return db
+
+
+@pytest.fixture()
+def tracking_store(project, tracking_store_template) -> Path:
+    """The project's MLflow store (mlruns/mlflow.db) already created, empty: for the slow tests whose
+    point is not the store's creation (that is tested on fresh projects everywhere else)."""
+    return copy_tracking_store(tracking_store_template, project / "mlruns" / "mlflow.db",
+                               str(project / "mlruns" / "0"))
+
+
 class CliResult:
     """What `subprocess.run(..., capture_output=True, text=True)` returns, for an in-process run."""
 

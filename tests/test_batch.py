@@ -10,7 +10,7 @@ from conftest import run_cli
 
 
 @pytest.mark.slow  # several trainings in one test: kept out of make test-fast's 2 minutes
-def test_batch_over_three_datasets_with_one_broken(project):
+def test_batch_over_three_datasets_with_one_broken(project, tracking_store):
     with open(project / "config" / "dataset_catalog.csv", "a") as fh:
         fh.write("broken,local,data/raw/missing.txt,lines,,,,a dataset whose file is missing,,0.8/0.1/0.1,true\n")
     (project / "config" / "batch_config.yaml").write_text("datasets:\n  kids:\n    training: {max_steps: 4}\n")
@@ -62,7 +62,7 @@ def test_batch_bad_input(project):
 
 
 @pytest.mark.slow  # a real process (or the full quick benchmark): kept out of make test-fast
-def test_fused_training_equals_sequential(project):
+def test_fused_training_equals_sequential(project, tracking_store):
     import shutil
 
     from safetensors.torch import load_file

@@ -21,7 +21,7 @@ def small_matmul(monkeypatch):
 
 
 @pytest.mark.slow  # a real process (or the full quick benchmark): kept out of make test-fast
-def test_quick_benchmark_report(project, small_matmul):
+def test_quick_benchmark_report(project, tracking_store, small_matmul):
     proc = run_cli("benchmark", "--quick", "--shapes", "32x4,16x8", "--steps", "2", "--json", cwd=project)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout)
@@ -63,7 +63,7 @@ def test_benchmark_bad_shapes(project):
 
 
 @pytest.mark.slow  # every reference and ours train the project's tiny model, each in a child process
-def test_reference_comparison_runs_every_reference_and_compares_with_the_fastest(project):
+def test_reference_comparison_runs_every_reference_and_compares_with_the_fastest(project, tracking_store):
     # one fp32 and one bf16 reference (emulated here where bf16 is not native); `auto` is unit-tested below
     proc = run_cli("benchmark", "--quick", "--reference", "--references", "trainer_fp32,peft_autocast_bf16",
                    "--reference-steps", "2",

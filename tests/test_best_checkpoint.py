@@ -29,7 +29,7 @@ def _scripted_validation(monkeypatch, losses: list[float]):
 
 
 @pytest.mark.slow  # a tiny end-to-end training; the BestCheckpoint callback has a fast unit test
-def test_early_stopping_keeps_the_best_adapter_and_records_why(project, monkeypatch):
+def test_early_stopping_keeps_the_best_adapter_and_records_why(project, tracking_store, monkeypatch):
     # before, steps 2, 4 (best), 6, 8 (second evaluation without improvement: stop), final at step 8
     calls = _scripted_validation(monkeypatch, [5.0, 4.0, 3.5, 3.6, 3.7, 3.8])
     proc = run_cli("train", "toddler_data", "--json", "--no-progress", "--set", "training.max_steps=20",

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, assert_user_error, run_cli, snapshot
+from conftest import REPO, assert_user_error, copy_tracking_store, run_cli, snapshot
 
 DRIVER = r'''
 import os, signal, sys, json, functools
@@ -171,10 +171,12 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_mlflow_server_stopped_mid_run(project, tmp_path):
+def test_mlflow_server_stopped_mid_run(project, tmp_path, tracking_store_template):
     """A real `mlflow server` on loopback, killed by the test while training runs: training
     finishes, the user is told once, and every metric is in the local JSON-lines log."""
     port = _free_port()
+    # its store already created: the server starts without running every schema migration
+    copy_tracking_store(tracking_store_template, tmp_path / "srv.db", str(tmp_path / "art" / "0"))
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                                "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
                                "--default-artifact-root", str(tmp_path / "art"), "--workers", "1"],

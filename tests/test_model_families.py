@@ -311,7 +311,8 @@ def test_unknown_logit_postprocessing_is_refused(family_dirs, monkeypatch):
 
 @pytest.mark.slow  # ~10 s each: the whole train / evaluate path, MLflow included
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
-def test_cli_train_and_evaluate_another_base_with_the_default_config(family, project, family_dirs, tiny_model_dir):
+def test_cli_train_and_evaluate_another_base_with_the_default_config(family, project, tracking_store, family_dirs,
+                                                                   tiny_model_dir):
     """`lora-project train NAME --set model.source=FOLDER` with the repository's own model_config.yaml
     (target_modules: auto): adapter, experiment folder, MLflow run, evaluation."""
     from mlflow.tracking import MlflowClient

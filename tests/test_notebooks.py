@@ -60,7 +60,7 @@ def test_notebooks_on_an_empty_project_say_what_to_run(project, monkeypatch):
 
 
 @pytest.mark.slow
-def test_notebooks_on_trained_adapters_show_tables_and_plots(project, monkeypatch):
+def test_notebooks_on_trained_adapters_show_tables_and_plots(project, tracking_store, monkeypatch):
     for name in ("toddler_data", "kids"):
         proc = run_cli("train", name, "--no-progress", cwd=project)
         assert proc.returncode == 0, proc.stderr[-2000:]

@@ -188,7 +188,7 @@ def test_chat_morphemes_on_a_written_transcript(project, capsys):
 
 
 @pytest.mark.slow  # several trainings in one test: kept out of make test-fast's 2 minutes
-def test_sampling_is_seeded_and_logged_to_the_training_run(project, capsys):
+def test_sampling_is_seeded_and_logged_to_the_training_run(project, tracking_store, capsys):
     from mlflow.tracking import MlflowClient
 
     from lora_project.models.adapter import read_metadata

@@ -21,7 +21,7 @@ def real_project(project):
     return project
 
 
-def test_embedded_model_trains_evaluates_and_loads_with_plain_peft(real_project):
+def test_embedded_model_trains_evaluates_and_loads_with_plain_peft(real_project, tracking_store):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer

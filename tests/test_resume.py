@@ -22,7 +22,7 @@ def _weights(project, name):
 
 
 @pytest.mark.slow  # a real process killed mid-run, then resumed: 150 steps twice
-def test_sigkill_then_resume_gives_the_same_adapter(project):
+def test_sigkill_then_resume_gives_the_same_adapter(project, tracking_store):
     from mlflow.tracking import MlflowClient
 
     ref = run_cli("train", "toddler_data", "--adapter-name", "ref", "--no-progress", *STEPS, cwd=project)

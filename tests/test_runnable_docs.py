@@ -47,7 +47,7 @@ def test_enough_commands_are_marked_runnable():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not present (some examples read it)")
-def test_runnable_commands_in_docs_run(project):
+def test_runnable_commands_in_docs_run(project, tracking_store):
     (project.parent / "shared").symlink_to(SHARED_DATA.parent)  # the docs' ../shared/data/...
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     for fname, line, cmd in runnable_commands():
@@ -65,9 +65,32 @@ def _plain_cli_argv(cmd: str) -> list[str] | None:
     the line needs the shell (pipes, redirections, substitutions, several commands, variables).
     The installed entry point itself is run by tests/test_entry_points.py."""
     words = shlex.split(cmd, comments=True)
-    if not words or words[0] != "lora-project" or any(ch in cmd.split(" #")[0] for ch in "|&;<>$`()"):
+    if not words or words[0] != "lora-project" or _needs_shell(cmd):
         return None
     return words[1:]
+
+
+def _needs_shell(cmd: str) -> bool:
+    """Whether the shell would do more than split `cmd` into words: an operator (| & ; < > ( )), a
+    glob, ~ or brace expansion, or, outside single quotes, $ or a backquote. Quoted operators are
+    plain text, as in --sep '<|endoftext|>' or --min-age '1;06'; the line ends at an unquoted ' #'."""
+    quote = None
+    for i, ch in enumerate(cmd):
+        if quote == "'":
+            quote = None if ch == "'" else quote
+        elif ch in "$`":
+            return True
+        elif quote == '"':
+            quote = None if ch == '"' else quote
+        elif ch == "\\":
+            return True  # an escaped character: leave it to the shell
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or cmd[i - 1].isspace()):
+            return False
+        elif ch in "|&;<>()*?[~{":
+            return True
+    return False
 
 
 def test_plain_commands_are_told_apart_from_shell_lines():
@@ -78,3 +101,15 @@ def test_plain_commands_are_told_apart_from_shell_lines():
     assert _plain_cli_argv('lora-project adopt --undo "$(ls -t outputs/adopt/adopt_*.json | head -1)"') is None
     assert _plain_cli_argv("lora-project inspect adapters > out.txt") is None
     assert _plain_cli_argv("mkdir -p ../x && lora-project prepare x") is None
+    # operators inside quotes are the program's text, not the shell's
+    assert _plain_cli_argv("lora-project extract a.txt --sep '<|endoftext|>' --out b.txt") == [
+        "extract", "a.txt", "--sep", "<|endoftext|>", "--out", "b.txt"]
+    assert _plain_cli_argv("lora-project extract-children c --min-age '1;06'  # (toddlers)") == [
+        "extract-children", "c", "--min-age", "1;06"]
+    assert _plain_cli_argv('lora-project generate --prompt "a | b"') == ["generate", "--prompt", "a | b"]
+    assert _plain_cli_argv('lora-project generate --prompt "$HOME"') is None
+    assert _plain_cli_argv("lora-project generate --prompt 'x' | head") is None
+    assert _plain_cli_argv("lora-project generate --prompt x\\;y") is None
+    assert _plain_cli_argv("lora-project inspect weights adapters/*_lora") is None
+    assert _plain_cli_argv("lora-project inspect values a --module '*.q_proj'") == [
+        "inspect", "values", "a", "--module", "*.q_proj"]

@@ -23,7 +23,7 @@ def _client(project):
 
 
 @pytest.mark.slow  # five tiny trainings (~12 s on a quiet machine): over the fast tier's budget
-def test_grid_sweep_children_table_plots_and_best_config_reproduces(project):
+def test_grid_sweep_children_table_plots_and_best_config_reproduces(project, tracking_store):
     proc = run_cli("sweep", "toddler_data", *GRID, "--name", "g", "--no-progress", "--json", cwd=project)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
@@ -136,7 +136,7 @@ def _study(project, name):
 
 
 @pytest.mark.slow  # a real process stopped by SIGINT, then resumed
-def test_sigint_mid_sweep_then_resume_reruns_only_the_interrupted_and_unstarted_trials(project):
+def test_sigint_mid_sweep_then_resume_reruns_only_the_interrupted_and_unstarted_trials(project, tracking_store):
     args = ["sweep", "toddler_data", *GRID, "--name", "s", "--no-progress",
             "--set", "training.max_steps=20", "--set", "training.eval_interval=0", "--set", "training.log_interval=1",
             "--set", "training.eval_max_tokens=200"]

@@ -191,7 +191,7 @@ def test_failed_run_is_recorded_as_failed(project, monkeypatch):
 
 
 @pytest.mark.slow  # a real process (or the full quick benchmark): kept out of make test-fast
-def test_sigterm_ends_run_killed_and_leaves_no_adapter(project):
+def test_sigterm_ends_run_killed_and_leaves_no_adapter(project, tracking_store):
     env = dict(os.environ)
     proc = subprocess.Popen([sys.executable, "-m", "lora_project", "train", "toddler_data", "--no-progress",
                              "--set", "training.max_steps=100000", "--set", "training.eval_interval=0"],

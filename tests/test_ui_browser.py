@@ -66,7 +66,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture()
-def board(project, monkeypatch):
+def board(project, tracking_store, monkeypatch):
     """The board serving the tiny project on a free loopback port."""
     from lora_project.ui import launch
 
