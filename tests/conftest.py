@@ -154,8 +154,10 @@ def copy_tracking_store(template: Path, db: Path, default_artifacts: str) -> Pat
 
 @pytest.fixture()
 def tracking_store(project, tracking_store_template) -> Path:
-    """The project's MLflow store (mlruns/mlflow.db) already created, empty: for the slow tests whose
-    point is not the store's creation (that is tested on fresh projects everywhere else)."""
+    """The project's MLflow store (mlruns/mlflow.db) already created, empty: for the tests whose point
+    is not the store's creation. Those that create one from scratch stay without it:
+    test_train_writes_adapter_experiment_and_mlflow_run, the MLFLOW_TRACKING_URI test and the
+    half-created-store test (tests/test_reliability.py)."""
     return copy_tracking_store(tracking_store_template, project / "mlruns" / "mlflow.db",
                                str(project / "mlruns" / "0"))
 

@@ -205,7 +205,7 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
     return proc.returncode, proc.stdout, proc.stderr
 
 
-def test_adopt_apply_again_and_undo(project, old_project, tiny_model_dir, other_tiny_model_dir, capsys):
+def test_adopt_apply_again_and_undo(project, tracking_store, old_project, tiny_model_dir, other_tiny_model_dir, capsys):
     from mlflow.tracking import MlflowClient
     from peft import PeftModel, get_peft_model_state_dict
     from transformers import AutoModelForCausalLM

@@ -50,7 +50,7 @@ PHASES = ["model-load", "before-tracker", "tracker-start", "after-tracker", "ada
 
 
 @pytest.mark.parametrize("phase", PHASES)
-def test_a_stop_at_any_phase_leaves_no_running_run(phase, project, monkeypatch):
+def test_a_stop_at_any_phase_leaves_no_running_run(phase, project, tracking_store, monkeypatch):
     from lora_project.models import base_model, lora_model
     from lora_project.training import lifecycle
     from lora_project.utils.mlflow_utils import MlflowTracker
@@ -82,7 +82,7 @@ def test_a_stop_at_any_phase_leaves_no_running_run(phase, project, monkeypatch):
     assert not (project / "adapters" / "toddler_data_lora").exists()
 
 
-def test_a_full_disk_at_the_adapter_save_fails_the_run_cleanly(project, monkeypatch):
+def test_a_full_disk_at_the_adapter_save_fails_the_run_cleanly(project, tracking_store, monkeypatch):
     from lora_project.models import lora_model
 
     monkeypatch.setattr(lora_model, "save_adapter", _disk_full)

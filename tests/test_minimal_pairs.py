@@ -79,7 +79,7 @@ def test_loading_uid_fallback_limit_and_bad_lines(tmp_path):
         load_pairs(empty)
 
 
-def test_cli_pairs_with_adapter(project, tiny_model_dir, tmp_path):
+def test_cli_pairs_with_adapter(project, tracking_store, tiny_model_dir, tmp_path):
     trained = run_cli("train", "toddler_data", "--no-progress", "--json", cwd=project)
     assert trained.returncode == 0
     run_id = json.loads(trained.stdout)["mlflow_run_id"]

@@ -6,7 +6,7 @@ import fcntl
 import json
 
 import pytest
-from conftest import assert_user_error, run_cli, snapshot
+from conftest import assert_user_error, copy_tracking_store, run_cli, snapshot
 
 
 def test_second_training_of_same_adapter_stops_at_once(project):
@@ -33,13 +33,15 @@ def test_mlflow_tracking_uri_env_is_honoured(project, tmp_path):
     assert not (project / "mlruns" / "mlflow.db").exists()
 
 
-def test_long_param_values_are_truncated_not_fatal(tmp_path):
+def test_long_param_values_are_truncated_not_fatal(tmp_path, tracking_store_template):
     from mlflow.tracking import MlflowClient
 
     from lora_project.paths import ProjectPaths
     from lora_project.utils.mlflow_utils import PARAM_MAX_CHARS, MlflowTracker
 
-    tracker = MlflowTracker(ProjectPaths(tmp_path), "t")
+    paths = ProjectPaths(tmp_path)
+    copy_tracking_store(tracking_store_template, paths.mlruns_dir / "mlflow.db", str(paths.mlruns_dir / "0"))
+    tracker = MlflowTracker(paths, "t")
     run_id = tracker.start("r", {"long": "x" * 10_000, "short": 1}, {})
     assert tracker.failed is None and run_id
     tracker.end("FINISHED")

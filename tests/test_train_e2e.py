@@ -168,7 +168,7 @@ def test_evaluate_json_agrees_with_direct_computation(project, tiny_model_dir):
     assert expect_adapter != pytest.approx(expect_base, rel=1e-4)
 
 
-def test_failed_run_is_recorded_as_failed(project, monkeypatch):
+def test_failed_run_is_recorded_as_failed(project, tracking_store, monkeypatch):
     from lora_project.config import load_config
     from lora_project.paths import ProjectPaths
     from lora_project.training import trainer
