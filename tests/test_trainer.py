@@ -250,3 +250,27 @@ def test_malloc_reuse_serves_a_second_large_block_without_page_faults():
 
     assert faults("default") > 8000
     assert faults("reuse") < 1000
+
+
+def test_bf16_forward_skips_lora_input_casts_and_restores_each_layers_flag(tiny_model_dir):
+    """bf16 runs: PEFT's cast of LoRA inputs to fp32 is off during the forward only (autocast casts
+    them back anyway); afterwards every layer has its own setting again, including one set off."""
+    from transformers import AutoModelForCausalLM
+
+    from lora_project.models.lora_model import wrap_with_lora
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).to(torch.bfloat16)
+    model = wrap_with_lora(base, LoraSection(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]), seed=0)
+    cfg = dataclasses.replace(TrainingSection(), max_steps=1, batch_size=2, seq_len=16, precision="bf16")
+    trainer = LoraTrainer(model, cfg, BlockLoader(np.arange(3, 200, dtype=np.uint16), 16, 2, 0),
+                          resolve_runtime("cpu", "bf16", 1), [])
+    layers = trainer.uncast_lora
+    assert len(layers) == 2 * model.config.num_hidden_layers
+    layers[0].cast_input_dtype_enabled = False  # a user's own choice
+    seen = []
+    hook = layers[1].register_forward_pre_hook(lambda m, args: seen.append(m.cast_input_dtype_enabled))
+    loss = trainer.micro_step(*trainer.loader.next_batch())
+    hook.remove()
+    assert seen == [False] and np.isfinite(loss)
+    assert layers[0].cast_input_dtype_enabled is False
+    assert all(m.cast_input_dtype_enabled for m in layers[1:])

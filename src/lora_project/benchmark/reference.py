@@ -44,7 +44,8 @@ def _child_eval(model, tok, job: dict) -> float:
     from lora_project.models.scoring import score_documents
     from lora_project.utils.device import resolve_runtime
 
-    runtime = resolve_runtime("cpu", "fp32", job["threads"], job.get("malloc_reuse", False))
+    # the references run with the C library's default; our side with its own switch
+    runtime = resolve_runtime("cpu", "fp32", job["threads"], job.get("levers", {}).get("malloc_reuse", False))
     s = score_documents(model, tok, job["val_docs"], "\n", runtime,
                         max_length=256, stride=192)
     return s.nll_sum / s.tokens
@@ -290,7 +291,7 @@ def compare_with_reference(paths: ProjectPaths, cfg, *, seq_len: int = 256, batc
             log(f"  {refs[name]['tokens_per_second']:.0f} tokens/s, peak {refs[name]['peak_rss_mb']:.0f} MiB")
         log(f"ours ({runtime.precision}), {shape} ...")
         levers = {k: getattr(t, k) for k in LEVERS}
-        ours = dict(_median_run(_child_ours, dict(job, variant="ours", levers=levers, malloc_reuse=t.malloc_reuse),
+        ours = dict(_median_run(_child_ours, dict(job, variant="ours", levers=levers),
                                 repeats), precision=runtime.precision, label="lora-project", levers=levers)
         log(f"  {ours['tokens_per_second']:.0f} tokens/s, peak {ours['peak_rss_mb']:.0f} MiB")
     if peaks:  # achieved GFLOP/s (4 x parameters per token: forward + input-gradient backward) vs the side's peak

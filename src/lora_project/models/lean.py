@@ -201,3 +201,9 @@ def remove_lean_activations(model) -> int:
             delattr(module, _MARK)
             restored += 1
     return restored
+
+
+def set_lean_activations(model, enabled: bool) -> int:
+    """`training.lean_activations` for one run: patch (enabled) or unpatch a model that an earlier
+    run in this process may have patched; returns how many modules changed."""
+    return apply_lean_activations(model) if enabled else remove_lean_activations(model)

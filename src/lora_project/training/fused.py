@@ -143,9 +143,9 @@ def _fused_loop(model, names, configs, base, runs, streams, loaders, *, overwrit
         optims[n] = torch.optim.AdamW(params[n], lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
                                       weight_decay=t.weight_decay)
         scheds[n] = torch.optim.lr_scheduler.LambdaLR(optims[n], lr_lambda(t, max_steps))
-    from lora_project.models.lean import apply_lean_activations, remove_lean_activations
+    from lora_project.models.lean import set_lean_activations
 
-    (apply_lean_activations if shared.lean_activations else remove_lean_activations)(model)  # as LoraTrainer
+    set_lean_activations(model, shared.lean_activations)  # as LoraTrainer
     decoder, head = decoder_and_head(model)
     val_docs = {n: tokenize_split(base.tokenizer, streams[n].validation_docs, streams[n].separator, shared.eval_max_tokens)
                 for n in names}  # the cap is recorded with every evaluation

@@ -181,9 +181,9 @@ class LoraTrainer:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # Llama-family norms and SwiGLU MLPs keep less for backward (models/lean.py), same numerics;
         # off, a base patched by an earlier run in this process gets its own forwards back.
-        from lora_project.models.lean import apply_lean_activations, remove_lean_activations
+        from lora_project.models.lean import set_lean_activations
 
-        (apply_lean_activations if cfg.lean_activations else remove_lean_activations)(model)
+        set_lean_activations(model, cfg.lean_activations)
         # Data parallel (torchrun): DDP averages LoRA gradients across processes in backward.
         self.dist = dist or DistInfo()
         self.decoder = wrap_decoder(self.decoder, runtime.device, self.dist)
@@ -198,14 +198,15 @@ class LoraTrainer:
             inputs, targets = inputs[self.dist.rank::self.dist.world_size], targets[self.dist.rank::self.dist.world_size]
         inputs = inputs.to(self.runtime.device, non_blocking=True)
         targets = targets.to(self.runtime.device, non_blocking=True)
+        before = [m.cast_input_dtype_enabled for m in self.uncast_lora]
         for m in self.uncast_lora:
             m.cast_input_dtype_enabled = False
         try:
             with self.runtime.autocast():
                 hidden = self.decoder(input_ids=inputs, use_cache=False).last_hidden_state
         finally:
-            for m in self.uncast_lora:
-                m.cast_input_dtype_enabled = True
+            for m, flag in zip(self.uncast_lora, before):
+                m.cast_input_dtype_enabled = flag
         loss = linear_cross_entropy(hidden, self.head, targets, self.cfg.loss_chunk_tokens)
         (loss / self.cfg.grad_accum).backward()
         return float(loss.detach())
