@@ -79,6 +79,25 @@ def test_loading_uid_fallback_limit_and_bad_lines(tmp_path):
         load_pairs(empty)
 
 
+def test_identical_pairs_are_warned_about_non_string_ones_skipped_and_binary_files_get_no_foreign_hint(tmp_path):
+    f = tmp_path / "x.jsonl"
+    f.write_text("\n".join(json.dumps(o) for o in (
+        {"sentence_good": "The cat sleeps.", "sentence_bad": "The cat sleep."},
+        {"sentence_good": "The cat sleeps.", "sentence_bad": " The cat sleeps. "},  # no decision possible
+        {"sentence_good": 5, "sentence_bad": None})) + "\n")
+    warnings = []
+    pairs = load_pairs(f, warn=warnings.append)
+    assert [p.bad for p in pairs] == ["The cat sleep.", "The cat sleeps."]  # kept: BLiMP has a few such pairs
+    assert "1 pair(s) with the same good and bad sentence (first: x.jsonl line 2)" in " ".join(warnings)
+    assert "line 3: sentence_good and sentence_bad must be non-empty strings" in " ".join(warnings)
+    assert accuracy_report(pairs, [-1.0, -2.0], [-3.0, -2.0])["paradigms"]["x"]["accuracy"] == 0.5  # tie is wrong
+    binary = tmp_path / "b.jsonl"
+    binary.write_bytes(b"\x00\x01\x02" * 50)
+    with pytest.raises(UserError, match="binary") as info:
+        load_pairs(binary)
+    assert "--encoding" not in str(info.value)  # evaluate has no such option
+
+
 def test_cli_pairs_with_adapter(project, tracking_store, tiny_model_dir, tmp_path):
     trained = run_cli("train", "toddler_data", "--no-progress", "--json", cwd=project)
     assert trained.returncode == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lora_project.cli._common import add_config_args, load_cfg, print_json, progress_log
+from lora_project.errors import UserError
 
 
 def register(sub) -> None:
@@ -57,6 +58,8 @@ def register(sub) -> None:
 def run(args, paths) -> None:
     from lora_project.benchmark import benchmark_report, parse_shapes
 
+    if not args.reference and (args.references != "auto" or args.reference_steps != 6 or args.reference_repeats != 1):
+        raise UserError("--references, --reference-steps and --reference-repeats go with --reference")
     shapes = parse_shapes(args.shapes)
     result = benchmark_report(paths, load_cfg(args, paths), quick=args.quick, shapes=shapes, steps=args.steps,
                               matrix=args.matrix, reference=args.reference, reference_steps=args.reference_steps,

@@ -41,30 +41,34 @@ def load_pairs(path: Path, strict: bool = False, warn=print) -> list[Pair]:
     files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
     if not files:
         raise UserError(f"no .jsonl files in {path}")
-    pairs, problems = [], []
+    pairs, problems, same = [], [], []
     for f in files:
-        text = read_user_text(f, what="JSON lines")
+        text = read_user_text(f, what="JSON lines", encoding_option=False)
         for i, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
                 good, bad = obj["sentence_good"], obj["sentence_bad"]
-                if not isinstance(good, str) or not isinstance(bad, str) or not good.strip() or not bad.strip():
-                    raise KeyError("empty sentence")
             except ValueError:
                 problems.append(f"{f.name} line {i}: not valid JSON")
                 continue
             except KeyError as exc:
-                what = f"no '{exc.args[0]}' field" if exc.args and exc.args[0] in ("sentence_good", "sentence_bad") \
-                    else "empty sentence_good/sentence_bad"
-                problems.append(f"{f.name} line {i}: {what}")
+                problems.append(f"{f.name} line {i}: no '{exc.args[0]}' field")
                 continue
             except TypeError:
                 problems.append(f"{f.name} line {i}: expected a JSON object with sentence_good and sentence_bad")
                 continue
+            if not isinstance(good, str) or not isinstance(bad, str) or not good.strip() or not bad.strip():
+                problems.append(f"{f.name} line {i}: sentence_good and sentence_bad must be non-empty strings")
+                continue
+            if good.strip() == bad.strip():
+                same.append(f"{f.name} line {i}")
             pairs.append(Pair(good.strip(), bad.strip(), str(obj.get("UID") or f.stem), obj.get("field"),
                               obj.get("linguistics_term"), path.stem if path.is_file() else path.name))
+    if same:  # kept, as published BLiMP scoring keeps them: a tie is never a right decision
+        warn(f"warning: {len(same)} pair(s) with the same good and bad sentence (first: {same[0]}), scored as "
+             f"ties, which count as wrong")
     if problems:
         if strict:
             raise UserError(f"{len(problems)} bad line(s) in {path}: " + "; ".join(problems[:5]))
@@ -225,12 +229,8 @@ def resolve_first_pass(requested: str, runtime) -> str:
 
 @contextmanager
 def precision_context(path: str, device: str, model=None):
-    """The numerics of one scoring pass: fp32 (autocast off) or bf16 autocast over fp32 weights.
-
-    With `model` given, a bf16 pass casts each linear layer's weight to bf16 once, for the whole
-    pass, instead of autocast casting every weight again for every batch; the values are the same
-    (autocast's cast is that same rounding), and the fp32 weights are back in place afterwards.
-    """
+    """The numerics of one scoring pass: fp32 (autocast off) or bf16 autocast over fp32 weights; with
+    `model`, bf16 casts each linear weight once per pass, not per batch (same values), and restores it."""
     import torch
 
     if path not in FIRST_PASSES:
