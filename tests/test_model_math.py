@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lora_project.config import LoraSection
-from lora_project.models.losses import IGNORE_INDEX, linear_cross_entropy, sum_nll
+from lora_project.models.losses import CHUNK_BYTES, IGNORE_INDEX, chunk_tokens_for, linear_cross_entropy, sum_nll
 from lora_project.models.scoring import score_documents, score_text, windows
 from lora_project.utils.device import resolve_runtime
 
@@ -54,6 +54,31 @@ def test_fused_loss_in_bf16_stays_near_fp32_and_survives_underflow():
     assert loss.item() == pytest.approx(ref.item(), abs=0.05)  # bf16 logits (8-bit mantissa) and probabilities
     assert (g.float() - g_ref).abs().max() < 0.02 * g_ref.abs().max()
     assert torch.all(g[5] == 0)  # ignored position: no gradient
+
+
+def test_auto_loss_chunk_follows_a_byte_budget_and_changes_no_result():
+    """chunk_tokens=0 (the default) sizes chunks so one chunk's logits fit the byte budget in the
+    matmul dtype: half the tokens of bf16 in fp32; an explicit size is kept; the loss and gradient
+    are those of any other chunking."""
+    assert chunk_tokens_for(49152, torch.float32) == 256
+    assert chunk_tokens_for(49152, torch.bfloat16) == 512
+    assert chunk_tokens_for(49152, torch.float32, 1024) == 1024
+    assert chunk_tokens_for(10**7, torch.float32) == 64  # never below the floor
+    for vocab in (1000, 49152, 151936):
+        for dtype in (torch.float32, torch.bfloat16):
+            n = chunk_tokens_for(vocab, dtype)
+            assert n % 64 == 0 and (n * vocab * (4 if dtype == torch.float32 else 2) <= CHUNK_BYTES or n == 64)
+    torch.manual_seed(3)
+    h = torch.randn(2, 700, 8, requires_grad=True)  # 1,400 tokens: several auto chunks at vocab 50,000
+    head = torch.nn.Linear(8, 50000, bias=False).requires_grad_(False)
+    t = torch.randint(0, 50000, (2, 700))
+    results = []
+    for chunk in (0, 2048):
+        loss = linear_cross_entropy(h, head, t, chunk_tokens=chunk)
+        (g,) = torch.autograd.grad(loss, h)
+        results.append((loss.item(), g))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-8)
 
 
 def test_trainable_head_takes_the_checkpointed_path_with_the_same_result():
