@@ -88,6 +88,21 @@ def test_reference_comparison_runs_every_reference_and_compares_with_the_fastest
     assert "(fastest reference)" in md and "plain PEFT loop under torch.autocast(bfloat16)" in md
 
 
+def test_reference_report_names_our_switches_and_explains_the_automatic_loss_chunk():
+    from lora_project.benchmark.report import reference_markdown
+
+    side = {"tokens_per_second": 100.0, "peak_rss_mb": 1000.0, "eval_loss": 3.0, "precision": "fp32"}
+    ref = {"steps": 2, "batch_size": 4, "seq_len": 64, "repeats": 1, "fastest_reference": "trainer_fp32",
+           "references": {"trainer_fp32": dict(side, label="transformers Trainer, fp32")},
+           "ours": dict(side, tokens_per_second=150.0, levers={"malloc_reuse": True, "loss_chunk_tokens": 0}),
+           "speedup": 1.5, "memory_ratio": 1.0, "eval_loss_difference": 0.0}
+    md = "\n".join(reference_markdown(ref))
+    assert "training.loss_chunk_tokens=0 (chunks of at most 48 MiB of logits)" in md
+    assert "training.malloc_reuse=True" in md and "speed-up 1.50x" in md
+    ref["ours"]["levers"]["loss_chunk_tokens"] = 1024
+    assert "training.loss_chunk_tokens=1024 (change one" in "\n".join(reference_markdown(ref))
+
+
 def test_reference_choice_is_checked_before_anything_runs(project):
     from lora_project.benchmark.reference import pick_references
 

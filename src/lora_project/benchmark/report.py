@@ -69,7 +69,9 @@ def reference_markdown(ref: dict) -> list[str]:
                   f"{ref['eval_loss_difference']:+.4f}."]
     levers = ref["ours"].get("levers")
     if levers:
-        lines.append("Our speed switches in this run: " + ", ".join(f"training.{k}={v}" for k, v in levers.items())
+        shown = {k: (f"{v} (chunks of at most 48 MiB of logits)" if k == "loss_chunk_tokens" and v == 0 else v)
+                 for k, v in levers.items()}
+        lines.append("Our speed switches in this run: " + ", ".join(f"training.{k}={v}" for k, v in shown.items())
                      + " (change one with --set to measure it).")
     if len(ref["ours"].get("runs_tokens_per_second", [])) > 1:
         lines.append("Tokens/s of every run: " + "; ".join(
