@@ -161,8 +161,8 @@ def test_blimp_speed_section_names_cpu_paths_and_projects_full_time(project, tmp
     b = blimp_speed(load_project_config(ProjectPaths.discover()), folder, per_paradigm=2, rounds=1, log=lambda m: None)
     assert b["sample_pairs"] == 4 and b["full_pairs"] == 12 and b["cpu"]["isa"] and b["cpu"]["model"]
     labels = [r["path"] for r in b["paths"]]
-    assert labels[:2] == ["plain fp32 (before)", "shared prefix, fp32"]
-    assert ("shared prefix, bf16 first pass + fp32 re-check" in labels) == b["cpu"]["native_bf16"]
+    assert labels[:2] == ["plain fp32 (before)", "prefix tree, fp32"]
+    assert ("prefix tree, bf16 first pass + fp32 re-check" in labels) == b["cpu"]["native_bf16"]
     assert all(r["pairs_per_second"] > 0 and r["projected_full_minutes"] > 0 for r in b["paths"])
     assert 0 < b["shared_prefix_fraction"] < 1
     text = "\n".join(blimp_markdown(b))

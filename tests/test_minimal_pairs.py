@@ -156,7 +156,43 @@ def test_shared_prefix_sums_equal_plain_per_sentence_sums(tiny_model_dir):
     assert good[5] == bad[5]  # identical sentences: exactly equal sums
     share = prefix_sharing(tokens)
     assert 0 < share["shared_prefix_fraction"] < 1
-    assert share["forward_tokens_shared"] < share["forward_tokens_plain"]
+    assert share["forward_tokens_tree"] <= share["forward_tokens_shared"] < share["forward_tokens_plain"]
+
+
+@pytest.mark.parametrize("row_tokens", [3, 8, 256])
+def test_prefix_tree_shares_across_pairs_and_keeps_every_sum(tiny_model_dir, row_tokens):
+    """Sentences of different pairs that open alike share their nodes; rows too short for a subtree
+    split it (its path copied into each piece), several pieces share a row; every sum stays the
+    plain per-sentence sum and progress counts every pair once."""
+    from lora_project.evaluation.prefix_tree import prefix_tree, tree_rows
+
+    tok, model = _tiny(tiny_model_dir)
+    pairs = [Pair("the dog runs to the ball.", "the dog run to the ball.", "a"),
+             Pair("the dog runs home.", "the dogs runs home.", "a"),
+             Pair("the dog sees a cat.", "the dog see a cat.", "b"),
+             Pair("a cat sleeps.", "a cat sleep.", "b"), Pair("the dog", "the dog runs.", "c"),
+             Pair("more cookie.", "cookie more.", "d")]
+    tokens = tokenize_pairs(tok, pairs)
+    tree = prefix_tree(tokens)
+    rows = tree_rows(tree, row_tokens)
+    placed = [n for r in rows for n in r]
+    assert set(placed) == set(range(len(tree.token)))  # every node computed
+    assert all(len(r) <= max(row_tokens, max(tree.depth) + 2) for r in rows)
+    if row_tokens == 3:
+        assert len(placed) > len(tree.token)  # subtrees split: their paths are copied
+    if row_tokens == 256:
+        assert len(rows) == 1  # everything in one row
+    share = prefix_sharing(tokens)
+    assert len(tree.token) < share["forward_tokens_shared"]  # "the dog" is shared across pairs too
+    done = []
+    runtime = resolve_runtime("cpu", "fp32", 1)
+    good, bad = pair_logprobs(model, tokens, runtime, "fp32", batch_tokens=16, progress=done.append,
+                              row_tokens=row_tokens)
+    assert sum(done) == len(pairs) and all(n > 0 for n in done)
+    ref_good = sentence_logprobs(model, tok, [p.good for p in pairs], runtime)
+    ref_bad = sentence_logprobs(model, tok, [p.bad for p in pairs], runtime)
+    assert good.tolist() == pytest.approx(ref_good, rel=1e-4)
+    assert bad.tolist() == pytest.approx(ref_bad, rel=1e-4)
 
 
 def _close_pairs(tok, model, runtime):
