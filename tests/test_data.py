@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -245,3 +246,19 @@ def test_written_files_follow_the_umask_not_tempfile_defaults(tmp_path):
     finally:
         os.umask(old)
         io._UMASK = None
+
+
+def test_a_catalog_with_many_bad_rows_gets_one_readable_line():
+    """The first problems in full, then how many more: the line stays short whatever the file holds
+    (hypothesis once found a 3-row catalog whose joined problems were 628 characters)."""
+    from lora_project.data.catalog import parse_catalog
+
+    text = "name,name,kind,format,location\n" + "".join(f",,,{i}\n" for i in range(40))
+    with pytest.raises(UserError) as err:
+        parse_catalog(text)
+    line = str(err.value)
+    assert len(line) <= 600 and line.startswith("catalog row 2: invalid name")
+    assert re.search(r"; and \d+ more problems$", line)
+    one = "name,kind,location\nok,local,\n"
+    with pytest.raises(UserError, match=r"location is empty$"):  # a single problem: no count
+        parse_catalog(one)

@@ -77,6 +77,18 @@ class CatalogEntry:
         return self.options.get(key, default)
 
 
+def _summarise(problems: list[str], limit: int = 450) -> str:
+    """The problems joined into one line, the first ones in full while they fit `limit` characters,
+    then how many more (a catalog of many bad rows gets a readable line, not a page)."""
+    shown: list[str] = []
+    for k, problem in enumerate(problems):
+        if shown and len("; ".join(shown + [problem])) > limit:
+            rest = len(problems) - k
+            return "; ".join(shown) + f"; and {rest} more problem{'s' if rest > 1 else ''}"
+        shown.append(problem)
+    return "; ".join(shown)
+
+
 def _parse_bool(text: str) -> bool | None:
     t = text.strip().lower()
     if t in ("true", "yes", "1", "y"):
@@ -157,7 +169,7 @@ def parse_catalog(text: str, source: str = "catalog") -> dict[str, CatalogEntry]
         if col not in header:
             problems.append(f"{source}: missing required column '{col}'")
     if problems:
-        raise UserError("; ".join(problems))
+        raise UserError(_summarise(problems))
     entries: dict[str, CatalogEntry] = {}
     try:
         rows = list(reader)
@@ -221,7 +233,7 @@ def parse_catalog(text: str, source: str = "catalog") -> dict[str, CatalogEntry]
                                          description=vals.get("description", ""), options=options,
                                          split=split, enabled=bool(enabled), row=i)
     if problems:
-        raise UserError("; ".join(problems))
+        raise UserError(_summarise(problems))
     return entries
 
 
