@@ -77,8 +77,9 @@ class CatalogEntry:
         return self.options.get(key, default)
 
 
-def _summarise(problems: list[str], limit: int = 450) -> str:
-    """The problems joined into one line, the first ones in full while they fit `limit` characters,
+def _summarise(problems: list[str], limit: int = 560) -> str:
+    """The problems joined into one line, the first ones in full while they fit `limit` characters
+    (under the 600 a bad-input line may have, with the count),
     then how many more (a catalog of many bad rows gets a readable line, not a page)."""
     shown: list[str] = []
     for k, problem in enumerate(problems):
