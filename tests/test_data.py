@@ -258,7 +258,7 @@ def test_a_catalog_with_many_bad_rows_gets_one_readable_line():
         parse_catalog(text)
     line = str(err.value)
     assert len(line) <= 600 and line.startswith("catalog row 2: invalid name")
-    assert re.search(r"; and \d+ more problems$", line)
+    assert re.search(r"; and \d+ more problem\(s\)$", line)
     one = "name,kind,location\nok,local,\n"
     with pytest.raises(UserError, match=r"location is empty$"):  # a single problem: no count
         parse_catalog(one)

@@ -22,14 +22,20 @@ class ConfigError(UserError):
         self.problems = list(problems)
         self.source = source
         where = f"{source}: " if source else ""
-        shown, length = [], len(where)
-        for i, problem in enumerate(self.problems):  # the line stays short: the first problems, then a count
-            if shown and length + len(problem) > 480:
-                shown.append(f"and {len(self.problems) - i} more problem(s)")
-                break
-            shown.append(problem)
-            length += len(problem) + 2
-        super().__init__(where + "; ".join(shown))
+        super().__init__(where + one_line(self.problems, 480 - len(where)))
+
+
+def one_line(problems: list[str], limit: int = 480) -> str:
+    """Problems joined with '; ' into one line that stays short: the first ones in full while they
+    fit about `limit` characters, then how many more."""
+    shown, length = [], 0
+    for i, problem in enumerate(problems):
+        if shown and length + len(problem) > limit:
+            shown.append(f"and {len(problems) - i} more problem(s)")
+            break
+        shown.append(problem)
+        length += len(problem) + 2
+    return "; ".join(shown)
 
 
 class RunInterrupted(BaseException):

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from lora_project.data.childes import parse_age
 from lora_project.data.extract import SOURCE_FORMATS
-from lora_project.errors import UserError, did_you_mean
+from lora_project.errors import UserError, did_you_mean, one_line
 from lora_project.paths import _NAME_RE
 from lora_project.utils.text_io import read_user_text
 
@@ -75,19 +75,6 @@ class CatalogEntry:
 
     def option(self, key: str, default):
         return self.options.get(key, default)
-
-
-def _summarise(problems: list[str], limit: int = 560) -> str:
-    """The problems joined into one line, the first ones in full while they fit `limit` characters
-    (under the 600 a bad-input line may have, with the count),
-    then how many more (a catalog of many bad rows gets a readable line, not a page)."""
-    shown: list[str] = []
-    for k, problem in enumerate(problems):
-        if shown and len("; ".join(shown + [problem])) > limit:
-            rest = len(problems) - k
-            return "; ".join(shown) + f"; and {rest} more problem{'s' if rest > 1 else ''}"
-        shown.append(problem)
-    return "; ".join(shown)
 
 
 def _parse_bool(text: str) -> bool | None:
@@ -170,7 +157,7 @@ def parse_catalog(text: str, source: str = "catalog") -> dict[str, CatalogEntry]
         if col not in header:
             problems.append(f"{source}: missing required column '{col}'")
     if problems:
-        raise UserError(_summarise(problems))
+        raise UserError(one_line(problems))
     entries: dict[str, CatalogEntry] = {}
     try:
         rows = list(reader)
@@ -234,7 +221,7 @@ def parse_catalog(text: str, source: str = "catalog") -> dict[str, CatalogEntry]
                                          description=vals.get("description", ""), options=options,
                                          split=split, enabled=bool(enabled), row=i)
     if problems:
-        raise UserError(_summarise(problems))
+        raise UserError(one_line(problems))
     return entries
 
 
