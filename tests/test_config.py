@@ -90,6 +90,8 @@ def test_all_problems_reported_together_with_field_names_and_did_you_mean():
     ("training.schedule=cosin", "did you mean 'cosine'?"),
     ("model.source=null", "model.source: must be set"),
     ("tracking.mlflow=maybe", "tracking.mlflow: expected true or false"),
+    ("training.loss_chunk_tokens=-1", "training.loss_chunk_tokens: must be >= 0"),
+    ("training.loss_chunk_tokens=3", "training.loss_chunk_tokens: 0 (automatic) or at least 16, got 3"),
 ])
 def test_out_of_range_values(override, fragment):
     with pytest.raises(ConfigError) as exc:

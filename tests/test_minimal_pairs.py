@@ -84,12 +84,18 @@ def test_identical_pairs_are_warned_about_non_string_ones_skipped_and_binary_fil
     f.write_text("\n".join(json.dumps(o) for o in (
         {"sentence_good": "The cat sleeps.", "sentence_bad": "The cat sleep."},
         {"sentence_good": "The cat sleeps.", "sentence_bad": " The cat sleeps. "},  # no decision possible
-        {"sentence_good": 5, "sentence_bad": None})) + "\n")
+        {"sentence_good": 5, "sentence_bad": None},
+        {"sentence_good": "A dog runs.", "sentence_bad": "A dog run.", "field": ["syntax"]},
+        {"sentence_good": "A dog runs.", "sentence_bad": "A dog run.", "field": "syntax",
+         "linguistics_term": {"x": 1}})) + "\n")
     warnings = []
     pairs = load_pairs(f, warn=warnings.append)
     assert [p.bad for p in pairs] == ["The cat sleep.", "The cat sleeps."]  # kept: BLiMP has a few such pairs
     assert "1 pair(s) with the same good and bad sentence (first: x.jsonl line 2)" in " ".join(warnings)
     assert "line 3: sentence_good and sentence_bad must be non-empty strings" in " ".join(warnings)
+    # the labels accuracies are grouped by: a list or an object once made the report crash
+    assert "line 4: field must be a string, got list" in " ".join(warnings)
+    assert "line 5: linguistics_term must be a string, got dict" in " ".join(warnings)
     assert accuracy_report(pairs, [-1.0, -2.0], [-3.0, -2.0])["paradigms"]["x"]["accuracy"] == 0.5  # tie is wrong
     binary = tmp_path / "b.jsonl"
     binary.write_bytes(b"\x00\x01\x02" * 50)
@@ -293,3 +299,16 @@ def test_real_model_fast_path_decisions_equal_plain_fp32_on_blimp(project):
     assert [g > b for g, b in zip(scores.good, scores.bad)] == [g > b for g, b in zip(good, bad)]
     if path == "fp32":
         assert scores.good == pytest.approx(good, rel=1e-4) and scores.bad == pytest.approx(bad, rel=1e-4)
+
+
+def test_the_same_pairs_file_twice_is_refused_before_anything_loads(tmp_path, monkeypatch):
+    """--pairs X --pairs X (or ./X) would count every pair twice: refused with one line."""
+    from lora_project.config import load_config
+    from lora_project.evaluation.evaluate import evaluate_minimal_pairs
+
+    f = tmp_path / "one.jsonl"
+    f.write_text(json.dumps({"sentence_good": "The dog runs.", "sentence_bad": "The dog run."}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    for twice in ([f, f], [f, "./one.jsonl"]):
+        with pytest.raises(UserError, match="is the same file or folder as --pairs .*give each suite once"):
+            evaluate_minimal_pairs(None, load_config([], []), twice, log=lambda m: None)

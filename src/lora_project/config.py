@@ -126,7 +126,7 @@ class TrainingSection:
                                  "(bounds logits memory to chunk x vocab). 0 = as many as keep one chunk's "
                                  "logits within 48 MiB in the matmul dtype (SmolLM2: 256 in fp32, 512 in bf16; "
                                  "in fp32 that lowers the training peak by ~370 MiB against 1,024 at the "
-                                 "same speed).", min=0)
+                                 "same speed); otherwise at least 16.", min=0)
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward: less memory, ~30% slower.")
     lean_activations: bool = opt(True, "Keep less for backward in Llama-family RMSNorms (their input, not an fp32 "
                                  "copy of it) and SiLU-gated MLPs (gate and up, not silu(gate)): one tokens x "
@@ -346,6 +346,8 @@ def build_config(merged: dict[str, dict[str, Any]]) -> RunConfig:
         if special and len(sections["lora"].target_modules) > 1:
             problems.append(f"lora.target_modules: '{special[0]}' stands alone, not in a list with other names")
         t = sections["training"]
+        if 0 < t.loss_chunk_tokens < 16:  # 0 is automatic; a handful of tokens per chunk only wastes time
+            problems.append(f"training.loss_chunk_tokens: 0 (automatic) or at least 16, got {t.loss_chunk_tokens}")
         if t.warmup_steps and t.max_steps and t.warmup_steps > t.max_steps:
             problems.append(f"training.warmup_steps: {t.warmup_steps} exceeds training.max_steps "
                             f"{t.max_steps}")

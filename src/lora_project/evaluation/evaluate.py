@@ -201,6 +201,11 @@ def evaluate_minimal_pairs(paths: ProjectPaths, cfg, pairs_path: Path | list[Pat
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
     sources = [Path(p) for p in pairs_path] if isinstance(pairs_path, (list, tuple)) else [Path(pairs_path)]
+    seen: dict[Path, Path] = {}
+    for src in sources:  # the same file or folder twice would count its pairs twice
+        first = seen.setdefault(src.resolve(), src)
+        if first is not src:
+            raise UserError(f"--pairs {src} is the same file or folder as --pairs {first}; give each suite once")
     adapters = checked_adapters(adapters)
     names = [a.name for a in adapters]
     pairs, owner = [], {}

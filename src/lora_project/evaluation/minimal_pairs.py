@@ -69,6 +69,12 @@ def load_pairs(path: Path, strict: bool = False, warn=print) -> list[Pair]:
             if not isinstance(good, str) or not isinstance(bad, str) or not good.strip() or not bad.strip():
                 problems.append(f"{f.name} line {i}: sentence_good and sentence_bad must be non-empty strings")
                 continue
+            labels = {k: obj.get(k) for k in ("field", "linguistics_term")}
+            odd = [k for k, v in labels.items() if v is not None and not isinstance(v, str)]
+            if odd:  # these name the groups accuracies are reported by
+                problems.append(f"{f.name} line {i}: {', '.join(odd)} must be a string, got "
+                                f"{', '.join(type(labels[k]).__name__ for k in odd)}")
+                continue
             if good.strip() == bad.strip():
                 same.append(f"{f.name} line {i}")
             pairs.append(Pair(good.strip(), bad.strip(), str(obj.get("UID") or f.stem), obj.get("field"),
@@ -433,7 +439,7 @@ def format_summary(result: dict) -> str:
     lines.append(f"{result['pairs']} pairs per model in {result['seconds']:.0f} s "
                  f"({result.get('pairs_per_second') or 0:.1f} pairs/s); first pass {sc.get('first_pass', '?')}, "
                  f"decisions fp32; shared prefix {100 * sc.get('shared_prefix_fraction', 0):.0f}% of tokens, "
-                 f"prefix tree {100 * sc.get('forward_tokens_saved', 0):.0f}% fewer forward tokens than per sentence")
+                 f"prefix tree {100 * sc.get('forward_tokens_saved', 0):.1f}% fewer forward tokens than per sentence")
     if result.get("saved"):
         lines.append(f"saved {result['saved']}")
     return "\n".join(lines)
