@@ -14,18 +14,13 @@ from __future__ import annotations
 import json
 import random
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from lora_project.errors import UserError
-from lora_project.evaluation.prefix_tree import (
-    ROW_TOKENS,
-    prefix_tree,
-    tree_batch,
-    tree_forward_tokens,
-    tree_rows,
-)
+from lora_project.evaluation.fast_pass import FIRST_PASSES, precision_context  # noqa: F401 (re-exported)
+from lora_project.evaluation.prefix_tree import ROW_TOKENS, prefix_tree, tree_forward_tokens
+from lora_project.evaluation.tree_pass import _buckets, tree_logprobs
 from lora_project.utils.text_io import read_user_text
 
 
@@ -147,20 +142,6 @@ def sentence_logprobs(model, tokenizer, sentences: list[str], runtime, batch_tok
     return out
 
 
-def _buckets(lengths: list[int], batch_tokens: int) -> list[list[int]]:
-    """Consecutive index groups over length-sorted rows: rows x the group's longest row <= batch_tokens."""
-    groups, i = [], 0
-    while i < len(lengths):
-        # Sorted by length, so the last row of a group is its longest: grow the group while
-        # rows x that length stays within the token budget (little padding).
-        end = i + 1
-        while end < len(lengths) and (end + 1 - i) * lengths[end] <= batch_tokens:
-            end += 1
-        groups.append(list(range(i, end)))
-        i = end
-    return groups
-
-
 # --------------------------------------------------------------------------- pairs as token ids
 #
 # Both sentences of a pair start with the same tokens (at least the BOS): the shared prefix. Its
@@ -215,23 +196,20 @@ def prefix_sharing(tokens: list[PairTokens]) -> dict:
             "forward_tokens_saved": 1 - tree / plain if plain else 0.0}
 
 
-FIRST_PASSES = ("fp32", "bf16")
-
 # Bound on |difference(first pass) - difference(fp32)| in nats, as (constant, per continuation
 # token): a pair whose first-pass |good - bad| is within constant + per_token x (len(good) +
-# len(bad) continuation tokens) is scored again in fp32. bf16: measured with the default model on
-# 6,700 real BLiMP pairs (100 per paradigm) on a CPU with native bf16 (AMX): median error 0.09
-# nats, 99th percentile 0.50, but a tail (10 pairs above 1 nat, largest 3.09) that the earlier
-# margin (0.75, 0.075), set on 268 pairs, did not cover. This one keeps every measured error at
-# most 0.50 of it (a safety factor of 2), and re-scores about two thirds of BLiMP
-# (docs/research_notes.md, "Machine-independent minimal-pair decisions").
-MARGINS = {"fp32": (0.0, 0.0), "bf16": (3.0, 0.2)}
+# len(bad) continuation tokens) is scored again in fp32. bf16 (the pass of fast_pass.py and
+# tree_pass.py): set with the default model on 6,700 BLiMP pairs (100 per paradigm, seed 0) on a
+# native-bf16 CPU (AVX512-BF16), so that every measured error is at most half of it (largest 2.82
+# nats, 99th percentile 0.43, median 0.07), and checked on 6,700 other pairs (seed 1: largest error
+# 0.50 of the margin, 45% re-scored); docs/research_notes.md, "The bf16 first pass, rebuilt".
+MARGINS = {"fp32": (0.0, 0.0), "bf16": (0.75, 0.225)}
 
 
 def resolve_first_pass(requested: str, runtime) -> str:
-    """'auto' -> fp32: the prefix-tree fp32 pass is exact by construction, and a bf16 first pass
-    with a margin wide enough for bf16's error tail re-scores so many pairs that it is no faster
-    (62 vs 67 pairs/s on a 2-core AMX CPU, research notes). 'bf16' stays available; names checked."""
+    """'auto' -> fp32: the prefix-tree fp32 pass is exact by construction, and a bf16 first pass with a
+    margin wide enough for bf16's error tail re-scores about 45% of BLiMP, which makes it no faster on
+    the native-bf16 CPU where it was measured (research notes). 'bf16' stays available; names checked."""
     if requested == "auto":
         return "fp32"
     if requested not in FIRST_PASSES:
@@ -239,90 +217,35 @@ def resolve_first_pass(requested: str, runtime) -> str:
     return requested
 
 
-@contextmanager
-def precision_context(path: str, device: str, model=None):
-    """The numerics of one scoring pass: fp32 (autocast off) or bf16 autocast over fp32 weights; with
-    `model`, bf16 casts each linear weight once per pass, not per batch (same values), and restores it."""
-    import torch
-
-    if path not in FIRST_PASSES:
-        raise UserError(f"unknown first pass {path!r}; choose one of {', '.join(FIRST_PASSES)}")
-    swapped = []
-    try:
-        if path == "bf16" and model is not None:
-            with torch.no_grad():
-                for module in model.modules():
-                    weight = getattr(module, "weight", None)
-                    if isinstance(module, torch.nn.Linear) and weight is not None and weight.dtype == torch.float32:
-                        swapped.append((module, weight))
-                        module.weight = torch.nn.Parameter(weight.detach().to(torch.bfloat16), requires_grad=False)
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=path == "bf16"):
-            yield
-    finally:
-        for module, weight in swapped:
-            module.weight = weight
-
-
 def pair_logprobs(model, tokens: list[PairTokens], runtime, path: str = "fp32", batch_tokens: int = 2048,
-                  progress=None, row_tokens: int = ROW_TOKENS):
+                  progress=None, row_tokens: int = ROW_TOKENS, stats: dict | None = None):
     """Full log-probability sums (good, bad) per pair as float64 arrays, in the given numerics.
 
     All sentences go into one prefix tree, computed once per node in rows of at most `row_tokens`
-    positions, rows batched by length within `batch_tokens`. `progress(n)` is called after each
-    batch with the pairs' worth of work it did (in proportion to the positions computed; the calls
-    add up to the number of pairs).
+    positions, rows batched by length within `batch_tokens` (evaluation/tree_pass.py). `progress(n)`
+    is called after each batch with the pairs' worth of work it did (in proportion to the positions
+    computed; the calls add up to the number of pairs). `stats` gets "massive_nodes": the nodes a
+    bf16 pass computed again in fp32.
     """
     import numpy as np
-    import torch
 
-    _, _, decoder_and_head, token_nll = _project()
     good = np.zeros(len(tokens))
     bad = np.zeros(len(tokens))
     if not tokens:
         return good, bad
     tree = prefix_tree(tokens)
-    rows = tree_rows(tree, row_tokens)
-    order = sorted(range(len(rows)), key=lambda r: len(rows[r]))
-    groups = _buckets([len(rows[r]) for r in order], batch_tokens)
-    # where each node is read: its first place in batch order
-    place: dict[int, tuple[int, int, int]] = {}  # node -> (group, row within the group, position)
-    for g, group in enumerate(groups):
-        for k, idx in enumerate(group):
-            for j, node in enumerate(rows[order[idx]]):
-                place.setdefault(node, (g, k, j))
-    by_group: list[list[int]] = [[] for _ in groups]
-    for item, (node, _) in enumerate(tree.items):
-        by_group[place[node][0]].append(item)
-    # progress in pairs' worth of work: a pair's tokens spread over many rows, so the count
-    # advances with the positions computed (a smooth ETA), reaching len(tokens) at the end
-    work = np.cumsum([sum(len(rows[order[k]]) for k in group) for group in groups])
-    reported = np.floor(len(tokens) * work / work[-1]).astype(np.int64)
-    reported[-1] = len(tokens)
-    logp = np.zeros(len(tree.items))
-    decoder, head = decoder_and_head(model)
-    config = getattr(decoder, "config", None)
-    additive_mask = getattr(config, "_attn_implementation", "sdpa") == "eager"
-    was_training = model.training
-    model.eval()
-    try:
-        with precision_context(path, runtime.device, model), torch.inference_mode():
-            for g, group in enumerate(groups):
-                ids, pos, mask = tree_batch(tree, [rows[order[k]] for k in group], runtime.device)
-                if additive_mask:  # eager attention adds the mask to the scores: 0 where allowed, -inf-like elsewhere
-                    mask = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, torch.finfo(torch.float32).min)
-                hidden = decoder(input_ids=ids, position_ids=pos, attention_mask=mask,
-                                 use_cache=False).last_hidden_state
-                its = by_group[g]
-                if its:
-                    flat = [place[tree.items[i][0]][1] * ids.shape[1] + place[tree.items[i][0]][2] for i in its]
-                    picked = hidden.reshape(-1, hidden.shape[-1])[torch.tensor(flat, device=hidden.device)]
-                    target = torch.tensor([tree.items[i][1] for i in its], device=hidden.device)
-                    logp[its] = -token_nll(picked, head, target).double().cpu().numpy()
-                step = int(reported[g] - (reported[g - 1] if g else 0))
-                if progress is not None and step:
-                    progress(step)
-    finally:
-        model.train(was_training)
+    done = [0]
+
+    def advance(fraction: float) -> None:  # pairs' worth of work, reaching len(tokens) at the end
+        now = len(tokens) if fraction >= 1 else int(len(tokens) * fraction)
+        if now > done[0]:
+            progress(now - done[0])
+            done[0] = now
+
+    logp, massive = tree_logprobs(model, tree, runtime, path, row_tokens=row_tokens, batch_tokens=batch_tokens,
+                                  progress=advance if progress is not None else None)
+    if stats is not None:
+        stats["massive_nodes"] = stats.get("massive_nodes", 0) + massive
     for i in range(len(tokens)):
         good[i] = logp[tree.sentence_items[2 * i]].sum()
         bad[i] = logp[tree.sentence_items[2 * i + 1]].sum()

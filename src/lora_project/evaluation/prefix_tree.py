@@ -41,6 +41,19 @@ class PrefixTree:
     sentence_items: list[list[int]]  # sentence 2i: pair i's good sentence, 2i + 1: its bad one
 
 
+def restricted(tree: PrefixTree, nodes) -> PrefixTree:
+    """The same tree cut down to `nodes` and their ancestors (node ids and items unchanged): what
+    `tree_rows` lays out for a second pass over a few nodes."""
+    keep: set[int] = set()
+    for node in nodes:
+        while node >= 0 and node not in keep:
+            keep.add(node)
+            node = tree.parent[node]
+    children = [[c for c in kids if c in keep] if i in keep else [] for i, kids in enumerate(tree.children)]
+    return PrefixTree(tree.token, tree.parent, tree.depth, children, [r for r in tree.roots if r in keep],
+                      tree.items, tree.sentence_items)
+
+
 def prefix_tree(tokens: Sequence[PairTokens]) -> PrefixTree:
     """The tree of every pair's two sentences (good, then bad), BOS included, last token excluded."""
     token: list[int] = []
@@ -77,13 +90,6 @@ def tree_rows(tree: PrefixTree, row_tokens: int) -> list[list[int]]:
     """The tree's nodes laid out in rows of at most `row_tokens` positions (raised to the deepest
     path where that is longer): each row a list of node ids, every node's parent before it in the
     row or the node a top-level one; every node in at least one row."""
-    n = len(tree.token)
-    cap = max(row_tokens, max(tree.depth, default=0) + 2)
-    size = [1] * n
-    for i in range(n - 1, -1, -1):  # children have larger ids than their parent
-        if tree.parent[i] >= 0:
-            size[tree.parent[i]] += size[i]
-
     def dfs(tops: list[int]) -> list[int]:
         out, stack = [], list(reversed(tops))
         while stack:
@@ -92,6 +98,12 @@ def tree_rows(tree: PrefixTree, row_tokens: int) -> list[list[int]]:
             stack.extend(reversed(tree.children[i]))
         return out
 
+    reachable = dfs(tree.roots)  # every node, or those a restricted tree keeps
+    cap = max(row_tokens, max((tree.depth[i] for i in reachable), default=0) + 2)
+    size = dict.fromkeys(reachable, 1)
+    for i in sorted(reachable, reverse=True):  # children have larger ids than their parent
+        if tree.parent[i] >= 0:
+            size[tree.parent[i]] += size[i]
     pieces: list[list[int]] = []
     work = [(tree.roots, [])]
     while work:

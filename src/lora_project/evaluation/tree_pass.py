@@ -1,0 +1,119 @@
+"""One scoring pass over a prefix tree: every (node, next token) log-probability, in fp32 or bf16.
+
+The bf16 pass has a second, small fp32 pass. A few positions carry massive activations: the BOS,
+and on SmolLM2-135M about 0.5% of the others (first words such as "Rog", "Sally" after "Has"), whose
+residual stream reaches 1,000-25,000 in one channel before the last layers remove it again. Any
+bf16 rounding on the way (half a step is 4 at 1,800) stays behind in the final hidden state of that
+position, and its prediction is then off by up to 3-5 nats, whichever layers are kept in fp32
+(research notes). So the bf16 pass records each node's largest |hidden| over the layers, and the
+nodes above `MASSIVE_FACTOR` times the median are computed again in fp32 (with their ancestors:
+short paths, since these are early positions), their items replaced by the fp32 values.
+"""
+
+from __future__ import annotations
+
+from lora_project.evaluation.fast_pass import head_logprobs, precision_context
+from lora_project.evaluation.prefix_tree import PrefixTree, restricted, tree_batch, tree_rows
+
+#: A node is massive when its largest |hidden| over the layers exceeds this many times the median
+#: node's (SmolLM2-135M: median about 600, the positions with errors above 0.7 nats from 1,000 up).
+MASSIVE_FACTOR = 1.3
+
+
+def _buckets(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Consecutive index groups over length-sorted rows: rows x the group's longest row <= batch_tokens."""
+    groups, i = [], 0
+    while i < len(lengths):
+        # Sorted by length, so the last row of a group is its longest: grow the group while
+        # rows x that length stays within the token budget (little padding).
+        end = i + 1
+        while end < len(lengths) and (end + 1 - i) * lengths[end] <= batch_tokens:
+            end += 1
+        groups.append(list(range(i, end)))
+        i = end
+    return groups
+
+
+def _run(model, decoder, head, tree: PrefixTree, rows, runtime, path, batch_tokens, items, progress):
+    """Log-probabilities of `items` (indices into tree.items) from one pass over `rows`; with path bf16
+    also each node's largest |hidden| over the layers. progress(fraction) after each batch."""
+    import numpy as np
+    import torch
+
+    from lora_project.models.losses import token_nll
+
+    order = sorted(range(len(rows)), key=lambda r: len(rows[r]))
+    groups = _buckets([len(rows[r]) for r in order], batch_tokens)
+    place: dict[int, tuple[int, int, int]] = {}  # node -> (group, row within the group, position): where it is read
+    for g, group in enumerate(groups):
+        for k, idx in enumerate(group):
+            for j, node in enumerate(rows[order[idx]]):
+                place.setdefault(node, (g, k, j))
+    by_group: list[list[int]] = [[] for _ in groups]
+    for item in items:
+        by_group[place[tree.items[item][0]][0]].append(item)
+    work = np.cumsum([sum(len(rows[order[k]]) for k in group) for group in groups])
+    additive = getattr(getattr(decoder, "config", None), "_attn_implementation", "sdpa") == "eager"
+    logp = np.zeros(len(tree.items))
+    peak = np.zeros(len(tree.token), dtype=np.float32) if path == "bf16" else None
+
+    def batch(chosen):
+        ids, pos, mask = tree_batch(tree, [rows[order[k]] for k in chosen], runtime.device)
+        if additive:  # eager attention adds the mask to the scores: 0 where allowed, -inf-like elsewhere
+            mask = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, torch.finfo(torch.float32).min)
+        return {"input_ids": ids, "position_ids": pos, "attention_mask": mask}
+
+    # the bf16 pass keeps fp32 the layers whose fp32 outputs are huge on the longest row (every row
+    # starts at the BOS, where the largest values live)
+    calibration = batch([len(rows) - 1]) if path == "bf16" else None
+    with precision_context(path, runtime.device, model, calibration), torch.inference_mode():
+        for g, group in enumerate(groups):
+            inputs = batch(group)
+            out = decoder(**inputs, use_cache=False, output_hidden_states=peak is not None)
+            hidden = out.last_hidden_state
+            width = inputs["input_ids"].shape[1]
+            if peak is not None:
+                top = torch.stack([h.abs().amax(-1) for h in out.hidden_states[1:-1]]).amax(0).float().cpu().numpy()
+                for k, idx in enumerate(group):
+                    row = rows[order[idx]]
+                    peak[row] = np.maximum(peak[row], top[k, :len(row)])
+            its = by_group[g]
+            if its:
+                flat = [place[tree.items[i][0]][1] * width + place[tree.items[i][0]][2] for i in its]
+                picked = hidden.reshape(-1, hidden.shape[-1])[torch.tensor(flat, device=hidden.device)]
+                target = torch.tensor([tree.items[i][1] for i in its], device=hidden.device)
+                lp = head_logprobs(picked, head, target) if path == "bf16" else -token_nll(picked, head, target)
+                logp[its] = lp.double().cpu().numpy()
+            if progress is not None:
+                progress(float(work[g] / work[-1]))
+    return logp, peak
+
+
+def tree_logprobs(model, tree: PrefixTree, runtime, path: str, *, row_tokens: int, batch_tokens: int,
+                  progress=None):
+    """Log-probability of every item of `tree`, and the number of massive nodes the bf16 pass
+    computed again in fp32 (0 for fp32). progress(fraction done) after each batch."""
+    import numpy as np
+
+    from lora_project.models.scoring import decoder_and_head
+
+    decoder, head = decoder_and_head(model)
+    was_training = model.training
+    model.eval()
+    try:
+        everything = range(len(tree.items))
+        logp, peak = _run(model, decoder, head, tree, tree_rows(tree, row_tokens), runtime, path, batch_tokens,
+                          everything, progress)
+        if path != "bf16":
+            return logp, 0
+        massive = np.flatnonzero(peak > MASSIVE_FACTOR * np.median(peak))
+        if len(massive):
+            chosen = set(massive.tolist())
+            redo = [i for i in everything if tree.items[i][0] in chosen]
+            sub = restricted(tree, massive.tolist())
+            exact, _ = _run(model, decoder, head, sub, tree_rows(sub, row_tokens), runtime, "fp32", batch_tokens,
+                            redo, None)
+            logp[redo] = exact[redo]
+        return logp, len(massive)
+    finally:
+        model.train(was_training)
