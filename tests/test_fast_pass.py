@@ -57,15 +57,17 @@ def test_layers_with_huge_outputs_stay_fp32_and_the_model_is_restored():
     found = sensitive_linears(model, batch, model.get_output_embeddings())
     assert list(found) == ["model.layers.1.mlp.down_proj"]
     weights = {n: p for n, p in model.named_parameters()}
+    attention = model.config._attn_implementation
     with torch.no_grad():
         ref = model(ids).logits
     with precision_context("bf16", "cpu", model, batch) as kept, torch.no_grad():
         assert kept == ["model.layers.1.mlp.down_proj"]
         assert down.weight.dtype == torch.float32 and model.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
         assert model.lm_head.weight.dtype == torch.float32  # the output layer: head_logprobs' job
+        assert model.config._attn_implementation != attention  # fp32 attention inside the pass
         out = model(ids).logits
     assert torch.isfinite(out).all()
-    assert "forward" not in vars(down)  # the fp32 wrapper is gone
+    assert "forward" not in vars(down) and model.config._attn_implementation == attention  # all restored
     assert all(p is weights[n] for n, p in model.named_parameters())  # every weight back, the same objects
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref)

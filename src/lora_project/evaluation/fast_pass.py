@@ -64,9 +64,9 @@ def sensitive_linears(model, batch: dict, head=None) -> dict:
 
 @contextmanager
 def precision_context(path: str, device: str, model=None, calibration: dict | None = None):
-    """The numerics of one scoring pass. fp32: autocast off. bf16: autocast, each linear weight cast to
-    bf16 once per pass (restored after); with `model` and a `calibration` batch also the sensitive
-    layers in fp32. Yields the sensitive layers' names."""
+    """The numerics of one scoring pass. fp32: autocast off. bf16: autocast, each linear weight but the
+    output layer's cast to bf16 once per pass, SDPA attention in fp32, and with a `calibration` batch
+    the sensitive layers in fp32; all restored after. Yields the sensitive layers' names."""
     import torch
 
     if path not in FIRST_PASSES:
