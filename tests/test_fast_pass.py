@@ -109,3 +109,34 @@ def test_massive_nodes_are_scored_again_in_fp32(tiny_model_dir, monkeypatch):
         path.add(node)
         node = tree.parent[node]
     assert {n for r in rows for n in r} == path
+
+
+def test_a_lora_output_layer_stays_fp32_and_a_one_layer_model_runs():
+    """The output layer, LoRA-wrapped or not, is never cast: its inner layers stay fp32 in the pass and
+    its log-probabilities are fp32 even under the pass's bf16 autocast; one decoder layer is enough."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_project.evaluation.minimal_pairs import PairTokens, pair_logprobs
+    from lora_project.utils.device import resolve_runtime
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=200, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False)).eval()
+    head = model.get_base_model().get_output_embeddings()
+    hidden, target = torch.randn(20, 32), torch.randint(0, 200, (20,))
+    with torch.no_grad():
+        exact = torch.log_softmax(head(hidden).double(), -1).gather(1, target[:, None]).squeeze(1)
+    ids = torch.tensor([[1, 5, 7, 9]])
+    batch = {"input_ids": ids, "position_ids": torch.arange(4)[None], "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    with precision_context("bf16", "cpu", model, batch), torch.no_grad():
+        assert all(m.weight.dtype == torch.float32 for m in head.modules() if isinstance(m, torch.nn.Linear))
+        got = head_logprobs(hidden, head, target).double()
+    assert got.tolist() == pytest.approx(exact.tolist(), abs=1e-5)
+    tokens = [PairTokens((1, 5), (7, 9), (8, 9)), PairTokens((1,), (6, 7), (5, 7))]
+    runtime = resolve_runtime("cpu", "fp32", 1)
+    good, bad = pair_logprobs(model, tokens, runtime, "bf16")
+    ref_good, ref_bad = pair_logprobs(model, tokens, runtime, "fp32")
+    assert good.tolist() == pytest.approx(ref_good.tolist(), abs=0.2)
+    assert bad.tolist() == pytest.approx(ref_bad.tolist(), abs=0.2)

@@ -10,13 +10,16 @@ lies within the margin measured for it (minimal_pairs.MARGINS). What keeps its e
   1,800), which the removal leaves behind. Before the pass, one fp32 forward over a calibration row
   records each linear layer's largest |output|; those above `SENSITIVE_OUTPUT` (11 of SmolLM2's 210)
   run in fp32. The positions that carry such values are scored again in fp32 (tree_pass.py).
-- **Attention in fp32** (the model's SDPA on fp32 inputs): a few percent of the pass's time.
+- **Attention in fp32** for models on SDPA attention (the model's SDPA on fp32 inputs): a few
+  percent of the pass's time. Eager attention stays under bf16 autocast.
 - **The output layer in bf16, its result corrected.** Logits are bf16 in chunks of `HEAD_CHUNK`
   tokens; one bf16 softmax (fp32 accumulation inside) gives p(target), and the target's own logit is
   recomputed in fp32 (one dot product), so only the normaliser carries bf16 rounding: 2.3x faster
   than an fp32 log-softmax over the bf16 logits.
 
-What remains is a rare tail: a position whose hidden state bf16 sends elsewhere (largest pair error
+Only `torch.nn.Linear` layers are cast or kept in fp32 (GPT-2's `Conv1D` layers run under bf16
+autocast), and the margin was measured on SmolLM2-135M only, which is why `--first-pass auto` never
+picks this pass. What remains on SmolLM2 is a rare tail: a position whose hidden state bf16 sends elsewhere (largest pair error
 2.8 nats in 6,700 BLiMP pairs, research notes), which only the margin covers.
 """
 
@@ -49,7 +52,8 @@ def sensitive_linears(model, batch: dict, head=None) -> dict:
 
     peak: dict[str, float] = {}
     handles = []
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    skip = {id(m) for m in head.modules()} if head is not None else set()  # a LoRA'd head's inner layers too
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and id(m) not in skip}
     for name, module in linears.items():
         handles.append(module.register_forward_hook(
             lambda m, i, o, name=name: peak.__setitem__(name, max(peak.get(name, 0.0), float(o.abs().max())))))
@@ -78,6 +82,7 @@ def precision_context(path: str, device: str, model=None, calibration: dict | No
         if path == "bf16" and model is not None:
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
             head = base.get_output_embeddings()
+            skip = {id(m) for m in head.modules()} if head is not None else set()
             if calibration is not None:
                 kept = sensitive_linears(base, calibration, head)
                 for module in kept.values():
@@ -92,7 +97,7 @@ def precision_context(path: str, device: str, model=None, calibration: dict | No
                 for module in model.modules():
                     weight = getattr(module, "weight", None)
                     if (isinstance(module, torch.nn.Linear) and weight is not None and weight.dtype == torch.float32
-                            and module is not head and all(module is not k for k in kept.values())):
+                            and id(module) not in skip and all(module is not k for k in kept.values())):
                         swapped.append((module, weight))
                         module.weight = torch.nn.Parameter(weight.detach().to(torch.bfloat16), requires_grad=False)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=path == "bf16"):
@@ -127,7 +132,8 @@ def head_logprobs(hidden, head, targets, chunk: int = HEAD_CHUNK):
 
     weight = getattr(head, "weight", None)
     if type(head) is not torch.nn.Linear or weight is None or weight.dtype != torch.float32:
-        return -token_nll(hidden.float(), head, targets)
+        with torch.autocast(hidden.device.type, enabled=False):  # fp32, also inside the bf16 pass
+            return -token_nll(hidden.float(), head, targets)
     h = hidden.float()
     out = torch.empty(targets.shape, dtype=torch.float32, device=h.device)
     w16 = weight.to(torch.bfloat16)

@@ -73,10 +73,11 @@ def _run(model, decoder, head, tree: PrefixTree, rows, runtime, path, batch_toke
             hidden = out.last_hidden_state
             width = inputs["input_ids"].shape[1]
             if peak is not None:
-                top = torch.stack([h.abs().amax(-1) for h in out.hidden_states[1:-1]]).amax(0).float().cpu().numpy()
+                layers = out.hidden_states[1:-1] or out.hidden_states[-1:]  # a one-layer model has no middle
+                top = torch.stack([h.abs().amax(-1) for h in layers]).amax(0).float().cpu().numpy()
                 for k, idx in enumerate(group):
                     row = rows[order[idx]]
-                    peak[row] = np.maximum(peak[row], top[k, :len(row)])
+                    np.maximum.at(peak, row, top[k, :len(row)])  # a node twice in a row: the larger value
             its = by_group[g]
             if its:
                 flat = [place[tree.items[i][0]][1] * width + place[tree.items[i][0]][2] for i in its]
