@@ -87,6 +87,7 @@ def precision_context(path: str, device: str, model=None, calibration: dict | No
                 kept = sensitive_linears(base, calibration, head)
                 for module in kept.values():
                     module.forward = _fp32_forward(module)
+                    skip.add(id(module))
             config = getattr(base.get_decoder(), "config", None)
             if getattr(config, "_attn_implementation", None) == "sdpa":
                 from transformers import AttentionInterface
@@ -97,7 +98,7 @@ def precision_context(path: str, device: str, model=None, calibration: dict | No
                 for module in model.modules():
                     weight = getattr(module, "weight", None)
                     if (isinstance(module, torch.nn.Linear) and weight is not None and weight.dtype == torch.float32
-                            and id(module) not in skip and all(module is not k for k in kept.values())):
+                            and id(module) not in skip):
                         swapped.append((module, weight))
                         module.weight = torch.nn.Parameter(weight.detach().to(torch.bfloat16), requires_grad=False)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=path == "bf16"):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_project.errors import UserError
-from lora_project.evaluation.fast_pass import FIRST_PASSES, precision_context  # noqa: F401 (re-exported)
+from lora_project.evaluation.fast_pass import FIRST_PASSES
 from lora_project.evaluation.prefix_tree import ROW_TOKENS, prefix_tree, tree_forward_tokens
 from lora_project.evaluation.tree_pass import _buckets, tree_logprobs
 from lora_project.utils.text_io import read_user_text
