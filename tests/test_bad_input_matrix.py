@@ -231,6 +231,15 @@ CASES = [
          write("p.jsonl", '{"sentence_good": "a b ."}\n')),
     Case("eval-bad-limit", "negative --limit", ["evaluate", "--pairs", "p.jsonl", "--limit", "-1"], ["--limit"],
          write("p.jsonl", '{"sentence_good": "a .", "sentence_bad": "b ."}\n')),
+    Case("eval-pairs-perplexity-option", "a perplexity option with --pairs (was ignored)",
+         ["evaluate", "--pairs", "p.jsonl", "--max-tokens", "5", "--stride", "0"], ["--max-tokens", "--pairs"],
+         write("p.jsonl", '{"sentence_good": "a .", "sentence_bad": "b ."}\n')),
+    Case("eval-pairs-option-alone", "a --pairs option without --pairs (was ignored)",
+         ["evaluate", "--text", "config/dataset_catalog.csv", "--first-pass", "bf16"], ["--first-pass", "--pairs"]),
+    Case("eval-pairs-same-suite-name", "two pairs files with the same name (one merged suite)",
+         ["evaluate", "--pairs", "a/x.jsonl", "--pairs", "b/x.jsonl"], ["suite 'x'", "rename"],
+         lambda project, src: [write(f"{d}/x.jsonl", '{"sentence_good": "a .", "sentence_bad": "b ."}\n')(project, src)
+                               for d in "ab"]),
     Case("eval-unknown-dataset", "unknown dataset name", ["evaluate", "--dataset", "kidz"], ["kidz", "did you mean 'kids'"]),
     # --- adapters
     Case("adapter-missing", "adapter folder missing", ["evaluate", "--text", "config/dataset_catalog.csv",

@@ -140,3 +140,4 @@ def test_a_lora_output_layer_stays_fp32_and_a_one_layer_model_runs():
     ref_good, ref_bad = pair_logprobs(model, tokens, runtime, "fp32")
     assert good.tolist() == pytest.approx(ref_good.tolist(), abs=0.2)
     assert bad.tolist() == pytest.approx(ref_bad.tolist(), abs=0.2)
+

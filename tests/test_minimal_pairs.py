@@ -312,3 +312,36 @@ def test_the_same_pairs_file_twice_is_refused_before_anything_loads(tmp_path, mo
     for twice in ([f, f], [f, "./one.jsonl"]):
         with pytest.raises(UserError, match="is the same file or folder as --pairs .*give each suite once"):
             evaluate_minimal_pairs(None, load_config([], []), twice, log=lambda m: None)
+
+
+def test_json_line_breaks_inside_strings_and_uid_types(tmp_path):
+    """A JSON line ends at \\n only (U+2028 and U+0085 may sit raw inside its strings); a UID that is
+    not a string, or is blank, is a bad line like a non-string field (it would name a paradigm)."""
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text(json.dumps({"sentence_good": "a\u2028b.", "sentence_bad": "b\u0085a.", "UID": "u"},
+                              ensure_ascii=False) + "\r\n" + "not json\n", encoding="utf-8")
+    warned = []
+    pairs = load_pairs(odd, warn=warned.append)
+    assert [(p.good, p.bad, p.uid) for p in pairs] == [("a\u2028b.", "b\u0085a.", "u")]
+    assert "line 2: not valid JSON" in warned[0] and "skipped 1 bad line" in warned[0]
+    typed = tmp_path / "typed.jsonl"
+    typed.write_text("\n".join(json.dumps({"sentence_good": "a.", "sentence_bad": "b.", "UID": u})
+                               for u in (["a", "b"], 0, "  ", "ok", None)) + "\n")
+    warned = []
+    pairs = load_pairs(typed, warn=warned.append)
+    assert [p.uid for p in pairs] == ["ok", "typed"]  # a missing UID: the file's name
+    assert "skipped 3 bad line(s)" in warned[0] and "UID must be a string, got list" in warned[0]
+    assert "UID is blank" in warned[0]
+    with pytest.raises(UserError, match="3 bad line"):
+        load_pairs(typed, strict=True)
+
+
+def test_results_saved_in_the_same_second_never_overwrite_each_other(tmp_path):
+    from lora_project.utils.io_utils import write_new_json
+
+    paths = [write_new_json(tmp_path, "minimal_pairs", {"run": i}) for i in range(3)]
+    assert len(set(paths)) == 3 and all(p.parent == tmp_path for p in paths)
+    import json
+
+    assert [json.loads(p.read_text())["run"] for p in paths] == [0, 1, 2]
+    assert not list(tmp_path.glob(".*tmp"))  # no temporaries left

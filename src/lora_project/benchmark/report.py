@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from pathlib import Path
 
 from lora_project.benchmark.blimp import blimp_markdown, blimp_speed
@@ -11,7 +10,7 @@ from lora_project.benchmark.reference import compare_with_reference
 from lora_project.benchmark.speed import run_benchmark
 from lora_project.errors import UserError
 from lora_project.paths import ProjectPaths
-from lora_project.utils.io_utils import atomic_write_json, atomic_write_text
+from lora_project.utils.io_utils import atomic_write_json, atomic_write_text, write_new_json
 
 
 def log_to_mlflow(paths: ProjectPaths, cfg, result: dict, files: list[Path]) -> str | None:
@@ -82,8 +81,7 @@ def reference_markdown(ref: dict) -> list[str]:
 
 def write_report(paths: ProjectPaths, result: dict) -> tuple:
     """Save a benchmark result as outputs/metrics/benchmark_<time>.{json,md} (+ heatmap PNG)."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    base = paths.metrics_dir / f"benchmark_{stamp}"
+    base = write_new_json(paths.metrics_dir, "benchmark", result).with_suffix("")  # claims the name
     size = f" ({result['parameters'] / 1e6:.1f} M parameters)" if result.get("parameters") else ""
     cpu = result["machine"].get("cpu") or {}
     lines = [f"# Benchmark {result['created']} ({result['mode']} mode)", "",
@@ -124,7 +122,7 @@ def write_report(paths: ProjectPaths, result: dict) -> tuple:
         lines += reference_markdown(ref)
     if result.get("blimp"):
         lines += blimp_markdown(result["blimp"])
-    atomic_write_json(base.with_suffix(".json"), result)
+    atomic_write_json(base.with_suffix(".json"), result)  # again, with the heatmap's path
     atomic_write_text(base.with_suffix(".md"), "\n".join(lines) + "\n")
     return base.with_suffix(".json"), base.with_suffix(".md")
 

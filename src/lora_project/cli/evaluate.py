@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from lora_project.cli._common import add_config_args, load_cfg, print_json
+from lora_project.errors import UserError
 
 
 def register(sub) -> None:
@@ -58,6 +59,15 @@ def register(sub) -> None:
 
 
 def run_evaluate(args, paths) -> None:
+    # options of the other mode would be ignored without a word: refused instead
+    perplexity = [o for o, v in (("--max-length", args.max_length), ("--stride", args.stride),
+                                 ("--max-tokens", args.max_tokens), ("--split", args.split != "test")) if v]
+    pairs = [o for o, v in (("--limit", args.limit), ("--strict", args.strict), ("--no-progress", args.no_progress),
+                            ("--first-pass", args.first_pass != "auto")) if v]
+    if args.pairs is not None and perplexity:
+        raise UserError(f"{', '.join(perplexity)}: for perplexity only, not with --pairs; leave it out")
+    if args.pairs is None and pairs:
+        raise UserError(f"{', '.join(pairs)}: for --pairs only; add --pairs PATH or leave it out")
     cfg = load_cfg(args, paths)
     if args.pairs is not None:
         from lora_project.evaluation.evaluate import evaluate_minimal_pairs

@@ -7,7 +7,6 @@ base is scored with adapters disabled, so N adapters cost one model load.
 from __future__ import annotations
 
 import time
-from datetime import UTC
 from pathlib import Path
 
 from lora_project.errors import UserError
@@ -181,7 +180,6 @@ def evaluate_minimal_pairs(paths: ProjectPaths, cfg, pairs_path: Path | list[Pat
     first-pass difference lies within the precision's error margin are scored again in fp32.
     """
     import dataclasses
-    from datetime import datetime
 
     from lora_project.evaluation.minimal_pairs import (
         MARGINS,
@@ -196,16 +194,22 @@ def evaluate_minimal_pairs(paths: ProjectPaths, cfg, pairs_path: Path | list[Pat
     from lora_project.models.base_model import load_base
     from lora_project.models.lora_model import each_model
     from lora_project.utils.device import resolve_runtime
-    from lora_project.utils.io_utils import atomic_write_json
+    from lora_project.utils.io_utils import write_new_json
 
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
     sources = [Path(p) for p in pairs_path] if isinstance(pairs_path, (list, tuple)) else [Path(pairs_path)]
     seen: dict[Path, Path] = {}
+    named: dict[str, Path] = {}  # a suite is named after its file or folder (stem)
     for src in sources:  # the same file or folder twice would count its pairs twice
         first = seen.setdefault(src.resolve(), src)
         if first is not src:
             raise UserError(f"--pairs {src} is the same file or folder as --pairs {first}; give each suite once")
+        suite = src.stem if src.is_file() else src.name
+        other = named.setdefault(suite, src)
+        if other is not src:
+            raise UserError(f"--pairs {src} and --pairs {other} would both be reported as suite '{suite}'; "
+                            "rename one of them")
     adapters = checked_adapters(adapters)
     names = [a.name for a in adapters]
     pairs, owner = [], {}
@@ -255,8 +259,5 @@ def evaluate_minimal_pairs(paths: ProjectPaths, cfg, pairs_path: Path | list[Pat
     result["mlflow_runs_updated"] = log_to_adapter_runs(
         paths, cfg, adapters, {n: {"pairs_macro_accuracy": models[n]["macro_accuracy"],
                                    "pairs_macro_accuracy_gain": difference[n]["macro_accuracy"]} for n in names})
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-    out = paths.metrics_dir / f"minimal_pairs_{stamp}.json"
-    atomic_write_json(out, result)
-    result["saved"] = str(out)
+    result["saved"] = str(write_new_json(paths.metrics_dir, "minimal_pairs", result))
     return result

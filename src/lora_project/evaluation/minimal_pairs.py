@@ -46,7 +46,9 @@ def load_pairs(path: Path, strict: bool = False, warn=print) -> list[Pair]:
     pairs, problems, same = [], [], []
     for f in files:
         text = read_user_text(f, what="JSON lines", encoding_option=False)
-        for i, line in enumerate(text.splitlines(), start=1):
+        # JSON lines end at \n only: splitlines() would also break at U+2028, U+0085, ..., which JSON
+        # strings may hold raw
+        for i, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
@@ -64,15 +66,18 @@ def load_pairs(path: Path, strict: bool = False, warn=print) -> list[Pair]:
             if not isinstance(good, str) or not isinstance(bad, str) or not good.strip() or not bad.strip():
                 problems.append(f"{f.name} line {i}: sentence_good and sentence_bad must be non-empty strings")
                 continue
-            labels = {k: obj.get(k) for k in ("field", "linguistics_term")}
+            labels = {k: obj.get(k) for k in ("UID", "field", "linguistics_term")}
             odd = [k for k, v in labels.items() if v is not None and not isinstance(v, str)]
             if odd:  # these name the groups accuracies are reported by
                 problems.append(f"{f.name} line {i}: {', '.join(odd)} must be a string, got "
                                 f"{', '.join(type(labels[k]).__name__ for k in odd)}")
                 continue
+            if labels["UID"] is not None and not labels["UID"].strip():
+                problems.append(f"{f.name} line {i}: UID is blank (leave it out to use the file name)")
+                continue
             if good.strip() == bad.strip():
                 same.append(f"{f.name} line {i}")
-            pairs.append(Pair(good.strip(), bad.strip(), str(obj.get("UID") or f.stem), obj.get("field"),
+            pairs.append(Pair(good.strip(), bad.strip(), labels["UID"] or f.stem, obj.get("field"),
                               obj.get("linguistics_term"), path.stem if path.is_file() else path.name))
     if same:  # kept, as published BLiMP scoring keeps them: a tie is never a right decision
         warn(f"warning: {len(same)} pair(s) with the same good and bad sentence (first: {same[0]}), scored as "

@@ -32,7 +32,7 @@ from lora_project.config import (
 from lora_project.errors import RunInterrupted, UserError
 from lora_project.paths import ProjectPaths
 from lora_project.utils.interrupts import check_stop
-from lora_project.utils.io_utils import atomic_write_json, atomic_write_text
+from lora_project.utils.io_utils import atomic_write_text, write_new_json
 
 
 def load_batch_overrides(path: Path | None, names: list[str]) -> dict[str, dict]:
@@ -214,9 +214,7 @@ def summary_table(rows: list[dict]) -> str:
 
 def write_summary(paths: ProjectPaths, summary: dict) -> dict:
     """Save the batch summary under outputs/metrics/."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    base = paths.metrics_dir / f"train_batch_{stamp}"
-    atomic_write_json(base.with_suffix(".json"), summary)
+    base = write_new_json(paths.metrics_dir, "train_batch", summary).with_suffix("")
     atomic_write_text(base.with_suffix(".md"), "# train-batch summary\n\n```text\n" +
                       summary_table(summary["datasets"]) + "\n```\n")
     return {"json": str(base.with_suffix(".json")), "markdown": str(base.with_suffix(".md"))}

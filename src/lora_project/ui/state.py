@@ -404,13 +404,9 @@ def saved_pairs(paths: ProjectPaths) -> dict | None:
 
 def save_matrix(paths: ProjectPaths, matrix: dict) -> Path:
     """outputs/metrics/matrix_<time>.json and its heatmap PNG."""
-    from datetime import datetime, timezone
-
     from lora_project.benchmark.matrix import plot_matrix
-    from lora_project.utils.io_utils import atomic_write_json
+    from lora_project.utils.io_utils import atomic_write_json, write_new_json
 
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    out = paths.metrics_dir / f"matrix_{stamp}.json"
-    matrix = dict(matrix, heatmap=str(plot_matrix(matrix, out.with_suffix(".png"))))
-    atomic_write_json(out, matrix)
+    out = write_new_json(paths.metrics_dir, "matrix", matrix)  # claims the name, then again with the heatmap
+    atomic_write_json(out, dict(matrix, heatmap=str(plot_matrix(matrix, out.with_suffix(".png")))))
     return out

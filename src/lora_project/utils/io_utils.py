@@ -46,8 +46,9 @@ def default_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~_UMASK
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write bytes to a temporary sibling, fsync, rename over `path`."""
+def atomic_write_bytes(path: Path, data: bytes, *, replace: bool = True) -> None:
+    """Write bytes to a temporary sibling, fsync, rename over `path`. With replace=False an existing
+    `path` is never touched: FileExistsError instead (the temporary is hard-linked into place)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -57,11 +58,32 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+            os.unlink(tmp)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def write_new_json(directory: Path, prefix: str, obj: Any) -> Path:
+    """Save `obj` as directory/prefix_<UTC time>.json, atomically and never over another file: runs
+    that finish in the same second get -2, -3, ... Returns the path (its stem names sibling files)."""
+    from datetime import datetime, timezone
+
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    data = (json_text(obj) + "\n").encode("utf-8")
+    for n in range(1, 10_000):
+        path = Path(directory) / f"{prefix}_{stamp}{'' if n == 1 else f'-{n}'}.json"
+        try:
+            atomic_write_bytes(path, data, replace=False)
+            return path
+        except FileExistsError:
+            continue
+    raise UserError(f"could not find a free name for {prefix}_{stamp}.json in {directory}")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
