@@ -17,7 +17,8 @@ def small_matmul(monkeypatch):
     import lora_project.benchmark as bench
 
     real = bench.speed.matmul_gflops
-    monkeypatch.setattr(bench.speed, "matmul_gflops", lambda dtype, **kw: real(dtype, m=256, k=128, n=256, min_seconds=0.1))
+    monkeypatch.setattr(bench.speed, "matmul_gflops", lambda dtype, **kw: real(dtype, m=256, k=128, n=256, min_seconds=0.1,
+                                                                             kernel=kw.get("kernel", "native")))
 
 
 @pytest.mark.slow  # a real process (or the full quick benchmark): kept out of make test-fast
@@ -150,6 +151,7 @@ def test_matrix_scores_base_and_adapters_on_every_prepared_dataset(project, smal
 def test_blimp_speed_section_names_cpu_paths_and_projects_full_time(project, tmp_path):
     from lora_project.benchmark import blimp_markdown, blimp_speed
     from lora_project.config import load_project_config
+    from lora_project.models.kernels import fp32_kernel
     from lora_project.paths import ProjectPaths
 
     folder = tmp_path / "blimp"
@@ -162,6 +164,8 @@ def test_blimp_speed_section_names_cpu_paths_and_projects_full_time(project, tmp
     assert b["sample_pairs"] == 4 and b["full_pairs"] == 12 and b["cpu"]["isa"] and b["cpu"]["model"]
     labels = [r["path"] for r in b["paths"]]
     assert labels[:2] == ["plain fp32 (before)", "prefix tree, fp32"]
+    assert [r["fp32_kernel"] for r in b["paths"][:2]] == ["native", "native"]  # the before, on PyTorch's matmul
+    assert ("prefix tree, fp32, oneDNN kernel" in labels) == (fp32_kernel() == "onednn")
     assert ("prefix tree, bf16 first pass + fp32 re-check" in labels) == b["cpu"]["native_bf16"]
     assert all(r["pairs_per_second"] > 0 and r["projected_full_minutes"] > 0 for r in b["paths"])
     assert 0 < b["shared_prefix_fraction"] < 1

@@ -284,21 +284,25 @@ def test_suites_reported_side_by_side_and_summary_names_everything(project, tmp_
 @pytest.mark.skipif(not (SHARED_DATA / "blimp").is_dir(), reason="../shared/data/blimp is absent")
 def test_real_model_fast_path_decisions_equal_plain_fp32_on_blimp(project):
     """The low-precision first pass this machine has (bf16 where native, else the fp32 shared-prefix
-    path) with the re-check gives exactly the plain fp32 decisions on 134 BLiMP pairs (2 per paradigm:
-    every paradigm; the margin itself was set on 6,700 pairs, docs/research_notes.md)."""
+    path) with the re-check, and the fp32 prefix tree on this process's fp32 kernel (oneDNN where it
+    exists), give exactly the decisions of the plain per-sentence fp32 scorer on PyTorch's default
+    matmul on 134 BLiMP pairs (2 per paradigm: every paradigm; the margin itself was set on 6,700
+    pairs, docs/research_notes.md)."""
     from lora_project.config import load_config
     from lora_project.models.base_model import load_base
+    from lora_project.models.kernels import forced_kernel
 
     cfg = load_config([REPO / "config" / "model_config.yaml"], ["training.precision=fp32"])
     base = load_base(cfg)
     pairs = sample_pairs(load_pairs(SHARED_DATA / "blimp"), 2, seed=3)
+    with forced_kernel("native"):
+        good = sentence_logprobs(base.model, base.tokenizer, [p.good for p in pairs], base.runtime)
+        bad = sentence_logprobs(base.model, base.tokenizer, [p.bad for p in pairs], base.runtime)
     path = "bf16" if resolve_runtime("cpu", "auto", 0).precision == "bf16" else "fp32"
-    scores = score_pairs(base.model, base.tokenizer, pairs, base.runtime, path)
-    good = sentence_logprobs(base.model, base.tokenizer, [p.good for p in pairs], base.runtime)
-    bad = sentence_logprobs(base.model, base.tokenizer, [p.bad for p in pairs], base.runtime)
-    assert [g > b for g, b in zip(scores.good, scores.bad)] == [g > b for g, b in zip(good, bad)]
-    if path == "fp32":
-        assert scores.good == pytest.approx(good, rel=1e-4) and scores.bad == pytest.approx(bad, rel=1e-4)
+    for first_pass in dict.fromkeys([path, "fp32"]):
+        scores = score_pairs(base.model, base.tokenizer, pairs, base.runtime, first_pass)
+        assert [g > b for g, b in zip(scores.good, scores.bad)] == [g > b for g, b in zip(good, bad)], first_pass
+    assert scores.good == pytest.approx(good, rel=1e-4) and scores.bad == pytest.approx(bad, rel=1e-4)
 
 
 def test_the_same_pairs_file_twice_is_refused_before_anything_loads(tmp_path, monkeypatch):

@@ -9,7 +9,9 @@ from pathlib import Path
 def blimp_speed(cfg, pairs_dir: Path, *, per_paradigm: int = 5, rounds: int = 2, log=print) -> dict:
     """Minimal-pair pairs/s per first-pass path on a seeded sample of every paradigm, against the plain
     per-sentence fp32 scorer of before, interleaved in one process (ratios survive a shared machine),
-    with the projected time for the whole folder (full BLiMP: 67,000 pairs). The prefix tree shares
+    with the projected time for the whole folder (full BLiMP: 67,000 pairs). The before and the tree
+    are timed on PyTorch's default fp32 matmul, and the tree again on oneDNN's where that is this
+    process's fp32 kernel (models/kernels.py), so each gain shows on its own. The prefix tree shares
     more across pairs the more pairs it holds, so the projection scales the sample's time by the
     forward tokens of the whole folder against the sample's (plain: per-sentence tokens; the tree
     paths: the whole folder's tree), not by the pair count."""
@@ -25,6 +27,7 @@ def blimp_speed(cfg, pairs_dir: Path, *, per_paradigm: int = 5, rounds: int = 2,
         tokenize_pairs,
     )
     from lora_project.models.base_model import load_base
+    from lora_project.models.kernels import fp32_kernel, forced_kernel
     from lora_project.utils.device import cpu_class, resolve_runtime
 
     t = cfg.training
@@ -35,41 +38,47 @@ def blimp_speed(cfg, pairs_dir: Path, *, per_paradigm: int = 5, rounds: int = 2,
     base = load_base(cfg, runtime)
     tokens = tokenize_pairs(base.tokenizer, pairs)
     native_bf16 = cpu["native_bf16"] if runtime.device == "cpu" else True
-    paths = {"plain fp32 (before)": None, "prefix tree, fp32": "fp32"}
+    kernel = fp32_kernel() if runtime.device == "cpu" else "native"
+    # label -> (first pass, fp32 kernel); None: the plain per-sentence scorer
+    paths = {"plain fp32 (before)": (None, "native"), "prefix tree, fp32": ("fp32", "native")}
+    if kernel == "onednn":
+        paths["prefix tree, fp32, oneDNN kernel"] = ("fp32", "onednn")
     if native_bf16:
-        paths["prefix tree, bf16 first pass + fp32 re-check"] = "bf16"
+        paths["prefix tree, bf16 first pass + fp32 re-check"] = ("bf16", kernel)
     rescored: dict[str, int] = {}
 
-    def run(path):
-        if path is None:
-            sentence_logprobs(base.model, base.tokenizer, [p.good for p in pairs], runtime)
-            sentence_logprobs(base.model, base.tokenizer, [p.bad for p in pairs], runtime)
-            return
-        rescored[path] = score_pairs(base.model, base.tokenizer, pairs, runtime, path, tokens=tokens).rescored
+    def run(label, few=False):
+        path, chosen = paths[label]
+        chunk = pairs[:8] if few else pairs
+        with forced_kernel(chosen):
+            if path is None:
+                sentence_logprobs(base.model, base.tokenizer, [p.good for p in chunk], runtime)
+                sentence_logprobs(base.model, base.tokenizer, [p.bad for p in chunk], runtime)
+            else:
+                scores = score_pairs(base.model, base.tokenizer, chunk, runtime, path,
+                                     tokens=None if few else tokens)
+                rescored[label] = scores.rescored
 
-    for path in paths.values():  # warm-up (allocator, kernels) of every path, not timed
-        if path is None:
-            sentence_logprobs(base.model, base.tokenizer, [p.good for p in pairs[:8]], runtime)
-        else:
-            score_pairs(base.model, base.tokenizer, pairs[:8], runtime, path)
+    for label in paths:  # warm-up (allocator, kernels) of every path, not timed
+        run(label, few=True)
     speeds: dict[str, list[float]] = {k: [] for k in paths}
     for r in range(rounds):
-        for label, path in paths.items():
+        for label in paths:
             t0 = time.perf_counter()
-            run(path)
+            run(label)
             speeds[label].append(len(pairs) / (time.perf_counter() - t0))
             log(f"  round {r + 1}: {label}: {speeds[label][-1]:.1f} pairs/s")
     sample_share = prefix_sharing(tokens)
     full_share = prefix_sharing(tokenize_pairs(base.tokenizer, everything))
     rows = []
-    for label, path in paths.items():
+    for label, (path, chosen) in paths.items():
         key = "forward_tokens_plain" if path is None else "forward_tokens_tree"
         scale = full_share[key] / sample_share[key]
         ratios = [s / p for s, p in zip(speeds[label], speeds["plain fp32 (before)"])]
         pps = statistics.median(speeds[label])
-        rows.append({"path": label, "first_pass": path or "fp32", "pairs_per_second": pps,
+        rows.append({"path": label, "first_pass": path or "fp32", "fp32_kernel": chosen, "pairs_per_second": pps,
                      "speedup_vs_plain": statistics.median(ratios),
-                     "rescored_fraction": rescored.get(path, 0) / len(pairs) if path else 0.0,
+                     "rescored_fraction": rescored.get(label, 0) / len(pairs) if path else 0.0,
                      "margin_nats": list(MARGINS[path or "fp32"]),
                      "projected_full_minutes": len(pairs) / pps * scale / 60})
     skipped = [] if native_bf16 else ["bf16 first pass: this CPU has no native bf16 (bf16 matmuls emulated, "

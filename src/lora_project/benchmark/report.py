@@ -89,7 +89,10 @@ def write_report(paths: ProjectPaths, result: dict) -> tuple:
              f"threads, {result['precision']}. CPU: {cpu.get('model', '?')} ({cpu.get('isa', '?')}, native bf16: "
              f"{'yes' if cpu.get('native_bf16') else 'no'}).", "",
              f"Matmul peak: fp32 {result['matmul_gflops']['fp32']:.1f} GFLOP/s, "
-             f"bf16 {result['matmul_gflops']['bf16']:.1f} GFLOP/s.", ""]
+             f"bf16 {result['matmul_gflops']['bf16']:.1f} GFLOP/s" + (
+                 f", fp32 through oneDNN {result['matmul_gflops']['fp32_onednn']:.1f} GFLOP/s (the scoring passes' "
+                 f"fp32 kernel here: {result.get('fp32_kernel', '?')})" if "fp32_onednn" in result["matmul_gflops"]
+                 else "") + ".", ""]
     if result["training"]:
         lines += ["| seq x batch | tokens/s | GFLOP/s | fraction of peak | peak RSS (MiB) |", "|---|---|---|---|---|"]
     for r in result["training"]:

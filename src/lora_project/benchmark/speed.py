@@ -14,20 +14,25 @@ from lora_project.errors import UserError
 from lora_project.paths import ProjectPaths
 
 
-def matmul_gflops(dtype_name: str, m: int = 2048, k: int = 576, n: int = 1536, min_seconds: float = 0.5) -> float:
-    """Sustained GFLOP/s of an (m x k) @ (k x n) matmul in the given dtype on the CPU threads set."""
+def matmul_gflops(dtype_name: str, m: int = 2048, k: int = 576, n: int = 1536, min_seconds: float = 0.5,
+                  kernel: str = "native") -> float:
+    """Sustained GFLOP/s of an (m x k) @ (k x n) matmul in the given dtype on the CPU threads set; with
+    kernel "onednn", fp32 through oneDNN's linear kernel (models/kernels.py) instead of PyTorch's default."""
     import torch
 
+    from lora_project.models.kernels import forced_kernel, linear
+
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    a @ b  # warm-up
-    calls, t0 = 0, time.perf_counter()
-    while True:
-        a @ b
-        calls += 1
-        elapsed = time.perf_counter() - t0
-        if elapsed >= min_seconds:
-            return 2 * m * k * n * calls / elapsed / 1e9
+    a, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+    with forced_kernel(kernel), torch.inference_mode():
+        linear(a, w)  # warm-up
+        calls, t0 = 0, time.perf_counter()
+        while True:
+            linear(a, w)
+            calls += 1
+            elapsed = time.perf_counter() - t0
+            if elapsed >= min_seconds:
+                return 2 * m * k * n * calls / elapsed / 1e9
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -81,6 +86,7 @@ def inference_speed(peft, stream: np.ndarray, runtime, *, quick: bool, repeats: 
     the median of `repeats` timed runs)."""
     import torch
 
+    from lora_project.models.kernels import fp32_linears
     from lora_project.models.losses import token_nll
     from lora_project.models.scoring import decoder_and_head
 
@@ -90,7 +96,7 @@ def inference_speed(peft, stream: np.ndarray, runtime, *, quick: bool, repeats: 
     targets = x[1:].view(rows, seq).to(runtime.device)
     decoder, head = decoder_and_head(peft)
     peft.eval()
-    with torch.inference_mode(), runtime.autocast():
+    with torch.inference_mode(), runtime.autocast(), fp32_linears(peft, runtime.device):  # as `evaluate`
         token_nll(decoder(input_ids=batch[:1], use_cache=False).last_hidden_state, head, targets[:1])  # warm-up
         t0 = time.perf_counter()
         token_nll(decoder(input_ids=batch, use_cache=False).last_hidden_state, head, targets)
@@ -159,6 +165,7 @@ def run_benchmark(paths: ProjectPaths, cfg, *, quick: bool = False, shapes=((64,
                   steps: int = 4, speed: bool = True, log=print) -> dict:
     """Matmul peaks, and with `speed` the training throughput of our trainer per shape, inference
     speed and model-load times; `quick` uses a tiny model."""
+    from lora_project.models.kernels import fp32_kernel, onednn_available
     from lora_project.models.lora_model import wrap_with_lora
     from lora_project.training.trainer import BlockLoader, LoraTrainer
     from lora_project.utils.device import cpu_class, peak_rss_mb, resolve_runtime
@@ -167,11 +174,13 @@ def run_benchmark(paths: ProjectPaths, cfg, *, quick: bool = False, shapes=((64,
     runtime = resolve_runtime(t.device, t.precision, t.threads, t.malloc_reuse)
     log(f"matmul peak on {runtime.threads} threads ...")
     peaks = {d: matmul_gflops(d, min_seconds=0.2 if quick else 1.0) for d in ("fp32", "bf16")}
+    if onednn_available():  # the fp32 kernel the scoring passes take where it exists (models/kernels.py)
+        peaks["fp32_onednn"] = matmul_gflops("fp32", min_seconds=0.2 if quick else 1.0, kernel="onednn")
     result = {"created": datetime.now(timezone.utc).isoformat(), "mode": "quick" if quick else "full",
               "model": cfg.model.source, "parameters": None, "inference": None, "model_load": None,
               "machine": {"processor": platform.processor() or platform.machine(), "cpu": cpu_class(),
                           "threads": runtime.threads, "device": runtime.device},
-              "precision": runtime.precision, "matmul_gflops": peaks,
+              "precision": runtime.precision, "matmul_gflops": peaks, "fp32_kernel": fp32_kernel(),
               "lora": {"r": cfg.lora.r, "target_modules": cfg.lora.target_modules}, "training": []}
     if not speed:
         return result

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lora_project.errors import UserError
 from lora_project.models.adapter import checked_adapters, read_metadata
+from lora_project.models.kernels import fp32_kernel
 from lora_project.paths import ProjectPaths
 
 
@@ -112,6 +113,7 @@ def evaluate_perplexity(paths: ProjectPaths, cfg, *, text_file: Path | None = No
                  "perplexity_ci": None, "bits_per_byte_ci": None, "p_value": None}
         difference[a.name] = {**d, "perplexity_relative": s.perplexity / b.perplexity - 1}
     out = {**target, "max_length": max_length, "stride": stride, "precision": base.runtime.precision,
+           "fp32_kernel": fp32_kernel() if base.runtime.device == "cpu" else "native",
            "base_model": base.ref.name, "seconds": elapsed, "scope": b.scope(),
            "bootstrap": {"unit": "document", "resamples": resamples, "seed": seed, "level": 0.95}
            if text_file is None else None,
@@ -249,6 +251,7 @@ def evaluate_minimal_pairs(paths: ProjectPaths, cfg, pairs_path: Path | list[Pat
                                     for u, v in b["paradigms"].items()},
                       "paired": paired_change(pairs, b["decisions"], models[n]["decisions"])} for n in names}
     scoring = {"first_pass": path, "decisions": "fp32", "margin_nats": list(MARGINS[path]),
+               "fp32_kernel": fp32_kernel() if runtime.device == "cpu" else "native",
                "rescored": {n: m["rescored"] for n, m in models.items()}, **prefix_sharing(tokens)}
     result = {"pairs_path": str(sources[0]) if len(sources) == 1 else [str(s) for s in sources],
               "suites": list(dict.fromkeys(p.suite for p in pairs)), "pairs": len(pairs),

@@ -25,7 +25,9 @@ picks this pass. What remains on SmolLM2 is a rare tail: a position whose hidden
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+
+from lora_project.models.kernels import fp32_linears, linear
 
 FIRST_PASSES = ("fp32", "bf16")
 
@@ -101,7 +103,10 @@ def precision_context(path: str, device: str, model=None, calibration: dict | No
                             and id(module) not in skip):
                         swapped.append((module, weight))
                         module.weight = torch.nn.Parameter(weight.detach().to(torch.bfloat16), requires_grad=False)
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=path == "bf16"):
+        with ExitStack() as stack:
+            if path == "fp32" and model is not None:
+                stack.enter_context(fp32_linears(model, device))
+            stack.enter_context(torch.autocast(device, dtype=torch.bfloat16, enabled=path == "bf16"))
             yield sorted(kept)
     finally:
         for module, weight in swapped:
@@ -115,11 +120,9 @@ def precision_context(path: str, device: str, model=None, calibration: dict | No
 def _fp32_forward(module):
     import torch
 
-    plain = type(module).forward
-
     def forward(x):
         with torch.autocast(x.device.type, enabled=False):
-            return plain(module, x.float())
+            return linear(x.float(), module.weight, module.bias)
     return forward
 
 

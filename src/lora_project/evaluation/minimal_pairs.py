@@ -366,7 +366,7 @@ def format_summary(result: dict) -> str:
     lines += change_summary(result)
     lines.append(f"{result['pairs']} pairs per model in {result['seconds']:.0f} s "
                  f"({result.get('pairs_per_second') or 0:.1f} pairs/s); first pass {sc.get('first_pass', '?')}, "
-                 f"decisions fp32; shared prefix {100 * sc.get('shared_prefix_fraction', 0):.0f}% of tokens, "
+                 f"decisions fp32 ({'oneDNN' if sc.get('fp32_kernel') == 'onednn' else 'PyTorch default'} kernel); shared prefix {100 * sc.get('shared_prefix_fraction', 0):.0f}% of tokens, "
                  f"prefix tree {100 * sc.get('forward_tokens_saved', 0):.1f}% fewer forward tokens than per sentence")
     if result.get("saved"):
         lines.append(f"saved {result['saved']}")

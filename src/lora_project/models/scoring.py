@@ -195,13 +195,14 @@ def model_context(model) -> int | None:
 
 
 def target_nll(model, ids: np.ndarray | list[int], runtime, max_length: int = DEFAULT_MAX_LENGTH,
-               stride: int | None = None, batch_size: int = 4, chunk_tokens: int = 1024) -> np.ndarray:
+               stride: int | None = None, batch_size: int = 4, chunk_tokens: int = 0) -> np.ndarray:
     """-ln p(ids[j] | window context) in nats for j = 1 .. len(ids)-1 (ids[0] is the prefix token),
     each target scored once by the sliding windows; returns an array of len(ids) - 1. A window
     longer than the model's context (``max_position_embeddings``; GPT-2's learned positions stop
     there) is refused when the sequence would fill it."""
     import torch
 
+    from lora_project.models.kernels import fp32_linears
     from lora_project.models.losses import token_nll
 
     ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64))
@@ -219,7 +220,7 @@ def target_nll(model, ids: np.ndarray | list[int], runtime, max_length: int = DE
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), runtime.autocast():
+        with torch.inference_mode(), runtime.autocast(), fp32_linears(model, runtime.device):
             # Windows of equal length go through the model together.
             i = 0
             while i < len(wins):
@@ -241,7 +242,7 @@ def target_nll(model, ids: np.ndarray | list[int], runtime, max_length: int = DE
 
 
 def score_ids(model, ids: np.ndarray | list[int], n_bytes: int, runtime, max_length: int = DEFAULT_MAX_LENGTH,
-              stride: int | None = None, batch_size: int = 4, chunk_tokens: int = 1024) -> Score:
+              stride: int | None = None, batch_size: int = 4, chunk_tokens: int = 0) -> Score:
     """Score a prefixed id sequence (ids[0] is the prefix token) with sliding windows, as one document."""
     stride = default_stride(max_length) if stride is None else stride
     nll = target_nll(model, ids, runtime, max_length, stride, batch_size, chunk_tokens)
