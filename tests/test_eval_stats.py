@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from conftest import run_cli
 
 from lora_project.utils.stats import (
@@ -260,3 +261,25 @@ def test_adapters_trained_with_several_seeds_get_a_mean_and_sd_row():
     m = {"split": "test", "max_tokens": 0, "cap": None, "scope": {}, "datasets": ["x"],
          "models": list(per_model), "cells": cells}
     assert "| kids | 22.00 ± 2.00 (3) |" in matrix_markdown(m)
+
+
+def test_evaluation_numbers_are_fp32_whatever_precision_the_config_or_the_given_base_has(project, tmp_path):
+    """bf16 perplexity differs from fp32 by up to 0.2% (research notes), so evaluate scores in fp32 on
+    every machine: a bf16 config, or a bf16 base handed over by training, gives the fp32 numbers."""
+    from lora_project.config import load_project_config
+    from lora_project.evaluation.evaluate import evaluate_perplexity
+    from lora_project.models.base_model import load_base
+    from lora_project.paths import ProjectPaths
+
+    paths = ProjectPaths.discover()
+    text = tmp_path / "t.txt"
+    text.write_text("the dog runs to the park and the cat sits on the mat. " * 30)
+    cfg16 = load_project_config(paths, ["training.precision=bf16"])
+    bf16_base = load_base(cfg16)
+    assert bf16_base.runtime.precision == "bf16" and next(bf16_base.model.parameters()).dtype == torch.bfloat16
+    given = evaluate_perplexity(paths, cfg16, text_file=text, base=bf16_base)
+    configured = evaluate_perplexity(paths, cfg16, text_file=text)
+    fp32 = evaluate_perplexity(paths, load_project_config(paths, ["training.precision=fp32"]), text_file=text)
+    assert given["precision"] == configured["precision"] == fp32["precision"] == "fp32"
+    assert given["models"]["base"]["perplexity"] == configured["models"]["base"]["perplexity"] \
+        == fp32["models"]["base"]["perplexity"]

@@ -25,7 +25,7 @@ def cross_matrix(paths: ProjectPaths, cfg, *, max_tokens: int = 0, split: str = 
 
     from lora_project.data.preprocessor import read_split
     from lora_project.models.adapter import list_adapters, read_metadata
-    from lora_project.models.base_model import load_base
+    from lora_project.models.base_model import load_fp32_base
     from lora_project.models.lora_model import each_model
     from lora_project.models.scoring import (
         default_stride,
@@ -47,7 +47,7 @@ def cross_matrix(paths: ProjectPaths, cfg, *, max_tokens: int = 0, split: str = 
         if paths.processed_dir.is_dir() else []
     if not datasets:
         raise UserError("no prepared datasets; run: lora-project prepare --all")
-    base = load_base(cfg)
+    base = load_fp32_base(cfg)  # as `evaluate --dataset` scores: fp32 on every machine
     rows = list_adapters(paths.adapters_dir) if paths.adapters_dir.is_dir() else []
     adapters, skipped = [], []
     for r in rows:

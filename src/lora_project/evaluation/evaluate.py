@@ -38,10 +38,11 @@ def evaluate_perplexity(paths: ProjectPaths, cfg, *, text_file: Path | None = No
     A split is scored whole unless `max_tokens` caps it (`models.scoring.score_split`, the scoring
     training's validation numbers use too); the result says what was scored (`scope`). For a split,
     each model gets bootstrap 95% intervals over documents and each adapter its paired bootstrap
-    difference from the base (`difference`); a text file is one document, so it gets none.
+    difference from the base (`difference`); a text file is one document, so it gets none. Scored in
+    fp32 on every machine (`load_fp32_base`): a given `base` in bf16 is not used.
     """
     from lora_project.data.preprocessor import read_split, read_text_file
-    from lora_project.models.base_model import load_base
+    from lora_project.models.base_model import load_fp32_base
     from lora_project.models.lora_model import each_model
     from lora_project.models.scoring import (
         DEFAULT_MAX_LENGTH,
@@ -84,7 +85,7 @@ def evaluate_perplexity(paths: ProjectPaths, cfg, *, text_file: Path | None = No
 
         separator = json.loads((folder / "stats.json").read_text()).get("separator", "\n")
         target = {"dataset": dataset, "split": split}
-    base = base or load_base(cfg)
+    base = load_fp32_base(cfg, base)  # evaluation's numbers are fp32 on every machine
     max_length = default_window(base.model) if max_length is None else max_length
     stride = default_stride(max_length) if stride is None else stride
     windows(2, max_length, stride)
@@ -181,8 +182,6 @@ def evaluate_minimal_pairs(paths: ProjectPaths, cfg, pairs_path: Path | list[Pat
     reported as its own suite. Decisions equal fp32 scoring whatever the first pass: pairs whose
     first-pass difference lies within the precision's error margin are scored again in fp32.
     """
-    import dataclasses
-
     from lora_project.evaluation.minimal_pairs import (
         MARGINS,
         evaluate_pairs,
@@ -193,7 +192,7 @@ def evaluate_minimal_pairs(paths: ProjectPaths, cfg, pairs_path: Path | list[Pat
         tokenize_pairs,
     )
     from lora_project.evaluation.pair_report import paired_change
-    from lora_project.models.base_model import load_base
+    from lora_project.models.base_model import load_fp32_base
     from lora_project.models.lora_model import each_model
     from lora_project.utils.device import resolve_runtime
     from lora_project.utils.io_utils import write_new_json
@@ -224,8 +223,7 @@ def evaluate_minimal_pairs(paths: ProjectPaths, cfg, pairs_path: Path | list[Pat
     runtime = resolve_runtime(t.device, t.precision, t.threads, t.malloc_reuse)
     path = resolve_first_pass(first_pass, runtime)
     # The fp32 re-check needs fp32 weights: a bf16 first pass is autocast over them.
-    base = base if base is not None and base.runtime.precision == "fp32" else \
-        load_base(cfg, dataclasses.replace(runtime, precision="fp32"))
+    base = load_fp32_base(cfg, base)
     tokens = tokenize_pairs(base.tokenizer, pairs)
     bar = None
     if progress:

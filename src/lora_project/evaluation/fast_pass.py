@@ -1,6 +1,7 @@
 """The numerics of a minimal-pair scoring pass: exact fp32, or the fast bf16 first pass.
 
-fp32 is the reference: autocast off, the model's own attention. The bf16 first pass trades exactness
+fp32 is the reference: autocast off, the model's own attention, the linear layers on this process's
+fp32 kernel (oneDNN's where PyTorch has it: the same arithmetic, models/kernels.py). The bf16 first pass trades exactness
 for speed on CPUs with native bf16; `score_pairs` re-scores in fp32 every pair whose bf16 difference
 lies within the margin measured for it (minimal_pairs.MARGINS). What keeps its error down:
 
@@ -70,7 +71,8 @@ def sensitive_linears(model, batch: dict, head=None) -> dict:
 
 @contextmanager
 def precision_context(path: str, device: str, model=None, calibration: dict | None = None):
-    """The numerics of one scoring pass. fp32: autocast off. bf16: autocast, each linear weight but the
+    """The numerics of one scoring pass. fp32: autocast off, the linear layers on the process's fp32
+    kernel (models/kernels.fp32_linears). bf16: autocast, each linear weight but the
     output layer's cast to bf16 once per pass, SDPA attention in fp32, and with a `calibration` batch
     the sensitive layers in fp32; all restored after. Yields the sensitive layers' names."""
     import torch

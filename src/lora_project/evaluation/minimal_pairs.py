@@ -213,8 +213,8 @@ MARGINS = {"fp32": (0.0, 0.0), "bf16": (0.75, 0.225)}
 
 def resolve_first_pass(requested: str, runtime) -> str:
     """'auto' -> fp32: the prefix-tree fp32 pass is exact by construction, and a bf16 first pass with a
-    margin wide enough for bf16's error tail re-scores about 45% of BLiMP, which makes it no faster on
-    the native-bf16 CPU where it was measured (research notes). 'bf16' stays available; names checked."""
+    margin wide enough for bf16's error tail re-scores about 45% of BLiMP, which makes it slower than
+    fp32 on oneDNN's kernel on the native-bf16 CPU where it was measured (research notes). 'bf16' stays available; names checked."""
     if requested == "auto":
         return "fp32"
     if requested not in FIRST_PASSES:
