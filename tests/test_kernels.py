@@ -29,12 +29,14 @@ def test_onednn_linear_equals_the_default_to_fp32_rounding_and_falls_back_where_
     w, b = torch.randn(96, 40, generator=gen), torch.randn(96, generator=gen)
     x3 = torch.randn(3, 7, 40, generator=gen)
     strided = torch.randn(7, 3, 40, generator=gen).transpose(0, 1)  # not contiguous
+    every_other = torch.randn(192, generator=gen)[::2]  # a strided bias, which oneDNN itself misreads
+    expanded = torch.randn(1, generator=gen).expand(96)
     with forced_kernel("onednn"):
-        for x, bias in ((x3, b), (strided, None), (x3[:0], b)):
+        for x, bias in ((x3, b), (strided, None), (x3[:0], b), (x3, every_other), (x3, expanded)):
             got, ref = linear(x, w, bias), torch.nn.functional.linear(x, w, bias)
             assert got.shape == ref.shape and got.dtype == torch.float32
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-        assert len(onednn_calls) == 3
+        assert len(onednn_calls) == 5
         # a gradient, autocast or bf16 take PyTorch's own linear: exact equality, and gradients flow
         xg = x3.clone().requires_grad_(True)
         out = linear(xg, w, b)
@@ -44,10 +46,10 @@ def test_onednn_linear_equals_the_default_to_fp32_rounding_and_falls_back_where_
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert linear(x3, w, b).dtype == torch.bfloat16
         assert torch.equal(linear(x3.bfloat16(), w.bfloat16()), torch.nn.functional.linear(x3.bfloat16(), w.bfloat16()))
-        assert len(onednn_calls) == 3  # none of these reached oneDNN
+        assert len(onednn_calls) == 5  # none of these reached oneDNN
     with forced_kernel("native"):
         linear(x3, w, b)
-    assert len(onednn_calls) == 3
+    assert len(onednn_calls) == 5
 
 
 @needs_onednn
@@ -100,6 +102,32 @@ def test_the_kernel_is_named_by_the_environment_and_bad_names_are_refused(monkey
     monkeypatch.setattr(kernels, "_CHOSEN", {})  # the first question may come inside a bf16 pass
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fp32_kernel() == auto
+    # a pass that never uses the kernel (bf16 here) never asks for it, so a bad name cannot stop it
+    monkeypatch.setenv(ENV, "mkl")
+    w = torch.randn(8, 4)
+    assert linear(torch.ones(2, 4).bfloat16(), w.bfloat16()).dtype == torch.bfloat16
+
+
+def test_a_onednn_that_cannot_run_here_means_the_default_kernel_and_a_clear_error_when_asked_for(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("could not create a primitive")
+
+    monkeypatch.setattr(kernels, "_onednn", broken)
+    monkeypatch.setattr(kernels, "onednn_available", lambda: True)
+    monkeypatch.setattr(kernels, "_CHOSEN", {})
+    monkeypatch.setenv(ENV, "auto")
+    assert fp32_kernel() == "native"
+    monkeypatch.setenv(ENV, "onednn")
+    with pytest.raises(UserError, match="no working oneDNN fp32 linear kernel"):
+        fp32_kernel()
+
+
+def test_the_cli_refuses_a_bad_kernel_name_before_doing_any_work(project):
+    from conftest import run_cli
+
+    r = run_cli("train", "toddler_data", "--no-mlflow", env={ENV: "mkl"})  # would train and fail at validation
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {ENV}='mkl': choose auto, native, onednn"
+    assert not list((project / "experiments").glob("exp_*"))
 
 
 @needs_onednn

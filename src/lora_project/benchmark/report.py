@@ -104,7 +104,8 @@ def write_report(paths: ProjectPaths, result: dict) -> tuple:
         g = inf["generation_ms_per_token"]
         lines += ["", f"Generation: median of {inf.get('generation_repeats', 1)} timed runs after an untimed warm-up.",
                   "", "| inference | value |", "|---|---|",
-                  f"| evaluation (forward + loss, {inf['eval_shape'][1]} x {inf['eval_shape'][0]} tokens) | "
+                  f"| evaluation (forward + loss, {inf['eval_shape'][1]} x {inf['eval_shape'][0]} tokens, "
+                  f"{result.get('precision', '?')}) | "
                   f"{inf['eval_tokens_per_second']:.0f} tokens/s |",
                   f"| generation, base | {g['base']:.1f} ms/token |",
                   f"| generation, adapter unmerged | {g['adapter_unmerged']:.1f} ms/token |",

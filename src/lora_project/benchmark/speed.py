@@ -96,7 +96,8 @@ def inference_speed(peft, stream: np.ndarray, runtime, *, quick: bool, repeats: 
     targets = x[1:].view(rows, seq).to(runtime.device)
     decoder, head = decoder_and_head(peft)
     peft.eval()
-    with torch.inference_mode(), runtime.autocast(), fp32_linears(peft, runtime.device):  # as `evaluate`
+    with torch.inference_mode(), runtime.autocast(), fp32_linears(peft, runtime.device):
+        # at the run's precision (`evaluate` itself always scores in fp32), fp32 on evaluate's kernel
         token_nll(decoder(input_ids=batch[:1], use_cache=False).last_hidden_state, head, targets[:1])  # warm-up
         t0 = time.perf_counter()
         token_nll(decoder(input_ids=batch, use_cache=False).last_hidden_state, head, targets)

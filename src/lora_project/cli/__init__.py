@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     interrupts.install()
     try:
+        from lora_project.models.kernels import requested_kernel
+
+        requested_kernel()  # a bad LORA_PROJECT_FP32_KERNEL fails here, before any work
         args.handler(args, ProjectPaths.discover())
         return 0
     except UserError as exc:

@@ -161,7 +161,7 @@ def token_nll(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor
     """Per-token NLL (nats, fp32, no gradient) with the same shape as `targets`.
 
     Logits exist for one chunk of tokens at a time (chunk x vocab), never for the batch; chunk_tokens 0
-    sizes the chunk to SCORE_CHUNK_BYTES of fp32 logits.
+    sizes the chunk to SCORE_CHUNK_BYTES of fp32 logits on CPU, 1,024 tokens on other devices.
     """
     with torch.no_grad():
         h = hidden.reshape(-1, hidden.shape[-1])
@@ -171,6 +171,8 @@ def token_nll(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor
         plain = type(head) is torch.nn.Linear
         dtype = _matmul_dtype(h, weight) if plain else None
         vocab = weight.shape[0] if plain else getattr(head, "out_features", None) or 65536
+        if h.device.type != "cpu" and chunk_tokens <= 0:
+            chunk_tokens = 1024  # the cache-sized chunks are a CPU measurement; GPUs take large ones
         chunk_tokens = chunk_tokens_for(vocab, torch.float32, chunk_tokens, SCORE_CHUNK_BYTES, 16)
         for s in range(0, h.shape[0], chunk_tokens):
             hc = h[s:s + chunk_tokens]
