@@ -251,3 +251,15 @@ def test_saved_evaluations_are_found_and_rendered(project):
     assert "anaphor&lt;x&gt;" in html and "0.75" in html and "macro average" in html  # escaped
     with pytest.raises(UserError, match="two different"):
         actions.compare(paths, "a_lora", "a_lora")
+
+
+def test_no_keystroke_of_the_form_is_dropped_while_a_preview_is_pending(project):
+    """Gradio's default for `.input` events ("once") drops an event fired while one is pending: typing
+    4000 fast could leave the command line at max_steps=4 (seen in the browser test). Every input event
+    of the board must run again for the last value ("always_last")."""
+    from lora_project.ui.app import build_app
+
+    deps = build_app(ProjectPaths(project)).config["dependencies"]
+    inputs = [d for d in deps if any(t[1] == "input" for t in d["targets"])]
+    assert inputs and {d["trigger_mode"] for d in inputs} == {"always_last"}
+

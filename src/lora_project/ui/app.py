@@ -214,8 +214,10 @@ def build_app(paths: ProjectPaths, jobs: TrainingJobs | None = None):
                     curve if now["curve"] != shown.get("curve") else gr.skip(),
                     *[now[k] if now[k] != shown.get(k) else gr.skip() for k in ("log", "runs")], now)
 
-        for comp in form_inputs:
-            comp.input(preview, inputs=form_inputs, outputs=form_outputs, show_progress="hidden")
+        for comp in form_inputs:  # "always_last": Gradio's default for .input drops keystrokes typed
+            # while a preview is pending, so the command line could show "max_steps=4" for a typed 4000
+            comp.input(preview, inputs=form_inputs, outputs=form_outputs, show_progress="hidden",
+                       trigger_mode="always_last")
         t_dataset.change(preview, inputs=form_inputs, outputs=form_outputs, show_progress="hidden")
         start_btn.click(start, inputs=form_inputs, outputs=[*form_outputs, t_msg])
         stop_btn.click(stop, inputs=[t_dataset, t_adapter], outputs=t_msg)
