@@ -262,4 +262,3 @@ def test_no_keystroke_of_the_form_is_dropped_while_a_preview_is_pending(project)
     deps = build_app(ProjectPaths(project)).config["dependencies"]
     inputs = [d for d in deps if any(t[1] == "input" for t in d["targets"])]
     assert inputs and {d["trigger_mode"] for d in inputs} == {"always_last"}
-
