@@ -357,6 +357,23 @@ CASES = [
     Case("eval-pairs-binary", "binary minimal-pairs file", ["evaluate", "--pairs", "p.jsonl"], ["binary"],
          write("p.jsonl", b"\x00\x01\x02" * 20)),
     Case("eval-text-folder", "evaluate --text a folder", ["evaluate", "--text", "config"], ["not a file"]),
+    Case("eval-dataset-stats-corrupt", "prepared dataset with a truncated stats.json",
+         ["evaluate", "--dataset", "kids"], ["kids", "damaged", "prepare kids --force"],
+         lambda p, s: (write("data/processed/kids/stats.json", "{broken")(p, s),
+                       write("data/processed/kids/test.txt", "a b c\n")(p, s))),
+    Case("eval-dataset-stats-not-object", "prepared dataset whose stats.json is a list",
+         ["evaluate", "--dataset", "kids"], ["kids", "not an object"],
+         lambda p, s: (write("data/processed/kids/stats.json", "[1]")(p, s),
+                       write("data/processed/kids/test.txt", "a b c\n")(p, s))),
+    Case("eval-dataset-split-bytes", "prepared split that is not UTF-8", ["evaluate", "--dataset", "kids"],
+         ["kids", "test.txt", "damaged"],
+         lambda p, s: (write("data/processed/kids/stats.json", '{"separator": "\\n"}')(p, s),
+                       write("data/processed/kids/test.txt", b"ok\n\xff\xfe bad\n")(p, s))),
+    Case("eval-metrics-not-folder", "outputs/metrics is a file (checked before scoring)",
+         ["evaluate", "--pairs", "p.jsonl"], ["outputs/metrics", "not a folder"],
+         lambda p, s: (shutil.rmtree(p / "outputs" / "metrics", ignore_errors=True),
+                       write("outputs/metrics", "not a folder")(p, s),
+                       write("p.jsonl", '{"sentence_good": "a .", "sentence_bad": "b ."}\n')(p, s))),
     Case("gen-bad-temperature", "generate --temperature -1", ["generate", "--prompt", "hi", "--temperature", "-1"],
          ["--temperature"]),
     Case("gen-bad-top-p", "generate --top-p 0", ["generate", "--prompt", "hi", "--top-p", "0"], ["--top-p"]),
@@ -410,6 +427,16 @@ def adapters_src(tmp_path_factory, tiny_model_dir) -> Path:
         meta["base_model"].pop("fingerprint")  # made on the tiny base, not bound to its fingerprint
         meta_path.write_text(json.dumps(meta))
     return root
+
+
+def test_commands_without_an_encoding_option_do_not_suggest_one(project):
+    """`evaluate --text` and `generate --prompts-file` read UTF-8 only: the advice is to convert the
+    file, not an --encoding they do not have."""
+    (project / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    for args in (["evaluate", "--text", "latin1.txt"], ["generate", "--prompts-file", "latin1.txt"]):
+        proc = run_cli(*args, cwd=project)
+        assert_user_error(proc, "latin1.txt", "not UTF-8", "convert the file to UTF-8")
+        assert "--encoding" not in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -106,3 +106,20 @@ def test_api_reference_is_generated_from_the_current_docstrings():
     text = (REPO / "docs" / "api_reference.md").read_text()
     for name in ("lora_project.data.childes", "extract_children(", "train_adapter(", "class `MlflowTracker`"):
         assert name in text
+
+
+def test_the_helper_scripts_explain_themselves_and_write_nothing_for_help():
+    import subprocess
+    import sys
+
+    ref = REPO / "docs" / "api_reference.md"
+    before = ref.stat().st_mtime_ns
+    for script in ("scripts/docs/gen_api_reference.py", "scripts/notebooks/run_notebooks.py"):
+        proc = subprocess.run([sys.executable, str(REPO / script), "--help"], capture_output=True, text=True,
+                              timeout=120, cwd=REPO)
+        assert proc.returncode == 0 and proc.stdout.startswith("usage:"), proc.stderr
+    assert ref.stat().st_mtime_ns == before  # --help did not rewrite the reference
+    proc = subprocess.run([sys.executable, str(REPO / "scripts/notebooks/run_notebooks.py"), "nope.ipynb"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: notebook not found: nope.ipynb", proc.stderr
+

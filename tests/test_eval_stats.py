@@ -283,3 +283,7 @@ def test_evaluation_numbers_are_fp32_whatever_precision_the_config_or_the_given_
     assert given["precision"] == configured["precision"] == fp32["precision"] == "fp32"
     assert given["models"]["base"]["perplexity"] == configured["models"]["base"]["perplexity"] \
         == fp32["models"]["base"]["perplexity"]
+    from lora_project.evaluation.evaluate import perplexity_table
+    from lora_project.models.kernels import fp32_kernel
+
+    assert f"; fp32 ({fp32_kernel()} kernel)" in perplexity_table(given).splitlines()[0]  # the console says so too

@@ -102,6 +102,12 @@ def test_the_kernel_is_named_by_the_environment_and_bad_names_are_refused(monkey
     monkeypatch.setattr(kernels, "_CHOSEN", {})  # the first question may come inside a bf16 pass
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fp32_kernel() == auto
+    monkeypatch.setenv(ENV, " ONEDNN " if kernels.onednn_available() else "Native")  # case and spaces do not matter
+    assert fp32_kernel() == ("onednn" if kernels.onednn_available() else "native")
+    monkeypatch.setenv(ENV, "BAD" * 1000)  # the value as the user set it, shortened
+    with pytest.raises(UserError) as err:
+        fp32_kernel()
+    assert f"{ENV}='BADBAD" in str(err.value) and "...'" in str(err.value) and len(str(err.value)) < 120
     # a pass that never uses the kernel (bf16 here) never asks for it, so a bad name cannot stop it
     monkeypatch.setenv(ENV, "mkl")
     w = torch.randn(8, 4)

@@ -9,6 +9,7 @@ committed file differs from what this script writes.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import sys
 from pathlib import Path
@@ -84,8 +85,11 @@ def render() -> str:
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Write docs/api_reference.md from the package's docstrings.")
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 when the file is stale")
+    args = parser.parse_args()
     text = render()
-    if "--check" in sys.argv:
+    if args.check:
         current = OUT.read_text(encoding="utf-8") if OUT.is_file() else ""
         if current != text:
             print("docs/api_reference.md is stale; run: make docs", file=sys.stderr)

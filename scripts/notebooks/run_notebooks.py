@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Execute notebooks/*.ipynb headless into outputs/notebooks/ (make notebooks)."""
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -9,8 +10,14 @@ from lora_project.paths import ProjectPaths
 from lora_project.utils.notebooks import run_notebook
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("notebooks", nargs="*", type=Path, help="notebooks to run (default: notebooks/*.ipynb)")
+    args = parser.parse_args()
     paths = ProjectPaths.discover()
-    notebooks = sorted((paths.root / "notebooks").glob("*.ipynb")) if len(sys.argv) < 2 else [Path(a) for a in sys.argv[1:]]
+    notebooks = args.notebooks or sorted((paths.root / "notebooks").glob("*.ipynb"))
+    missing = [str(nb) for nb in notebooks if not nb.is_file()]
+    if missing:
+        parser.exit(2, f"error: notebook not found: {', '.join(missing)}\n")
     try:
         for nb in notebooks:
             out = run_notebook(nb, paths.outputs_dir / "notebooks", paths.root)

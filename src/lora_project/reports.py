@@ -37,7 +37,9 @@ def prepared_datasets(paths: ProjectPaths) -> list[str]:
 
 
 def _stats(paths: ProjectPaths, name: str) -> dict:
-    return json.loads((paths.processed(name) / "stats.json").read_text())
+    from lora_project.data.preprocessor import read_stats
+
+    return read_stats(paths.processed(name))
 
 
 def dataset_sizes(paths: ProjectPaths):

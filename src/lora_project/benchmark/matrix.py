@@ -21,9 +21,7 @@ def cross_matrix(paths: ProjectPaths, cfg, *, max_tokens: int = 0, split: str = 
     `change` against the base (paired bootstrap over the same documents). The base is loaded once;
     adapters trained on another base are left out (and said so).
     """
-    import json as _json
-
-    from lora_project.data.preprocessor import read_split
+    from lora_project.data.preprocessor import read_split, split_separator
     from lora_project.models.adapter import list_adapters, read_metadata
     from lora_project.models.base_model import load_fp32_base
     from lora_project.models.lora_model import each_model
@@ -62,7 +60,7 @@ def cross_matrix(paths: ProjectPaths, cfg, *, max_tokens: int = 0, split: str = 
     for d in datasets:
         docs = read_split(paths.processed(d), split)
         if docs:
-            sep = _json.loads((paths.processed(d) / "stats.json").read_text()).get("separator", "\n")
+            sep = split_separator(paths.processed(d))
             splits[d] = (tokenize_split(base.tokenizer, docs, sep, max_tokens), sep)
     cells: dict[str, dict[str, dict]] = {}
     base_scores, scope = {}, {}

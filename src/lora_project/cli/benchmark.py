@@ -57,10 +57,12 @@ def register(sub) -> None:
 
 def run(args, paths) -> None:
     from lora_project.benchmark import benchmark_report, parse_shapes
+    from lora_project.utils.io_utils import output_dir
 
     if not args.reference and (args.references != "auto" or args.reference_steps != 6 or args.reference_repeats != 1):
         raise UserError("--references, --reference-steps and --reference-repeats go with --reference")
     shapes = parse_shapes(args.shapes)
+    output_dir(paths.metrics_dir)  # the report goes there: checked before any measuring
     result = benchmark_report(paths, load_cfg(args, paths), quick=args.quick, shapes=shapes, steps=args.steps,
                               matrix=args.matrix, reference=args.reference, reference_steps=args.reference_steps,
                               mlflow=not args.no_mlflow, blimp=args.blimp, blimp_pairs=args.blimp_pairs,

@@ -30,9 +30,10 @@ SPLITS = ("train", "validation", "test")
 PREPROCESS_VERSION = 1  # bump when cleaning rules change, so caches are rebuilt
 
 
-def read_text_file(path: Path, encoding: str = "utf-8") -> str:
-    """Read a text file; missing, binary and non-UTF-8 files are one-line UserErrors."""
-    return read_user_text(path, what="text", encoding=encoding)
+def read_text_file(path: Path, encoding: str = "utf-8", encoding_option: bool = True) -> str:
+    """Read a text file; missing, binary and non-UTF-8 files are one-line UserErrors (which suggest
+    --encoding only where the command has it: `encoding_option`)."""
+    return read_user_text(path, what="text", encoding=encoding, encoding_option=encoding_option)
 
 
 def normalise(text: str) -> str:
@@ -238,10 +239,40 @@ def read_split(folder: Path, split: str) -> list[str]:
     """Documents of one processed split."""
     if split not in SPLITS:
         raise UserError(f"unknown split '{split}' (use {', '.join(SPLITS)})")
-    stats_path = folder / "stats.json"
     path = folder / f"{split}.txt"
-    if not stats_path.is_file() or not path.is_file():
+    sep = split_separator(folder)
+    if not path.is_file():
         raise UserError(f"dataset '{folder.name}' is not prepared; run: lora-project prepare {folder.name}")
-    sep = json.loads(stats_path.read_text()).get("separator", "\n")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as exc:
+        raise _damaged(folder, f"{path.name}: {exc.__class__.__name__}") from None
     return [d for d in (text[:-1] if text.endswith("\n") else text).split(sep) if d]
+
+
+def _damaged(folder: Path, why: str) -> UserError:
+    return UserError(f"dataset '{folder.name}': its prepared files are damaged ({why}); "
+                     f"run: lora-project prepare {folder.name} --force")
+
+
+def read_stats(folder: Path) -> dict:
+    """A processed dataset folder's stats.json, checked: a missing one says how to prepare the
+    dataset, a damaged one how to rebuild it."""
+    stats_path = folder / "stats.json"
+    if not stats_path.is_file():
+        raise UserError(f"dataset '{folder.name}' is not prepared; run: lora-project prepare {folder.name}")
+    try:
+        stats = json.loads(stats_path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _damaged(folder, f"stats.json: {exc.__class__.__name__}") from None
+    if not isinstance(stats, dict):
+        raise _damaged(folder, "stats.json is not an object")
+    return stats
+
+
+def split_separator(folder: Path) -> str:
+    """The document separator of a processed dataset folder (read_stats' checks, and a usable one)."""
+    sep = read_stats(folder).get("separator", "\n")
+    if not isinstance(sep, str) or not sep:
+        raise _damaged(folder, "stats.json has no usable separator")
+    return sep

@@ -41,7 +41,7 @@ def evaluate_perplexity(paths: ProjectPaths, cfg, *, text_file: Path | None = No
     difference from the base (`difference`); a text file is one document, so it gets none. Scored in
     fp32 on every machine (`load_fp32_base`): a given `base` in bf16 is not used.
     """
-    from lora_project.data.preprocessor import read_split, read_text_file
+    from lora_project.data.preprocessor import read_split, read_text_file, split_separator
     from lora_project.models.base_model import load_fp32_base
     from lora_project.models.lora_model import each_model
     from lora_project.models.scoring import (
@@ -69,7 +69,7 @@ def evaluate_perplexity(paths: ProjectPaths, cfg, *, text_file: Path | None = No
     seed = DEFAULT_SEED if seed is None else seed
     adapters = checked_adapters(adapters)
     if text_file is not None:
-        text = read_text_file(Path(text_file))
+        text = read_text_file(Path(text_file), encoding_option=False)  # evaluate has no --encoding
         if not text.strip():
             raise UserError(f"{text_file}: empty file, nothing to score")
         target = {"text": str(text_file)}
@@ -81,9 +81,7 @@ def evaluate_perplexity(paths: ProjectPaths, cfg, *, text_file: Path | None = No
         docs = read_split(folder, split)
         if not docs:
             raise UserError(f"dataset '{dataset}' has an empty {split} split")
-        import json
-
-        separator = json.loads((folder / "stats.json").read_text()).get("separator", "\n")
+        separator = split_separator(folder)
         target = {"dataset": dataset, "split": split}
     base = load_fp32_base(cfg, base)  # evaluation's numbers are fp32 on every machine
     max_length = default_window(base.model) if max_length is None else max_length
@@ -135,7 +133,9 @@ def perplexity_table(res: dict) -> str:
     from lora_project.models.scoring import describe_scope
 
     where = res.get("text") or f"{res['dataset']} {res['split']} split"
-    lines = [f"{where}: {describe_scope(res['scope'])}; windows {res['max_length']}/{res['stride']}"
+    kernel = f" ({res['fp32_kernel']} kernel)" if res.get("fp32_kernel") else ""
+    lines = [f"{where}: {describe_scope(res['scope'])}; windows {res['max_length']}/{res['stride']}; "
+             f"{res.get('precision', 'fp32')}{kernel}"
              + ("; 95% intervals: bootstrap over documents" if res.get("bootstrap") else "")]
 
     def ci(v, fmt):
@@ -195,7 +195,7 @@ def evaluate_minimal_pairs(paths: ProjectPaths, cfg, pairs_path: Path | list[Pat
     from lora_project.models.base_model import load_fp32_base
     from lora_project.models.lora_model import each_model
     from lora_project.utils.device import resolve_runtime
-    from lora_project.utils.io_utils import write_new_json
+    from lora_project.utils.io_utils import output_dir, write_new_json
 
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
@@ -219,6 +219,7 @@ def evaluate_minimal_pairs(paths: ProjectPaths, cfg, pairs_path: Path | list[Pat
             if owner.setdefault(p.uid, src) != src:
                 raise UserError(f"paradigm '{p.uid}' is in both {owner[p.uid]} and {src}; give each suite once")
             pairs.append(p)
+    output_dir(paths.metrics_dir)  # where the results go, checked before any loading or scoring
     t = cfg.training
     runtime = resolve_runtime(t.device, t.precision, t.threads, t.malloc_reuse)
     path = resolve_first_pass(first_pass, runtime)

@@ -28,7 +28,7 @@ def generate_side_by_side(cfg, prompts: list[str], adapters: list[Path], *, max_
     if prompts_file:
         from lora_project.data.preprocessor import read_text_file
 
-        prompts += [line.strip() for line in read_text_file(prompts_file).splitlines() if line.strip()]
+        prompts += [line.strip() for line in read_text_file(prompts_file, encoding_option=False).splitlines() if line.strip()]
     if not prompts:
         raise UserError("give at least one prompt (--prompt TEXT or --prompts-file FILE)")
     if max_new_tokens < 1:

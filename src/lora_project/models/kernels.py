@@ -64,9 +64,11 @@ def _agrees() -> bool:
 def requested_kernel() -> str:
     """The environment's choice (auto, native or onednn), checked: a bad value is a UserError. Cheap:
     the CLI checks it before any work, so a typo never surfaces halfway through a training."""
-    wanted = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    raw = os.environ.get(ENV, "auto")
+    wanted = raw.strip().lower() or "auto"  # case and surrounding spaces do not matter; empty is auto
     if wanted not in (*FP32_KERNELS, "auto"):
-        raise UserError(f"{ENV}={wanted!r}: choose auto, {', '.join(FP32_KERNELS)}")
+        shown = raw if len(raw) <= 40 else raw[:40] + "..."
+        raise UserError(f"{ENV}={shown!r}: choose auto, {', '.join(FP32_KERNELS)}")
     return wanted
 
 

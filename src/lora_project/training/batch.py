@@ -32,7 +32,7 @@ from lora_project.config import (
 from lora_project.errors import RunInterrupted, UserError
 from lora_project.paths import ProjectPaths
 from lora_project.utils.interrupts import check_stop
-from lora_project.utils.io_utils import atomic_write_text, write_new_json
+from lora_project.utils.io_utils import atomic_write_text, output_dir, write_new_json
 
 
 def load_batch_overrides(path: Path | None, names: list[str]) -> dict[str, dict]:
@@ -116,6 +116,7 @@ def train_batch(paths: ProjectPaths, names: list[str], sources: list[tuple[str, 
         raise UserError("--fused trains one adapter per dataset under its own name; --seeds and --name-template "
                         "work without --fused")
     first = configs[names[0]]
+    output_dir(paths.metrics_dir)  # the batch summary goes there: checked before any training
     catalog = load_catalog(paths.catalog)
     base = load_base(first)
     log(f"base model {base.ref.name} loaded once for {len(names)} dataset(s) in {base.load_seconds:.1f} s")

@@ -69,11 +69,24 @@ def atomic_write_bytes(path: Path, data: bytes, *, replace: bool = True) -> None
     fsync_dir(path.parent)
 
 
+def output_dir(directory: Path) -> Path:
+    """`directory`, created where missing; a file or a dangling link in its place is a UserError
+    (commands call this before long work, so a result is never computed only to find nowhere to go)."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"{directory} is not a folder (a file or a broken link is in its place); "
+                        "move it away and run again") from None
+    return directory
+
+
 def write_new_json(directory: Path, prefix: str, obj: Any) -> Path:
     """Save `obj` as directory/prefix_<UTC time>.json, atomically and never over another file: runs
     that finish in the same second get -2, -3, ... Returns the path (its stem names sibling files)."""
     from datetime import datetime, timezone
 
+    directory = output_dir(directory)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     data = (json_text(obj) + "\n").encode("utf-8")
     for n in range(1, 10_000):
