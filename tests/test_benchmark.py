@@ -114,7 +114,7 @@ def test_reference_choice_is_checked_before_anything_runs(project):
                       "trainer_fp64")
     assert_user_error(run_cli("benchmark", "--quick", "--reference", "--reference-repeats", "0", cwd=project),
                       "--reference-repeats")
-    for option in (["--references", "nonsense"], ["--reference-steps", "-1"], ["--reference-repeats", "3"]):
+    for option in (["--references", "nonsense"], ["--reference-steps", "2"], ["--reference-repeats", "3"]):
         # without --reference these would be ignored while a full speed benchmark runs
         assert_user_error(run_cli("benchmark", "--quick", *option, cwd=project), "go with --reference")
     assert not list((project / "outputs" / "metrics").glob("benchmark_*"))

@@ -252,7 +252,7 @@ def test_empty_prompts(project, capsys):
     (["--dataset", "../x"], "dataset name"),
     (["--text", "utts.txt", "--adapter", "adapters/x_lora"], "--adapter needs --dataset"),
     (["--dataset", "toddler_data", "--adapter", "adapters/x_lora"], "adapter folder not found"),
-    (["--dataset", "toddler_data", "--base", "--samples", "0"], "--samples must be at least 1"),
+    (["--dataset", "toddler_data", "--base", "--samples", "0"], "--samples: must be an integer from 1"),
     (["--dataset", "toddler_data", "--samples", "5"], "--samples needs --adapter"),
     (["--text", "blank.txt"], "no utterances"),
     (["--chat", "t.cha", "--participant", "XYZ"], "no utterances of XYZ"),
@@ -269,7 +269,8 @@ def test_bad_input_is_one_line_and_exit_2(project, capsys, argv, fragment):
         (project / f"data/processed/toddler_data/{split}.txt").write_text("more cookie\nwhere ball\n")
     before = snapshot(project)
     capsys.readouterr()
-    with pytest.raises(SystemExit) if fragment == "invalid choice" else _nothing():
+    with pytest.raises(SystemExit) if fragment == "invalid choice" or "must be" in fragment or "--temp" in fragment \
+            else _nothing():
         assert main(["profile", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and fragment in err[0], err

@@ -118,7 +118,7 @@ def test_bad_sweep_requests_exit_2(project):
     assert_user_error(run_cli("sweep", "toddler_data", "--param", "lora.r=2,4", "--resume", cwd=project),
                       "no sweep 'toddler_data_sweep' to resume")
     assert_user_error(run_cli("sweep", "toddler_data", "--param", "lora.r=2,4", "--trials", "0", cwd=project),
-                      "--trials must be at least 1")
+                      "--trials: must be an integer from 1 to")
     assert_user_error(run_cli("sweep", "toddler_data", "--param", "lora.r=2,4", "--name", "../x", cwd=project),
                       "invalid sweep name")
     assert_user_error(run_cli("sweep", "toddler_data", "--param", "lora.r=2,4", "--sampler", "bayes", cwd=project),

@@ -23,8 +23,8 @@ FIELDS = {"lora.r": "8", "lora.alpha": "16", "lora.target_modules": "q_proj,v_pr
 
 
 def test_ui_refuses_a_bad_port_before_serving(project):
-    assert_user_error(run_cli("ui", "--port", "70000"), "--port must be between 1 and 65535")
-    assert_user_error(run_cli("ui", "--port", "http"), "invalid int value")
+    assert_user_error(run_cli("ui", "--port", "70000"), "--port: must be an integer from 1 to 65535")
+    assert_user_error(run_cli("ui", "--port", "http"), "--port", "is not an integer")
     assert not (project / "outputs" / "ui").exists()
 
 

@@ -55,7 +55,7 @@ class LoraSection:
 
     r: int = opt(8, "Rank of the update; trainable parameters grow linearly with r.", min=1, max=4096)
     alpha: float = opt(16.0, "Scaling numerator: scale = alpha / r (or alpha / sqrt(r) with rslora).",
-                       min=0, min_exclusive=True)
+                       min=0, max=100_000, min_exclusive=True)
     dropout: float = opt(0.05, "Dropout on the LoRA input path during training.", min=0, max=0.99)
     target_modules: list[str] = opt(["auto"], "Module names (suffixes) that get adapters. 'auto' = the "
                                     "attention query/value projections of the model's family, as PEFT maps "
@@ -83,7 +83,7 @@ class TrainingSection:
 
     seed: int = opt(42, "Seeds Python, NumPy and torch before the adapter is initialised.", min=0, max=2**63 - 1)
     max_steps: int = opt(200, "Optimizer steps to run; 0 means run `epochs` full passes instead.", min=0, max=10_000_000)
-    epochs: float = opt(1.0, "Passes over the training blocks when max_steps is 0.", min=0,
+    epochs: float = opt(1.0, "Passes over the training blocks when max_steps is 0.", min=0, max=100_000,
                         min_exclusive=True)
     batch_size: int = opt(8, "Sequences per micro-batch.", min=1, max=4096)
     grad_accum: int = opt(1, "Micro-batches per optimizer step (global batch = batch_size x grad_accum).",
@@ -97,12 +97,14 @@ class TrainingSection:
     weight_decay: float = opt(0.0, "AdamW decoupled weight decay on LoRA weights.", min=0, max=1)
     adam_beta1: float = opt(0.9, "AdamW beta1.", min=0, max=0.9999)
     adam_beta2: float = opt(0.999, "AdamW beta2.", min=0, max=0.99999)
-    max_grad_norm: float = opt(1.0, "Gradient clipping by global norm; 0 disables clipping.", min=0)
+    max_grad_norm: float = opt(1.0, "Gradient clipping by global norm; 0 disables clipping.", min=0,
+                                max=1_000_000)
     eval_interval: int = opt(0, "Evaluate validation loss every N optimizer steps; 0 = only before/after.",
-                             min=0)
+                             min=0, max=10_000_000)
     eval_max_tokens: int = opt(16384, "Cap on validation tokens scored by periodic and final "
                                "evaluation (0 = the whole split); the leading documents that fit are "
-                               "scored, and results.json records what was.", min=0)
+                               "scored, and results.json records what was.", min=0,
+                               max=10**12)
     keep_best: bool = opt(False, "Save the adapter as it was at the evaluation with the lowest validation "
                           "loss (periodic ones every eval_interval steps, and the final one), not the last step.")
     early_stopping_patience: int | None = opt(None, "Stop when the validation loss has not improved for this "
@@ -126,7 +128,8 @@ class TrainingSection:
                                  "(bounds logits memory to chunk x vocab). 0 = as many as keep one chunk's "
                                  "logits within 48 MiB in the matmul dtype (SmolLM2: 256 in fp32, 512 in bf16; "
                                  "in fp32 that lowers the training peak by ~370 MiB against 1,024 at the "
-                                 "same speed); otherwise at least 16.", min=0)
+                                 "same speed); otherwise at least 16.", min=0,
+                                 max=1_000_000)
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward: less memory, ~30% slower.")
     lean_activations: bool = opt(True, "Keep less for backward in Llama-family RMSNorms (their input, not an fp32 "
                                  "copy of it) and SiLU-gated MLPs (gate and up, not silu(gate)): one tokens x "
@@ -266,6 +269,17 @@ def merge_sources(sources: list[tuple[str, dict[str, Any]]], overrides: list[str
     return merged
 
 
+def _num(x) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 2**64 else f"{x:g}"
+
+
+def field_range(f: dataclasses.Field) -> str:
+    """A numeric field's range in words, e.g. 'range 1 to 4096' or 'range above 0 to 1'."""
+    lo, hi = f.metadata.get("min"), f.metadata.get("max")
+    low = f"above {_num(lo)}" if f.metadata.get("min_exclusive") else _num(lo)
+    return f"range {low} to {_num(hi)}"
+
+
 def _check_value(name: str, value: Any, f: dataclasses.Field, default: Any) -> tuple[Any, str | None]:
     """Coerce and check one field; return (value, problem or None)."""
     meta = f.metadata
@@ -310,11 +324,11 @@ def _check_value(name: str, value: Any, f: dataclasses.Field, default: Any) -> t
     lo, hi = meta.get("min"), meta.get("max")
     if lo is not None:
         if meta.get("min_exclusive") and value <= lo:
-            return value, f"{name}: must be > {lo:g}, got {short(value)}"
+            return value, f"{name}: must be > {_num(lo)}, got {short(value)} ({field_range(f)})"
         if not meta.get("min_exclusive") and value < lo:
-            return value, f"{name}: must be >= {lo:g}, got {short(value)}"
+            return value, f"{name}: must be >= {_num(lo)}, got {short(value)} ({field_range(f)})"
     if hi is not None and value > hi:
-        return value, f"{name}: must be <= {hi:g}, got {short(value)}"
+        return value, f"{name}: must be <= {_num(hi)}, got {short(value)} ({field_range(f)})"
     return value, None
 
 

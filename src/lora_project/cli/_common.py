@@ -67,3 +67,94 @@ def print_json(obj) -> None:
 def progress_log(as_json: bool):
     """Where progress lines go: stderr when stdout carries one JSON object, else stdout."""
     return (lambda m: print(m, file=sys.stderr)) if as_json else print
+
+
+# --- numeric options: every one has a range, checked while parsing (before any work) ----------
+
+#: The largest seed any command takes: what torch.manual_seed and training.seed accept.
+MAX_SEED = 2**63 - 1
+
+
+def _bound(x) -> str:
+    return "2^63-1" if x == MAX_SEED else f"{x:g}" if isinstance(x, float) else str(x)
+
+
+class Range:
+    """An argparse `type`: an int or float within [lo, hi] (lo excluded with lo_open), finite.
+
+    A value outside is a usage error naming the option and its range (exit 2, one line), raised
+    by the parser, so no command starts any work with it. `tests/test_cli_ranges.py` walks every
+    parser and requires this type on every numeric option."""
+
+    def __init__(self, kind: type, lo, hi, *, lo_open: bool = False):
+        if kind not in (int, float):
+            raise TypeError(kind)
+        self.kind, self.lo, self.hi, self.lo_open = kind, lo, hi, lo_open
+        self.__name__ = kind.__name__
+
+    def describe(self) -> str:
+        what = "an integer" if self.kind is int else "a number"
+        if self.lo_open:
+            return f"{what} above {_bound(self.lo)} and at most {_bound(self.hi)}"
+        return f"{what} from {_bound(self.lo)} to {_bound(self.hi)}"
+
+    def contains(self, value) -> bool:
+        return (value > self.lo if self.lo_open else value >= self.lo) and value <= self.hi
+
+    def __call__(self, text: str):
+        import math
+
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        try:
+            value = int(text.strip(), 10) if self.kind is int else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{shown!r} is not {self.describe()}") from None
+        if not (self.kind is int or math.isfinite(value)) or not self.contains(value):
+            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {shown}")
+        return value
+
+
+def add_number(p, flag: str, kind: type, lo, hi, *, help: str, lo_open: bool = False, **kw) -> None:
+    """A numeric option with its range, checked by the parser and stated in --help."""
+    rng = Range(kind, lo, hi, lo_open=lo_open)
+    span = f"> {_bound(lo)}" if lo_open else f"{_bound(lo)}"
+    p.add_argument(flag, type=rng, help=f"{help} [{span} to {_bound(hi)}]", **kw)
+
+
+def add_json(p, help: str = "print one JSON object") -> None:
+    p.add_argument("--json", action="store_true", help=help)
+
+
+def add_overwrite(p, help: str = "replace existing outputs") -> None:
+    p.add_argument("--overwrite", action="store_true", help=help)
+
+
+def add_seed(p, help: str = "seed", default: int = 0) -> None:
+    add_number(p, "--seed", int, 0, MAX_SEED, default=default, help=f"{help} (default: {default})")
+
+
+def add_seeds(p, help: str) -> None:
+    """`--seeds N|S1,S2,...` (train, train-batch), checked while parsing."""
+    p.add_argument("--seeds", type=_seeds, metavar="N|S1,S2,...", help=help)
+
+
+def _seeds(text: str) -> str:
+    from lora_project.training.seeds import parse_seeds
+
+    try:
+        parse_seeds(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--seeds ")) from None
+    return text
+
+
+def add_sampling_args(p, *, max_new_tokens: int, temperature: float, top_p: float, greedy_ok: bool,
+                      seed_help: str) -> None:
+    """--max-new-tokens, --temperature, --top-p and --seed of the commands that sample text."""
+    add_number(p, "--max-new-tokens", int, 1, 4096, default=max_new_tokens,
+               help=f"longest continuation in tokens (default: {max_new_tokens})")
+    add_number(p, "--temperature", float, 0.0, 100.0, lo_open=not greedy_ok, default=temperature,
+               help=f"sampling temperature{'; 0 = greedy' if greedy_ok else ''} (default: {temperature:g})")
+    add_number(p, "--top-p", float, 0.0, 1.0, lo_open=True, default=top_p,
+               help=f"nucleus sampling mass (default: {top_p:g}{', off' if top_p == 1 else ''})")
+    add_seed(p, seed_help)

@@ -4,23 +4,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_project.cli._common import add_config_args, load_cfg, print_json, progress_log
+from lora_project.cli._common import add_config_args, add_json, add_number, load_cfg, print_json, progress_log
 from lora_project.errors import UserError
+
+
+BENCHMARK_DESCRIPTION = """\
+Measure this machine's fp32/bf16 matmul peak; our trainer's tokens/s and peak memory per sequence shape;
+evaluation tokens/s; generation latency per token for the base, the adapter unmerged and merged;
+model-load time cold (empty model cache) and cached. Writes
+outputs/metrics/benchmark_<timestamp>.{json,md} and an MLflow run in the experiment 'benchmark'. The
+speed sections run when none of --matrix, --reference, --blimp is given, or with --speed; the matmul
+peaks and the CPU class always. --quick uses a tiny model built in code (seconds); the default uses the
+configured base model."""
 
 
 def register(sub) -> None:
     p = sub.add_parser("benchmark", help="speed and memory report: training, evaluation, generation, model load",
-                       description="Measure this machine's fp32/bf16 matmul peak; our trainer's tokens/s and peak "
-                                   "memory per sequence shape; evaluation tokens/s; generation latency per token "
-                                   "for the base, the adapter unmerged and merged; model-load time cold (empty "
-                                   "model cache) and cached. Writes outputs/metrics/benchmark_<timestamp>.{json,md} "
-                                   "and an MLflow run in the experiment 'benchmark'. The speed sections run when none "
-                                   "of --matrix, --reference, --blimp is given, or with --speed; the matmul peaks and "
-                                   "the CPU class always. --quick uses a tiny model built in code (seconds); the "
-                                   "default uses the configured base model.")
+                       description=BENCHMARK_DESCRIPTION)
     p.add_argument("--quick", action="store_true", help="tiny model built in code; for CI and smoke tests")
     p.add_argument("--shapes", default="64x16,128x8", help="SEQxBATCH list (default: 64x16,128x8)")
-    p.add_argument("--steps", type=int, default=4, help="timed optimizer steps per shape (default: 4)")
+    add_number(p, "--steps", int, 1, 10_000, default=4, help="timed optimizer steps per shape (default: 4)")
     p.add_argument("--speed", action="store_true",
                    help="run the speed sections (training per shape, evaluation, generation, model load) even when "
                         "--matrix, --reference or --blimp is given; without those three they always run")
@@ -32,26 +35,26 @@ def register(sub) -> None:
     p.add_argument("--references", default="auto", metavar="LIST",
                    help="--reference: 'auto' (default: as above), 'all' (the bf16 ones too, even where bf16 is "
                         "emulated and slow), or a comma list of trainer_fp32, trainer_bf16, peft_autocast_bf16")
-    p.add_argument("--reference-steps", type=int, default=6, help="optimizer steps per side (default: 6)")
-    p.add_argument("--reference-repeats", type=int, default=1, metavar="N",
-                   help="--reference: runs per side, each a fresh process; the report gives medians (default 1; "
+    add_number(p, "--reference-steps", int, 1, 10_000, default=6, help="optimizer steps per side (default: 6)")
+    add_number(p, "--reference-repeats", int, 1, 100, default=1, metavar="N",
+               help="--reference: runs per side, each a fresh process; the report gives medians (default 1; "
                         "use 3 for figures you quote)")
     p.add_argument("--matrix", action="store_true",
                    help="score the base and every adapter on every prepared dataset's test split "
                         "(the same scoring as evaluate --dataset, whole splits, 95%% bootstrap intervals; table, "
                         "markdown and a heatmap PNG of each adapter's change against the base); without "
                         "--speed, the speed sections are skipped")
-    p.add_argument("--matrix-max-tokens", type=int, default=0, metavar="N",
-                   help="--matrix: score only the leading documents that fit in N tokens per split (default 0: "
+    add_number(p, "--matrix-max-tokens", int, 0, 10**12, default=0, metavar="N",
+               help="--matrix: score only the leading documents that fit in N tokens per split (default 0: "
                         "whole splits); the report says so")
     p.add_argument("--blimp", type=Path, metavar="DIR",
                    help="also time minimal-pair scoring per first-pass path on a sample of this BLiMP-style folder "
                         "(e.g. ../shared/data/blimp), against the plain fp32 scorer, and project the full-folder time")
-    p.add_argument("--blimp-pairs", type=int, default=5, metavar="N",
-                   help="--blimp: seeded pairs per paradigm (default 5)")
+    add_number(p, "--blimp-pairs", int, 1, 100_000, default=5, metavar="N",
+               help="--blimp: seeded pairs per paradigm (default 5)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the report to MLflow")
     add_config_args(p)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json(p)
     p.set_defaults(handler=run)
 
 

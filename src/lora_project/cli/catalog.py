@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lora_project.cli._common import print_json
+from lora_project.cli._common import add_json, print_json
 
 EPILOG = """\
 examples:
@@ -17,13 +17,16 @@ examples:
 """
 
 
+CATALOG_DESCRIPTION = """\
+Edit config/dataset_catalog.csv one row at a time. `add` classifies a data file or folder like `adopt`
+does (format and text field guessed from the content; CHAT transcripts become a childes row), copies it
+into data/raw/ or data/childes/ when it is outside the project, and appends an enabled row that `prepare
+NAME` reads at once."""
+
+
 def register(sub) -> None:
     p = sub.add_parser("catalog", help="add, list or remove dataset catalog rows",
-                       description="Edit config/dataset_catalog.csv one row at a time. `add` classifies a "
-                                   "data file or folder like `adopt` does (format and text field guessed from "
-                                   "the content; CHAT transcripts become a childes row), copies it into "
-                                   "data/raw/ or data/childes/ when it is outside the project, and appends an "
-                                   "enabled row that `prepare NAME` reads at once.",
+                       description=CATALOG_DESCRIPTION,
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     csub = p.add_subparsers(dest="catalog_command", metavar="ACTION", required=True)
     from lora_project.data.extract import SOURCE_FORMATS
@@ -33,14 +36,14 @@ def register(sub) -> None:
     a.add_argument("path", type=Path, help="data file or folder, anywhere on disk")
     a.add_argument("--format", choices=SOURCE_FORMATS, help="how to read it (default: guessed from the content)")
     a.add_argument("--text-field", help="field or column holding the text (default: guessed)")
-    a.add_argument("--json", action="store_true", help="print the new row as JSON")
+    add_json(a, "print the new row as JSON")
     a.set_defaults(handler=run_add)
     li = csub.add_parser("list", help="every row, with whether its source is present")
-    li.add_argument("--json", action="store_true", help='print {"rows": [...]}')
+    add_json(li, 'print {"rows": [...]}')
     li.set_defaults(handler=run_list)
     r = csub.add_parser("remove", help="remove a row (its data files are kept)")
     r.add_argument("name", help="dataset name")
-    r.add_argument("--json", action="store_true", help="print what was removed as JSON")
+    add_json(r, "print what was removed as JSON")
     r.set_defaults(handler=run_remove)
 
 

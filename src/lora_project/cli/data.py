@@ -8,6 +8,10 @@ from pathlib import Path
 
 from lora_project.cli._common import (
     add_config_args,
+    add_json,
+    add_number,
+    add_overwrite,
+    add_seed,
     load_cfg,
     print_json,
     progress_log,
@@ -20,8 +24,8 @@ def _add_extract_output_args(p: argparse.ArgumentParser, what: str) -> None:
     """Flags shared by extract and extract-children."""
     p.add_argument("--out", type=Path, required=True, help="output text file (a sidecar <out>.json is written too)")
     p.add_argument("--encoding", default="utf-8", help=f"text encoding of the {what} (default: utf-8)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    add_overwrite(p, "replace an existing output file")
+    add_json(p, "print a JSON summary")
 
 
 def register(sub) -> None:
@@ -41,15 +45,14 @@ def register(sub) -> None:
                    help="grammar file (default: config/grammars/<kind>.yaml; for stories: config/story_themes.yaml)")
     p.add_argument("--out", type=Path,
                    help="output file (default: data/raw/toddler_data.txt, data/raw/kids.txt or data/raw/stories.txt)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --out file (the default outputs under data/raw/ are generated "
+    add_overwrite(p, help="replace an existing --out file (the default outputs under data/raw/ are generated "
                         "data and are always regenerated)")
-    p.add_argument("--batch-size", type=int, default=4, help="stories: prompts generated together (default: 4)")
+    add_number(p, "--batch-size", int, 1, 1024, default=4, help="stories: prompts generated together (default: 4)")
     p.add_argument("--no-progress", action="store_true", help="stories: no progress bar")
     add_config_args(p)
-    p.add_argument("--lines", type=int, help="number of utterances (default: the grammar's default_lines)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    add_number(p, "--lines", int, 1, 10_000_000, help="number of utterances (default: the grammar's default_lines)")
+    add_seed(p, "random seed")
+    add_json(p, "print a JSON summary")
     p.set_defaults(handler=run_generate_data)
 
     p = sub.add_parser("prepare", help="clean and split catalog datasets into data/processed/",
@@ -61,7 +64,7 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true", help="rebuild even when inputs are unchanged")
     p.add_argument("--no-tokens", action="store_true",
                    help="skip the per-split token counts (they load the base model's tokenizer)")
-    p.add_argument("--json", action="store_true", help="print the stats as JSON")
+    add_json(p, "print the stats as JSON")
     p.set_defaults(handler=run_prepare)
 
     p = sub.add_parser(

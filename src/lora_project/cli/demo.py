@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lora_project.cli._common import print_json, progress_log
+from lora_project.cli._common import add_json, print_json, progress_log
 
 
 def register(sub) -> None:
@@ -14,7 +14,7 @@ def register(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config field for the demo run")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
-    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    add_json(p, "print the results as one JSON object")
     p.set_defaults(handler=run)
 
 

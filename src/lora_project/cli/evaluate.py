@@ -5,17 +5,20 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lora_project.cli._common import add_config_args, load_cfg, print_json
+from lora_project.cli._common import add_config_args, add_json, add_number, add_sampling_args, load_cfg, print_json
 from lora_project.errors import UserError
+
+
+EVALUATE_DESCRIPTION = """\
+Score a text file (--text, the whole content as one text) or a prepared split (--dataset/--split) with
+the base model and each --adapter, using the sliding-window method; BOS is prefixed so every token is
+scored once. A split is scored whole (the same scoring as training's validation numbers) with bootstrap
+95% intervals over documents and a paired interval for each adapter's change."""
 
 
 def register(sub) -> None:
     p = sub.add_parser("evaluate", help="perplexity and bits/byte of the base and adapters",
-                       description="Score a text file (--text, the whole content as one text) or a prepared "
-                                   "split (--dataset/--split) with the base model and each --adapter, using the "
-                                   "sliding-window method; BOS is prefixed so every token is scored once. A split is scored "
-                                   "whole (the same scoring as training's validation numbers) with bootstrap 95% "
-                                   "intervals over documents and a paired interval for each adapter's change.")
+                       description=EVALUATE_DESCRIPTION)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", type=Path, metavar="FILE", help="UTF-8 text file scored as one text")
     src.add_argument("--dataset", metavar="NAME", help="prepared catalog dataset")
@@ -26,21 +29,21 @@ def register(sub) -> None:
                    help="split of --dataset (default: test)")
     p.add_argument("--adapter", type=Path, action="append", default=[], metavar="DIR",
                    help="adapter folder (repeatable); results keyed by folder name")
-    p.add_argument("--limit", type=int, metavar="N", help="--pairs: at most N pairs per paradigm (seeded sample)")
+    add_number(p, "--limit", int, 1, 10**9, metavar="N", help="--pairs: at most N pairs per paradigm (seeded sample)")
     p.add_argument("--strict", action="store_true", help="--pairs: fail on a bad line instead of skipping it")
     p.add_argument("--first-pass", default="auto", choices=("auto", "fp32", "bf16"),
                    help="--pairs: precision of the first pass (auto: fp32, exact and, with the margin bf16's error "
                         "tail needs, no slower than bf16); after a bf16 pass, pairs within its error margin are "
                         "re-scored in fp32, so decisions equal fp32 scoring either way")
     p.add_argument("--no-progress", action="store_true", help="--pairs: no progress bar")
-    p.add_argument("--max-length", type=int, help="window length in tokens (default 1024, or the model's context "
-                                                  "where its learned positions stop sooner, as for GPT-2)")
-    p.add_argument("--stride", type=int, help="window step in tokens (default: max-length / 2)")
-    p.add_argument("--max-tokens", type=int, default=0, metavar="N",
-                   help="--dataset: score only the leading documents that fit in N tokens (default 0: the whole "
-                        "split); the output says what was scored")
+    add_number(p, "--max-length", int, 2, 131072, help="window length in tokens (default 1024, or the model's "
+               "context where its learned positions stop sooner, as for GPT-2)")
+    add_number(p, "--stride", int, 1, 131072, help="window step in tokens (default: max-length / 2)")
+    add_number(p, "--max-tokens", int, 0, 10**12, default=0, metavar="N",
+               help="--dataset: score only the leading documents that fit in N tokens (default 0: the whole "
+                    "split); the output says what was scored")
     add_config_args(p)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json(p)
     p.set_defaults(handler=run_evaluate)
 
     p = sub.add_parser("generate", help="continue prompts with the base and each adapter, side by side",
@@ -49,12 +52,9 @@ def register(sub) -> None:
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", type=Path, help="UTF-8 file with one prompt per line")
     p.add_argument("--adapter", type=Path, action="append", default=[], metavar="DIR", help="adapter folder (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, default=30, help="tokens to generate per prompt (default 30)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass when sampling (default 0.95)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    add_sampling_args(p, max_new_tokens=30, temperature=0.0, top_p=0.95, greedy_ok=True, seed_help="sampling seed")
     add_config_args(p)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json(p)
     p.set_defaults(handler=run_generate)
 
 

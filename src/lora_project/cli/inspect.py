@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_project.cli._common import add_config_args, config_files, print_json
+from lora_project.cli._common import add_config_args, add_json, add_number, add_overwrite, config_files, print_json
 
 
 def register(sub) -> None:
@@ -16,7 +16,7 @@ def register(sub) -> None:
     q.add_argument("--dir", type=Path, help="folder of adapters (default: adapters/)")
     q.add_argument("--sort", default="name", help="column to sort by (default: name), e.g. created, r, size_bytes")
     q.add_argument("--filter", default="", metavar="TEXT", help="keep rows whose name or dataset contains TEXT")
-    q.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json(q)
     q.set_defaults(handler=run_adapters)
     q = isub.add_parser("weights", help="per-module norms, relative update, ranks, spectra (+ heatmap PNG)",
                         description="Per layer and module: Frobenius norms of A, B and dW = scale * B @ A, "
@@ -24,25 +24,25 @@ def register(sub) -> None:
                                     "values (from the factors, never the full product); summaries by module "
                                     "type and layer; a heatmap and a spectra plot.")
     q.add_argument("adapter", type=Path, help="adapter folder")
-    q.add_argument("--top-k", type=int, default=8, help="singular values reported per module (default 8)")
+    add_number(q, "--top-k", int, 1, 4096, default=8, help="singular values reported per module (default 8)")
     q.add_argument("--out", type=Path, help="folder for the PNG plots")
-    q.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json(q)
     q.set_defaults(handler=run_weights)
     q = isub.add_parser("values", help="slices, statistics, histograms and export of A, B and dW of modules")
     q.add_argument("adapter", type=Path, help="adapter folder")
     q.add_argument("--module", required=True, help="PEFT module path or glob, e.g. '*.layers.3.self_attn.q_proj'")
-    q.add_argument("--rows", type=int, default=4, help="rows of each matrix to print (default 4)")
-    q.add_argument("--cols", type=int, default=6, help="columns of each matrix to print (default 6)")
+    add_number(q, "--rows", int, 1, 100_000, default=4, help="rows of each matrix to print (default 4)")
+    add_number(q, "--cols", int, 1, 100_000, default=6, help="columns of each matrix to print (default 6)")
     q.add_argument("--export", choices=("npy", "csv"), help="also write A, B and dW of each module")
     q.add_argument("--out", type=Path, help="folder for the histogram PNG and exports")
-    q.add_argument("--json", action="store_true", help="print one JSON object (statistics only)")
+    add_json(q, "print one JSON object (statistics only)")
     q.set_defaults(handler=run_values)
     q = isub.add_parser("compare", help="subspace similarity (LoRA paper eq. 4) and amplification of two adapters")
     q.add_argument("a", type=Path, help="first adapter folder")
     q.add_argument("b", type=Path, help="second adapter folder")
-    q.add_argument("--max-rank", type=int, help="compare only the top singular directions up to this rank")
+    add_number(q, "--max-rank", int, 1, 4096, help="compare only the top singular directions up to this rank")
     q.add_argument("--out", type=Path, help="folder for the PNG heatmaps")
-    q.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json(q)
     q.set_defaults(handler=run_compare)
     for q in isub.choices.values():
         add_config_args(q)
@@ -55,11 +55,12 @@ def register(sub) -> None:
     p.add_argument("--name", help="name of the merged adapter (written to adapters/<NAME>_lora)")
     p.add_argument("--weights", help="comma-separated weight per adapter (default: 1/N each)")
     p.add_argument("--method", default="linear", help="linear | cat | ties | dare_linear | dare_ties (default linear)")
-    p.add_argument("--density", type=float, default=0.5, help="kept fraction for ties/dare methods (default 0.5)")
+    add_number(p, "--density", float, 0.0, 1.0, lo_open=True, default=0.5,
+               help="kept fraction for ties/dare methods (default 0.5)")
     p.add_argument("--export-model", type=Path, metavar="DIR", help="write base+adapter as a full model (one adapter)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    add_overwrite(p)
     add_config_args(p)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json(p)
     p.set_defaults(handler=run_merge)
 
 
@@ -147,8 +148,15 @@ def run_compare(args, paths) -> None:
     print(fmt_table(report["modules"], [
         ("name", "module", ""), ("phi_top1", "phi(1,1)", ".3f"), ("phi_full", "phi(r,r)", ".3f"), *init_cols,
         ("amplification_a", f"ampl {report['a']}", ".2f"), ("amplification_b", f"ampl {report['b']}", ".2f")]))
-    print(f"\nmean phi(1,1) {report['mean_phi_top1']:.3f}; mean phi(r,r) {report['mean_phi_full']:.3f} "
-          f"(two random subspaces: ~{report['random_baseline_full']:.3f})")
+    for r in report["modules"]:
+        if r["undefined"]:
+            r["phi_top1"] = r["phi_full"] = "undefined"
+    if report["mean_phi_full"] is None:
+        print(f"\nphi undefined: {report['modules'][0]['undefined']} (no directions to compare)")
+    else:
+        print(f"\nmean phi(1,1) {report['mean_phi_top1']:.3f}; mean phi(r,r) {report['mean_phi_full']:.3f} over "
+              f"{len(report['modules']) - len(report['undefined_modules'])} modules with an update "
+              f"(two random subspaces: ~{report['random_baseline_full']:.3f})")
     if learned:
         print(f"learned change (A - A_init): mean phi(1,1) {report['mean_learned_phi_top1']:.3f}, "
               f"phi(r,r) {report['mean_learned_phi_full']:.3f}; each against its own init: "

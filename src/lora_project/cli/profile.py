@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lora_project.cli._common import add_config_args
+from lora_project.cli._common import add_config_args, add_json, add_number, add_sampling_args
 
 EXAMPLES = """\
 examples:
@@ -18,14 +18,17 @@ examples:
 """
 
 
+PROFILE_DESCRIPTION = """\
+Profile a corpus (MLU in words and morphemes, MATTR over 50-word windows, one/two-word utterances, top
+words, Brown stage) and, with --adapter, utterances sampled from the base and each adapter: distance to
+the corpus (JS divergence) and novelty against the train split, with the corpus's own test-vs-train
+figures as the chance baseline."""
+
+
 def register(sub) -> None:
     p = sub.add_parser("profile", help="child-language profile (MLU, MATTR, Brown stage, novelty) of a corpus "
                                        "and of adapters' samples",
-                       description="Profile a corpus (MLU in words and morphemes, MATTR over 50-word windows, "
-                                   "one/two-word utterances, top words, Brown stage) and, with --adapter, "
-                                   "utterances sampled from the base and each adapter: distance to the corpus "
-                                   "(JS divergence) and novelty against the train split, with the corpus's own "
-                                   "test-vs-train figures as the chance baseline.",
+                       description=PROFILE_DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     src = p.add_argument_group("source (exactly one)")
     src.add_argument("--dataset", metavar="NAME", help="a prepared dataset (lora-project prepare NAME)")
@@ -39,17 +42,15 @@ def register(sub) -> None:
     smp.add_argument("--adapter", dest="adapters", action="append", default=[], type=Path, metavar="DIR",
                      help="adapter folder to sample from (repeatable); the base is sampled too")
     smp.add_argument("--base", action="store_true", help="sample the base model even without --adapter")
-    smp.add_argument("--samples", type=int, metavar="N", help="utterances per model (default: 200)")
-    smp.add_argument("--seed", type=int, default=0, help="seed of prompts and sampling (default: 0)")
+    add_number(smp, "--samples", int, 1, 100_000, metavar="N", help="utterances per model (default: 200)")
     smp.add_argument("--prompts", default="start", choices=("start", "empty"),
                      help="prompt: first word of a corpus utterance (start, default) or nothing (empty)")
-    smp.add_argument("--max-new-tokens", type=int, default=32, help="longest continuation in tokens (default: 32)")
-    smp.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
-    smp.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0, off)")
-    p.add_argument("--top", type=int, default=20, help="how many most frequent words to report (default: 20)")
+    add_sampling_args(smp, max_new_tokens=32, temperature=1.0, top_p=1.0, greedy_ok=False,
+                      seed_help="seed of prompts and sampling")
+    add_number(p, "--top", int, 1, 100_000, default=20, help="how many most frequent words to report (default: 20)")
     add_config_args(p)
     p.add_argument("--no-mlflow", action="store_true", help="do not add the figures to the adapters' MLflow runs")
-    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    add_json(p, "print the report as one JSON object")
     p.set_defaults(handler=run)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lora_project.cli._common import add_config_args, add_run_flags, load_cfg, print_json, progress_log
+from lora_project.cli._common import add_config_args, add_json, add_number, add_run_flags, load_cfg, print_json, progress_log
 
 EXAMPLES = """\
 --param syntax (repeatable, one per setting):
@@ -20,29 +20,32 @@ examples:
 """
 
 
+SWEEP_DESCRIPTION = """\
+Search LoRA and training settings on catalog dataset DATASET. Each trial trains
+adapters/<NAME>_tNNN_lora exactly as `train` would (its own experiment folder, a child MLflow run under
+the sweep's parent run); hopeless trials are pruned on the validation loss at each
+training.eval_interval. The study lives in outputs/sweeps/<NAME>/ (SQLite), with the table,
+best_config.yaml (for `train --config`) and plots. Ctrl-C leaves it resumable with --resume."""
+
+
 def register(sub) -> None:
     p = sub.add_parser("sweep", help="hyper-parameter sweep (Optuna): one adapter per trial, base loaded once",
-                       description="Search LoRA and training settings on catalog dataset DATASET. Each trial trains "
-                                   "adapters/<NAME>_tNNN_lora exactly as `train` would (its own experiment folder, a "
-                                   "child MLflow run under the sweep's parent run); hopeless trials are pruned on "
-                                   "the validation loss at each training.eval_interval. The study lives in "
-                                   "outputs/sweeps/<NAME>/ (SQLite), with the table, best_config.yaml (for "
-                                   "`train --config`) and plots. Ctrl-C leaves it resumable with --resume.",
+                       description=SWEEP_DESCRIPTION,
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dataset", help="dataset name from config/dataset_catalog.csv")
     p.add_argument("--param", dest="params", action="append", default=[], metavar="SECTION.KEY=VALUES",
                    help="a setting to sweep: V1,V2,... or LO:HI[:log] (repeatable)")
-    p.add_argument("--trials", type=int, help="trials to run in all (default 10; grid: every point)")
+    add_number(p, "--trials", int, 1, 10_000, help="trials to run in all (default 10; grid: every point)")
     p.add_argument("--metric", choices=("validation_perplexity", "validation_loss", "validation_bits_per_byte"),
                    help="what the sweep minimises, measured after training (default validation_perplexity)")
     p.add_argument("--sampler", choices=("tpe", "grid", "random"), help="how trials are chosen (default tpe)")
     p.add_argument("--name", help="sweep name: outputs/sweeps/<NAME>/ and adapter names (default DATASET_sweep)")
     p.add_argument("--resume", action="store_true",
                    help="continue the sweep NAME: finished trials are kept, an interrupted one reruns from its start")
-    p.add_argument("--keep-best", type=int, metavar="K", help="keep only the adapters of the best K trials")
+    add_number(p, "--keep-best", int, 1, 10_000, metavar="K", help="keep only the adapters of the best K trials")
     add_config_args(p)
     add_run_flags(p)
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    add_json(p, "print the summary as one JSON object")
     p.set_defaults(handler=run)
 
 

@@ -8,13 +8,32 @@ from pathlib import Path
 
 from lora_project.cli._common import (
     add_config_args,
+    add_json,
+    add_overwrite,
     add_run_flags,
+    add_seeds,
     config_files,
     load_cfg,
     print_json,
     progress_log,
     select_datasets,
 )
+
+BATCH_DESCRIPTION = """\
+Train adapters/<NAME>_lora for each named (or every enabled) catalog dataset with the same trainer as
+`train`. One MLflow parent run with a child run per adapter; a failing dataset is recorded and the others
+go on (exit 2 at the end if any failed); adapters already trained with the same config, data and base are
+skipped unless --overwrite. Summary in outputs/metrics/."""
+
+# The help of the options both commands take (_add_training_args), in each command's words.
+TRAIN_HELP = {"overwrite": "replace an existing adapter of the same name",
+              "seeds": "train one adapter per seed, named <name>_s<seed>: N seeds from training.seed on "
+                       "(--seeds 3: 42, 43, 44 by default) or the seeds listed (--seeds 1,7,42)",
+              "json": "print results.json content on stdout (with --seeds: {dataset, seeds, runs: [...]})"}
+BATCH_HELP = {"overwrite": "retrain and replace existing adapters",
+              "seeds": "one adapter per dataset and seed (N seeds from training.seed on, or the seeds listed); "
+                       "named <dataset>_s<seed> unless --name-template says otherwise",
+              "json": "print the summary as one JSON object"}
 
 
 def register(sub) -> None:
@@ -25,44 +44,36 @@ def register(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", help="dataset name from config/dataset_catalog.csv")
     p.add_argument("--adapter-name", help="adapter name (default: the dataset name)")
-    add_config_args(p)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing adapter of the same name")
     p.add_argument("--resume", action="store_true",
                    help="continue the newest checkpoint of this adapter (same experiment folder and MLflow run; "
                         "refused if config, base model or data changed)")
-    p.add_argument("--seeds", metavar="N|S1,S2,...",
-                   help="train one adapter per seed, named <name>_s<seed>: N seeds from training.seed on "
-                        "(--seeds 3: 42, 43, 44 by default) or the seeds listed (--seeds 1,7,42)")
-    add_run_flags(p)
-    p.add_argument("--json", action="store_true", help="print results.json content on stdout "
-                                                       "(with --seeds: {dataset, seeds, runs: [...]})")
+    _add_training_args(p, **TRAIN_HELP)
     p.set_defaults(handler=run_train)
 
     p = sub.add_parser("train-batch", help="train one adapter per catalog dataset (base loaded once)",
-                       description="Train adapters/<NAME>_lora for each named (or every enabled) catalog dataset "
-                                   "with the same trainer as `train`. One MLflow parent run with a child run per "
-                                   "adapter; a failing dataset is recorded and the others go on (exit 2 at the "
-                                   "end if any failed); adapters already trained with the same config, data and "
-                                   "base are skipped unless --overwrite. Summary in outputs/metrics/.")
+                       description=BATCH_DESCRIPTION)
     p.add_argument("names", nargs="*", help="dataset names from the catalog")
     p.add_argument("--all", action="store_true", help="every enabled catalog dataset")
     p.add_argument("--batch-config", type=Path, metavar="YAML",
                    help="per-dataset overrides (default: config/batch_config.yaml if present)")
-    add_config_args(p)
-    p.add_argument("--overwrite", action="store_true", help="retrain and replace existing adapters")
     p.add_argument("--fused", action="store_true",
                    help="train all adapters at once: one forward/backward over a batch of every adapter's own "
                         "examples, the frozen base shared (needs equal seq_len, batch_size, steps, precision)")
-    p.add_argument("--seeds", metavar="N|S1,S2,...",
-                   help="one adapter per dataset and seed (N seeds from training.seed on, or the seeds listed); "
-                        "named <dataset>_s<seed> unless --name-template says otherwise")
+    _add_training_args(p, **BATCH_HELP)
     p.add_argument("--name-template", metavar="TEMPLATE",
                    help="adapter names from fields {dataset} {seed} {r} {alpha} {lr} {max_steps} {seq_len} "
                         "{batch_size} {targets}, e.g. '{dataset}_r{r}_s{seed}', so a retrain with new settings "
                         "does not overwrite (default: {dataset})")
-    add_run_flags(p)
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.set_defaults(handler=run_train_batch)
+
+
+def _add_training_args(p, *, overwrite: str, seeds: str, json: str) -> None:
+    """What train and train-batch both take: config, --overwrite, --seeds, run flags, --json."""
+    add_config_args(p)
+    add_overwrite(p, overwrite)
+    add_seeds(p, seeds)
+    add_run_flags(p)
+    add_json(p, json)
 
 
 def run_train(args, paths) -> None:

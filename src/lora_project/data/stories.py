@@ -124,7 +124,7 @@ def generate_stories(model, tokenizer, prompts: StoryPrompts, n: int, seed: int,
         width = max(len(e) for e in encoded)
         ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=runtime.device)  # left pad
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=runtime.device)
-        torch.manual_seed(seed * 1_000_003 + batch_index)
+        torch.manual_seed((seed * 1_000_003 + batch_index) % 2**64)  # any --seed (up to 2^63-1) fits
         batch_index += 1
         with torch.inference_mode(), runtime.autocast():
             out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True,

@@ -194,7 +194,8 @@ def _init_control(m: LoraModule, s, init: dict | None, side: str) -> dict:
     r = m.A.shape[0]
     a0 = init[m.name].double()
     moved = float(torch.linalg.matrix_norm(m.A.double() - a0) / torch.linalg.matrix_norm(a0))
-    return {f"init_phi_{side}": subspace_similarity(s.right, s0.right, r, r), f"A_change_{side}": moved}
+    phi = subspace_similarity(s.right, s0.right, r, r) if bool((s.singular_values > 0).any()) else None
+    return {f"init_phi_{side}": phi, f"A_change_{side}": moved}
 
 
 def compare_adapters(a: Adapter, b: Adapter, base: BaseWeights | None, max_rank: int | None = None,
@@ -219,11 +220,16 @@ def compare_adapters(a: Adapter, b: Adapter, base: BaseWeights | None, max_rank:
         ra, rb = ma.A.shape[0], m2.A.shape[0]
         if max_rank:
             ra, rb = min(ra, max_rank), min(rb, max_rank)
-        grid = [[subspace_similarity(sa.right, sb.right, i, j) for j in range(1, rb + 1)] for i in range(1, ra + 1)]
-        row = {"name": ma.name, "layer": ma.layer, "module": ma.kind, "phi": grid, "phi_top1": grid[0][0],
-               "phi_full": grid[-1][-1]}
+        # An update that is exactly zero has no directions: its singular vectors are whatever the
+        # SVD returns, so phi would be a number about nothing (1.000 for two zero updates).
+        zero = [ad.path.name for ad, s in ((a, sa), (b, sb)) if not bool((s.singular_values > 0).any())]
+        grid = None if zero else [[subspace_similarity(sa.right, sb.right, i, j) for j in range(1, rb + 1)]
+                                  for i in range(1, ra + 1)]
+        row = {"name": ma.name, "layer": ma.layer, "module": ma.kind, "phi": grid,
+               "phi_top1": grid and grid[0][0], "phi_full": grid and grid[-1][-1], "ranks": [ra, rb],
+               "undefined": f"zero update in {' and '.join(dict.fromkeys(zero))}" if zero else None}
         la, lb = _learned_svd(ma, init_a), _learned_svd(m2, init_b)
-        if la is not None and lb is not None:
+        if la is not None and lb is not None and not zero:
             row["learned_phi_top1"] = subspace_similarity(la.right, lb.right, 1, 1)
             row["learned_phi_full"] = subspace_similarity(la.right, lb.right, ra, rb)
         row.update(_init_control(ma, sa, init_a, "a"))
@@ -233,11 +239,11 @@ def compare_adapters(a: Adapter, b: Adapter, base: BaseWeights | None, max_rank:
             row["amplification_a"], row["amplification_b"] = amplification(sa, w0), amplification(sb, w0)
         rows.append(row)
     return {"a": a.path.name, "b": b.path.name, "modules": rows,
-            "mean_phi_top1": float(np.mean([r["phi_top1"] for r in rows])),
-            "mean_phi_full": float(np.mean([r["phi_full"] for r in rows])),
+            "mean_phi_top1": _mean(rows, "phi_top1"), "mean_phi_full": _mean(rows, "phi_full"),
+            "undefined_modules": [r["name"] for r in rows if r["undefined"]],
             **{f"mean_{k}": _mean(rows, k) for k in ("learned_phi_top1", "learned_phi_full", "init_phi_a",
                                                      "init_phi_b", "A_change_a", "A_change_b")},
-            "random_baseline_full": float(np.mean([max(len(r["phi"]), len(r["phi"][0])) /
+            "random_baseline_full": float(np.mean([max(r["ranks"]) /
                                                    mb[r["name"]].A.shape[1] for r in rows]))}
 
 
@@ -250,7 +256,12 @@ def plot_compare(report: dict, out_dir: Path) -> list[Path]:
     paths = []
     fig, axes = plt.subplots(1, len(kinds), figsize=(4 * len(kinds), 3.6), squeeze=False)
     for ax, k in zip(axes[0], kinds):
-        mats = [np.array(r["phi"]) for r in rows if r["module"] == k]
+        mats = [np.array(r["phi"]) for r in rows if r["module"] == k and r["phi"] is not None]
+        if not mats:
+            ax.text(0.5, 0.5, "phi undefined\n(zero update)", ha="center", va="center")
+            ax.set_title(f"{k}", fontsize=9)
+            ax.set_axis_off()
+            continue
         mean = np.mean(mats, axis=0)
         im = ax.imshow(mean, vmin=0, vmax=1, cmap="magma", origin="lower",
                        extent=(0.5, mean.shape[1] + 0.5, 0.5, mean.shape[0] + 0.5))

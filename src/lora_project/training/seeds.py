@@ -21,6 +21,7 @@ from lora_project.errors import UserError
 from lora_project.paths import check_name
 
 MAX_SEEDS = 100
+MAX_SEED = 2**63 - 1  # training.seed's bound: what torch.manual_seed takes
 
 
 def template_fields(dataset: str, cfg: RunConfig) -> dict:
@@ -39,12 +40,13 @@ def parse_seeds(spec: str | None) -> int | list[int] | None:
     try:
         if "," in text:
             seeds = [int(x) for x in text.split(",") if x.strip()]
-            if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+            if not seeds or any(not 0 <= s <= MAX_SEED for s in seeds) or len(set(seeds)) != len(seeds):
                 raise ValueError
             return seeds
         count = int(text)
     except ValueError:
-        raise UserError(f"--seeds {spec!r}: give a count (3) or distinct non-negative seeds (1,7,42)") from None
+        raise UserError(f"--seeds {text[:40]!r}: give a count (3) or distinct seeds from 0 to 2^63-1 "
+                        "(1,7,42)") from None
     if not 1 <= count <= MAX_SEEDS:
         raise UserError(f"--seeds {count}: a count from 1 to {MAX_SEEDS} (or a list like 1,7,42)")
     return count

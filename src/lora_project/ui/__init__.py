@@ -30,8 +30,7 @@ def launch(paths: ProjectPaths, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
     """Build and start the board without blocking; returns (app, url, jobs)."""
     from lora_project.ui.jobs import TrainingJobs
 
-    if not 1 <= int(port) <= 65535:
-        raise UserError(f"--port must be between 1 and 65535, got {port}")
+    check_address(host, int(port))
     offline_environment(paths)
     from lora_project.ui.app import build_app
     from lora_project.ui.render import CSS
@@ -43,15 +42,47 @@ def launch(paths: ProjectPaths, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
         _, url, _ = app.launch(server_name=host, server_port=int(port), prevent_thread_lock=True, share=False,
                                quiet=quiet, show_error=True, ssr_mode=False, mcp_server=False, pwa=False,
                                inbrowser=False, footer_links=[], theme=theme(), css=CSS)
-    except OSError as exc:
-        raise UserError(f"cannot serve on {host}:{port}: {' '.join(str(exc).split())}") from None
+    except OSError as exc:  # Gradio's own advice names its environment variable and launch(): ours names --port
+        check_address(host, int(port))
+        raise UserError(f"cannot serve on {host}:{port} ({' '.join(str(exc).split()).split('. ')[0]}); "
+                        "try another --port") from None
     return app, url, jobs
+
+
+def check_address(host: str, port: int) -> None:
+    """Refuse, with the option to blame, a --host this machine cannot bind or a --port in use."""
+    import errno
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port: must be an integer from 1 to 65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise UserError(f"--host {host}: not an address or host name this machine can resolve "
+                        f"({getattr(exc, 'strerror', None) or exc}); e.g. --host 127.0.0.1") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds it
+        try:
+            probe.bind(addr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise UserError(f"--port {port} is in use on {host}; pick a free one, e.g. --port {port + 1 if port < 65535 else 7860}") from None
+            if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                raise UserError(f"--host {host}: not an address of this machine ({exc.strerror}); "
+                                "e.g. --host 127.0.0.1") from None
+            if exc.errno == errno.EACCES:
+                raise UserError(f"--port {port}: not allowed for this user ({exc.strerror}); "
+                                "ports below 1024 need privileges, e.g. --port 7860") from None
+            raise
 
 
 def serve(paths: ProjectPaths, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log=print) -> str:
     """`lora-project ui`: serve until Ctrl-C; trainings started from the page are stopped (KILLED) on exit."""
     from lora_project.ui.state import is_loopback
 
+    check_address(host, int(port))  # a bad --host or a busy --port: one line, before the warning below
     if not is_loopback(host):
         print(f"warning: --host {host} is not a loopback address: anyone who can reach this machine on port "
               f"{port} can read this project's data and start or stop trainings (there is no login)",

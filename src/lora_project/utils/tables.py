@@ -12,7 +12,8 @@ def fmt_table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
         line = []
         for key, _, f in cols:
             v = r.get(key)
-            line.append("-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, f) if f else str(v))
+            line.append("-" if v is None or (isinstance(v, float) and math.isnan(v))
+                        else format(v, f) if f and not isinstance(v, str) else str(v))
         cells.append(line)
     widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
