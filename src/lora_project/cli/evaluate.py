@@ -1,4 +1,4 @@
-"""Scoring commands: `evaluate` (perplexity, bits/byte, minimal pairs) and `generate` (side-by-side text)."""
+"""Scoring commands: `evaluate` (perplexity, bits/byte, minimal pairs, the BabyLM suite) and `generate` (side-by-side text)."""
 
 from __future__ import annotations
 
@@ -25,12 +25,20 @@ def register(sub) -> None:
     src.add_argument("--pairs", type=Path, action="append", metavar="PATH",
                      help="BLiMP-style minimal pairs: a .jsonl file or a folder of them (accuracy, not perplexity); "
                           "repeatable, each reported as its own suite (e.g. BLiMP and the BabyLM supplement)")
+    src.add_argument("--babylm", type=Path, metavar="DIR",
+                     help="the BabyLM 2025 zero-shot suite in DIR (blimp_filtered/, supplement_filtered/, "
+                          "ewok_filtered/, entity_tracking/, wug_adj_nominalization/, reading/): every task with "
+                          "the official pipeline's definitions, headlines in its units, intervals and each "
+                          "adapter's paired change; a missing task folder is skipped")
+    p.add_argument("--tasks", metavar="LIST", help="--babylm: comma-separated subset of blimp, supplement, ewok, "
+                                                   "entity_tracking, wug, reading (default: all)")
     p.add_argument("--split", default="test", choices=("train", "validation", "test"),
                    help="split of --dataset (default: test)")
     p.add_argument("--adapter", type=Path, action="append", default=[], metavar="DIR",
                    help="adapter folder (repeatable); results keyed by folder name")
-    add_number(p, "--limit", int, 1, 10**9, metavar="N", help="--pairs: at most N pairs per paradigm (seeded sample)")
-    p.add_argument("--strict", action="store_true", help="--pairs: fail on a bad line instead of skipping it")
+    add_number(p, "--limit", int, 1, 10**9, metavar="N",
+               help="--pairs, --babylm: at most N pairs (items) per paradigm (UID), seeded sample; reading: N rows")
+    p.add_argument("--strict", action="store_true", help="--pairs, --babylm: fail on a bad line instead of skipping it")
     p.add_argument("--first-pass", default="auto", choices=("auto", "fp32", "bf16"),
                    help="--pairs: precision of the first pass (auto: fp32, exact and, with the margin bf16's error "
                         "tail needs, no slower than bf16); after a bf16 pass, pairs within its error margin are "
@@ -64,6 +72,14 @@ def run_evaluate(args, paths) -> None:
                                  ("--max-tokens", args.max_tokens), ("--split", args.split != "test")) if v]
     pairs = [o for o, v in (("--limit", args.limit), ("--strict", args.strict), ("--no-progress", args.no_progress),
                             ("--first-pass", args.first_pass != "auto")) if v]
+    if args.babylm is not None:
+        odd = perplexity + [o for o, v in (("--no-progress", args.no_progress),
+                                           ("--first-pass", args.first_pass != "auto")) if v]
+        if odd:
+            raise UserError(f"{', '.join(odd)}: not with --babylm; leave it out")
+        return run_babylm(args, paths)
+    if args.tasks is not None:
+        raise UserError("--tasks: for --babylm only; add --babylm DIR or leave it out")
     if args.pairs is not None and perplexity:
         raise UserError(f"{', '.join(perplexity)}: for perplexity only, not with --pairs; leave it out")
     if args.pairs is None and pairs:
@@ -90,6 +106,22 @@ def run_evaluate(args, paths) -> None:
         print_json(res)
         return
     print(perplexity_table(res))
+
+
+def run_babylm(args, paths) -> None:
+    from lora_project.evaluation.babylm import evaluate_babylm
+    from lora_project.evaluation.babylm_tasks import parse_tasks
+
+    parse_tasks(args.tasks)  # names checked before the config and the model load
+    cfg = load_cfg(args, paths)
+    res = evaluate_babylm(paths, cfg, args.babylm, tasks=args.tasks, adapters=args.adapter, limit=args.limit,
+                          strict=args.strict, log=lambda m: print(m, file=sys.stderr))
+    if args.json:
+        print_json(res)
+        return
+    from lora_project.evaluation.babylm_table import format_table
+
+    print(format_table(res))
 
 
 def run_generate(args, paths) -> None:

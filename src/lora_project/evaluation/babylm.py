@@ -1,0 +1,170 @@
+"""`evaluate --babylm DIR`: the BabyLM 2025 zero-shot suite for the base and each adapter.
+
+One base load; every task scored for every model through the prefix tree in fp32 with the
+official definitions (babylm_score.py, reading.py), reported in the official units with
+intervals and each adapter's paired change (babylm_report.py). Saved as
+outputs/metrics/babylm_<time>.json with a plot beside it, and logged as one MLflow run.
+
+Library use (what `benchmark --babylm` and the tests call):
+
+    items = load_task(root, "ewok")                   # babylm_tasks: RankItem per item
+    texts = item_texts(tokenizer, items)              # babylm_score: tokens + scored positions
+    scores = option_scores(model, tokenizer, items, runtime, texts=texts)   # per item, per option
+    decided = decisions(scores)                       # official / ties-wrong decisions, margins
+    pred, prev = surprisals(model, tokenizer, df, runtime)   # reading: word surprisals (nats)
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from lora_project.errors import UserError
+from lora_project.evaluation.babylm_tasks import TASKS, load_task, parse_tasks, task_path
+from lora_project.paths import ProjectPaths
+from lora_project.utils.stats import DEFAULT_RESAMPLES, DEFAULT_SEED
+
+
+def load_suite(root: Path, tasks: list[str], *, limit: int | None, seed: int, strict: bool, log=print) -> dict:
+    """{task: items (or the reading rows)} for each asked task whose data is there; a task whose
+    folder is missing is skipped with one line. Nothing found at all is an error."""
+    from lora_project.evaluation.minimal_pairs import sample_pairs
+    from lora_project.evaluation.reading import load_reading, sample_rows
+
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"--babylm: no such folder: {root}")
+    loaded = {}
+    for task in tasks:
+        path = task_path(root, task)
+        if task == "reading":
+            if not path.is_file():
+                log(f"skipped reading: no {path}")
+                continue
+            loaded[task] = sample_rows(load_reading(path), limit, seed)
+            continue
+        items = load_task(root, task, strict, warn=log)
+        if items is None:
+            log(f"skipped {task}: no folder {path}")
+            continue
+        loaded[task] = sample_pairs(items, limit, seed)
+    if not loaded:
+        raise UserError(f"no BabyLM task data in {root} (expected folders such as "
+                        f"{', '.join(task_path(root, t).relative_to(root).as_posix() for t in TASKS[:3])})")
+    return loaded
+
+
+def score_task(model, tokenizer, task: str, data, runtime, prepared, *, resamples: int, seed: int) -> dict:
+    """One model's record for one task (the official headline and everything around it)."""
+    from lora_project.evaluation.babylm_report import rank_task_report, reading_report
+    from lora_project.evaluation.babylm_score import decisions, option_scores
+    from lora_project.evaluation.reading import surprisals
+
+    t0 = time.perf_counter()
+    if task == "reading":
+        pred, prev = surprisals(model, tokenizer, data, runtime)
+        rec = reading_report(data, pred, prev, resamples=resamples, seed=seed)
+    else:
+        scores = option_scores(model, tokenizer, data, runtime, texts=prepared)
+        rec = rank_task_report(task, data, scores, decisions(scores), resamples=resamples, seed=seed)
+    rec["seconds"] = time.perf_counter() - t0
+    return rec
+
+
+def evaluate_babylm(paths: ProjectPaths, cfg, root: Path, *, tasks: str | None = None, adapters: list[Path] = (),
+                    limit: int | None = None, strict: bool = False, base=None, log=print,
+                    resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED, save: bool = True) -> dict:
+    """The suite for the base and each adapter (one base load); saved, plotted and tracked when `save`."""
+    from lora_project.evaluation.babylm_report import rank_task_change, reading_change
+    from lora_project.evaluation.babylm_score import item_texts, tree_positions
+    from lora_project.models.adapter import checked_adapters
+    from lora_project.models.base_model import load_fp32_base
+    from lora_project.models.kernels import fp32_kernel
+    from lora_project.models.lora_model import each_model
+    from lora_project.utils.io_utils import output_dir
+
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}")
+    asked = parse_tasks(tasks)
+    adapters = checked_adapters(adapters)
+    data = load_suite(root, asked, limit=limit, seed=cfg.training.seed, strict=strict, log=log)
+    if save:
+        output_dir(paths.metrics_dir)  # checked before any loading or scoring
+    base = load_fp32_base(cfg, base)
+    tok = base.tokenizer
+    prepared = {t: item_texts(tok, d) for t, d in data.items() if t != "reading"}
+    models: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    for label, model in each_model(base, adapters):
+        models[label] = {"tasks": {}}
+        for task, d in data.items():
+            rec = score_task(model, tok, task, d, base.runtime, prepared.get(task), resamples=resamples, seed=seed)
+            models[label]["tasks"][task] = rec
+            log(f"{label}: {task} {_headline_text(rec)} ({rec['seconds']:.0f} s)")
+    seconds = time.perf_counter() - t0
+    difference = {}
+    for a in adapters:
+        difference[a.name] = {}
+        for task, d in data.items():
+            b, m = models["base"]["tasks"][task], models[a.name]["tasks"][task]
+            difference[a.name][task] = (reading_change(d, b, m, resamples=resamples, seed=seed) if task == "reading"
+                                        else rank_task_change(task, d, b, m, resamples=resamples, seed=seed))
+    result = {"babylm_dir": str(root), "tasks": list(data), "skipped": [t for t in asked if t not in data],
+              "items": {t: len(d) for t, d in data.items()}, "limit_per_uid": limit, "seed": cfg.training.seed,
+              "base_model": base.ref.name, "bos": tok.bos_token if tok.bos_token_id is not None else None,
+              "scoring": {"decisions": "fp32", "tree": "prefix tree over every option of a task",
+                          "fp32_kernel": fp32_kernel() if base.runtime.device == "cpu" else "native",
+                          "forward_tokens": {t: tree_positions(p) for t, p in prepared.items()}},
+              "bootstrap": {"resamples": resamples, "seed": seed, "level": 0.95},
+              "seconds": seconds, "models": models, "difference": difference}
+    if save:
+        _save(paths, cfg, result, log)
+    return result
+
+
+def _headline_text(rec: dict) -> str:
+    h = rec["headline"]
+    if isinstance(h, dict):
+        return ", ".join(f"{k} {v:.2f}" for k, v in h.items())
+    return f"{h:.2f}%"
+
+
+def _save(paths: ProjectPaths, cfg, result: dict, log) -> None:
+    """JSON + plot under outputs/metrics/, and one MLflow run with the headlines and both files."""
+    from lora_project.evaluation.babylm_table import change_figure
+    from lora_project.utils.io_utils import write_new_json
+
+    saved = write_new_json(paths.metrics_dir, "babylm", result)
+    result["saved"] = str(saved)
+    fig = change_figure(result)
+    plot = saved.with_suffix(".png")
+    fig.savefig(plot, dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    result["plot"] = str(plot)
+    if cfg.tracking.mlflow:
+        result["mlflow_run_id"] = _track(paths, cfg, result, [saved, plot])
+
+
+def _track(paths: ProjectPaths, cfg, result: dict, files) -> str | None:
+    from lora_project.utils.mlflow_utils import MlflowTracker
+
+    tracker = MlflowTracker(paths, "babylm", cfg.tracking.tracking_uri)
+    run_id = tracker.start("babylm", {"babylm_dir": result["babylm_dir"], "tasks": ",".join(result["tasks"]),
+                                      "limit_per_uid": result["limit_per_uid"], "seed": result["seed"],
+                                      "base_model": result["base_model"], "models": ",".join(result["models"])},
+                           {"kind": "evaluation"})
+    metrics = {}
+    for name, m in result["models"].items():
+        for task, rec in m["tasks"].items():
+            h = rec["headline"]
+            for k, v in (h.items() if isinstance(h, dict) else [("headline", h)]):
+                metrics[f"{name}.{task}.{k}"] = v
+            if "headline_ties_wrong" in rec:
+                metrics[f"{name}.{task}.headline_ties_wrong"] = rec["headline_ties_wrong"]
+    tracker.log_metrics(metrics, step=0)
+    for f in files:
+        tracker.log_artifact(Path(f))
+    tracker.end("FINISHED")
+    return run_id

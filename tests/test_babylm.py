@@ -1,0 +1,267 @@
+"""The BabyLM suite (`evaluate --babylm`): official definitions against brute force, loading and
+skips, aggregation and ties, reading regressions, the command end to end on tiny data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, SHARED_DATA, assert_user_error, run_cli
+
+from lora_project.errors import UserError
+from lora_project.evaluation.babylm_report import aggregate, rank_task_report
+from lora_project.evaluation.babylm_score import completion_texts, decisions, option_scores
+from lora_project.evaluation.babylm_tasks import RankItem, load_task, parse_tasks
+from lora_project.evaluation.reading import reading_scores, word_queries
+from lora_project.utils.device import resolve_runtime
+
+RUNTIME = resolve_runtime("cpu", "fp32", 1)
+
+
+def _brute_force(model, tok, text: str, completion: str) -> float:
+    """One option on its own, as the official causal scorer defines it, in float64 from fp32 logits:
+    BOS only if the tokenizer has one; sum over tokens whose span ends after the context."""
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    ids = bos + enc["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+    start = len(text) - len(completion)
+    total = 0.0
+    for k, (_, end) in enumerate(enc["offset_mapping"]):
+        pos = k + len(bos)
+        if end > start and pos >= 1:
+            total += float(logp[pos - 1, ids[pos]])
+    return total
+
+
+ITEMS = [
+    RankItem("ewok", "d1", ("the cat sleeps. the cat is on the bed.", "the cat sleeps. the cat is in the tree."),
+             ("the cat is on the bed.", "the cat is in the tree.")),
+    RankItem("entity_tracking", "regular_0_ops", tuple("Box 0 contains the ball, Box 1 contains " + o for o in
+                                                        ("the milk.", "the ball.", "nothing.")),
+             ("the milk.", "the ball.", "nothing.")),
+    RankItem("entity_tracking", "regular_1_ops", tuple("Box 0 contains the ball, Box 1 contains " + o for o in
+                                                        ("the ball.", "the milk.", "the truck.")),
+             ("the ball.", "the milk.", "the truck.")),
+    RankItem("blimp", "agr", ("the dog runs.", "the dog run."), ("the dog runs.", "the dog run.")),
+]
+
+
+@pytest.mark.parametrize("bos", [True, False])
+def test_option_scores_equal_brute_force_per_option(tiny_model_dir, bos):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    if not bos:
+        tok.bos_token = None  # the official rule then scores from the second token on
+        assert tok.bos_token_id is None
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    got = option_scores(model, tok, ITEMS, RUNTIME)
+    for it, scores in zip(ITEMS, got):
+        want = [_brute_force(model, tok, t, c) for t, c in zip(it.texts, it.completions)]
+        assert scores == pytest.approx(want, rel=1e-5, abs=1e-4)
+    # the completion is all that counts: the context's tokens are not scored
+    text, comp = ITEMS[1].texts[0], ITEMS[1].completions[0]
+    offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    first = next(k for k, (_, end) in enumerate(offsets) if end > len(text) - len(comp))
+    t = completion_texts(tok, [text], [comp])[0]
+    assert first > 5 and t.scored == tuple(range(first + int(bos), len(offsets) + int(bos)))
+
+
+def _write(folder, name, rows):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+
+
+def _tiny_suite(root, reading_rows: int = 40):
+    """A small data folder in the official layout, every task, a few items each."""
+    _write(root / "blimp_filtered", "agr.jsonl", [
+        {"sentence_good": "the dog runs.", "sentence_bad": "the dog run.", "field": "morphology", "UID": "agr"},
+        {"sentence_good": "the cat sleeps.", "sentence_bad": "the cat sleep.", "field": "morphology", "UID": "agr"},
+        {"sentence_good": "we see a truck.", "sentence_bad": "we sees a truck.", "field": "morphology", "UID": "agr2"}])
+    _write(root / "supplement_filtered", "turns.jsonl", [
+        {"sentence_good": "where ball? here.", "sentence_bad": "where ball? bye."},
+        {"sentence_good": "more milk please.", "sentence_bad": "more milk bye."}])
+    _write(root / "ewok_filtered", "spatial.jsonl", [
+        {"Domain": "spatial", "Context1": "the cat sleeps.", "Context2": "the cat runs.",
+         "Target1": "the cat is on the bed.", "Target2": "the cat is in the tree."}])
+    _write(root / "entity_tracking", "regular.jsonl", [
+        {"numops": 0, "input_prefix": "Box 0 contains the ball, Box 1 contains ", "options": ["the milk.", "the ball."]},
+        {"numops": 1, "input_prefix": "Box 0 contains the milk, Box 1 contains ", "options": ["nothing.", "the milk."]}])
+    _write(root / "entity_tracking", "ambiref.jsonl", [
+        {"numops": 0, "input_prefix": "Box 0 contains the cup, Box 1 contains ", "options": ["nothing.", "the cup."]}])
+    _write(root / "wug_adj_nominalization", "wug.jsonl", [
+        {"sentences": "a blick thing. blickness\ta blick thing. blickity", "ratio": 0.7},
+        {"sentences": "a dax thing. daxness\ta dax thing. daxity", "ratio": 0.2},
+        {"sentences": "a fep thing. fepness\ta fep thing. fepity", "ratio": 0.5}])
+    rng = random.Random(0)
+    words = ["the", "dog", "runs", "to", "ball", "mommy", "juice", "truck", "bird", "sings"]
+    (root / "reading").mkdir(parents=True, exist_ok=True)
+    with open(root / "reading" / "reading_data.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["", "item", "word", "Subtlex_log10", "length", "context_length", "RTfirstfix", "RTfirstpass",
+                    "RTgopast", "RTrightbound", "self_paced_reading_time", "prev_word", "prev_item", "prev_length"])
+        for i in range(reading_rows):
+            ctx = " ".join(rng.choice(words) for _ in range(rng.randint(1, 5)))
+            word = rng.choice(words)
+            prev = ctx.rsplit(" ", 1)
+            w.writerow([i, ctx, word, rng.uniform(1, 5), len(word), len(ctx.split()), *(rng.uniform(150, 400)
+                        for _ in range(4)), "" if i % 7 == 0 else rng.uniform(200, 500),
+                        prev[-1] if len(prev) > 1 else "", prev[0] if len(prev) > 1 else "", len(prev[-1])])
+
+
+def test_loading_follows_the_official_definitions_and_the_pairs_rules(tmp_path):
+    _tiny_suite(tmp_path)
+    ewok = load_task(tmp_path, "ewok")
+    assert ewok[0].texts == ("the cat sleeps. the cat is on the bed.", "the cat sleeps. the cat is in the tree.")
+    assert ewok[0].completions == ("the cat is on the bed.", "the cat is in the tree.") and ewok[0].uid == "spatial"
+    et = load_task(tmp_path, "entity_tracking")
+    assert sorted(i.uid for i in et) == ["ambiref_0_ops", "regular_0_ops", "regular_1_ops"]
+    assert et[1].texts[0] == "Box 0 contains the ball, Box 1 contains the milk."
+    assert [i.uid for i in load_task(tmp_path, "supplement")] == ["turns", "turns"]  # no field: the file names it
+    wug = load_task(tmp_path, "wug")
+    assert wug[0].ratio == 0.7 and wug[0].texts == wug[0].completions == ("a blick thing. blickness",
+                                                                          "a blick thing. blickity")
+    assert load_task(tmp_path / "nowhere", "ewok") is None
+    _write(tmp_path / "ewok_filtered", "bad.jsonl", ['{"Domain": "x"', {"Domain": "x", "Context1": "c"},
+                                                     ["not", "an", "object"]])
+    said = []
+    assert len(load_task(tmp_path, "ewok", warn=said.append)) == 1
+    assert "skipped 3 bad line(s)" in said[0] and "bad.jsonl line 2: no 'Target1' field" in said[0]
+    with pytest.raises(UserError, match="3 bad line"):
+        load_task(tmp_path, "ewok", strict=True)
+    assert parse_tasks("reading, ewok") == ["ewok", "reading"]
+    with pytest.raises(UserError, match="unknown task.*ewk"):
+        parse_tasks("ewk")
+
+
+def test_headline_aggregation_ties_and_near_ties():
+    items = [RankItem("entity_tracking", u, ("a", "b"), ("a", "b"), where=f"f line {k}") for k, u in
+             enumerate(["regular_0_ops", "regular_0_ops", "regular_1_ops", "ambiref_0_ops"])]
+    scores = [np.array([-1.0, -2.0]), np.array([-3.0, -3.0]), np.array([-5.0, -4.0]), np.array([-1.0, -1.00005])]
+    d = decisions(scores)
+    assert d["official"].tolist() == [True, True, False, True] and d["strict"].tolist() == [True, False, False, True]
+    r = rank_task_report("entity_tracking", items, scores, d, resamples=50, seed=0)
+    # regular: mean(1.0 over numops 0, 0.0 over numops 1) = 0.5; ambiref 1.0; headline mean 0.75.
+    # Ties wrong: regular mean(0.5, 0.0) = 0.25, ambiref 1.0: 0.625
+    assert r["headline"] == pytest.approx(75.0) and r["headline_ties_wrong"] == pytest.approx(62.5)
+    assert r["ties"] == 1 and r["near_ties"] == ["f line 1", "f line 3"]
+    assert r["files"] == {"regular": 50.0, "ambiref": 100.0}
+    assert aggregate("ewok", ["a", "b"], np.array([0.5, 1.0])) == 0.75
+
+
+def test_reading_regression_equals_explicit_least_squares_and_bootstrap_weights_equal_duplicated_rows():
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    n = 60
+    df = pd.DataFrame({"Subtlex_log10": rng.uniform(1, 5, n), "length": rng.integers(1, 9, n).astype(float),
+                       "context_length": rng.integers(1, 20, n).astype(float),
+                       "prev_length": rng.integers(1, 9, n).astype(float)})
+    pred, prev = rng.gamma(2, 2, n), rng.gamma(2, 2, n)
+    prev[3] = np.nan
+    for m in ("RTfirstfix", "RTfirstpass", "RTgopast", "RTrightbound", "self_paced_reading_time"):
+        df[m] = 200 + 10 * pred + 5 * df["length"] + rng.normal(0, 20, n)
+    df.loc[5, "RTgopast"] = np.nan
+
+    def r2(X, y):
+        beta = np.linalg.lstsq(X, y, rcond=None)[0]
+        return 1 - np.sum((y - X @ beta) ** 2) / np.sum((y - y.mean()) ** 2)
+
+    def gain(frame, p, pp, m, spill):
+        terms = ["Subtlex_log10", "length", "context_length"] + (["prev_length", "prev_pred"] if spill else [])
+        f = frame.assign(pred=p, prev_pred=pp)[terms + ["pred", m]].dropna()
+        cols = [np.ones(len(f))] + [f[t].to_numpy() for t in terms]
+        cols += [f[a].to_numpy() * f[b].to_numpy() for i, a in enumerate(terms) for b in terms[i + 1:]]
+        base = r2(np.column_stack(cols), f[m].to_numpy())
+        full = r2(np.column_stack(cols + [f["pred"].to_numpy()]), f[m].to_numpy())
+        return 100 * (full - base) / (1 - base)
+
+    got = reading_scores(df, pred, prev)
+    eye = np.mean([gain(df, pred, prev, m, False) for m in ("RTfirstfix", "RTfirstpass", "RTgopast", "RTrightbound")])
+    assert got["eye_tracking"] == pytest.approx(eye, rel=1e-9)
+    assert got["self_paced_reading"] == pytest.approx(gain(df, pred, prev, "self_paced_reading_time", True), rel=1e-9)
+    assert got["eye_tracking"] > 5  # the made-up times do depend on pred
+    idx = rng.integers(0, n, n)
+    weights = np.bincount(idx, minlength=n)[None, :].astype(float)
+    dup = df.iloc[idx].reset_index(drop=True)
+    w = reading_scores(df, pred, prev, weights)
+    assert w["eye_tracking"][0] == pytest.approx(reading_scores(dup, pred[idx], prev[idx])["eye_tracking"], rel=1e-7)
+
+
+def test_reading_word_queries_follow_the_official_multi_token_rule(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    word = "xylophone"  # not in the tiny vocabulary's merges: several tokens
+    ids = tok(word, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 2
+    q = word_queries(tok, "the dog", word)
+    assert q[0] == ("the dog", ids[0]) and len(q) == len(ids)
+    assert q[1][0] == "the dog" + tok.decode(ids[0])
+    assert q[2][0] == "the dog" + tok.decode(ids[0]) + tok.decode(ids[1])
+
+
+def test_cli_babylm_end_to_end_with_adapter_skip_and_json(project, tracking_store, tmp_path):
+    trained = run_cli("train", "toddler_data", "--no-progress", "--json", cwd=project)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    suite = tmp_path / "babylm"
+    _tiny_suite(suite)
+    import shutil
+
+    shutil.rmtree(suite / "supplement_filtered")
+    proc = run_cli("evaluate", "--babylm", str(suite), "--adapter", "adapters/toddler_data_lora", "--json", cwd=project)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout)
+    assert "skipped supplement: no folder" in proc.stderr and res["skipped"] == ["supplement"]
+    tasks = res["models"]["base"]["tasks"]
+    assert list(tasks) == ["blimp", "ewok", "entity_tracking", "wug", "reading"]
+    assert set(res["models"]) == {"base", "toddler_data_lora"}
+    assert tasks["blimp"]["headline"] == pytest.approx(100 * np.mean(
+        [tasks["blimp"]["uids"][u]["accuracy"] for u in ("agr", "agr2")]))
+    assert set(tasks["reading"]["headline"]) == {"eye_tracking", "self_paced_reading"}
+    d = res["difference"]["toddler_data_lora"]
+    for task in ("blimp", "ewok", "entity_tracking", "wug"):
+        a, b = res["models"]["toddler_data_lora"]["tasks"][task], tasks[task]
+        assert d[task]["headline"] == pytest.approx(a["headline"] - b["headline"])
+        assert d[task]["headline_ci"][0] <= d[task]["headline_ci"][1]
+    assert d["reading"]["headline"]["eye_tracking"] == pytest.approx(
+        res["models"]["toddler_data_lora"]["tasks"]["reading"]["headline"]["eye_tracking"]
+        - tasks["reading"]["headline"]["eye_tracking"])
+    assert (project / res["plot"]).is_file() if not res["plot"].startswith("/") else res["plot"]
+    assert res["mlflow_run_id"]
+    table = run_cli("evaluate", "--babylm", str(suite), "--tasks", "ewok,wug", cwd=project)
+    assert table.returncode == 0 and "ties counted wrong" in table.stdout and "r(preference, human ratio)" in table.stdout
+    assert_user_error(run_cli("evaluate", "--babylm", str(suite), "--tasks", "ewk", cwd=project), "unknown task")
+    assert_user_error(run_cli("evaluate", "--babylm", str(tmp_path / "none"), cwd=project), "no such folder")
+    assert_user_error(run_cli("evaluate", "--babylm", str(suite), "--stride", "4", cwd=project), "not with --babylm")
+    assert_user_error(run_cli("evaluate", "--text", "x.txt", "--tasks", "ewok", cwd=project), "--babylm only")
+    assert_user_error(run_cli("evaluate", "--babylm", str(tmp_path), cwd=project), "no BabyLM task data")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_DATA / "babylm_2025").is_dir(), reason="../shared/data/babylm_2025 is absent")
+def test_real_model_babylm_scores_equal_brute_force_on_a_few_items_per_task():
+    from lora_project.config import load_config
+    from lora_project.evaluation.minimal_pairs import sample_pairs
+    from lora_project.models.base_model import load_fp32_base
+
+    base = load_fp32_base(load_config([REPO / "config" / "model_config.yaml"]))
+    assert base.tokenizer.bos_token_id is not None  # SmolLM2: <|im_start|>, prepended by the official rule
+    root = SHARED_DATA / "babylm_2025"
+    # SmolLM2 keeps the space in " the": after "Box 1 contains " that token starts in the context and is scored
+    text = "Box 1 contains the hat."
+    t = completion_texts(base.tokenizer, [text], ["the hat."])[0]
+    offsets = base.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    assert offsets[t.scored[0] - 1] == (14, 18) and len(t.scored) == 3
+    for task, n in (("blimp", 1), ("supplement", 1), ("ewok", 1), ("entity_tracking", 1), ("wug", 3)):
+        items = sample_pairs(load_task(root, task), n, 0)[:6]
+        got = option_scores(base.model, base.tokenizer, items, base.runtime)
+        for it, scores in zip(items, got):
+            want = [_brute_force(base.model, base.tokenizer, t, c) for t, c in zip(it.texts, it.completions)]
+            assert scores == pytest.approx(want, abs=2e-4), (task, it.where)
