@@ -123,3 +123,129 @@ def test_the_helper_scripts_explain_themselves_and_write_nothing_for_help():
                           capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: notebook not found: nope.ipynb", proc.stderr
 
+
+
+# The results page (docs/results.md): today's figures, each with its command, CPU class and date;
+# the README quotes it and nothing else.
+
+RESULTS = REPO / "docs" / "results.md"
+_ROW_HEADER = "| figure | value | command | CPU | date |"
+_NOT_YET = "**not measured yet**"
+# a figure in prose: a number and its unit ("295 s", "2,130 MiB", "1.64x", "518 tests")
+_FIGURE = re.compile(r"(?<![\w.,])\d[\d,]*(?:\.\d+)?(?: ?x\b| (?:s|min|minutes|MiB|GiB|tokens/s|pairs/s|GFLOP/s|tests)\b)")
+
+
+def _cells(line: str) -> list[str]:
+    """The cells of a markdown table row; a | inside a `code span` does not split."""
+    cells, cell, in_code = [], "", False
+    for ch in line.strip()[1:-1]:
+        if ch == "`":
+            in_code = not in_code
+        if ch == "|" and not in_code:
+            cells.append(cell.strip())
+            cell = ""
+        else:
+            cell += ch
+    return [*cells, cell.strip()]
+
+
+def _tables(text: str, header: str) -> list[list[tuple[int, list[str]]]]:
+    """Every table whose header line is `header`: its body rows as (line number, cells)."""
+    lines, tables = text.splitlines(), []
+    for i, line in enumerate(lines):
+        if line.strip() == header:
+            rows, j = [], i + 2
+            while j < len(lines) and lines[j].startswith("|"):
+                rows.append((j + 1, _cells(lines[j])))
+                j += 1
+            tables.append(rows)
+    return tables
+
+
+def _machines(text: str) -> dict[str, set[str]]:
+    """The machines table: CPU label -> the dates it was used."""
+    (rows,) = _tables(text, "| label | CPU | matmul peak, 2 threads (`lora-project benchmark`) | used |")
+    return {cells[0]: set(re.findall(r"\d{4}-\d{2}-\d{2}", cells[3])) for _, cells in rows}
+
+
+def _prose(text: str) -> str:
+    """Markdown without fenced blocks and inline code: what a reader takes as figures."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    return re.sub(r"`[^`\n]*`", "", text)
+
+
+def test_every_figure_on_the_results_page_has_a_command_a_cpu_class_and_a_date():
+    text = RESULTS.read_text()
+    machines = _machines(text)
+    assert {"AMX Xeon", "Zen 5", "AVX2 EPYC"} <= set(machines), machines
+    tables = _tables(text, _ROW_HEADER)
+    assert len(tables) >= 6, "one table per area: training, evaluation speed, accuracy, suite, data, ..."
+    rows = [row for table in tables for row in table]
+    assert len(rows) >= 40, len(rows)
+    for line, cells in rows:
+        where = f"docs/results.md:{line}"
+        assert len(cells) == 5, f"{where}: {len(cells)} cells, expected figure | value | command | CPU | date"
+        figure, value, command, cpu, date = cells
+        assert figure and value, f"{where}: a figure needs its name and value"
+        commands = re.findall(r"`([^`]+)`", command)
+        assert any(re.search(r"(^|\s)(lora-project|make) \w", c) for c in commands), \
+            f"{where}: no command (a `lora-project ...` or `make ...` code span) in {command!r}"
+        if value == _NOT_YET:
+            assert cpu == date == "-", f"{where}: a figure not measured yet has no CPU class or date"
+            continue
+        assert _NOT_YET not in value and cpu in machines, \
+            f"{where}: CPU class {cpu!r} is not one of the machines table's labels {sorted(machines)}"
+        assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", date), f"{where}: date {date!r} is not YYYY-MM-DD"
+        assert date in machines[cpu], f"{where}: the machines table does not list {cpu!r} as used on {date}"
+
+
+def test_results_page_keeps_places_for_this_sessions_new_areas():
+    text = RESULTS.read_text()
+    for command in ("lora-project benchmark --scaling", "lora-project evaluate --babylm",
+                    "lora-project benchmark --babylm", "lora-project benchmark --blimp"):
+        assert f"`{command}" in text, command
+
+
+def test_readme_quotes_its_figures_from_the_results_page():
+    """A figure the README gives (a number with a unit, outside code) appears on the results
+    page with the same value; the README points to the page."""
+    readme = (REPO / "README.md").read_text()
+    assert "(docs/results.md)" in readme
+    results = RESULTS.read_text()
+    figures = _FIGURE.findall(_prose(readme))
+    assert len(figures) >= 4, figures  # the timing paragraph quotes the page
+    missing = [f for f in figures if not re.search(rf"(?<![\w.,]){re.escape(f)}(?![\w])", results)]
+    assert not missing, f"README figures not on docs/results.md with the same value (update the page's row): {missing}"
+
+
+def test_research_notes_and_architecture_are_linked_and_notes_start_with_the_results_page():
+    notes_head = "\n".join((REPO / "docs" / "research_notes.md").read_text().splitlines()[:8])
+    assert "(results.md)" in notes_head, "the research notes open with a link to the results page"
+    readme = (REPO / "README.md").read_text()
+    assert "(docs/architecture.md)" in readme
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation but - and _ dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_relative_link_in_readme_and_docs_resolves():
+    files = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    checked = 0
+    for f in files:
+        for target in re.findall(r"\]\(([^)\s]+)\)", _prose_keep_links(f.read_text())):
+            if re.match(r"[a-z]+:", target):
+                continue  # http(s), mailto: not followed (no network)
+            path, _, anchor = target.partition("#")
+            dest = (f.parent / path).resolve() if path else f
+            assert dest.exists(), f"{f.relative_to(REPO)}: link to {target} does not resolve"
+            if anchor and dest.suffix == ".md":
+                slugs = {_slug(h) for h in re.findall(r"^#+ (.+)$", dest.read_text(), re.M)}
+                assert anchor in slugs, f"{f.relative_to(REPO)}: no heading for #{anchor} in {dest.name}"
+            checked += 1
+    assert checked >= 5, checked
+
+
+def _prose_keep_links(text: str) -> str:
+    return re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
