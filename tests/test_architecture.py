@@ -1,14 +1,20 @@
-"""The architecture holds: import-linter's contracts (pyproject.toml) and a size limit per module.
+"""The architecture holds: import-linter's contracts (pyproject.toml), no import circles between
+modules, and a size limit per module.
 
 The layers (DESIGN.md convention 11) are checked by import-linter over the package's import
 graph, imports inside functions included; a broken contract fails with import-linter's report.
+Circles are checked by a graph of our own, read from the source files with `ast`: every import
+statement counts, at module level, inside functions and under `if TYPE_CHECKING:` (a circle there
+still means two modules that cannot be understood one without the other).
 """
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import REPO
 
@@ -45,3 +51,127 @@ def test_no_module_is_over_the_line_limit():
     assert not grown, f"allow-listed modules grew (lines now, when listed): {grown}"
     done = [name for name in OVER_THE_LIMIT if counts.get(name, 0) <= MAX_LINES]
     assert not done, f"now within {MAX_LINES} lines: remove {done} from OVER_THE_LIMIT in {__file__}"
+
+
+def import_graph(package_dir: Path) -> dict[str, dict[str, int]]:
+    """module -> {module of the same package it imports: line of the first such import}.
+
+    Every `import` / `from ... import` statement anywhere in the file counts (module level, in
+    functions, under TYPE_CHECKING). `from a.b import c` points at module a.b.c when that is a
+    module of the package, else at a.b; relative imports are resolved against the importer."""
+    root = package_dir.name
+    files = {}
+    for path in sorted(package_dir.rglob("*.py")):
+        parts = path.relative_to(package_dir.parent).with_suffix("").parts
+        is_package = parts[-1] == "__init__"
+        files[".".join(parts[:-1] if is_package else parts)] = (path, is_package)
+
+    def known(name: str) -> str | None:  # the longest prefix of `name` that is a module of ours
+        while name and name not in files:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, dict[str, int]] = {}
+    for module, (path, is_package) in files.items():
+        edges: dict[str, int] = {}
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: from the importer's package, `level - 1` packages up
+                    anchor = module.split(".") if is_package else module.split(".")[:-1]
+                    anchor = anchor[:len(anchor) - (node.level - 1)]
+                    base = ".".join(anchor + ([node.module] if node.module else []))
+                else:
+                    base = node.module or ""
+                targets = [f"{base}.{a.name}" for a in node.names]
+            for name in targets:
+                if name.split(".")[0] != root:
+                    continue
+                target = known(name)
+                if target and target != module:
+                    edges.setdefault(target, node.lineno)
+        graph[module] = edges
+    return graph
+
+
+def import_circles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
+    """The graph's circles: each strongly connected group of two or more modules, sorted (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, {}):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(groups)
+
+
+def _describe(graph: dict[str, dict[str, int]], group: list[str]) -> str:
+    inside = set(group)
+    return "; ".join(f"{a} -> {b} (line {line})" for a in group for b, line in sorted(graph[a].items()) if b in inside)
+
+
+def test_no_import_circles_between_modules():
+    graph = import_graph(PACKAGE)
+    assert len(graph) > 50 and sum(map(len, graph.values())) > 100, "the import graph reads nothing: check import_graph"
+    circles = import_circles(graph)
+    assert not circles, "import circles (move the shared part into a module below both):\n" + "\n".join(
+        _describe(graph, g) for g in circles)
+
+
+def test_the_circle_check_sees_every_kind_of_import(tmp_path):
+    # A package with one circle per kind of import the check must see, and modules without any.
+    pkg = tmp_path / "planted"
+    (pkg / "sub").mkdir(parents=True)
+    files = {
+        "__init__.py": "",
+        "sub/__init__.py": "",
+        # top level <-> TYPE_CHECKING only
+        "a.py": "from planted.b import thing\n",
+        "b.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from planted.a import x\nthing = 1\n",
+        # inside a function (nested in a class method) <-> top level, `import x.y` form
+        "c.py": "import planted.d\n",
+        "d.py": "class K:\n    def f(self):\n        def g():\n            from planted import c\n        return g\n",
+        # relative imports, `from . import name` and `from ..x import y`
+        "sub/e.py": "from . import f\n",
+        "sub/f.py": "def h():\n    from ..sub.e import y\n",
+        # no circle: one direction only, and a name imported from a module (not a module)
+        "g.py": "from planted.a import thing\nimport os\n",
+        "h.py": "from planted.g import thing\n",
+    }
+    for name, text in files.items():
+        (pkg / name).write_text(text, encoding="utf-8")
+    graph = import_graph(pkg)
+    assert graph["planted.g"] == {"planted.a": 1}
+    assert graph["planted.sub.f"] == {"planted.sub.e": 2}
+    assert import_circles(graph) == [["planted.a", "planted.b"], ["planted.c", "planted.d"],
+                                     ["planted.sub.e", "planted.sub.f"]]
+    assert "planted.b -> planted.a (line 3)" in _describe(graph, ["planted.a", "planted.b"])
+    # Breaking the circles (the TYPE_CHECKING import moved away) leaves that group out.
+    (pkg / "b.py").write_text("thing = 1\n", encoding="utf-8")
+    assert ["planted.a", "planted.b"] not in import_circles(import_graph(pkg))

@@ -84,7 +84,8 @@ def test_massive_nodes_are_scored_again_in_fp32(tiny_model_dir, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lora_project.evaluation import tree_pass
-    from lora_project.evaluation.minimal_pairs import Pair, tokenize_pairs
+    from lora_project.evaluation.minimal_pairs import Pair
+    from lora_project.evaluation.pair_tokens import tokenize_pairs
     from lora_project.evaluation.prefix_tree import prefix_tree, restricted, tree_rows
     from lora_project.utils.device import resolve_runtime
 
@@ -117,7 +118,8 @@ def test_a_lora_output_layer_stays_fp32_and_a_one_layer_model_runs():
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lora_project.evaluation.minimal_pairs import PairTokens, pair_logprobs
+    from lora_project.evaluation.minimal_pairs import pair_logprobs
+    from lora_project.evaluation.pair_tokens import PairTokens
     from lora_project.utils.device import resolve_runtime
 
     torch.manual_seed(0)

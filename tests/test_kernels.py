@@ -140,7 +140,8 @@ def test_the_cli_refuses_a_bad_kernel_name_before_doing_any_work(project):
 def test_scores_on_both_kernels_agree_and_the_scoring_chunk_fits_a_cache(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lora_project.evaluation.minimal_pairs import Pair, pair_logprobs, tokenize_pairs
+    from lora_project.evaluation.minimal_pairs import Pair, pair_logprobs
+    from lora_project.evaluation.pair_tokens import tokenize_pairs
     from lora_project.models.scoring import target_nll
     from lora_project.utils.device import resolve_runtime
 

@@ -21,8 +21,8 @@ from lora_project.evaluation.minimal_pairs import (
     sample_pairs,
     score_pairs,
     sentence_logprobs,
-    tokenize_pairs,
 )
+from lora_project.evaluation.pair_tokens import tokenize_pairs
 from lora_project.utils.device import resolve_runtime
 
 

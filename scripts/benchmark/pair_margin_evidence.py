@@ -33,8 +33,8 @@ def main() -> None:
         load_pairs,
         pair_logprobs,
         sample_pairs,
-        tokenize_pairs,
     )
+    from lora_project.evaluation.pair_tokens import tokenize_pairs
     from lora_project.models.base_model import load_base
     from lora_project.models.lora_model import each_model
     from lora_project.paths import ProjectPaths

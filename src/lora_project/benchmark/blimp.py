@@ -24,8 +24,8 @@ def blimp_speed(cfg, pairs_dir: Path, *, per_paradigm: int = 5, rounds: int = 2,
         sample_pairs,
         score_pairs,
         sentence_logprobs,
-        tokenize_pairs,
     )
+    from lora_project.evaluation.pair_tokens import tokenize_pairs
     from lora_project.models.base_model import load_base
     from lora_project.models.kernels import fp32_kernel, forced_kernel
     from lora_project.utils.device import cpu_class, resolve_runtime

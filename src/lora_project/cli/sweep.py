@@ -51,7 +51,7 @@ def register(sub) -> None:
 
 def run(args, paths) -> None:
     from lora_project.errors import UserError
-    from lora_project.sweep.study import run_sweep
+    from lora_project.sweep.runner import run_sweep
 
     cfg = load_cfg(args, paths)
     summary = run_sweep(paths, args.dataset, cfg, args.params, trials=args.trials, metric=args.metric,

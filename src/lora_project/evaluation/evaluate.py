@@ -189,8 +189,8 @@ def evaluate_minimal_pairs(paths: ProjectPaths, cfg, pairs_path: Path | list[Pat
         prefix_sharing,
         resolve_first_pass,
         sample_pairs,
-        tokenize_pairs,
     )
+    from lora_project.evaluation.pair_tokens import tokenize_pairs
     from lora_project.evaluation.pair_report import paired_change
     from lora_project.models.base_model import load_fp32_base
     from lora_project.models.lora_model import each_model

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from lora_project.errors import UserError
 from lora_project.evaluation.fast_pass import FIRST_PASSES
-from lora_project.evaluation.prefix_tree import ROW_TOKENS, prefix_tree, tree_forward_tokens
-from lora_project.evaluation.tree_pass import _buckets, tree_logprobs
+from lora_project.evaluation.pair_tokens import PairTokens
+from lora_project.evaluation.prefix_tree import ROW_TOKENS, length_buckets, prefix_tree, tree_forward_tokens
+from lora_project.evaluation.tree_pass import tree_logprobs
 from lora_project.utils.text_io import read_user_text
 
 
@@ -130,7 +131,7 @@ def sentence_logprobs(model, tokenizer, sentences: list[str], runtime, batch_tok
     decoder, head = decoder_and_head(model)
     model.eval()
     with torch.inference_mode(), runtime.autocast():
-        for group in _buckets([len(ids[j]) for j in order], batch_tokens):
+        for group in length_buckets([len(ids[j]) for j in order], batch_tokens):
             group = [order[k] for k in group]
             width = len(ids[group[-1]])
             batch = torch.zeros(len(group), width, dtype=torch.long)
@@ -144,47 +145,6 @@ def sentence_logprobs(model, tokenizer, sentences: list[str], runtime, batch_tok
             picked = -token_nll(hidden, head, batch[:, 1:]) * mask[:, 1:]
             for r, j in enumerate(group):
                 out[j] = float(picked[r].sum())
-    return out
-
-
-# --------------------------------------------------------------------------- pairs as token ids
-#
-# Both sentences of a pair start with the same tokens (at least the BOS): the shared prefix. Its
-# tokens' log-probabilities are computed once and count in both sentences' full sums. (Until the
-# prefix tree below, one row per pair, [prefix | good[:-1] | bad[:-1]], was the whole sharing;
-# `row_length` is that row's length, kept for the sharing statistics.)
-
-
-@dataclass(frozen=True)
-class PairTokens:
-    """Token ids of a pair: the shared prefix (BOS included, at least one id) and each continuation (at least one id)."""
-    prefix: tuple[int, ...]
-    good: tuple[int, ...]
-    bad: tuple[int, ...]
-
-    @property
-    def row_length(self) -> int:
-        return len(self.prefix) + len(self.good) - 1 + len(self.bad) - 1
-
-
-def tokenize_pairs(tokenizer, pairs: list[Pair]) -> list[PairTokens]:
-    """Each pair's ids with BOS (EOS if none) prefixed, split at the first differing token.
-
-    The prefix stops at least one token before either sentence ends, so each continuation is
-    non-empty (its first token is predicted from the prefix's last hidden state).
-    """
-    encode_documents, prefix_id, _, _ = _project()
-    first = prefix_id(tokenizer)
-    good = encode_documents(tokenizer, [p.good for p in pairs])
-    bad = encode_documents(tokenizer, [p.bad for p in pairs])
-    out = []
-    for g, b in zip(good, bad):
-        g, b = [first] + g, [first] + b
-        n = 1
-        limit = min(len(g), len(b)) - 1
-        while n < limit and g[n] == b[n]:
-            n += 1
-        out.append(PairTokens(tuple(g[:n]), tuple(g[n:]), tuple(b[n:])))
     return out
 
 

@@ -20,10 +20,8 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from lora_project.evaluation.minimal_pairs import PairTokens
+from lora_project.evaluation.pair_tokens import PairTokens
 
 ROW_TOKENS = 256
 
@@ -165,3 +163,15 @@ def tree_forward_tokens(tokens: Sequence[PairTokens], row_tokens: int = ROW_TOKE
     return sum(len(r) for r in tree_rows(prefix_tree(tokens), row_tokens)) if tokens else 0
 
 
+def length_buckets(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Consecutive index groups over length-sorted rows: rows x the group's longest row <= batch_tokens."""
+    groups, i = [], 0
+    while i < len(lengths):
+        # Sorted by length, so the last row of a group is its longest: grow the group while
+        # rows x that length stays within the token budget (little padding).
+        end = i + 1
+        while end < len(lengths) and (end + 1 - i) * lengths[end] <= batch_tokens:
+            end += 1
+        groups.append(list(range(i, end)))
+        i = end
+    return groups

@@ -13,25 +13,11 @@ short paths, since these are early positions), their items replaced by the fp32 
 from __future__ import annotations
 
 from lora_project.evaluation.fast_pass import head_logprobs, precision_context
-from lora_project.evaluation.prefix_tree import PrefixTree, restricted, tree_batch, tree_rows
+from lora_project.evaluation.prefix_tree import PrefixTree, length_buckets, restricted, tree_batch, tree_rows
 
 #: A node is massive when its largest |hidden| over the layers exceeds this many times the median
 #: node's (SmolLM2-135M: median about 600, the positions with errors above 0.7 nats from 1,000 up).
 MASSIVE_FACTOR = 1.3
-
-
-def _buckets(lengths: list[int], batch_tokens: int) -> list[list[int]]:
-    """Consecutive index groups over length-sorted rows: rows x the group's longest row <= batch_tokens."""
-    groups, i = [], 0
-    while i < len(lengths):
-        # Sorted by length, so the last row of a group is its longest: grow the group while
-        # rows x that length stays within the token budget (little padding).
-        end = i + 1
-        while end < len(lengths) and (end + 1 - i) * lengths[end] <= batch_tokens:
-            end += 1
-        groups.append(list(range(i, end)))
-        i = end
-    return groups
 
 
 def _run(model, decoder, head, tree: PrefixTree, rows, runtime, path, batch_tokens, items, progress):
@@ -43,7 +29,7 @@ def _run(model, decoder, head, tree: PrefixTree, rows, runtime, path, batch_toke
     from lora_project.models.losses import token_nll
 
     order = sorted(range(len(rows)), key=lambda r: len(rows[r]))
-    groups = _buckets([len(rows[r]) for r in order], batch_tokens)
+    groups = length_buckets([len(rows[r]) for r in order], batch_tokens)
     place: dict[int, tuple[int, int, int]] = {}  # node -> (group, row within the group, position): where it is read
     for g, group in enumerate(groups):
         for k, idx in enumerate(group):
