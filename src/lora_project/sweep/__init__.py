@@ -1,1 +1,1 @@
-"""Hyper-parameter sweeps: an Optuna study whose trials are ordinary training runs (see study.py)."""
+"""Hyper-parameter sweeps: an Optuna study whose trials are ordinary training runs (runner.py runs one, study.py holds its trials)."""
