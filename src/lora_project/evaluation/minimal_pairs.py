@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lora_project.errors import UserError
 from lora_project.evaluation.fast_pass import FIRST_PASSES
-from lora_project.evaluation.pair_tokens import PairTokens
+from lora_project.evaluation.pair_tokens import PairTokens, tokenize_pairs
 from lora_project.evaluation.prefix_tree import ROW_TOKENS, length_buckets, prefix_tree, tree_forward_tokens
 from lora_project.evaluation.tree_pass import tree_logprobs
 from lora_project.utils.text_io import read_user_text
