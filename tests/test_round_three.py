@@ -75,3 +75,84 @@ def test_ui_busy_port_advises_the_port_option_not_gradio_settings(project):
         proc = run_cli("ui", "--port", str(port), cwd=project)
     assert_user_error(proc, f"--port {port} is in use", "--port")
     assert "GRADIO_SERVER_PORT" not in proc.stderr and "launch()" not in proc.stderr, proc.stderr
+
+
+# --- B: no adapter may change the base that other models in the same run see ------------------
+
+
+def _head_adapter(tiny_model_dir, folder):
+    """An adapter on the tied output layer, as PEFT saves it (with a full copy of the embedding),
+    its copy differing from the base's (as when it was saved from a base loaded at another precision)."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=2, lora_alpha=4, target_modules=["lm_head"], init_lora_weights=False))
+    model.save_pretrained(str(folder))
+    f = folder / "adapter_model.safetensors"
+    tensors = load_file(f)
+    full = [k for k in tensors if "lora_" not in k]
+    assert full, "PEFT saved no embedding copy: the reproduction needs one"
+    save_file({k: (v * 1.01 if k in full else v) for k, v in tensors.items()}, f)
+    return folder
+
+
+def test_train_refuses_the_output_layer_as_a_target_in_one_line(project):
+    from conftest import snapshot
+
+    before = snapshot(project)
+    proc = run_cli("train", "toddler_data", "--no-mlflow", "--set", "lora.target_modules=[q_proj,lm_head]",
+                   cwd=project)
+    assert_user_error(proc, "lm_head", "output layer")
+    assert snapshot(project) == before
+    proc = run_cli("train", "toddler_data", "--no-mlflow", "--set", "lora.target_modules=[nope_proj]", cwd=project)
+    assert_user_error(proc, "nope_proj", "q_proj")
+    assert "lm_head" not in proc.stderr, "the list of offered targets names the output layer"
+
+
+def _scores(project, adapters):
+    args = ["evaluate", "--text", "corpus.txt", "--json"]
+    for a in adapters:
+        args += ["--adapter", str(a)]
+    proc = run_cli(*args, cwd=project)
+    return proc, (json.loads(proc.stdout) if proc.returncode == 0 else None)
+
+
+def _numbers(res, label):
+    return {k: v for k, v in res["models"][label].items() if isinstance(v, (int, float))}
+
+
+def _unbound(folder):
+    """Made on the tiny base with a made-up fingerprint: not bound to the base's real one."""
+    meta_path = folder / "lora_project.json"
+    meta = json.loads(meta_path.read_text())
+    meta["base_model"].pop("fingerprint")
+    meta_path.write_text(json.dumps(meta))
+    return folder
+
+
+def test_evaluating_adapters_together_gives_each_the_numbers_it_gets_alone(project, tiny_model_dir):
+    (project / "corpus.txt").write_text("the cat sat on the mat . where is the ball ? more juice please .\n" * 6)
+    root = project / "adapters"
+    plain = _unbound(make_adapter(tiny_model_dir, root / "plain_lora", 1))
+    wide = _unbound(make_adapter(tiny_model_dir, root / "wide_lora", 2, r=2,
+                                 targets=("q_proj", "k_proj", "v_proj", "o_proj")))
+    rs = _unbound(make_adapter(tiny_model_dir, root / "rs_lora", 3, rslora=True))
+    head = _head_adapter(tiny_model_dir, root / "head_lora")
+    alone = {}
+    for a in (plain, wide, rs):
+        proc, res = _scores(project, [a])
+        assert proc.returncode == 0, proc.stderr
+        alone[a.name] = _numbers(res, a.name)
+        alone.setdefault("base", _numbers(res, "base"))
+        assert _numbers(res, "base") == alone["base"]
+    for group in ([plain, wide, rs], [rs, plain], [plain, head, wide], [head, rs]):
+        proc, res = _scores(project, group)
+        if head in group:  # it would change the shared base: refused before any scoring, in one line
+            assert_user_error(proc, "head_lora", "lm_head")
+            continue
+        assert proc.returncode == 0, proc.stderr
+        assert _numbers(res, "base") == alone["base"]
+        for a in group:
+            assert _numbers(res, a.name) == alone[a.name], a.name

@@ -175,6 +175,16 @@ def _check_weights(adapter_dir: Path, config: dict, tensors: dict) -> None:
             modules.setdefault(m.group("module"), {})[m.group("which")] = t
     if not modules:
         raise UserError(f"{where}: no LoRA weights (lora_A/lora_B) found")
+    # Anything but LoRA's own tensors (an embedding or output-layer copy, modules_to_save, biases) is
+    # loaded into the base itself, which the other models of a run share: refused, never loaded.
+    full = sorted(k for k in tensors if ".lora_" not in k)
+    if full:
+        shown = ", ".join(k.removeprefix("base_model.model.") for k in full[:3]) + (
+            f" and {len(full) - 3} more" if len(full) > 3 else "")
+        raise UserError(f"{where}: carries weights of the base model itself ({shown}), as an adapter on "
+                        "lm_head, an embedding or with trained biases does; loading it would change the base "
+                        "for every other model, so it is not supported: retrain it on the linear layers inside "
+                        "the blocks")
     for key, t in tensors.items():
         if t.is_floating_point() and not bool(t.float().isfinite().all()):
             raise UserError(f"{where}: tensor {key} holds NaN or infinite values")

@@ -91,8 +91,10 @@ def resolve_targets(model, targets: list[str], who: str = "") -> list[str]:
         default = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if re.fullmatch(default, n)})
     found = [t for t in (default or []) if t in available]
     if not default or len(found) != len(default):
+        head = _output_layer_names(model)
         raise UserError(f"{prefix}lora.target_modules: auto has no default for architecture '{model_type}'; "
-                        f"set it to all-linear or to a list of the model's linear modules: {', '.join(available)}")
+                        "set it to all-linear or to a list of the model's linear modules: "
+                        f"{', '.join(n for n in available if n not in head)}")
     return list(default)
 
 
@@ -118,12 +120,19 @@ def check_targets(model, cfg: LoraSection, who: str = "") -> list[str]:
     """The resolved target modules; refuses names the model does not have, naming the ones it has."""
     targets = resolve_targets(model, cfg.target_modules, who)
     kinds = target_kinds(model)
+    head = _output_layer_names(model)
+    prefix = f"{who}: " if who else ""
+    offered = ", ".join(n for n in linear_module_names(model) if n not in head)
+    on_head = [t for t in targets if t in head]
+    if on_head:  # PEFT saves a full copy of the (often tied) output/embedding matrix with such an adapter,
+        # and loading it writes that copy into the base every other model of the run shares
+        raise UserError(f"{prefix}lora.target_modules: {', '.join(on_head)} is the output layer (its weight "
+                        "shared with the input embedding where tied), not offered: its adapter would carry a full "
+                        f"copy of it and change the base for other models; adapt these instead: {offered}")
     missing = [t for t in targets if t not in kinds]
     if missing:
-        prefix = f"{who}: " if who else ""
         raise UserError(f"{prefix}lora.target_modules: {', '.join(missing)} not found in the model "
-                        f"({getattr(model.config, 'model_type', '?')}); linear modules are: "
-                        f"{', '.join(linear_module_names(model))}")
+                        f"({getattr(model.config, 'model_type', '?')}); linear modules are: {offered}")
     return targets
 
 
