@@ -349,7 +349,7 @@ CASES = [
     Case("cat-symlink-out", "catalog folder holding a symlink out of the project", ["prepare", "d", "--no-tokens"],
          ["link.txt is a symlink", "outside the project"], _symlink_out),
     Case("data-utf16-undeclared", "UTF-16 source without its encoding", ["prepare", "a", "--no-tokens"],
-         ["--encoding utf-16"], lambda p, s: (catalog_rows("a,local,data/raw/a.txt,,,,,,,,true")(p, s),
+         ["encoding=utf-16 in the row's options"], lambda p, s: (catalog_rows("a,local,data/raw/a.txt,,,,,,,,true")(p, s),
                                               write("data/raw/a.txt", "one line\ntwo\n".encode("utf-16"))(p, s))),
     Case("data-bad-encoding", "unknown encoding option", ["prepare", "a", "--no-tokens"], ["unknown encoding"],
          lambda p, s: (catalog_rows("a,local,data/raw/a.txt,,,,,,encoding=klingon,,true")(p, s),

@@ -6,7 +6,7 @@ import pytest
 
 import json
 
-from conftest import run_cli
+from conftest import assert_user_error, run_cli
 
 
 @pytest.mark.slow  # several trainings in one test: kept out of make test-fast's 2 minutes
@@ -95,6 +95,4 @@ def test_fused_refuses_unequal_shapes(project):
     (project / "config" / "batch_config.yaml").write_text("datasets:\n  kids:\n    training: {seq_len: 8}\n")
     proc = run_cli("train-batch", "toddler_data", "kids", "--fused", "--no-progress", "--no-mlflow", "--json",
                    cwd=project)
-    assert proc.returncode == 2
-    rows = json.loads(proc.stdout)["datasets"]
-    assert all(r["status"] == "failed" and "training.seq_len differs" in r["reason"] for r in rows)
+    assert_user_error(proc, "training.seq_len differs")  # refused from the configs, before any training

@@ -106,6 +106,10 @@ def test_stop_then_resume_in_process_gives_the_same_adapter(project, monkeypatch
     assert not (project / "adapters" / "toddler_data_lora").exists()
     assert_user_error(run_cli("train", "toddler_data", "--resume", *steps, "--set", "training.lr=0.02", cwd=project),
                       "different config", "training.lr")
+    six = [a for k, v in (("lr", "0.02"), ("weight_decay", "0.1"), ("warmup_steps", "3"), ("adam_beta1", "0.8"),
+                          ("adam_beta2", "0.99"), ("min_lr_ratio", "0.2")) for a in ("--set", f"training.{k}={v}")]
+    assert_user_error(run_cli("train", "toddler_data", "--resume", *steps, *six, cwd=project),
+                      "different config", "and 1 more")  # issue 31: 5 of 6 were listed, the 6th unsaid
     resumed = run_cli("train", "toddler_data", "--resume", "--json", *steps, cwd=project)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming exp_002_toddler_data from step 5" in resumed.stderr

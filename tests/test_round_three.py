@@ -156,3 +156,63 @@ def test_evaluating_adapters_together_gives_each_the_numbers_it_gets_alone(proje
         assert _numbers(res, "base") == alone["base"]
         for a in group:
             assert _numbers(res, a.name) == alone[a.name], a.name
+
+
+def test_fused_batch_refuses_a_config_before_loading_the_model(project, monkeypatch):
+    from lora_project.models import base_model
+
+    def no_loading(*_a, **_k):
+        raise AssertionError("the model was loaded before a refusal the configs alone could make")
+
+    monkeypatch.setattr(base_model, "load_base", no_loading)
+    (project / "config" / "batch_config.yaml").write_text(
+        "datasets:\n  kids:\n    training: {keep_best: true, eval_interval: 2}\n")
+    proc = run_cli("train-batch", "toddler_data", "kids", "--fused", "--no-progress", "--no-mlflow", cwd=project)
+    assert_user_error(proc, "kids", "keep_best")
+
+
+def test_fused_batch_failure_names_the_dataset_at_fault(project):
+    (project / "config" / "batch_config.yaml").write_text(
+        "datasets:\n  kids:\n    lora: {target_modules: [nope_proj]}\n")
+    proc = run_cli("train-batch", "toddler_data", "kids", "--fused", "--no-progress", "--no-mlflow", "--json",
+                   cwd=project)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    rows = {r["dataset"]: r for r in json.loads(proc.stdout)["datasets"]}
+    assert "nope_proj" in rows["kids"]["reason"]
+    assert "nope_proj" not in rows["toddler_data"]["reason"], rows["toddler_data"]["reason"]
+    assert "kids" in rows["toddler_data"]["reason"] and rows["toddler_data"]["status"] == "failed"
+
+
+def _only_line(proc, *fragments):
+    assert_user_error(proc, *fragments)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr  # no warning before the error about the same thing
+
+
+def test_profile_chat_on_a_file_that_is_not_chat_is_one_line_saying_why(project):
+    (project / "notes.txt").write_text("not a transcript\njust lines\n")
+    _only_line(run_cli("profile", "--chat", "notes.txt", cwd=project), "notes.txt", "not a CHAT transcript")
+
+
+def test_profile_chat_with_an_unknown_encoding_names_the_encoding(project):
+    (project / "t.cha").write_text("@UTF8\n@Begin\n@Participants:\tCHI Target_Child\n*CHI:\tmore cookie .\n@End\n")
+    _only_line(run_cli("profile", "--chat", "t.cha", "--encoding", "klingon", cwd=project),
+               "--encoding 'klingon'", "unknown encoding")
+
+
+def test_evaluate_pairs_with_every_line_bad_is_one_line(project):
+    (project / "p.jsonl").write_text('{"x": 1}\nnot json\n')
+    _only_line(run_cli("evaluate", "--pairs", "p.jsonl", cwd=project), "no usable minimal pairs", "line 2")
+
+
+def test_prepare_advises_the_catalog_option_not_a_flag_it_does_not_have(project):
+    path = project / "config" / "dataset_catalog.csv"
+    head = path.read_text().splitlines()[0]
+    path.write_text(f"{head}\nu16,local,data/raw/u16.txt,,,,,,,,true\nlat,local,data/raw/lat.jsonl,,,,,,,,true\n")
+    (project / "data" / "raw").mkdir(parents=True, exist_ok=True)
+    (project / "data" / "raw" / "u16.txt").write_bytes("one line\ntwo\n".encode("utf-16"))
+    (project / "data" / "raw" / "lat.jsonl").write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
+    for name, fragments in (("u16", ["encoding=utf-16 in the row's options"]), ("lat", ["encoding=ENCODING"])):
+        proc = run_cli("prepare", name, "--no-tokens", cwd=project)
+        assert_user_error(proc, *fragments)
+        assert "--encoding" not in proc.stderr, proc.stderr

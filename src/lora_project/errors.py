@@ -38,6 +38,12 @@ def one_line(problems: list[str], limit: int = 480) -> str:
     return "; ".join(shown)
 
 
+def first_of(items: list[str], n: int = 3, sep: str = ", ") -> str:
+    """The first `n` items joined, then how many more: a list in an error line never drops some silently."""
+    rest = len(items) - n
+    return sep.join(list(items[:n]) + ([f"and {rest} more"] if rest > 0 else []))
+
+
 class RunInterrupted(BaseException):
     """Raised from a SIGTERM handler so that runs end as KILLED, like Ctrl-C.
 

@@ -139,9 +139,11 @@ def prepare_dataset(paths: ProjectPaths, name: str, force: bool = False,
     if src.is_file() and entry.format in ("lines", "paragraphs", "separator"):
         return prepare_text(entry.name, src, out, entry.format, encoding=encoding, **common)
     from lora_project.data.extract import read_documents
+    from lora_project.data.preprocessor import CATALOG_ENCODING
 
     def load_docs():
-        docs, info = read_documents(src, entry.format, entry.text_field, entry.option("sep", None), encoding)
+        docs, info = read_documents(src, entry.format, entry.text_field, entry.option("sep", None), encoding,
+                                    encoding_option=CATALOG_ENCODING)
         if not entry.option("split_by", None):
             return docs, info
         # split_by=document: each source file (a book, a story collection) is one group

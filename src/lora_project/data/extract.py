@@ -102,9 +102,9 @@ def _field(record, field: str, where: str, available) -> str | None:
     return value
 
 
-def read_jsonl(path: Path, field: str, encoding: str = "utf-8") -> list[str]:
+def read_jsonl(path: Path, field: str, encoding: str = "utf-8", encoding_option: bool | str = True) -> list[str]:
     """Documents from one JSON-lines file: the `field` of each object (null values skipped)."""
-    text = read_text_file(path, encoding)
+    text = read_text_file(path, encoding, encoding_option)
     docs = []
     for i, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -121,9 +121,9 @@ def read_jsonl(path: Path, field: str, encoding: str = "utf-8") -> list[str]:
     return docs
 
 
-def read_csv(path: Path, field: str, encoding: str = "utf-8") -> list[str]:
+def read_csv(path: Path, field: str, encoding: str = "utf-8", encoding_option: bool | str = True) -> list[str]:
     """Documents from one CSV (or .tsv) file: the `field` column of each row."""
-    text = read_text_file(path, encoding)
+    text = read_text_file(path, encoding, encoding_option)
     csv.field_size_limit(1 << 30)
     delimiter = "\t" if Path(path).suffix.lower() == ".tsv" else ","
     reader = csv.DictReader(text.lstrip("\ufeff").splitlines(keepends=True), delimiter=delimiter)
@@ -178,7 +178,7 @@ def read_hf_disk(path: Path, field: str) -> list[str]:
 
 
 def read_documents(path: Path, fmt: str = "auto", text_field: str = "", sep: str | None = None,
-                   encoding: str = "utf-8") -> tuple[list[str], dict]:
+                   encoding: str = "utf-8", encoding_option: bool | str = True) -> tuple[list[str], dict]:
     """Documents of a file or folder in the given source format.
 
     Returns (documents, info) where info counts files and Gutenberg boilerplate removed.
@@ -202,13 +202,13 @@ def read_documents(path: Path, fmt: str = "auto", text_field: str = "", sep: str
         info["files"] += 1
         before = len(docs)
         if fmt == "jsonl":
-            docs.extend(read_jsonl(f, field, encoding))
+            docs.extend(read_jsonl(f, field, encoding, encoding_option))
         elif fmt == "csv":
-            docs.extend(read_csv(f, field, encoding))
+            docs.extend(read_csv(f, field, encoding, encoding_option))
         elif fmt == "parquet":
             docs.extend(read_parquet(f, field))
         else:
-            text = normalise(read_text_file(f, encoding))
+            text = normalise(read_text_file(f, encoding, encoding_option))
             if fmt == "gutenberg":
                 text, found = strip_gutenberg(text)
                 info["gutenberg_boilerplate_removed"] += int(found)

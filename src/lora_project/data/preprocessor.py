@@ -30,7 +30,11 @@ SPLITS = ("train", "validation", "test")
 PREPROCESS_VERSION = 1  # bump when cleaning rules change, so caches are rebuilt
 
 
-def read_text_file(path: Path, encoding: str = "utf-8", encoding_option: bool = True) -> str:
+#: prepare reads catalog rows: an encoding is the row's option, not a command-line flag.
+CATALOG_ENCODING = "encoding={} in the row's options (config/dataset_catalog.csv)"
+
+
+def read_text_file(path: Path, encoding: str = "utf-8", encoding_option: bool | str = True) -> str:
     """Read a text file; missing, binary and non-UTF-8 files are one-line UserErrors (which suggest
     --encoding only where the command has it: `encoding_option`)."""
     return read_user_text(path, what="text", encoding=encoding, encoding_option=encoding_option)
@@ -229,7 +233,7 @@ def prepare_text(name: str, source: Path, out_dir: Path, fmt: str, split: tuple[
         raise UserError(f"dataset '{name}': source file not found: {source}")
 
     def load():
-        return split_documents(normalise(read_text_file(source, encoding)), fmt, options.get("sep"))
+        return split_documents(normalise(read_text_file(source, encoding, CATALOG_ENCODING)), fmt, options.get("sep"))
 
     return prepare_documents(name, str(source), sha256_file(source), load, out_dir, split, options,
                              {"format": fmt, "encoding": encoding}, force=force, count_tokens=count_tokens)

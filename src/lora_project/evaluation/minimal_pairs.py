@@ -17,7 +17,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_project.errors import UserError
+from lora_project.errors import UserError, first_of
 from lora_project.evaluation.fast_pass import FIRST_PASSES
 from lora_project.evaluation.pair_tokens import PairTokens, tokenize_pairs
 from lora_project.evaluation.prefix_tree import ROW_TOKENS, length_buckets, prefix_tree, tree_forward_tokens
@@ -83,13 +83,13 @@ def load_pairs(path: Path, strict: bool = False, warn=print) -> list[Pair]:
     if same:  # kept, as published BLiMP scoring keeps them: a tie is never a right decision
         warn(f"warning: {len(same)} pair(s) with the same good and bad sentence (first: {same[0]}), scored as "
              f"ties, which count as wrong")
+    if not pairs:  # one line that says why, not a warning about the same lines before it
+        detail = f" ({first_of(problems, 3, '; ')})" if problems else ""
+        raise UserError(f"no usable minimal pairs in {path}{detail}")
     if problems:
         if strict:
             raise UserError(f"{len(problems)} bad line(s) in {path}: " + "; ".join(problems[:5]))
         warn(f"warning: skipped {len(problems)} bad line(s): " + "; ".join(problems[:5]))
-    if not pairs:
-        detail = f" ({'; '.join(problems[:3])})" if problems else ""
-        raise UserError(f"no usable minimal pairs in {path}{detail}")
     return pairs
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lora_project.errors import UserError
+from lora_project.errors import UserError, first_of
 from lora_project.utils.io_utils import recover_if_unlocked
 
 METADATA_FILE = "lora_project.json"
@@ -179,8 +179,7 @@ def _check_weights(adapter_dir: Path, config: dict, tensors: dict) -> None:
     # loaded into the base itself, which the other models of a run share: refused, never loaded.
     full = sorted(k for k in tensors if ".lora_" not in k)
     if full:
-        shown = ", ".join(k.removeprefix("base_model.model.") for k in full[:3]) + (
-            f" and {len(full) - 3} more" if len(full) > 3 else "")
+        shown = first_of([k.removeprefix("base_model.model.") for k in full])
         raise UserError(f"{where}: carries weights of the base model itself ({shown}), as an adapter on "
                         "lm_head, an embedding or with trained biases does; loading it would change the base "
                         "for every other model, so it is not supported: retrain it on the linear layers inside "

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_project.errors import UserError
+from lora_project.errors import UserError, first_of
 
 
 @dataclass
@@ -52,11 +52,22 @@ def chat_files(path: Path, participant: str = "CHI", encoding: str = "utf-8", wa
     """The utterances of one participant in a CHAT file or a folder of them (as extract-children writes them)."""
     from lora_project.data.childes import extract_children
 
+    import codecs
+    import sys
+
     if not participant or not participant.strip():
         raise UserError("--participant is empty (e.g. --participant CHI)")
-    ex = extract_children([Path(path)], participants=[participant], encoding=encoding, warn=warn)
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise UserError(f"--encoding {encoding[:40]!r}: unknown encoding (e.g. utf-8, latin-1)") from None
+    skipped: list[str] = []  # said once: in the error when nothing is left, else as warnings
+    ex = extract_children([Path(path)], participants=[participant], encoding=encoding, warn=skipped.append)
     if not ex.lines:
-        raise UserError(f"{path}: no utterances of {participant} with a word in it")
+        why = f" ({first_of(skipped, 2, '; ')})"
+        raise UserError(f"{path}: no utterances of {participant} with a word in it{why if skipped else ''}")
+    for message in skipped:
+        (warn or (lambda m: print(f"warning: {m}", file=sys.stderr)))(message)
     reference = pylangacq_mlu([Path(f.file) for f in ex.files if f.lines], participant, encoding)
     return Corpus(f"{Path(path).name} ({participant})", ex.lines,
                   {"kind": "chat", "path": str(path), "participant": participant, "files": len(ex.files),

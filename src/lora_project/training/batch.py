@@ -115,6 +115,10 @@ def train_batch(paths: ProjectPaths, names: list[str], sources: list[tuple[str, 
     if fused and (seeds is not None or any(a != n for n, a, _ in jobs)):
         raise UserError("--fused trains one adapter per dataset under its own name; --seeds and --name-template "
                         "work without --fused")
+    if fused:  # what the configs alone can refuse, refused before the model loads
+        from lora_project.training.fused import check_fusable
+
+        check_fusable(configs)
     first = configs[names[0]]
     output_dir(paths.metrics_dir)  # the batch summary goes there: checked before any training
     catalog = load_catalog(paths.catalog)
@@ -185,9 +189,11 @@ def train_batch(paths: ProjectPaths, names: list[str], sources: list[tuple[str, 
                              perplexity_before=res["metrics_before"]["perplexity"],
                              perplexity_after=res["metrics_after"]["perplexity"],
                              experiment=res["experiment_dir"], wall_seconds=time.perf_counter() - t0)
-            except UserError as exc:
+            except UserError as exc:  # the dataset at fault gets the reason; the others say why they did not train
+                culprit = getattr(exc, "dataset", None)
                 for r in pending_rows:
-                    r.update(status="failed", reason=" ".join(str(exc).split()))
+                    r.update(status="failed", reason=" ".join(str(exc).split()) if culprit in (None, r["dataset"])
+                             else f"not trained: the fused run stopped on {culprit}'s failure")
     except (KeyboardInterrupt, RunInterrupted):
         status = "KILLED"
         raise

@@ -46,7 +46,7 @@ def check_fusable(configs: dict[str, RunConfig]) -> None:
         if cfg.model != first.model:
             problems.append(f"model differs between {first_name} and {name}")
         if cfg.training.keep_best or cfg.training.early_stopping_patience:
-            raise UserError(f"{name}: training.keep_best and training.early_stopping_patience are not "
+            problems.append(f"{name}: training.keep_best and training.early_stopping_patience are not "
                             "supported with --fused yet; train without --fused")
     if problems:
         raise UserError("--fused trains the adapters in one batch, so these must be equal: " + "; ".join(problems))
@@ -90,10 +90,14 @@ def _train_fused_locked(paths, names, configs, base, *, overwrite, use_mlflow, p
     streams, loaders = {}, {}
     configs = dict(configs)
     for n in names:  # everything that can be refused is checked before any folder or run exists
-        configs[n] = resolved_config(configs[n], base.model, who=n)  # 'auto' -> the model's module names
-        prepared = prepare_dataset(paths, n)
-        streams[n] = load_streams(paths, prepared, base.tokenizer, base.tokenizer_fingerprint)
-        loaders[n] = BlockLoader(streams[n].train, shared.seq_len, shared.batch_size, configs[n].training.seed)
+        try:
+            configs[n] = resolved_config(configs[n], base.model, who=n)  # 'auto' -> the model's module names
+            prepared = prepare_dataset(paths, n)
+            streams[n] = load_streams(paths, prepared, base.tokenizer, base.tokenizer_fingerprint)
+            loaders[n] = BlockLoader(streams[n].train, shared.seq_len, shared.batch_size, configs[n].training.seed)
+        except UserError as exc:
+            exc.dataset = n  # train-batch gives this dataset the reason, the others "not trained"
+            raise
     # Each adapter is initialised right after setting its own seed, in the same module order
     # as a single-adapter run: the same seed gives the same initial weights as sequential training.
     model = None

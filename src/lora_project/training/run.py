@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_project.config import RunConfig, flatten
-from lora_project.errors import RunInterrupted, UserError
+from lora_project.errors import RunInterrupted, UserError, first_of
 from lora_project.models.base_model import BaseBundle, load_base, resolve_model
 from lora_project.models.scoring import validation_metrics
 from lora_project.paths import ProjectPaths, check_name
@@ -63,7 +63,7 @@ def _resume_point(paths: ProjectPaths, adapter_name: str, dataset: str, cfg: Run
     differ = sorted(k for k in set(saved_cfg) | set(now_cfg) if saved_cfg.get(k) != now_cfg.get(k))
     if differ:
         raise UserError(f"cannot resume {ckpt_path}: it was made with a different config "
-                        f"({', '.join(f'{k}: {saved_cfg.get(k)!r} -> {now_cfg.get(k)!r}' for k in differ[:5])})")
+                        f"({first_of([f'{k}: {saved_cfg.get(k)!r} -> {now_cfg.get(k)!r}' for k in differ], 5)})")
     if ckpt[0].get("dataset_name") != dataset:
         raise UserError(f"cannot resume {ckpt_path}: it trained on dataset "
                         f"'{ckpt[0].get('dataset_name')}', not '{dataset}'")

@@ -20,15 +20,25 @@ _CONTROL = {chr(c) for c in range(32) if chr(c) not in "\t\n\r\f\x1b"} | {"\x7f"
 _SNIFF = 65536
 
 
+def _set_encoding(encoding_option: bool | str, name: str) -> str:
+    """How the user names an encoding where this file was given: the --encoding option (True), a
+    template such as a catalog row's option (a str with {}), or nothing to suggest (False)."""
+    if isinstance(encoding_option, str):
+        return "set " + encoding_option.format(name)
+    return f"pass --encoding {name}" if encoding_option else ""
+
+
 def decode_user_bytes(raw: bytes, where: str, *, what: str = "text", encoding: str = "utf-8",
-                      encoding_option: bool = True) -> str:
-    """`raw` decoded as `encoding`, or a one-line UserError naming `where` and the problem."""
+                      encoding_option: bool | str = True) -> str:
+    """`raw` decoded as `encoding`, or a one-line UserError naming `where` and the problem, whose
+    advice names the way to give an encoding that the command really has (`encoding_option`)."""
     try:
         codecs.lookup(encoding)
     except LookupError:
         raise UserError(f"unknown encoding {encoding!r}") from None
     shown = "UTF-8" if codecs.lookup(encoding).name == "utf-8" else encoding
-    hint = "; for UTF-16 text pass --encoding utf-16" if shown == "UTF-8" and encoding_option else ""
+    hint = f"; for UTF-16 text {_set_encoding(encoding_option, 'utf-16')}" if shown == "UTF-8" and encoding_option \
+        else ""
     try:
         text = raw.decode(encoding)
     except UnicodeDecodeError as exc:
@@ -36,7 +46,7 @@ def decode_user_bytes(raw: bytes, where: str, *, what: str = "text", encoding: s
             raise UserError(f"{where}: looks like a binary file (NUL bytes), expected {what}{hint}") from None
         line = raw[: exc.start].count(b"\n") + 1
         raise UserError(f"{where}: not {shown} (byte {exc.start}, line {line}); convert the file to UTF-8"
-                        + (" or pass --encoding" if encoding_option else "")) from None
+                        + (f" or {_set_encoding(encoding_option, 'ENCODING')}" if encoding_option else "")) from None
     text = text.removeprefix("\ufeff")
     head = text[:_SNIFF]
     if "\x00" in head or (head and sum(ch in _CONTROL for ch in head) > len(head) / 100):
@@ -44,7 +54,8 @@ def decode_user_bytes(raw: bytes, where: str, *, what: str = "text", encoding: s
     return text
 
 
-def read_user_text(path: Path, *, what: str = "text", encoding: str = "utf-8", encoding_option: bool = True) -> str:
+def read_user_text(path: Path, *, what: str = "text", encoding: str = "utf-8",
+                   encoding_option: bool | str = True) -> str:
     """The text of a user-supplied file; missing, unreadable, binary or mis-encoded files are
     one-line UserErrors that say which file and what was expected (`what`, e.g. "YAML")."""
     path = Path(path)
