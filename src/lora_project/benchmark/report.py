@@ -6,6 +6,7 @@ from pathlib import Path
 
 from lora_project.benchmark.blimp import blimp_markdown, blimp_speed
 from lora_project.benchmark.matrix import cross_matrix, matrix_markdown, plot_matrix, scope_note
+from lora_project.benchmark.peers import compare_with_lm_eval, peers_markdown
 from lora_project.benchmark.reference import compare_with_reference
 from lora_project.benchmark.speed import run_benchmark
 from lora_project.errors import UserError
@@ -36,6 +37,13 @@ def log_to_mlflow(paths: ProjectPaths, cfg, result: dict, files: list[Path]) -> 
     for row in (result.get("blimp") or {}).get("paths", []):
         key = "plain" if row["path"].startswith("plain") else row["first_pass"]
         metrics[f"blimp_pairs_per_second_{key}"] = row["pairs_per_second"]
+    peer = result.get("blimp_peers") or {}
+    for name, d in (peer.get("definitions") or {}).items():
+        metrics[f"lm_eval_{name}_pairs_per_second"] = d["pairs_per_second"]
+        metrics[f"lm_eval_{name}_speedup_ours"] = d["speedup_ours"]
+        metrics[f"lm_eval_{name}_identical_decisions"] = d["identical_decisions"] / d["pairs"]
+    if peer.get("available"):
+        metrics["blimp_peers_ours_pairs_per_second"] = peer["ours"]["pairs_per_second"]
     ref = result.get("reference_comparison")
     if ref:
         metrics.update(speedup_vs_reference=ref["speedup"], memory_ratio_vs_reference=ref["memory_ratio"])
@@ -126,6 +134,8 @@ def write_report(paths: ProjectPaths, result: dict) -> tuple:
         lines += reference_markdown(ref)
     if result.get("blimp"):
         lines += blimp_markdown(result["blimp"])
+    if result.get("blimp_peers"):
+        lines += peers_markdown(result["blimp_peers"])
     atomic_write_json(base.with_suffix(".json"), result)  # again, with the heatmap's path
     atomic_write_text(base.with_suffix(".md"), "\n".join(lines) + "\n")
     return base.with_suffix(".json"), base.with_suffix(".md")
@@ -135,12 +145,13 @@ def benchmark_report(paths: ProjectPaths, cfg, *, quick: bool = False, shapes=((
                      matrix: bool = False, reference: bool = False, reference_steps: int = 6, mlflow: bool = True,
                      blimp: Path | None = None, blimp_pairs: int = 5, speed: bool | None = None,
                      references: str = "auto", reference_repeats: int = 1, matrix_max_tokens: int = 0,
-                     log=print) -> dict:
+                     peer_pairs: int | None = 20, log=print) -> dict:
     """`lora-project benchmark`: the matmul peaks; the speed sections (`run_benchmark`) when `speed`, which
     defaults to "only when no other section is asked for"; optionally the cross matrix, the reference
     comparison and the minimal-pair speed; the report files, and an MLflow run (when `mlflow` and the
     config's tracking allow); returns the result. The matrix scores whole splits unless
-    `matrix_max_tokens` > 0 caps each one (said in the report)."""
+    `matrix_max_tokens` > 0 caps each one (said in the report). With `blimp`, lm-evaluation-harness is
+    measured beside ours on `peer_pairs` seeded pairs per paradigm (0: the whole folder; None: not run)."""
     if steps < 1:
         raise UserError(f"--steps must be at least 1, got {steps}")
     if reference and reference_steps < 2:
@@ -149,6 +160,8 @@ def benchmark_report(paths: ProjectPaths, cfg, *, quick: bool = False, shapes=((
         raise UserError(f"--matrix-max-tokens must be 0 (whole splits) or positive, got {matrix_max_tokens}")
     if blimp is not None and (blimp_pairs < 1 or not Path(blimp).is_dir()):
         raise UserError(f"--blimp needs a folder of .jsonl pairs and --blimp-pairs >= 1 ({blimp})")
+    if peer_pairs is not None and peer_pairs < 0:
+        raise UserError(f"--peer-pairs must be 0 (the whole folder) or positive, got {peer_pairs}")
     if reference_repeats < 1:
         raise UserError(f"--reference-repeats must be at least 1, got {reference_repeats}")
     if reference:
@@ -169,6 +182,9 @@ def benchmark_report(paths: ProjectPaths, cfg, *, quick: bool = False, shapes=((
     if blimp is not None:
         log(f"minimal-pair scoring speed on {blimp} ...")
         result["blimp"] = blimp_speed(cfg, Path(blimp), per_paradigm=blimp_pairs, log=log)
+        if peer_pairs is not None:
+            log("ours vs lm-evaluation-harness on the same pairs ...")
+            result["blimp_peers"] = compare_with_lm_eval(cfg, Path(blimp), per_paradigm=peer_pairs, log=log)
     json_path, md_path = write_report(paths, result)
     result["report"] = {"json": str(json_path), "markdown": str(md_path)}
     if cfg.tracking.mlflow and mlflow:

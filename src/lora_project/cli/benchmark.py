@@ -49,9 +49,16 @@ def register(sub) -> None:
                         "whole splits); the report says so")
     p.add_argument("--blimp", type=Path, metavar="DIR",
                    help="also time minimal-pair scoring per first-pass path on a sample of this BLiMP-style folder "
-                        "(e.g. ../shared/data/blimp), against the plain fp32 scorer, and project the full-folder time")
+                        "(e.g. ../shared/data/blimp), against the plain fp32 scorer, and project the full-folder time; "
+                        "and measure lm-evaluation-harness beside ours on the same pairs (see --peer-pairs)")
     add_number(p, "--blimp-pairs", int, 1, 100_000, default=5, metavar="N",
                help="--blimp: seeded pairs per paradigm (default 5)")
+    add_number(p, "--peer-pairs", int, 0, 100_000, default=20, metavar="N",
+               help="--blimp: also score N seeded pairs per paradigm (0: the whole folder) with "
+                    "lm-evaluation-harness (the optional extra 'peers': its hf model, fp32, batch 32, under its "
+                    "own BLiMP definition and BabyLM's) and with ours, and report pairs/s, the projected "
+                    "whole-folder time and decision agreement (default 20)")
+    p.add_argument("--no-peers", action="store_true", help="--blimp: skip the lm-evaluation-harness comparison")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the report to MLflow")
     add_config_args(p)
     add_json(p)
@@ -64,6 +71,8 @@ def run(args, paths) -> None:
 
     if not args.reference and (args.references != "auto" or args.reference_steps != 6 or args.reference_repeats != 1):
         raise UserError("--references, --reference-steps and --reference-repeats go with --reference")
+    if args.blimp is None and (args.no_peers or args.peer_pairs != 20):
+        raise UserError("--peer-pairs and --no-peers go with --blimp")
     shapes = parse_shapes(args.shapes)
     output_dir(paths.metrics_dir)  # the report goes there: checked before any measuring
     result = benchmark_report(paths, load_cfg(args, paths), quick=args.quick, shapes=shapes, steps=args.steps,
@@ -71,6 +80,7 @@ def run(args, paths) -> None:
                               mlflow=not args.no_mlflow, blimp=args.blimp, blimp_pairs=args.blimp_pairs,
                               speed=True if args.speed else None, references=args.references,
                               reference_repeats=args.reference_repeats, matrix_max_tokens=args.matrix_max_tokens,
+                              peer_pairs=None if args.no_peers else args.peer_pairs,
                               log=progress_log(args.json))
     if args.json:
         print_json(result)
