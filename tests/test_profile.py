@@ -46,7 +46,8 @@ def test_profile_of_a_tiny_corpus():
     assert p["top_words"][:2] == [("more", 2), ("ball", 2)]
     assert p["mattr"] == pytest.approx(10 / 12) and p["mattr_window"] == 12  # fewer words than the window: TTR
     assert p["length_counts"] == {"1": 1, "2": 2, "3": 1, "4": 1}
-    assert p["brown_stage"] == {"stage": "II", "mlu_range": [2.0, 2.5], "approximate": True}
+    assert p["brown_stage"] == {"stage": "II", "mlu_range": [2.0, 2.5], "approximate": True,
+                                   "from": "mlu_words"}
 
 
 def test_mattr_moving_window():
@@ -150,6 +151,63 @@ def test_chat_mlu_words_equals_pylangacq(path, project, capsys):
     theirs = pylangacq.read_chat(str(common), strict=False).mluw(participant="CHI", n=None)[0]
     assert ours["corpus"]["utterances"] > 0.8 * out["corpus"]["utterances"]  # most utterances kept
     assert ours["corpus"]["mlu_words"] == pytest.approx(theirs, abs=1e-12)
+
+
+def _pylangacq_words_per_worded_utterance(path: Path, participant: str = "CHI") -> float:
+    """pylangacq's words (Token.word, punctuation left out: a token with no letter or digit) per
+    utterance of `participant` that holds one, over the whole unmodified transcript."""
+    import pylangacq
+
+    counts = [n for u in pylangacq.read_chat(str(path), strict=False).utterances() if u.participant == participant
+              if (n := sum(1 for t in u.tokens if any(ch.isalnum() for ch in t.word)))]
+    return sum(counts) / len(counts)
+
+
+@needs_chat
+@pytest.mark.parametrize("path", CHAT_FILES, ids=lambda p: p.name)
+def test_mlu_words_chat_equals_pylangacq_words_over_worded_utterances(path, capsys):
+    """Issue 31: MLU in words by CHAT conventions (a compound such as bunny+rabbit or Humpty_Dumpty is
+    one word, fillers and fragments none) on the whole transcript, against pylangacq, to 1e-9; the
+    text-word MLU (what the model sees) stays beside it, and the Brown stage reads the CHAT figure
+    only when there is no %mor."""
+    out = _json(capsys, ["profile", "--chat", str(path), "--json"])["corpus"]
+    assert out["mlu_words_chat"] == pytest.approx(_pylangacq_words_per_worded_utterance(path), abs=1e-9)
+    assert out["mlu_words"] >= out["mlu_words_chat"]  # compounds split in the text, never joined
+    assert out["brown_stage"]["from"] == ("mlu_morphemes" if out["mlu_morphemes"] is not None else "mlu_words_chat")
+
+
+def test_brown_stage_comes_from_chat_words_without_mor_and_text_words_for_text(project, capsys):
+    cha = project / "t.cha"
+    cha.write_text("@UTF8\n@Begin\n@Participants:\tCHI Target_Child\n"
+                   "*CHI:\tbunny+rabbit go@o &-uh home .\n*CHI:\tHumpty_Dumpty fall .\n*CHI:\txxx .\n@End\n")
+    chat = _json(capsys, ["profile", "--chat", str(cha), "--json"])["corpus"]
+    assert chat["mlu_morphemes"] is None
+    assert chat["mlu_words_chat"] == pytest.approx(2.5)  # (3 + 2) / 2: the filler and the word-less line out
+    assert chat["mlu_words"] == pytest.approx(3.5)  # the text the model sees: bunny rabbit go home / Humpty Dumpty fall
+    assert chat["brown_stage"] == {"stage": "III", "mlu_range": [2.5, 3.0], "approximate": True,
+                                   "from": "mlu_words_chat"}
+    (project / "u.txt").write_text("bunny rabbit go home\nHumpty Dumpty fall\n")
+    text = _json(capsys, ["profile", "--text", str(project / "u.txt"), "--json"])["corpus"]
+    assert text["mlu_words_chat"] is None and text["brown_stage"]["from"] == "mlu_words"
+
+
+def test_a_dataset_built_from_chat_keeps_its_chat_word_counts(project, capsys):
+    path = project / "config" / "dataset_catalog.csv"
+    head = path.read_text().splitlines()[0]
+    path.write_text(f"{head}\nchild,childes,data/childes/child,,,,,,,0.34/0.33/0.33,true\n")
+    folder = project / "data" / "childes" / "child"
+    folder.mkdir(parents=True)
+    body = "".join(f"*CHI:\tbunny+rabbit go {w} .\n*CHI:\t{w} please .\n" for w in
+                   ("home", "out", "up", "down", "in", "away", "back", "there", "here", "now", "on", "off"))
+    (folder / "a.cha").write_text("@UTF8\n@Begin\n@Participants:\tCHI Target_Child\n" + body + "@End\n")
+    assert main(["prepare", "child", "--no-tokens"]) == 0
+    capsys.readouterr()
+    out = _json(capsys, ["profile", "--dataset", "child", "--split", "train", "--json"])["corpus"]
+    chat_counts = {"bunny rabbit": 3, "please": 2}
+    lines = (project / "data" / "processed" / "child" / "train.txt").read_text().splitlines()
+    expected = [next(n for k, n in chat_counts.items() if k in line) for line in lines]
+    assert out["mlu_words_chat"] == pytest.approx(sum(expected) / len(expected), abs=1e-12)
+    assert out["brown_stage"]["from"] == "mlu_words_chat"
 
 
 @needs_chat

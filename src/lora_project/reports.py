@@ -98,6 +98,7 @@ def childes_files(paths: ProjectPaths):
             rows.append({"dataset": name, "file": Path(f["file"]).name, "age": ", ".join(
                 f"{k} {v}" for k, v in f["ages"].items() if v) or None, "age_months": f.get("age_months"),
                 "utterances": f["utterances"], "lines": f["lines"], "mlu_words": f.get("mlu_words"),
+                "mlu_words_chat": f.get("mlu_words_chat"),
                 "skipped": f.get("skipped")})
     if not rows:
         raise NothingYet("no CHILDES dataset prepared; put .cha files in data/childes/, enable the 'childes' "
@@ -342,8 +343,10 @@ def latest_profile(paths: ProjectPaths) -> dict:
     return json.loads(max(files, key=lambda p: p.stat().st_mtime).read_text())
 
 
-_PROFILE_COLUMNS = ("utterances", "mlu_words", "mlu_morphemes", "mattr", "one_word_share", "two_word_share",
-                    "vocabulary")
+# mlu_words: words of the text (the corpus-vs-model figure); mlu_words_chat: by CHAT conventions
+# (CHAT sources and datasets built from CHAT); mlu_morphemes: from %mor.
+_PROFILE_COLUMNS = ("utterances", "mlu_words", "mlu_words_chat", "mlu_morphemes", "mattr", "one_word_share",
+                    "two_word_share", "vocabulary")
 
 
 def profile_table(report: dict):
@@ -383,7 +386,8 @@ def corpus_profiles(paths: ProjectPaths, split: str = "test"):
 
     rows = []
     for name in prepared_datasets(paths):
-        p = profile(dataset_split(paths, name, split).utterances)
+        corpus = dataset_split(paths, name, split)
+        p = profile(corpus.utterances, chat_words=corpus.chat_words)
         rows.append({"dataset": name, **{k: p[k] for k in _PROFILE_COLUMNS},
                      "brown_stage": p["brown_stage"]["stage"] + "~" if p["brown_stage"] else None})
     return pd.DataFrame(rows).set_index("dataset")

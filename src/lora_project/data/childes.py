@@ -88,6 +88,14 @@ def utterance_text(words: list[str]) -> str | None:
     return " ".join(parts).rstrip(",") + end
 
 
+def chat_words(words: list[str]) -> int:
+    """Words of one utterance by CHAT conventions (as CLAN and pylangacq count them): a token with a
+    letter or digit is one word, a compound or underscore-joined unit (``bunny+rabbit``,
+    ``Humpty_Dumpty``) included; terminators, linkers and commas none. Fillers (``&-uh``),
+    fragments (``&+``) and ``xxx`` never reach here: pylangacq's tokens leave them out."""
+    return sum(1 for tok in words if not tok.startswith("+") and any(ch.isalnum() for ch in _word(tok)))
+
+
 @dataclass
 class FileReport:
     """What one transcript contributed: utterances, lines written, ages, MLU, and why not, if skipped."""
@@ -96,7 +104,8 @@ class FileReport:
     lines: int = 0               # lines written (utterances holding at least one word)
     ages: dict = field(default_factory=dict)   # speaker code -> CHAT age string (None if absent)
     age_months: float | None = None   # youngest chosen speaker's age in months
-    mlu_words: float | None = None    # mean length of the written utterances, in words
+    mlu_words: float | None = None    # mean length of the written utterances, in words of the text
+    mlu_words_chat: float | None = None  # the same utterances in words by CHAT conventions (chat_words)
     lenient: str | None = None   # why strict parsing failed, when the lenient parser was used
     skipped: str | None = None   # why the file contributed nothing (age filter, parse error)
 
@@ -106,7 +115,7 @@ class Extraction:
     """The lines extracted from all sources plus one FileReport per file."""
     lines: list[str]
     files: list[FileReport]
-    meta: list[dict] = field(default_factory=list)  # per line: transcript, speaker, age_months
+    meta: list[dict] = field(default_factory=list)  # per line: transcript, speaker, age_months, chat_words
 
     @property
     def problems(self) -> list[FileReport]:
@@ -250,19 +259,22 @@ def extract_children(paths: list[Path], participants: list[str] | tuple[str, ...
         who = {p.code: {"speaker": f"{(p.corpus or '?').lower()}/{p.name}" if p.name else f"{name}#{p.code}",
                         "age_months": round(p.age.in_months(), 2) if p.age is not None else None}
                for p in reader.participants()}
-        n_words = 0
+        n_words = n_chat = 0
         for utt in reader.utterances():
             if utt.participant not in codes or utt.tokens is None:
                 continue
             rep.utterances += 1
-            text = utterance_text([t.word for t in utt.tokens])
+            words = [t.word for t in utt.tokens]
+            text = utterance_text(words)
             if text:
                 lines.append(text)
                 speaker = who.get(utt.participant, {"speaker": f"{name}#{utt.participant}", "age_months": None})
-                meta.append({"transcript": name, **speaker})
+                meta.append({"transcript": name, **speaker, "chat_words": chat_words(words)})
+                n_chat += meta[-1]["chat_words"]
                 rep.lines += 1
                 n_words += sum(1 for w in text.split() if any(c.isalpha() for c in w))
         rep.mlu_words = round(n_words / rep.lines, 3) if rep.lines else None
+        rep.mlu_words_chat = round(n_chat / rep.lines, 3) if rep.lines else None
     return Extraction(lines, reports, meta)
 
 

@@ -94,16 +94,19 @@ def length_shares(utts: Sequence[Sequence[str]]) -> dict[str, float | None]:
     return {"one_word_share": lengths[1] / len(utts), "two_word_share": lengths[2] / len(utts)}
 
 
-def brown_stage(mlu: float | None, *, from_morphemes: bool) -> dict | None:
-    """Brown's stage for an MLU; `approximate` is True when the MLU is in words, not morphemes."""
+def brown_stage(mlu: float | None, *, from_morphemes: bool, source: str | None = None) -> dict | None:
+    """Brown's stage for an MLU; `approximate` is True when the MLU is in words, not morphemes;
+    `from` names the figure it was read from (default: mlu_morphemes or mlu_words)."""
     if mlu is None:
         return None
+    source = source or ("mlu_morphemes" if from_morphemes else "mlu_words")
     if mlu < BROWN_STAGES[0][1]:
-        return {"stage": "pre-I", "mlu_range": [0.0, BROWN_STAGES[0][1]], "approximate": not from_morphemes}
+        return {"stage": "pre-I", "mlu_range": [0.0, BROWN_STAGES[0][1]], "approximate": not from_morphemes,
+                "from": source}
     for name, lo, hi in BROWN_STAGES:
         if lo <= mlu < hi:
             return {"stage": name, "mlu_range": [lo, None if math.isinf(hi) else hi],
-                    "approximate": not from_morphemes}
+                    "approximate": not from_morphemes, "from": source}
     raise AssertionError(mlu)  # the last stage is open-ended
 
 
@@ -157,16 +160,28 @@ def novelty(utterances: Iterable[str], index: TrainingIndex) -> dict:
 
 
 def profile(utterances: Sequence[str], *, top: int = 20, window: int = MATTR_WINDOW,
-            mlu_morphemes: float | None = None) -> dict:
+            mlu_morphemes: float | None = None, chat_words: Sequence[int] | None = None) -> dict:
     """The profile of a list of utterances (one utterance per string).
 
-    `mlu_morphemes` comes from a source that has morphemes (CHAT %mor through pylangacq);
-    the Brown stage is read from it when given, else from MLU in words and marked approximate.
+    Two MLUs in words: ``mlu_words`` counts the words of the text (what a model sees and samples:
+    the figure for comparing a corpus with an adapter's samples), ``mlu_words_chat`` the words
+    by CHAT conventions (`chat_words`, one count per utterance, from a CHAT source; a compound
+    is one word), the figure published tables use. `mlu_morphemes` comes from a source that has
+    morphemes (CHAT %mor through pylangacq). The Brown stage is read from MLU in morphemes when
+    given, else from mlu_words_chat, else from mlu_words; the last two are marked approximate.
     """
     utts = tokenised(utterances)
     tokens = [w for u in utts for w in u]
     mlu_w = mean_length(utts)
     lengths = [len(u) for u in utts]
+    chat = [n for n in chat_words if n] if chat_words is not None else []
+    mlu_chat = sum(chat) / len(chat) if chat else None
+    if mlu_morphemes is not None:
+        stage = brown_stage(mlu_morphemes, from_morphemes=True)
+    elif mlu_chat is not None:
+        stage = brown_stage(mlu_chat, from_morphemes=False, source="mlu_words_chat")
+    else:
+        stage = brown_stage(mlu_w, from_morphemes=False)
     return {
         "utterances": len(utts),
         "empty": len(utterances) - len(utts),
@@ -174,13 +189,13 @@ def profile(utterances: Sequence[str], *, top: int = 20, window: int = MATTR_WIN
         "vocabulary": len(set(tokens)),
         "mlu_words": mlu_w,
         "mlu_words_sd": (math.sqrt(sum((x - mlu_w) ** 2 for x in lengths) / len(lengths)) if lengths else None),
+        "mlu_words_chat": mlu_chat,
         "mlu_morphemes": mlu_morphemes,
         "mattr": mattr(tokens, window),
         "mattr_window": min(window, len(tokens)),
         **length_shares(utts),
         "top_words": Counter(tokens).most_common(top),
-        "brown_stage": (brown_stage(mlu_morphemes, from_morphemes=True) if mlu_morphemes is not None
-                        else brown_stage(mlu_w, from_morphemes=False)),
+        "brown_stage": stage,
         "length_counts": {str(k): v for k, v in sorted(Counter(lengths).items())},
     }
 

@@ -105,7 +105,8 @@ def run_profile(paths, req: ProfileRequest) -> dict:
 
         adapters = checked_adapters(adapters)  # before any work: complete folders, distinct names
     corpus = load_corpus(paths, req)
-    corpus_profile = metrics.profile(corpus.utterances, top=req.top, mlu_morphemes=corpus.mlu_morphemes)
+    corpus_profile = metrics.profile(corpus.utterances, top=req.top, mlu_morphemes=corpus.mlu_morphemes,
+                                     chat_words=corpus.chat_words)
     report: dict = {"source": corpus.source, "label": corpus.label, "mattr_window": metrics.MATTR_WINDOW,
                     "corpus": corpus_profile}
     if corpus.pylangacq:
@@ -241,22 +242,23 @@ def _f(v, fmt=".2f") -> str:
 def format_report(report: dict) -> str:
     """The terminal table: corpus, baseline, base and adapters."""
     c = report["corpus"]
-    cols = ["", "utts", "MLU-w", "MLU-m", f"MATTR{report['mattr_window']}", "1-word", "2-word", "vocab", "JSD",
-            "verbatim", "4g-seen", "stage"]
+    cols = ["", "utts", "MLU-w", "MLU-wc", "MLU-m", f"MATTR{report['mattr_window']}", "1-word", "2-word", "vocab",
+            "JSD", "verbatim", "4g-seen", "stage"]
 
     def stage(p):
         s = p.get("brown_stage")
         return "-" if not s else s["stage"] + ("~" if s["approximate"] else "")
 
     def row(name, p, nov=None, jsd=None):
-        return [name, str(p["utterances"]), _f(p["mlu_words"]), _f(p.get("mlu_morphemes")), _f(p["mattr"], ".3f"),
+        return [name, str(p["utterances"]), _f(p["mlu_words"]), _f(p.get("mlu_words_chat")), _f(p.get("mlu_morphemes")),
+                _f(p["mattr"], ".3f"),
                 _f(p["one_word_share"], ".0%"), _f(p["two_word_share"], ".0%"), str(p["vocabulary"]), _f(jsd, ".3f"),
                 _f(nov and nov["verbatim_share"], ".0%"), _f(nov and nov["ngram_seen_share"], ".0%"), stage(p)]
 
     rows = [row(f"corpus {report['label']}", c, report.get("baseline"))]
     if "baseline_within_train" in report:
         w = report["baseline_within_train"]
-        rows.append(["  train 10% vs 90%"] + [""] * 8 + [_f(w["verbatim_share"], ".0%"),
+        rows.append(["  train 10% vs 90%"] + [""] * 9 + [_f(w["verbatim_share"], ".0%"),
                                                     _f(w["ngram_seen_share"], ".0%"), ""])
     for name, p in report.get("models", {}).items():
         rows.append(row(name, p, p.get("novelty"), p.get("jsd")))
@@ -264,7 +266,10 @@ def format_report(report: dict) -> str:
     lines = ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
              for r in [cols] + rows]
     lines.insert(1, "-" * len(lines[0]))
-    notes = ["stage: Brown (1973) from MLU in morphemes; ~ = approximate, read from MLU in words.",
+    notes = ["MLU-w: words of the text, as a model sees and samples it (compounds split; the corpus-vs-model "
+             "figure); MLU-wc: words by CHAT conventions (a compound one word, fillers none; CHAT sources only); "
+             "MLU-m: morphemes (%mor).",
+             "stage: Brown (1973) from MLU-m; ~ = approximate, read from MLU-wc, else from MLU-w.",
              "JSD: Jensen-Shannon divergence (bits) of word distributions vs the corpus."]
     if "baseline" in report:
         notes.append("verbatim / 4g-seen: share found in the train split (utterances / utterances of 4+ words whose "

@@ -22,6 +22,7 @@ class Corpus:
     source: dict                     # kind and location, for the report
     mlu_morphemes: float | None = None
     pylangacq: dict = field(default_factory=dict)   # CHAT only: pylangacq's mluw/mlum over all files
+    chat_words: list[int] | None = None  # CHAT only: words of each utterance by CHAT conventions
 
 
 def lines_of(documents: list[str]) -> list[str]:
@@ -34,8 +35,26 @@ def dataset_split(paths, name: str, split: str) -> Corpus:
     from lora_project.data.preprocessor import read_split
     from lora_project.paths import check_name
 
-    docs = read_split(paths.processed(check_name(name, "dataset name")), split)
-    return Corpus(f"{name}:{split}", lines_of(docs), {"kind": "dataset", "dataset": name, "split": split})
+    folder = paths.processed(check_name(name, "dataset name"))
+    docs = read_split(folder, split)
+    lines = lines_of(docs)
+    return Corpus(f"{name}:{split}", lines, {"kind": "dataset", "dataset": name, "split": split},
+                  chat_words=_chat_words_of(folder / f"{split}.meta.jsonl", lines, docs))
+
+
+def _chat_words_of(meta_path: Path, lines: list[str], docs: list[str]) -> list[int] | None:
+    """Per-utterance CHAT word counts that prepare kept for a dataset built from CHAT
+    (``<split>.meta.jsonl``, one record per utterance), or None when there are none to trust."""
+    import json
+
+    if not meta_path.is_file() or len(lines) != len(docs):
+        return None
+    try:
+        counts = [json.loads(line).get("chat_words") for line in meta_path.read_text(encoding="utf-8").splitlines()]
+    except (ValueError, AttributeError, OSError, UnicodeDecodeError):
+        return None
+    ok = len(counts) == len(lines) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts)
+    return counts if ok else None
 
 
 def text_file(path: Path, encoding: str = "utf-8") -> Corpus:
@@ -72,7 +91,8 @@ def chat_files(path: Path, participant: str = "CHI", encoding: str = "utf-8", wa
     return Corpus(f"{Path(path).name} ({participant})", ex.lines,
                   {"kind": "chat", "path": str(path), "participant": participant, "files": len(ex.files),
                    "files_used": sum(1 for f in ex.files if f.lines)},
-                  mlu_morphemes=reference.pop("mlu_morphemes", None), pylangacq=reference)
+                  mlu_morphemes=reference.pop("mlu_morphemes", None), pylangacq=reference,
+                  chat_words=[m["chat_words"] for m in ex.meta])
 
 
 _NOT_MORPHEMES = {"", "cm", "beg", "end", "bq", "eq"}  # %mor punctuation parts of speech
