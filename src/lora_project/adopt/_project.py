@@ -22,10 +22,13 @@ from lora_project.models.adapter import (  # noqa: F401
 )
 from lora_project.paths import _NAME_RE, ProjectPaths  # noqa: F401
 from lora_project.utils.io_utils import (  # noqa: F401
+    atomic_write_bytes,
     atomic_write_json,
     default_mode,
     fsync_dir,
     fsync_tree,
+    json_text,
 )
+from lora_project.utils.interrupts import acknowledge, shielded  # noqa: F401
 from lora_project.utils.mlflow_utils import default_tracking_uri, resolve_tracking_uri  # noqa: F401
 from lora_project.utils.provenance import sha256_file  # noqa: F401

@@ -2,9 +2,13 @@
 
 Each item lands whole or not at all: a file is written to a temporary sibling, checked, then
 hard-linked into place (which fails rather than overwrite); a folder (an adapter, CHAT
-transcripts) is built under a temporary name and renamed into place. The manifest
-``outputs/adopt/adopt_<timestamp>.json`` is rewritten after every item, so an interrupted
-adoption can still be undone. OLD_DIR is only read.
+transcripts) is built under a temporary name and renamed into place. Placing an item, its
+catalog row and its record in the manifest happen in one step that Ctrl-C does not split
+(the stop is deferred to its end). The manifest ``outputs/adopt/adopt_<timestamp>.json`` is
+rewritten after every item (its digest recorded in the adopt ledger first), each item with
+its state (planned, done, failed); ``complete`` is true only when every item is done. An
+interrupted adoption says so in the manifest and on the terminal, can be undone, and a
+re-run adds what is missing. OLD_DIR is only read.
 """
 
 from __future__ import annotations
@@ -26,16 +30,23 @@ from lora_project.adopt._project import (
     check_adapter_dir,
     default_mode,
     fsync_dir,
+    acknowledge,
     sha256_file,
+    shielded,
 )
-from lora_project.adopt.plan import MANIFEST_FORMAT, Plan, manifest_dir
+from lora_project.adopt.ledger import MANIFEST_FORMAT, manifest_dir, write_manifest
+from lora_project.adopt.plan import Plan, shown
 from lora_project.adopt.scan import Item
 
 _ORDER = {"adapter": 0, "data": 1, "chat": 1, "script": 2, "notebook": 2, "config": 2, "mlflow": 3}
 
 
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
 class Recorder:
-    """The manifest being written: every item, every file added, catalog rows, MLflow runs."""
+    """The manifest being written: every item with its state, every file added, catalog rows, MLflow runs."""
 
     def __init__(self, plan: Plan):
         self.plan = plan
@@ -45,16 +56,17 @@ class Recorder:
         self.created_dirs: list[str] = []
         self.data = {
             "format": MANIFEST_FORMAT, "old_dir": str(plan.old_dir), "project": str(self.paths.root),
-            "started": datetime.now(timezone.utc).isoformat(), "finished": None, "complete": False,
+            "started": _now(), "finished": None, "complete": False, "interrupted": None,
             "items": [], "catalog": {"file": "config/dataset_catalog.csv", "rows": [], "appended": ""},
             "mlflow": {"tracking_uri": plan.tracking_uri, "runs": [], "experiments_created": [], "artifacts": []},
             "created_dirs": self.created_dirs, "undone": None,
         }
         self.entries: dict[int, dict] = {}
         for it in plan.items:
+            todo = it.action in ("copy", "convert", "import")
             entry = {"source": it.source, "kind": it.kind, "action": it.action, "destination": it.destination,
                      "reason": it.reason, "digest": it.digest or None, "source_files": list(it.files),
-                     "copies": []}
+                     "state": "planned" if todo else None, "catalog_row": None, "copies": []}
             self.entries[id(it)] = entry
             self.data["items"].append(entry)
 
@@ -69,8 +81,24 @@ class Recorder:
             d.mkdir()
             self.created_dirs.append(d.relative_to(self.paths.root).as_posix())
 
-    def copied(self, it: Item, source: str, dest: Path, sha: str) -> None:
-        self.entries[id(it)]["copies"].append({"source": source, "destination": self.rel(dest), "sha256": sha})
+    def done(self, it: Item, copies: list[tuple[str, Path, str]]) -> None:
+        """The item is in place: record its copies, add its catalog row, mark it done, save.
+        Called inside the shielded step that placed it."""
+        e = self.entries[id(it)]
+        e["copies"] += [{"source": src, "destination": self.rel(dest), "sha256": sha} for src, dest, sha in copies]
+        rows = [row for item, row in self.plan.rows if item is it]
+        try:
+            if rows:
+                appended = append_rows(self.paths.catalog, rows)
+                self.data["catalog"]["rows"] += [r["name"] for r in rows]
+                self.data["catalog"]["appended"] += appended
+                e["catalog_row"] = rows[0]["name"]
+        except UserError as exc:
+            _fail(it, exc)
+        else:
+            e["state"] = "done"
+        self.update(it)
+        self.save()
 
     def rel(self, p: Path) -> str:
         try:
@@ -81,10 +109,12 @@ class Recorder:
     def update(self, it: Item) -> None:
         e = self.entries[id(it)]
         e.update(action=it.action, reason=it.reason, destination=it.destination)
+        if it.action == "failed":
+            e["state"] = "failed"
 
     def save(self) -> None:
         self.ensure_dir(self.path.parent)
-        atomic_write_json(self.path, self.data)
+        write_manifest(self.paths, self.path, self.data)
 
 
 def _copy_verified(src: Path, tmp_dest: Path, expected: str) -> str:
@@ -135,10 +165,11 @@ def copy_file(rec: Recorder, it: Item, rel_src: str, dest: Path) -> None:
     os.unlink(tmp)
     try:
         sha = _copy_verified(src, Path(tmp), it.info["sha256"][rel_src])
-        _place_file(Path(tmp), dest)
+        with shielded():
+            _place_file(Path(tmp), dest)
+            rec.done(it, [(rel_src, dest, sha)])
     finally:
         Path(tmp).unlink(missing_ok=True)
-    rec.copied(it, rel_src, dest, sha)
 
 
 def _build_dir(rec: Recorder, it: Item, dest: Path, fill) -> None:
@@ -150,11 +181,12 @@ def _build_dir(rec: Recorder, it: Item, dest: Path, fill) -> None:
         files = fill(tmp)
         for d in [tmp, *[p for p in tmp.rglob("*") if p.is_dir()]]:
             fsync_dir(d)
-        _place_dir(tmp, dest)
+        copies = [(src_rel, dest / name, sha256_file(tmp / name)) for src_rel, name in files]
+        with shielded():
+            _place_dir(tmp, dest)
+            rec.done(it, copies)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for src_rel, name in files:
-        rec.copied(it, src_rel, dest / name, sha256_file(dest / name))
 
 
 def _convert_bin(src: Path, target: Path) -> None:
@@ -181,7 +213,11 @@ def adapter_metadata(rec: Recorder, it: Item, trainer_state: Path | None) -> dic
     """Our lora_project.json for an adopted adapter: what is known; the rest None (unknown), not invented."""
     base = it.info.get("base_model") or None
     fingerprint, directory = None, None
-    if base and not it.info.get("same_base") and Path(base).is_dir():
+    if base and it.info.get("same_base") and it.info.get("configured") == "embedded":
+        from lora_project.models.base_model import embedded_fingerprint
+
+        base, fingerprint = "embedded", embedded_fingerprint()  # its cache folder or hub id is the embedded model
+    elif base and not it.info.get("same_base") and Path(base).is_dir():
         from lora_project.models.base_model import (
             resolve_model,  # hashes the weights (cached)
         )
@@ -201,9 +237,9 @@ def adapter_metadata(rec: Recorder, it: Item, trainer_state: Path | None) -> dic
     meta = AdapterMetadata(
         adapter_name=it.info["name"], origin="adopted",
         base_model={"name": base, "fingerprint": fingerprint, "directory": directory,
-                    "matches_configured_base": bool(it.info.get("same_base"))},
-        extra={"adopted": {"from": str(rec.plan.old_dir / it.source), "old_project": str(rec.plan.old_dir),
-                           "adopted_at": datetime.now(timezone.utc).isoformat(), "manifest": rec.rel(rec.path),
+                    "matches_configured_base": it.info.get("same_base")},
+        extra={"adopted": {"from": shown(str(rec.plan.old_dir / it.source)), "old_project": str(rec.plan.old_dir),
+                           "adopted_at": _now(), "manifest": rec.rel(rec.path),
                            "weights": "converted from adapter_model.bin (torch.load weights_only=True)"
                            if it.action == "convert" else "copied unchanged",
                            "trainer_checkpoint": bool(it.info.get("checkpoint"))},
@@ -251,14 +287,15 @@ def adopt_chat_folder(rec: Recorder, it: Item, dest: Path) -> None:
 
 def apply_plan(plan: Plan, log=None) -> Path:
     """Carry out `plan` (see the module docstring); returns the manifest path. Items that fail
-    are marked 'failed' with the reason; the others go on."""
+    are marked 'failed' with the reason; the others go on. A stop (Ctrl-C) or an error of the
+    machine ends it with the manifest saying so (``interrupted``, ``complete: false``) and a
+    hint on how to finish or undo it."""
     rec = Recorder(plan)
     rec.save()
     say = log or (lambda m: None)
+    todo = sorted((it for it in plan.items if it.action in ("copy", "convert", "import")),
+                  key=lambda it: _ORDER.get(it.kind, 9))
     try:
-        todo = sorted((it for it in plan.items if it.action in ("copy", "convert", "import")),
-                      key=lambda it: _ORDER.get(it.kind, 9))
-        rows = []
         for it in todo:
             if it.kind == "mlflow":
                 continue
@@ -272,26 +309,43 @@ def apply_plan(plan: Plan, log=None) -> Path:
                     copy_file(rec, it, it.files[0], dest)
             except UserError as exc:
                 _fail(it, exc)
+                rec.update(it)
+                rec.save()
             else:
-                say(f"{it.action:8s} {it.source} -> {it.destination}")
-                rows += [row for item, row in plan.rows if item is it]
-            rec.update(it)
-            rec.save()
-        if rows:
-            rec.data["catalog"]["rows"] = [r["name"] for r in rows]
-            rec.data["catalog"]["appended"] = append_rows(plan.paths.catalog, rows)
-            rec.save()
-            say(f"catalog: added {', '.join(r['name'] for r in rows)}")
+                say(f"{it.action:8s} {shown(it.source)} -> {shown(it.destination)}")
+                row = rec.entries[id(it)]["catalog_row"]
+                if row:
+                    say(f"catalog: added {row}")
         for it in todo:
             if it.kind == "mlflow":
                 _import_mlflow(rec, it, say)
-                rec.update(it)
-                rec.save()
-    finally:
-        rec.data["finished"] = datetime.now(timezone.utc).isoformat()
-        rec.data["complete"] = all(it.action != "failed" for it in plan.items)
-        rec.save()
+                with shielded():
+                    if it.action != "failed":
+                        rec.entries[id(it)]["state"] = "done"
+                    rec.update(it)
+                    rec.save()
+    except BaseException as exc:
+        acknowledge()  # a stop that was raised at once is not raised again by the shield below
+        with shielded():
+            rec.data["interrupted"] = {"at": _now(), "by": type(exc).__name__,
+                                       "detail": (str(exc).splitlines() or [""])[0][:300]}
+            rec.data["finished"] = _now()
+            rec.data["complete"] = False
+            rec.save()
+        exc.hint = _interrupted_hint(rec, todo)
+        raise
+    rec.data["finished"] = _now()
+    rec.data["complete"] = all(rec.entries[id(it)]["state"] == "done" for it in todo)
+    rec.save()
     return rec.path
+
+
+def _interrupted_hint(rec: Recorder, todo: list[Item]) -> str:
+    done = sum(1 for it in todo if rec.entries[id(it)]["state"] == "done")
+    man = rec.rel(rec.path)
+    return (f"the adoption did not finish ({done} of {len(todo)} items adopted; {man} records them, complete: "
+            f"false); run `lora-project adopt {shown(str(rec.plan.old_dir))} --apply` again to add the rest, "
+            f"or `lora-project adopt --undo {man}` to take it back")
 
 
 def _fail(it: Item, exc: Exception) -> None:
@@ -315,7 +369,8 @@ def _import_mlflow(rec: Recorder, it: Item, say) -> None:
         rec.save()
 
     try:
-        counts = import_file_store(rec.paths, rec.plan.old_dir / it.source.rstrip("/"), rec.plan.tracking_uri, record)
+        counts = import_file_store(rec.paths, rec.plan.old_dir / it.source.rstrip("/"), rec.plan.tracking_uri, record,
+                                   migrated=it.info.get("migrated"))
     except UserError as exc:
         _fail(it, exc)
         return
@@ -324,4 +379,4 @@ def _import_mlflow(rec: Recorder, it: Item, say) -> None:
                  f"points" + (f", {counts['already_there']} already imported" if counts["already_there"] else "")
                  + (f", {counts['deleted_not_imported']} deleted run(s) not imported"
                     if counts["deleted_not_imported"] else ""))
-    say(f"import   {it.source} -> {it.destination}: {counts['imported']} runs")
+    say(f"import   {shown(it.source)} -> {it.destination}: {counts['imported']} runs")

@@ -8,6 +8,11 @@ temporary database first, and its runs are copied from there into the project's 
 of every metric, tags, and the artifacts (copied under the project's artifact root; symlinks
 in the old artifact folders are not followed). Each copied run is tagged
 ``lora_project.adopted_from_run`` with its old run id, so a second import skips it.
+
+The plan runs the same migration (`read_file_store`) before anything is copied, so a store
+that MLflow cannot read (a broken ``meta.yaml``, a garbled metric file), or reads only in part
+(MLflow passes over a ``meta.yaml`` it cannot parse with a warning), is reported by the plan and
+left in place instead of failing halfway through `--apply`.
 """
 
 from __future__ import annotations
@@ -88,6 +93,60 @@ def _stage_artifacts(src: Path, stage: Path) -> list[tuple[str, str]]:
     return out
 
 
+def scratch_dir() -> tempfile.TemporaryDirectory:
+    """A temporary folder for the migrated database: in memory (/dev/shm) where there is one,
+    since creating an MLflow database syncs the disk after every schema statement."""
+    shm = Path("/dev/shm")
+    where = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+    return tempfile.TemporaryDirectory(prefix="lora-project-adopt-", dir=where)
+
+
+def read_file_store(store: Path, folder: str) -> tuple[str, list[str]]:
+    """Migrate the file store at `store` into a new SQLite database in `folder` with MLflow's own
+    reader; returns (its tracking URI, the files MLflow passed over). A store MLflow cannot read
+    at all is a one-line UserError."""
+    import logging
+    import warnings
+
+    from mlflow.store.fs2db import migrate
+
+    db = f"sqlite:///{Path(folder) / 'migrated.db'}"
+    skipped: list[str] = []
+
+    class Passed(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            msg = record.getMessage()
+            if msg.startswith("Failed to read "):
+                skipped.append(msg[len("Failed to read "):].split(": ", 1)[0])
+
+    handler, logger = Passed(logging.WARNING), logging.getLogger("mlflow.store.fs2db")
+    logger.addHandler(handler)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            migrate(store, db, progress=False)
+    except Exception as exc:  # MLflow's reader fails with whatever the bad file makes it raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(f"MLflow cannot read the file store {store} ({type(exc).__name__}: {first})") from None
+    finally:
+        logger.removeHandler(handler)
+    return db, skipped
+
+
+def count_runs(uri: str) -> tuple[int, int]:
+    """(active runs of active experiments, all runs) in the store at `uri`."""
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    live = total = 0
+    for exp in client.search_experiments(view_type=ViewType.ALL):
+        for run in _all_runs(client, [exp.experiment_id]):
+            total += 1
+            live += run.info.lifecycle_stage == "active" and exp.lifecycle_stage == "active"
+    return live, total
+
+
 def existing_imports(client) -> dict[str, str]:
     """old run id -> project run id, for runs an earlier adoption imported (and not deleted)."""
     from mlflow.entities import ViewType
@@ -101,32 +160,27 @@ def existing_imports(client) -> dict[str, str]:
     return out
 
 
-def import_file_store(paths: ProjectPaths, store: Path, uri: str, record) -> dict:
+def import_file_store(paths: ProjectPaths, store: Path, uri: str, record, migrated: str | None = None) -> dict:
     """Copy every active run of the file store at `store` into the tracking store at `uri`.
 
     `record(kind, value)` is called as soon as something is added ('experiment', id; 'run',
     {...}; 'artifact', {...}), so that an interrupted import can still be undone.
+    `migrated`: the URI of the plan's migrated database (`read_file_store`), else it is made here.
     Returns counts: runs imported, runs already there, deleted runs not imported.
     """
-    import warnings
-
     from mlflow.entities import Metric, Param, RunTag, ViewType
-    from mlflow.exceptions import MlflowException
-    from mlflow.store.fs2db import migrate
     from mlflow.tracking import MlflowClient
 
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     counts = {"imported": 0, "already_there": 0, "deleted_not_imported": 0, "metric_points": 0}
-    with tempfile.TemporaryDirectory(prefix="lora-project-adopt-") as tmp:
-        db = f"sqlite:///{Path(tmp) / 'migrated.db'}"
-        try:
-            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                migrate(store, db, progress=False)
-        except MlflowException as exc:
-            first = (str(exc).splitlines() or [""])[0][:200]
-            raise UserError(f"mlflow migrate-filestore could not read {store}: {first}") from None
+    with scratch_dir() as tmp:
+        db = migrated
+        if db is None:
+            db, skipped = read_file_store(store, tmp)
+            if skipped:
+                raise UserError(f"MLflow cannot read {skipped[0]} (and {len(skipped) - 1} more)" if len(skipped) > 1
+                                else f"MLflow cannot read {skipped[0]}")
         src = MlflowClient(db)
         dst = MlflowClient(uri)
         done = existing_imports(dst)

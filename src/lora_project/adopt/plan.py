@@ -1,14 +1,15 @@
 """The adoption plan: where each adopted item goes, catalog row names, what was adopted before.
 
 Destinations never overwrite: a name already taken in the project gets a clear suffix
-(``kids_lora`` -> ``kids-adopted_lora``). An item whose content (sha256) an earlier
-adoption already brought in, and whose copy is still there, is skipped with the manifest
-that did it.
+(``kids_lora`` -> ``kids-adopted_lora``). An item that an earlier adoption already brought
+in (a manifest the adopt ledger vouches for, the item done there, its copy still there) is
+skipped with the manifest that did it. Items are matched by their source path and content
+digest first, then by digest alone (a renamed folder), each earlier item at most once.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +25,16 @@ from lora_project.adopt._project import (
 )
 from lora_project.adopt.scan import Item, check_old_dir, content_digest, scan
 
-MANIFEST_FORMAT = "lora_project.adopt/1"
+from lora_project.adopt.ledger import MANIFEST_FORMAT, manifest_dir, trusted_manifests  # noqa: F401
+
 EMBEDDED_HUB_IDS = {"HuggingFaceTB/SmolLM2-135M-Instruct"}  # what the embedded default model is
 
 
-def manifest_dir(paths: ProjectPaths) -> Path:
-    return paths.outputs_dir / "adopt"
+def shown(text: str | None) -> str:
+    """A path for a terminal or a UTF-8 file: bytes of a file name that are not UTF-8 as \\xNN."""
+    if text is None:
+        return "-"
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
 
 
 def safe_name(text: str, fallback: str = "adopted") -> str:
@@ -58,6 +63,7 @@ class Plan:
     items: list[Item]
     rows: list[tuple[Item, dict]] = field(default_factory=list)   # (data item, catalog row)
     tracking_uri: str = ""
+    scratch: object = None   # the temporary folder holding MLflow stores as MLflow read them
 
     @property
     def attention(self) -> list[str]:
@@ -79,32 +85,52 @@ class Plan:
                 "manifest": str(manifest.relative_to(self.paths.root)) if manifest else None}
 
 
-def earlier_adoptions(paths: ProjectPaths) -> dict[str, tuple[str, str]]:
-    """sha256 of adopted content -> (manifest file name, destination) over adoptions not undone."""
-    out: dict[str, tuple[str, str]] = {}
-    folder = manifest_dir(paths)
-    if not folder.is_dir():
-        return out
-    for m in sorted(folder.glob("adopt_*.json")):
-        try:
-            data = json.loads(m.read_text(encoding="utf-8"))
-        except (OSError, ValueError, UnicodeDecodeError):
+def earlier_adoptions(paths: ProjectPaths) -> list[tuple[str, dict]]:
+    """(manifest file name, item entry) of every item done by an adoption not undone, oldest first."""
+    out = []
+    for m, data in trusted_manifests(paths):
+        if data.get("undone"):
             continue
-        if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT or data.get("undone"):
-            continue
-        for it in data.get("items", []):
-            if it.get("digest") and it.get("destination") and it.get("action") in ("copy", "convert", "import"):
-                out[it["digest"]] = (m.name, it["destination"])
+        for it in data["items"]:
+            if it.get("state") == "done" and it.get("digest") and it.get("destination"):
+                out.append((m.name, it))
     return out
 
 
-def _same_base(adapter_base: str, configured: str) -> bool:
+def _still_there(paths: ProjectPaths, entry: dict) -> bool:
+    if not (paths.root / entry["destination"].rstrip("/")).exists():
+        return False
+    return all((paths.root / c["destination"]).exists() for c in entry.get("copies", []))
+
+
+def _matcher(paths: ProjectPaths):
+    """match(item) -> (manifest name, destination) of the earlier adoption of that item, or None."""
+    earlier = earlier_adoptions(paths)
+    claimed: set[int] = set()
+
+    def match(it: Item):
+        for exact in (True, False):  # same source path and digest first, then the digest alone
+            for k, (man, e) in enumerate(earlier):
+                if k in claimed or e["digest"] != it.digest or (exact and e["source"] != it.source):
+                    continue
+                if _still_there(paths, e):
+                    claimed.add(k)
+                    return man, e["destination"]
+        return None
+
+    return match
+
+
+def _same_base(adapter_base: str, configured: str) -> bool | None:
+    """Whether the adapter's recorded base is the configured one; None when it records none."""
+    from lora_project.models.base_model import names_embedded
+
     if not adapter_base:
-        return True  # unknown: nothing says otherwise
+        return None  # unknown: nothing says either way
     if adapter_base == configured:
         return True
     if configured == "embedded":
-        return adapter_base in EMBEDDED_HUB_IDS
+        return adapter_base in EMBEDDED_HUB_IDS or names_embedded(adapter_base)
     a, c = Path(adapter_base).expanduser(), Path(configured).expanduser()
     try:
         return a.exists() and c.exists() and a.resolve() == c.resolve()
@@ -118,7 +144,7 @@ def make_plan(paths: ProjectPaths, old_dir: Path) -> Plan:
     catalog = load_catalog(paths.catalog)
     items = scan(old)
     plan = Plan(paths, old, items, tracking_uri=resolve_tracking_uri(paths))
-    earlier = earlier_adoptions(paths)
+    earlier = _matcher(paths)
     configured = None
     planned: set[str] = set()
     names = set(catalog)
@@ -130,8 +156,9 @@ def make_plan(paths: ProjectPaths, old_dir: Path) -> Plan:
         if it.action not in ("copy", "convert", "import"):
             continue
         it.digest, it.info["sha256"] = content_digest(old, it.files)
-        if it.digest in earlier and (paths.root / earlier[it.digest][1].rstrip("/")).exists():
-            man, dest = earlier[it.digest]
+        found = earlier(it)
+        if found:
+            man, dest = found
             it.action, it.destination = "skip", dest
             it.reason = f"already adopted by {man} as {dest} (same content)"
             continue
@@ -147,7 +174,13 @@ def make_plan(paths: ProjectPaths, old_dir: Path) -> Plan:
             it.destination = f"adapters/{name}_lora"
             it.info["name"] = name
             it.info["same_base"] = _same_base(it.info.get("base_model", ""), configured)
-            if not it.info["same_base"]:
+            it.info["configured"] = configured
+            if it.info["same_base"] is None:
+                it.reason += "; no base model recorded in adapter_config.json (base_model_name_or_path is empty): " \
+                             "it may not fit the configured base"
+                it.attention = f"{shown(it.source)}: no base model recorded; check that it was trained on " \
+                               f"{configured} before evaluating it"
+            elif not it.info["same_base"]:
                 it.reason += f"; trained on base {it.info['base_model']}, not the configured " \
                              f"{configured}: adopted and marked with its base"
                 it.attention = f"{it.source}: needs base model {it.info['base_model']} (the project uses {configured})"
@@ -159,7 +192,7 @@ def make_plan(paths: ProjectPaths, old_dir: Path) -> Plan:
             names.add(name)
             it.destination = f"{where}/{name}{suffix}" + ("/" if it.info.get("folder") else "")
             row = {"name": name, "location": it.destination.rstrip("/"), "license": "unknown (adopted)",
-                   "description": f"adopted from {old / it.source.replace('*.cha', '')}".rstrip("/"),
+                   "description": shown(f"adopted from {old / it.source.replace('*.cha', '')}".rstrip("/")),
                    "split": "0.8/0.1/0.1", "enabled": "true", **it.info["row"]}
             plan.rows.append((it, row))
             it.reason += f"; catalog row '{name}'"
@@ -177,6 +210,8 @@ def make_plan(paths: ProjectPaths, old_dir: Path) -> Plan:
                     n += 1
             it.destination = dest
         elif it.kind == "mlflow":
+            if not _readable_store(plan, it):
+                continue
             uri = plan.tracking_uri
             it.destination = "mlruns/mlflow.db" if uri == default_tracking_uri(paths) else uri
         if it.destination:
@@ -184,11 +219,43 @@ def make_plan(paths: ProjectPaths, old_dir: Path) -> Plan:
     return plan
 
 
+def _readable_store(plan: Plan, it: Item) -> bool:
+    """Read the MLflow store with MLflow's own migration (the one --apply uses); a store it cannot
+    read, or reads only in part, is left in place and reported. Keeps the migrated database for --apply."""
+    from lora_project.adopt.mlflow_import import count_runs, read_file_store, scratch_dir
+
+    if plan.scratch is None:
+        plan.scratch = scratch_dir()
+    folder = Path(plan.scratch.name) / str(len(list(Path(plan.scratch.name).iterdir())))
+    folder.mkdir()
+    store = plan.old_dir / it.source.rstrip("/")
+    problem = ""
+    try:
+        db, skipped = read_file_store(store, str(folder))
+    except UserError as exc:
+        problem = str(exc)
+    else:
+        live, total = count_runs(db)
+        if skipped:
+            rels = [shown(os.path.relpath(p, plan.old_dir)) for p in skipped]
+            problem = f"MLflow cannot read {', '.join(rels[:3])}" + (f" and {len(rels) - 3} more" if len(rels) > 3
+                                                                      else "")
+        elif total < it.info["run_folders"]:
+            problem = f"MLflow reads {total} of its {it.info['run_folders']} run folders"
+        it.info.update(runs=live, migrated=db)
+    if not problem:
+        return True
+    it.action = "leave"
+    it.reason = f"MLflow file store, not imported: {problem}"
+    it.attention = f"{shown(it.source)}: {problem}; fix or remove what MLflow cannot read, then adopt again"
+    return False
+
+
 def format_plan(plan: Plan, title: str = "Plan", manifest: Path | None = None) -> str:
     """The plan (or result) as a readable table, totals and the attention list."""
     rows = [("source", "action", "kind", "destination", "reason")]
     for it in plan.items:
-        rows.append((it.source, it.action, it.kind, it.destination or "-", it.reason))
+        rows.append((shown(it.source), it.action, it.kind, shown(it.destination), shown(it.reason)))
     widths = [min(max(len(r[i]) for r in rows), cap) for i, cap in enumerate((48, 8, 13, 40))]
 
     def cut(text: str, w: int) -> str:
@@ -206,7 +273,10 @@ def format_plan(plan: Plan, title: str = "Plan", manifest: Path | None = None) -
     if t["catalog_rows"]:
         lines.append("catalog rows: " + ", ".join(t["catalog_rows"]))
     if plan.attention:
-        lines += ["", "needs your attention:"] + [f"  - {a}" for a in plan.attention]
+        lines += ["", "needs your attention:"] + [f"  - {shown(a)}" for a in plan.attention]
+    if done and t["failed"]:
+        lines += ["", f"not complete: {t['failed']} item(s) failed (see above; the manifest says complete: false); "
+                  "fix them and run adopt --apply again to add them"]
     if manifest is not None:
         lines += ["", f"manifest: {manifest.relative_to(plan.paths.root)} "
                   f"(undo with: lora-project adopt --undo {manifest.relative_to(plan.paths.root)})"]

@@ -82,7 +82,7 @@ def content_digest(root: Path, rels: list[str]) -> tuple[str, dict[str, str]]:
     for rel in sorted(rels):
         name = os.path.relpath(rel, base) if base else rel
         shas[rel] = file_sha256(root / rel)
-        h.update(name.encode() + b"\0" + shas[rel].encode() + b"\0")
+        h.update(os.fsencode(name) + b"\0" + shas[rel].encode() + b"\0")  # a name need not be UTF-8
     return h.hexdigest(), shas
 
 
@@ -343,11 +343,27 @@ class Scanner:
 
     def mlflow(self, d: Path) -> None:
         files = _walk_files(d)
+        for link in [f for f in files if f.is_symlink()]:  # not followed, so not imported: each one reported
+            target = os.readlink(link)
+            out = not _inside(self.root, link.parent / target)
+            self.add(self.rel(link), "link", "leave", f"symbolic link to {target} in the MLflow store (not followed, "
+                     "not imported)" + ("; it points out of the old folder" if out else ""), [link],
+                     attention=f"{self.rel(link)}: symbolic link out of the old folder ({target}); not followed, "
+                     "its target is not imported" if out else "")
+        files = [f for f in files if not f.is_symlink()]
         runs = sorted({p.parent.name for p in files if p.name == "meta.yaml" and p.parent.parent.parent == d})
         self.add(self.rel(d) + "/", "mlflow", "import",
                  f"MLflow file store ({len(runs)} run{'s' if len(runs) != 1 else ''}); imported into the project's "
                  "tracking store with params, metric histories, tags and artifacts", files,
-                 info={"runs": len(runs)})
+                 info={"runs": len(runs), "run_folders": len(runs)})
+
+
+def _inside(root: Path, target: Path) -> bool:
+    """Whether `target` (resolved, symlinks followed) lies inside `root`."""
+    try:
+        return Path(os.path.realpath(target)).is_relative_to(root)
+    except OSError:
+        return False
 
 
 def _fmt_size(n: int) -> str:

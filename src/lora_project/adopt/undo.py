@@ -9,45 +9,48 @@ too when they are empty. The manifest is kept, marked undone.
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timezone
 from pathlib import Path
 
 from lora_project.adopt._project import (
     ProjectPaths,
     UserError,
-    atomic_write_json,
+    load_catalog,
     remove_rows,
     sha256_file,
 )
-from lora_project.adopt.plan import MANIFEST_FORMAT
+from lora_project.adopt.ledger import ADOPT_AREAS, adopt_lock, read_verified, write_manifest
+from lora_project.adopt.plan import shown
 
 
 def read_manifest(paths: ProjectPaths, manifest: Path) -> dict:
-    """A manifest of this project's adoptions, or a one-line UserError."""
+    """A manifest of this project's adoptions that the adopt ledger vouches for, whose every
+    destination lies in the areas an adoption writes to; else a one-line UserError."""
     manifest = Path(manifest)
-    if not manifest.is_file():
-        raise UserError(f"manifest not found: {manifest}" if not manifest.exists()
-                        else f"{manifest} is not a file; give an outputs/adopt/adopt_*.json manifest")
-    raw = manifest.read_bytes()[: 1 << 26]
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        raise UserError(f"{manifest} is not an adoption manifest (not JSON)") from None
-    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT or not isinstance(data.get("items"), list):
-        raise UserError(f"{manifest} is not an adoption manifest (no format '{MANIFEST_FORMAT}')")
+    data = read_verified(paths, manifest)
     if Path(str(data.get("project", ""))).resolve() != paths.root:
         raise UserError(f"{manifest} belongs to the project {data.get('project')}, not {paths.root}")
     if data.get("undone"):
         raise UserError(f"{manifest}: this adoption was already undone on {data['undone'].get('at', '?')}")
     for it in data["items"]:
-        for c in it.get("copies", []) if isinstance(it, dict) else []:
-            paths.inside(Path(c.get("destination", "")), f"{manifest}: destination")
+        dest = (it.get("destination") or "").rstrip("/")
+        for c in it.get("copies", []):
+            p = paths.inside(Path(c["destination"]), f"{manifest}: destination")
+            rel = p.relative_to(paths.root).as_posix()
+            if not rel.startswith(ADOPT_AREAS) or not (rel == dest or rel.startswith(dest + "/")):
+                raise UserError(f"{manifest}: {c['destination']} is not where adopt puts files; refusing to "
+                                "remove anything")
     return data
 
 
 def undo_adoption(paths: ProjectPaths, manifest: Path, log=None) -> dict:
-    """Remove what the adoption of `manifest` added; returns {"items", "totals", "manifest"}."""
+    """Remove what the adoption of `manifest` added; returns {"items", "totals", "manifest"}.
+    One adoption or undo runs at a time (the adopt lock)."""
+    with adopt_lock(paths):
+        return _undo(paths, Path(manifest), log)
+
+
+def _undo(paths: ProjectPaths, manifest: Path, log) -> dict:
     say = log or (lambda m: None)
     data = read_manifest(paths, manifest)
     out_items, kept = [], []
@@ -68,7 +71,8 @@ def undo_adoption(paths: ProjectPaths, manifest: Path, log=None) -> dict:
                 changed.append(c["destination"])
         dest = it.get("destination") or ""
         folder = paths.root / dest.rstrip("/")
-        if dest.endswith("/") or (folder.is_dir() and it.get("kind") in ("adapter", "chat")):
+        if dest.startswith(ADOPT_AREAS) and ".." not in Path(dest).parts and \
+                (dest.endswith("/") or (folder.is_dir() and it.get("kind") in ("adapter", "chat"))):
             _remove_empty(folder)
         removed_files += gone
         kept += changed
@@ -76,11 +80,12 @@ def undo_adoption(paths: ProjectPaths, manifest: Path, log=None) -> dict:
                                                if changed else "")
         out_items.append({"source": it["source"], "kind": it["kind"], "action": "removed" if not changed else "kept",
                           "destination": dest, "reason": reason})
-        say(f"undo     {dest}: {reason}")
+        say(shown(f"undo     {dest}: {reason}"))
     cat = data.get("catalog") or {}
     rows_removed = []
-    if cat.get("rows"):
-        rows_removed = remove_rows(paths.catalog, list(cat["rows"]), cat.get("appended") or None)
+    ours = _own_rows(paths, data)
+    if ours:
+        rows_removed = remove_rows(paths.catalog, ours, cat.get("appended") or None)
         say(f"catalog: removed {', '.join(rows_removed) or 'nothing (rows already gone)'}")
     ml = data.get("mlflow") or {}
     mlflow_removed = {"runs": [], "experiments": [], "not_purged": []}
@@ -91,7 +96,7 @@ def undo_adoption(paths: ProjectPaths, manifest: Path, log=None) -> dict:
                                      list(ml.get("experiments_created", [])))
         for a in ml.get("artifacts", []):
             p = paths.root / a["path"] if not Path(a["path"]).is_absolute() else Path(a["path"])
-            if p.is_file() and sha256_file(p) == a["sha256"]:
+            if paths.mlruns_dir.resolve() in p.resolve().parents and p.is_file() and sha256_file(p) == a["sha256"]:
                 p.unlink()
                 _remove_empty_up(p.parent, paths.mlruns_dir)
         say(f"mlflow: deleted and purged {len(mlflow_removed['runs'])} run(s)")
@@ -101,13 +106,22 @@ def undo_adoption(paths: ProjectPaths, manifest: Path, log=None) -> dict:
             p.rmdir()
     data["undone"] = {"at": datetime.now(timezone.utc).isoformat(), "kept_changed_files": kept,
                       "catalog_rows_removed": rows_removed, "mlflow_runs_removed": mlflow_removed["runs"]}
-    atomic_write_json(Path(manifest), data)
+    write_manifest(paths, Path(manifest), data)
     return {"items": out_items,
             "totals": {"files_removed": removed_files, "files_kept": len(kept), "catalog_rows_removed": rows_removed,
                        "mlflow_runs_removed": len(mlflow_removed["runs"]),
                        "mlflow_experiments_removed": len(mlflow_removed["experiments"])},
             "manifest": str(Path(manifest).resolve().relative_to(paths.root))
             if paths.root in Path(manifest).resolve().parents else str(manifest)}
+
+
+def _own_rows(paths: ProjectPaths, data: dict) -> list[str]:
+    """The catalog rows this adoption added and that still point where it put their data."""
+    places = {it["catalog_row"]: (it.get("destination") or "").rstrip("/") for it in data["items"]
+              if it.get("catalog_row") and it.get("state") == "done"}
+    rows = (data.get("catalog") or {}).get("rows", [])
+    catalog = load_catalog(paths.catalog)
+    return [r for r in rows if r in places and r in catalog and catalog[r].location.rstrip("/") == places[r]]
 
 
 def _remove_empty(folder: Path) -> None:

@@ -27,7 +27,9 @@ def register(sub) -> None:
                     "(imported with params, metric histories, tags and artifacts), scripts, notebooks and "
                     "configs (under */legacy/). Prints the plan; --apply copies (OLD_DIR is never changed), "
                     "checks every copy by sha256 and writes a manifest under outputs/adopt/; adopting the "
-                    "same folder again adds nothing; --undo MANIFEST takes an adoption back.",
+                    "same folder again adds nothing, and after an interrupted --apply adds what is missing; "
+                    "--undo MANIFEST takes an adoption back (only a manifest adopt wrote: its sha256 is "
+                    "checked against outputs/adopt/ledger.json). One --apply or --undo runs at a time.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("old_dir", nargs="?", type=Path, metavar="OLD_DIR", help="the old project's folder")
     p.add_argument("--apply", action="store_true", help="carry out the plan (default: only print it)")

@@ -82,6 +82,28 @@ def _fingerprint_cached(path: Path) -> str:
     return table[key]
 
 
+def embedded_fingerprint() -> str:
+    """The embedded model's fingerprint (sha256 of its GGUF file; remembered, so cheap after once)."""
+    return _fingerprint_cached(embedded_gguf())
+
+
+def names_embedded(name: str | None) -> bool:
+    """Whether a recorded base model names the embedded model: 'embedded', or its converted
+    cache folder ``<cache>/models/<GGUF sha256[:16]>`` (what an adapter trained on it records as
+    its base, on this machine or another), whose weights hash differs from the GGUF's."""
+    if not name:
+        return False
+    if name == "embedded":
+        return True
+    p = Path(str(name))
+    if p.parent.name != "models" or len(p.name) != 16:
+        return False
+    try:
+        return p.name == embedded_fingerprint()[:16]
+    except (UserError, OSError):
+        return False  # the embedded model is not installed here
+
+
 def convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantise a GGUF checkpoint once and save it as a plain safetensors model folder."""
     import torch

@@ -275,7 +275,7 @@ def attach_adapters(base_model, adapter_dirs: list[Path], base_fingerprint: str 
         d = check_adapter_dir(Path(d))
         meta = read_metadata(d)
         fp = meta.base_fingerprint
-        if base_fingerprint and fp and fp != base_fingerprint:
+        if base_fingerprint and fp and fp != base_fingerprint and not _both_embedded(meta.base_name, base_name):
             loaded = base_name or getattr(getattr(base_model, "config", None), "_name_or_path", "") or "?"
             raise UserError(f"adapter {d} was trained on base model {meta.base_name or '?'} ({fp[:12]}), "
                             f"not on the loaded base {loaded} ({base_fingerprint[:12]})")
@@ -290,6 +290,14 @@ def attach_adapters(base_model, adapter_dirs: list[Path], base_fingerprint: str 
             raise UserError(f"adapter {d} does not fit the base model: {first[:300]}") from None
         names.append(name)
     return model, names
+
+
+def _both_embedded(recorded: str | None, loaded: str | None) -> bool:
+    """The adapter's recorded base is the embedded model's cache folder and the loaded base is the
+    embedded model (the folder's weights hash is not the GGUF's fingerprint; the model is the same)."""
+    from lora_project.models.base_model import names_embedded
+
+    return loaded == "embedded" and names_embedded(recorded)
 
 
 def each_model(base, adapter_dirs: list[Path]) -> Iterator[tuple[str, object]]:
