@@ -69,7 +69,8 @@ def _check(cond: bool, manifest: Path, what: str) -> None:
 
 def check_shape(manifest: Path, data) -> dict:
     """Every field undo and the plan read has the right type, or a one-line UserError naming it."""
-    _check(isinstance(data, dict) and data.get("format") == MANIFEST_FORMAT, manifest, f"no format '{MANIFEST_FORMAT}'")
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        raise UserError(f"{manifest} is not an adoption manifest (no format '{MANIFEST_FORMAT}')")
     is_str = lambda v: isinstance(v, str)  # noqa: E731
     _check(isinstance(data.get("items"), list) and all(isinstance(i, dict) for i in data["items"]), manifest,
            "'items' should be a list of objects")
