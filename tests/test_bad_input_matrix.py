@@ -129,6 +129,94 @@ EVAL_TEXT = ["evaluate", "--text", "config/dataset_catalog.csv", "--adapter"]
 
 HUGE_LINE = "x" * 3_000_000  # one 3 MB line: the error must not echo it
 
+
+def _base_weights_inside(folder: Path) -> None:
+    """An adapter file that also carries a weight of the base itself (as an lm_head adapter's embedding copy)."""
+    from safetensors.torch import load_file, save_file
+
+    f = folder / "adapter_model.safetensors"
+    tensors = load_file(f)
+    tensors["base_model.model.lm_head.weight"] = next(iter(tensors.values())).new_zeros((4, 4))
+    save_file(tensors, f)
+
+
+_PAIR = '{"sentence_good": "a .", "sentence_bad": "b ."}\n'
+_CHAT = "@UTF8\n@Begin\n@Participants:\tCHI Target_Child\n*CHI:\tmore cookie .\n@End\n"
+_TWO = lambda p, s: (with_adapter("good_lora")(p, s), with_adapter("r2_lora", source="r2_lora")(p, s))  # noqa: E731
+
+# Issue 31: the newer commands (profile, sweep, ui, demo, inspect adapters/compare, catalog list),
+# numeric ranges (checked by the parser), adapters that would change the shared base, one-line advice.
+ROUND_THREE = [
+    Case("demo-bad-set", "demo with a negative learning rate", ["demo", "--set", "training.lr=-1"],
+         ["training.lr", "range above 0 to 1"]),
+    Case("demo-seed-overflow", "demo with a seed above 2^63-1", ["demo", "--set", f"training.seed={2**63}"],
+         ["training.seed", "range 0 to 9223372036854775807"]),
+    Case("profile-no-source", "profile without a source", ["profile"], ["exactly one source"]),
+    Case("profile-chat-not-chat", "profile --chat on a file that is not CHAT", ["profile", "--chat", "n.txt"],
+         ["n.txt", "not a CHAT transcript"], write("n.txt", "just a line\nanother\n")),
+    Case("profile-chat-encoding", "profile --chat with an unknown encoding", ["profile", "--chat", "t.cha",
+         "--encoding", "klingon"], ["--encoding 'klingon'", "unknown encoding"], write("t.cha", _CHAT)),
+    Case("profile-negative-samples", "profile --samples -5", ["profile", "--text", "n.txt", "--samples", "-5"],
+         ["--samples", "from 1 to 100000"]),
+    Case("profile-seed-overflow", "profile --seed 2^64", ["profile", "--text", "n.txt", "--seed", str(2**64)],
+         ["--seed", "from 0 to 2^63-1"]),
+    Case("profile-zero-temperature", "profile --temperature 0 (sampling needs > 0)",
+         ["profile", "--text", "n.txt", "--temperature", "0"], ["--temperature", "above 0"]),
+    Case("sweep-no-param", "sweep without --param", ["sweep", "toddler_data"], ["--param"]),
+    Case("sweep-bad-param", "sweep --param with a value of the wrong type", ["sweep", "toddler_data", "--param",
+         "lora.r=abc"], ["lora.r", "expected an integer"]),
+    Case("sweep-negative-keep-best", "sweep --keep-best -1", ["sweep", "toddler_data", "--param", "lora.r=2,4",
+         "--keep-best", "-1"], ["--keep-best", "from 1 to"]),
+    Case("sweep-zero-trials", "sweep --trials 0", ["sweep", "toddler_data", "--param", "lora.r=2,4", "--trials", "0"],
+         ["--trials", "from 1 to"]),
+    Case("ui-port-range", "ui --port 70000", ["ui", "--port", "70000"], ["--port", "from 1 to 65535"]),
+    Case("ui-port-text", "ui --port http", ["ui", "--port", "http"], ["--port", "is not an integer"]),
+    Case("ui-bad-host", "ui --host 999.1.1.1 (blamed the port)", ["ui", "--host", "999.1.1.1", "--port", "7873"],
+         ["--host 999.1.1.1"]),
+    Case("inspect-adapters-sort", "inspect adapters --sort by an unknown column", ["inspect", "adapters", "--sort",
+         "nonsense"], ["--sort", "unknown column"], with_adapter("good_lora")),
+    Case("inspect-compare-missing", "inspect compare with a missing adapter", ["inspect", "compare",
+         "adapters/good_lora", "adapters/none_lora"], ["adapter folder not found"], with_adapter("good_lora")),
+    Case("inspect-compare-zero-rank", "inspect compare --max-rank 0", ["inspect", "compare", "adapters/good_lora",
+         "adapters/r2_lora", "--max-rank", "0"], ["--max-rank", "from 1 to 4096"], _TWO),
+    Case("inspect-values-zero-rows", "inspect values --rows 0", ["inspect", "values", "adapters/good_lora",
+         "--module", "*q_proj", "--rows", "0"], ["--rows", "from 1 to"], with_adapter("good_lora")),
+    Case("inspect-weights-huge-top-k", "inspect weights --top-k 10^6", ["inspect", "weights", "adapters/good_lora",
+         "--top-k", "1000000"], ["--top-k", "from 1 to 4096"], with_adapter("good_lora")),
+    Case("catalog-list-binary", "catalog list of a binary catalog", ["catalog", "list"], ["binary"],
+         write("config/dataset_catalog.csv", b"\x00PK\x03\x04")),
+    Case("train-seeds-overflow", "train --seeds with a seed above 2^63-1", ["train", "toddler_data", "--seeds",
+         f"1,{2**63}"], ["--seeds", "2^63-1"]),
+    Case("train-seeds-negative", "train --seeds -3", ["train", "toddler_data", "--seeds", "-3"],
+         ["--seeds", "from 1 to 100"]),
+    Case("train-head-target", "lm_head (tied to the embedding) as a LoRA target", ["train", "toddler_data",
+         "--no-mlflow", "--set", "lora.target_modules=[q_proj,lm_head]"], ["lm_head", "output layer"]),
+    Case("cfg-epochs-huge", "training.epochs beyond its range", ["train", "toddler_data", "--set",
+         "training.epochs=1e9"], ["training.epochs", "range above 0 to 100000"]),
+    Case("batch-fused-keep-best", "train-batch --fused with keep_best (checked before the model loads)",
+         ["train-batch", "toddler_data", "kids", "--fused"], ["kids", "keep_best"],
+         write("config/batch_config.yaml", "datasets:\n  kids:\n    training: {keep_best: true, eval_interval: 2}\n")),
+    Case("adapter-base-weights", "an adapter file carrying a weight of the base (would change it for all)",
+         EVAL_TEXT + ["adapters/good_lora", "--adapter", "adapters/w_lora"], ["w_lora", "weights of the base model"],
+         lambda p, s: (with_adapter("good_lora")(p, s), with_adapter("w_lora", _base_weights_inside)(p, s))),
+    Case("eval-pairs-all-bad", "a pairs file whose every line is bad (two lines before)", ["evaluate", "--pairs",
+         "p.jsonl"], ["no usable minimal pairs", "line 2"], write("p.jsonl", '{"x": 1}\nnot json\n')),
+    Case("eval-negative-max-tokens", "evaluate --max-tokens -1", ["evaluate", "--dataset", "kids", "--max-tokens",
+         "-1"], ["--max-tokens", "from 0"]),
+    Case("gen-seed-overflow", "generate --seed 2^64", ["generate", "--prompt", "hi", "--seed", str(2**64)],
+         ["--seed", "2^63-1"]),
+    Case("gen-data-seed-overflow", "generate-data --seed 2^64", ["generate-data", "--kind", "kids", "--seed",
+         str(2**64)], ["--seed", "2^63-1"]),
+    Case("bench-negative-matrix-tokens", "benchmark --matrix-max-tokens -1", ["benchmark", "--matrix",
+         "--matrix-max-tokens", "-1"], ["--matrix-max-tokens", "from 0"]),
+    Case("merge-density-above-one", "merge --density 1.5", ["merge", "adapters/good_lora", "adapters/r2_lora",
+         "--name", "m", "--method", "ties", "--density", "1.5"], ["--density", "at most 1"], _TWO),
+    Case("prepare-catalog-encoding-advice", "a latin-1 JSON-lines row: advice names the row's option",
+         ["prepare", "lat", "--no-tokens"], ["encoding=ENCODING in the row's options"],
+         lambda p, s: (catalog_rows("lat,local,data/raw/lat.jsonl,,,,,,,,true")(p, s),
+                       write("data/raw/lat.jsonl", '{"text": "caf\xe9"}\n'.encode("latin-1"))(p, s))),
+]
+
 CASES = [
     # --- configuration files and overrides
     Case("cfg-missing", "config file that does not exist", ["train", "toddler_data", "--config", "nope.yaml"],
@@ -410,6 +498,7 @@ CASES = [
          ["binary"], outside("b.txt", b"\x00\x01" * 50)),
     Case("catalog-remove-unknown", "catalog remove of an unknown name", ["catalog", "remove", "kidz"],
          ["did you mean 'kids'"]),
+    *ROUND_THREE,
 ]
 
 
@@ -452,6 +541,15 @@ def test_bad_input(case: Case, project, adapters_src):
     assert {k: v for k, v in after.items() if k in before} == before, "a file that existed changed"
     new = [k for k in after if k not in before and not k.endswith(".lock")]
     assert not any(k.startswith(("adapters/", "experiments/", "data/processed/")) for k in new), new
+
+
+def test_every_subcommand_is_in_the_matrix():
+    from test_cli_ranges import COMMANDS
+
+    named = {" ".join(c.args[:2]) for c in CASES} | {c.args[0] for c in CASES}
+    missing = [" ".join(w) for w in COMMANDS if " ".join(w) not in named]
+    assert not missing, f"subcommands with no bad-input case: {missing}"
+    assert len(CASES) >= 150
 
 
 def test_matrix_is_listed_in_research_notes():
