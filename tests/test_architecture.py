@@ -175,3 +175,18 @@ def test_the_circle_check_sees_every_kind_of_import(tmp_path):
     # Breaking the circles (the TYPE_CHECKING import moved away) leaves that group out.
     (pkg / "b.py").write_text("thing = 1\n", encoding="utf-8")
     assert ["planted.a", "planted.b"] not in import_circles(import_graph(pkg))
+
+
+def test_the_training_recipe_is_short_and_takes_one_options_object():
+    # Issue 32: `train_adapter` reads as its steps; how a run is carried out is one RunOptions.
+    tree = ast.parse((PACKAGE / "training" / "single.py").read_text(encoding="utf-8"))
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "train_adapter")
+    args = fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs
+    assert fn.end_lineno - fn.lineno + 1 <= 70 and len(args) <= 6 and not fn.args.kwarg and not fn.args.vararg
+    assert "options" in [a.arg for a in args]
+    options = ast.parse((PACKAGE / "training" / "options.py").read_text(encoding="utf-8"))
+    cls = next(n for n in options.body if isinstance(n, ast.ClassDef) and n.name == "RunOptions")
+    undocumented = [item.target.id for item, after in zip(cls.body, cls.body[1:] + [None])
+                    if isinstance(item, ast.AnnAssign) and not (isinstance(after, ast.Expr)
+                                                                and isinstance(after.value, ast.Constant))]
+    assert not undocumented, f"RunOptions fields without a docstring: {undocumented}"

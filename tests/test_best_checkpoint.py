@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 def _scripted_validation(monkeypatch, losses: list[float]):
     """Real validation scoring, with the loss of call i replaced by losses[i] (0 = before training)."""
-    import lora_project.training.run as run_module
+    import lora_project.training.single as run_module
 
     real = run_module.validation_metrics
     calls = []

@@ -172,7 +172,8 @@ def test_failed_run_is_recorded_as_failed(project, tracking_store, monkeypatch):
     from lora_project.config import load_config
     from lora_project.paths import ProjectPaths
     from lora_project.training import trainer
-    from lora_project.training.run import train_adapter
+    from lora_project.training.options import RunOptions
+    from lora_project.training.single import train_adapter
 
     paths = ProjectPaths.discover()
     cfg = load_config([paths.model_config, paths.training_config])
@@ -182,7 +183,7 @@ def test_failed_run_is_recorded_as_failed(project, tracking_store, monkeypatch):
 
     monkeypatch.setattr(trainer.LoraTrainer, "fit", broken_fit)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train_adapter(paths, "toddler_data", cfg, progress=False, log=lambda m: None)
+        train_adapter(paths, "toddler_data", cfg, RunOptions(progress=False, log=lambda m: None))
     res = json.loads((project / "experiments" / "exp_001_toddler_data" / "results.json").read_text())
     assert res["status"] == "FAILED" and "simulated crash" in res["error"]
     assert not (project / "adapters" / "toddler_data_lora").exists()

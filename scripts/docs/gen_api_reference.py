@@ -62,7 +62,14 @@ def module_section(path: Path) -> list[str]:
         elif isinstance(node, ast.ClassDef) and _public(node.name):
             bases = ", ".join(ast.unparse(b) for b in node.bases)
             lines += [f"### class `{node.name}{f'({bases})' if bases else ''}`", "", _doc(node), ""]
-            for item in node.body:
+            for item, after in zip(node.body, node.body[1:] + [None]):
+                # A field with a docstring under it (an attribute docstring, as in RunOptions).
+                if (isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name) and _public(item.target.id)
+                        and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                        and isinstance(after.value.value, str)):
+                    default = f" = {ast.unparse(item.value)}" if item.value is not None else ""
+                    text = " ".join(after.value.value.split())
+                    lines += [f"- `{item.target.id}: {ast.unparse(item.annotation)}{default}`: {text}"]
                 if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and _public(item.name):
                     doc = ast.get_docstring(item)
                     lines += [f"- `{_signature(item, True)}`" + (f": {doc.strip().splitlines()[0]}" if doc else "")]

@@ -29,7 +29,8 @@ def run_demo(paths: ProjectPaths, overrides: list[str] = (), use_mlflow: bool = 
     from lora_project.data.dataset_loader import prepare_dataset
     from lora_project.evaluation.evaluate import evaluate_perplexity
     from lora_project.models.base_model import load_base
-    from lora_project.training.run import train_adapter
+    from lora_project.training.options import RunOptions
+    from lora_project.training.single import train_adapter
 
     t0 = time.perf_counter()
     cfg = load_project_config(paths, [*DEMO_OVERRIDES, *overrides])
@@ -43,8 +44,9 @@ def run_demo(paths: ProjectPaths, overrides: list[str] = (), use_mlflow: bool = 
         log(f"   note: replacing the demo's previous adapter {adapter_dir.relative_to(paths.root)} (on purpose)")
     log("== 2/3 training a LoRA adapter on the embedded SmolLM2-135M")
     base = load_base(cfg)
-    results = train_adapter(paths, DEMO_DATASET, cfg, adapter_name=DEMO_ADAPTER, overwrite=True,
-                            use_mlflow=use_mlflow, base=base, log=lambda m: log("   " + m))
+    options = RunOptions(adapter_name=DEMO_ADAPTER, overwrite=True, use_mlflow=use_mlflow,
+                         log=lambda m: log("   " + m))
+    results = train_adapter(paths, DEMO_DATASET, cfg, options, base=base)
     log("== 3/3 evaluating base vs adapter on the held-out test split")
     ev = evaluate_perplexity(paths, cfg, dataset=DEMO_DATASET, split="test", adapters=[adapter_dir], base=base)
     b, a = ev["models"]["base"], ev["models"][adapter_dir.name]

@@ -69,6 +69,15 @@ def progress_log(as_json: bool):
     return (lambda m: print(m, file=sys.stderr)) if as_json else print
 
 
+def run_options(args, **fields):
+    """The training runs' options from the run flags (--no-mlflow, --no-progress) and --json, plus
+    `fields` (adapter_name, overwrite, resume, ...)."""
+    from lora_project.training.options import RunOptions
+
+    return RunOptions(use_mlflow=not args.no_mlflow, progress=not args.no_progress, log=progress_log(args.json),
+                      **fields)
+
+
 # --- numeric options: every one has a range, checked while parsing (before any work) ----------
 
 #: The largest seed any command takes: what torch.manual_seed and training.seed accept.

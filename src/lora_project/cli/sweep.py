@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lora_project.cli._common import add_config_args, add_json, add_number, add_run_flags, load_cfg, print_json, progress_log
+from lora_project.cli._common import add_config_args, add_json, add_number, add_run_flags, load_cfg, print_json, run_options
 
 EXAMPLES = """\
 --param syntax (repeatable, one per setting):
@@ -54,9 +54,9 @@ def run(args, paths) -> None:
     from lora_project.sweep.runner import run_sweep
 
     cfg = load_cfg(args, paths)
-    summary = run_sweep(paths, args.dataset, cfg, args.params, trials=args.trials, metric=args.metric,
-                        sampler=args.sampler, name=args.name, resume=args.resume, keep_best=args.keep_best,
-                        use_mlflow=not args.no_mlflow, progress=not args.no_progress, log=progress_log(args.json))
+    summary = run_sweep(paths, args.dataset, cfg, args.params, run_options(args), trials=args.trials,
+                        metric=args.metric, sampler=args.sampler, name=args.name, resume=args.resume,
+                        keep_best=args.keep_best)
     if args.json:
         print_json(summary)
     else:

@@ -15,7 +15,7 @@ from lora_project.cli._common import (
     config_files,
     load_cfg,
     print_json,
-    progress_log,
+    run_options,
     select_datasets,
 )
 
@@ -77,14 +77,13 @@ def _add_training_args(p, *, overwrite: str, seeds: str, json: str) -> None:
 
 
 def run_train(args, paths) -> None:
-    from lora_project.training.run import train_adapter
+    from lora_project.training.single import train_adapter
 
     cfg = load_cfg(args, paths)
+    options = run_options(args, adapter_name=args.adapter_name, overwrite=args.overwrite, resume=args.resume)
     if args.seeds is not None:
-        return _run_seeds(args, paths, cfg)
-    res = train_adapter(paths, args.name, cfg, adapter_name=args.adapter_name, overwrite=args.overwrite,
-                        use_mlflow=not args.no_mlflow, progress=not args.no_progress, resume=args.resume,
-                        log=progress_log(args.json))
+        return _run_seeds(args, paths, cfg, options)
+    res = train_adapter(paths, args.name, cfg, options)
     if res.get("rank", 0) != 0:
         return  # torchrun worker: rank 0 reports
     if args.json:
@@ -98,12 +97,10 @@ def run_train(args, paths) -> None:
             print(f"MLflow run: {res['mlflow_run_id']}")
 
 
-def _run_seeds(args, paths, cfg) -> None:
+def _run_seeds(args, paths, cfg, options) -> None:
     from lora_project.training.seeds import parse_seeds, train_seeds
 
-    out = train_seeds(paths, args.name, cfg, parse_seeds(args.seeds), adapter_name=args.adapter_name,
-                      overwrite=args.overwrite, use_mlflow=not args.no_mlflow, progress=not args.no_progress,
-                      resume=args.resume, log=progress_log(args.json))
+    out = train_seeds(paths, args.name, cfg, parse_seeds(args.seeds), options)
     if args.json:
         print_json(out)
         return
@@ -120,9 +117,8 @@ def run_train_batch(args, paths) -> None:
 
     names = select_datasets(args, load_catalog(paths.catalog))
     summary = train_batch_from_files(paths, names, config_files(args, paths), args.overrides, args.batch_config,
-                                     overwrite=args.overwrite, use_mlflow=not args.no_mlflow,
-                                     progress=not args.no_progress, fused=args.fused, seeds=parse_seeds(args.seeds),
-                                     name_template=args.name_template, log=progress_log(args.json))
+                                     run_options(args, overwrite=args.overwrite), fused=args.fused,
+                                     seeds=parse_seeds(args.seeds), name_template=args.name_template)
     if args.json:
         print_json(summary)
     else:

@@ -19,6 +19,8 @@ Effects, in order:
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from lora_project.config import RunConfig
 from lora_project.errors import RunInterrupted
 from lora_project.paths import ProjectPaths
@@ -33,17 +35,21 @@ from lora_project.sweep.study import (
     run_trial,
     sweep_lock,
 )
+from lora_project.training.options import RunOptions
 from lora_project.utils.interrupts import check_stop
 from lora_project.utils.io_utils import atomic_write_json
 
 
-def run_sweep(paths: ProjectPaths, dataset: str, cfg: RunConfig, params: list[str], *, trials: int | None = None,
-              metric: str | None = None, sampler: str | None = None, name: str | None = None, resume: bool = False,
-              keep_best: int | None = None, use_mlflow: bool = True, progress: bool = True, log=print) -> dict:
-    """Run (or continue) a sweep; returns the summary that `report.finish_sweep` writes."""
+def run_sweep(paths: ProjectPaths, dataset: str, cfg: RunConfig, params: list[str], options: RunOptions | None = None,
+              *, trials: int | None = None, metric: str | None = None, sampler: str | None = None,
+              name: str | None = None, resume: bool = False, keep_best: int | None = None) -> dict:
+    """Run (or continue) a sweep; returns the summary that `report.finish_sweep` writes. `options`
+    (MLflow on or off, progress, log) apply to every trial; `resume` continues the sweep `name`."""
     from lora_project.models.base_model import load_base
     from lora_project.utils.mlflow_utils import MlflowTracker
 
+    options = options or RunOptions()
+    log, use_mlflow = options.log, options.use_mlflow
     sw = plan_sweep(paths, dataset, cfg, params, trials=trials, metric=metric, sampler=sampler, name=name,
                     resume=resume, keep_best=keep_best, log=log)
     with sweep_lock(sw.folder):
@@ -74,7 +80,7 @@ def run_sweep(paths: ProjectPaths, dataset: str, cfg: RunConfig, params: list[st
                 if base is None:  # loaded once, and only when there is a trial to run
                     base = load_base(sw.base_config)
                     log(f"base model {base.ref.name} loaded once for the sweep in {base.load_seconds:.1f} s")
-                run_trial(sw, study, base, parent_id, use_mlflow=use_mlflow, progress=progress, log=log)
+                run_trial(sw, study, base, replace(options, parent_run_id=parent_id))
                 keep_best_adapters(sw, study)
             summary = finish_sweep(sw, study, parent)
             status = "FINISHED"

@@ -16,7 +16,7 @@ import fcntl
 import re
 import shutil
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lora_project.config import RunConfig, build_config, flatten
@@ -25,6 +25,7 @@ from lora_project.models.adapter import now_iso
 from lora_project.paths import ProjectPaths, check_name
 from lora_project.sweep.space import ParamSpec, grid_points, parse_space, trial_config
 from lora_project.training.callbacks import Callback
+from lora_project.training.options import RunOptions
 from lora_project.utils.interrupts import shielded
 
 METRICS = {"validation_perplexity": "perplexity", "validation_loss": "loss",
@@ -269,11 +270,13 @@ def _drop_checkpoints(paths: ProjectPaths, adapter: str | None) -> None:
         shutil.rmtree(paths.checkpoints_dir / Path(rec["experiment_dir"]).name, ignore_errors=True)
 
 
-def run_trial(sw: Sweep, study, base, parent_run_id: str | None, *, use_mlflow: bool, progress: bool, log) -> str:
-    """Ask the study for one trial, train it, tell the study; returns the trial's state."""
+def run_trial(sw: Sweep, study, base, options: RunOptions) -> str:
+    """Ask the study for one trial, train it, tell the study; returns the trial's state. `options`: the
+    sweep's (MLflow on or off, progress, the parent run, its log); the trial adds its name, kind,
+    tags, parameters and pruning callback."""
     import optuna
 
-    from lora_project.training.run import train_adapter
+    from lora_project.training.single import train_adapter
     from lora_project.utils.mlflow_utils import set_run_tags
 
     with shielded():
@@ -282,6 +285,7 @@ def run_trial(sw: Sweep, study, base, parent_run_id: str | None, *, use_mlflow: 
         adapter = f"{sw.name}_t{trial.number:03d}"
         trial.set_user_attr("adapter", adapter)
     rerun = trial.user_attrs.get("rerun_of")
+    log = options.log
     log(f"[trial {trial.number}{f' (rerun of {rerun})' if rerun is not None else ''}, {done_count(study) + 1}/"
         f"{sw.target}] " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()))
     state, value, error = "FAIL", None, None
@@ -289,11 +293,11 @@ def run_trial(sw: Sweep, study, base, parent_run_id: str | None, *, use_mlflow: 
         cfg = trial_config(sw.base_config.to_dict(), sw.specs, values)
         with shielded():
             trial.set_user_attr("config", cfg.to_dict())
-        res = train_adapter(sw.paths, sw.dataset, cfg, adapter_name=adapter, use_mlflow=use_mlflow, progress=progress,
-                            base=base, parent_run_id=parent_run_id, run_kind="sweep", log=lambda m: log("  " + m),
-                            tags={"sweep.name": sw.name, "sweep.trial": str(trial.number)},
-                            params={f"sweep.{k}": v for k, v in values.items()} | {"sweep.trial": trial.number},
-                            extra_callbacks=[PruningCallback(trial)])
+        res = train_adapter(sw.paths, sw.dataset, cfg, replace(
+            options, adapter_name=adapter, run_kind="sweep", log=lambda m: log("  " + m),
+            tags={"sweep.name": sw.name, "sweep.trial": str(trial.number)},
+            params={f"sweep.{k}": v for k, v in values.items()} | {"sweep.trial": trial.number},
+            extra_callbacks=[PruningCallback(trial)]), base=base)
         value, state = float(res["metrics_after"][METRICS[sw.metric]]), "COMPLETE"
     except optuna.TrialPruned as exc:
         state, error = "PRUNED", str(exc)

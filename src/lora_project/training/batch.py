@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from lora_project.config import (
 )
 from lora_project.errors import RunInterrupted, UserError
 from lora_project.paths import ProjectPaths
+from lora_project.training.options import RunOptions
 from lora_project.utils.interrupts import check_stop
 from lora_project.utils.io_utils import atomic_write_text, output_dir, write_new_json
 
@@ -77,33 +79,36 @@ def is_up_to_date(paths: ProjectPaths, adapter_name: str, cfg: RunConfig, datase
 
 
 def train_batch_from_files(paths: ProjectPaths, names: list[str], config_files: list[Path], overrides: list[str],
-                          batch_config: Path | None = None, **kwargs) -> dict:
+                          batch_config: Path | None = None, options: RunOptions | None = None, **kwargs) -> dict:
     """`lora-project train-batch`: read the config files and the per-dataset overrides, then `train_batch`.
 
     `batch_config` None means config/batch_config.yaml when it exists (a named file must exist);
-    keyword arguments go to `train_batch`.
+    `options` and the keyword arguments go to `train_batch`.
     """
     batch_file = batch_config or (paths.config_dir / "batch_config.yaml")
     if batch_config is None and not batch_file.is_file():
         batch_file = None
     batch_overrides = load_batch_overrides(batch_file, names)
     sources = [(str(f), read_yaml(f)) for f in config_files]
-    return train_batch(paths, names, sources, overrides, batch_overrides, **kwargs)
+    return train_batch(paths, names, sources, overrides, batch_overrides, options, **kwargs)
 
 
 def train_batch(paths: ProjectPaths, names: list[str], sources: list[tuple[str, dict]], overrides: list[str],
-                batch_overrides: dict[str, dict], *, overwrite: bool = False, use_mlflow: bool = True,
-                progress: bool = True, fused: bool = False, seeds=None, name_template: str | None = None,
-                log=print) -> dict:
+                batch_overrides: dict[str, dict], options: RunOptions | None = None, *, fused: bool = False,
+                seeds=None, name_template: str | None = None) -> dict:
     """Train one adapter per dataset (sequential or fused), or per dataset and seed (`seeds`: a count
-    or a list, see training/seeds.py), named by `name_template`; a failing run does not stop the others."""
+    or a list, see training/seeds.py), named by `name_template`; a failing run does not stop the others.
+    `options` apply to every run (each is a child of the batch's MLflow run; `options.adapter_name`
+    is not used: the template names the adapters)."""
     from lora_project.data.catalog import load_catalog
     from lora_project.data.dataset_loader import prepare_dataset
     from lora_project.models.base_model import load_base
-    from lora_project.training.run import train_adapter
+    from lora_project.training.single import train_adapter
     from lora_project.training.seeds import check_unique, seeded_runs
     from lora_project.utils.mlflow_utils import MlflowTracker
 
+    options = options or RunOptions()
+    log, overwrite = options.log, options.overwrite
     unknown = sorted(set(batch_overrides) - set(names))
     if unknown:
         log(f"note: batch config has overrides for datasets not in this batch: {', '.join(unknown)}")
@@ -125,7 +130,7 @@ def train_batch(paths: ProjectPaths, names: list[str], sources: list[tuple[str, 
     base = load_base(first)
     log(f"base model {base.ref.name} loaded once for {len(names)} dataset(s) in {base.load_seconds:.1f} s")
     parent = MlflowTracker(paths, first.tracking.experiment_name, first.tracking.tracking_uri) \
-        if use_mlflow and first.tracking.mlflow else None
+        if options.use_mlflow and first.tracking.mlflow else None
     rows, status = [], "FINISHED"
     t_all = time.perf_counter()
     try:  # the parent run starts inside the block that ends it: no run is left RUNNING
@@ -149,10 +154,9 @@ def train_batch(paths: ProjectPaths, names: list[str], sources: list[tuple[str, 
                     row.update(status="pending")
                     log("  prepared; trains in the fused run")
                 else:
-                    res = train_adapter(paths, name, cfg, adapter_name=adapter, overwrite=overwrite,
-                                        use_mlflow=use_mlflow,
-                                        progress=progress, base=base, log=lambda m: log("  " + m),
-                                        parent_run_id=parent.run_id if parent else None, run_kind="batch")
+                    res = train_adapter(paths, name, cfg, replace(
+                        options, adapter_name=adapter, log=lambda m: log("  " + m),
+                        parent_run_id=parent.run_id if parent else None, run_kind="batch"), base=base)
                     row.update(status="trained", steps=res["steps"], tokens=res["tokens_seen"],
                                perplexity_before=res["metrics_before"]["perplexity"],
                                perplexity_after=res["metrics_after"]["perplexity"],
@@ -181,9 +185,8 @@ def train_batch(paths: ProjectPaths, names: list[str], sources: list[tuple[str, 
             log(f"fused training of {len(todo)} adapter(s): {', '.join(todo)}")
             t0 = time.perf_counter()
             try:
-                results = train_fused(paths, todo, {n: configs[n] for n in todo}, base, overwrite=overwrite,
-                                      use_mlflow=use_mlflow, progress=progress,
-                                      parent_run_id=parent.run_id if parent else None, log=log)
+                results = train_fused(paths, todo, {n: configs[n] for n in todo}, base,
+                                      replace(options, parent_run_id=parent.run_id if parent else None))
                 for r, res in zip(pending_rows, results):
                     r.update(status="trained", steps=res["steps"], tokens=res["tokens_seen"],
                              perplexity_before=res["metrics_before"]["perplexity"],

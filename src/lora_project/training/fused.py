@@ -25,6 +25,7 @@ from lora_project.config import RunConfig
 from lora_project.errors import RunInterrupted, UserError
 from lora_project.paths import ProjectPaths
 from lora_project.training.lifecycle import Outcome, Run, adapter_lock
+from lora_project.training.options import RunOptions
 from lora_project.utils.interrupts import check_stop
 
 SHARED_FIELDS = ("seq_len", "batch_size", "grad_accum", "max_steps", "epochs", "precision", "device", "threads",
@@ -62,21 +63,21 @@ def _route(model, adapter_names: list[str]):
     return [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules() if isinstance(m, LoraLayer)]
 
 
-def train_fused(paths: ProjectPaths, names: list[str], configs: dict[str, RunConfig], base, *,
-                overwrite: bool, use_mlflow: bool, progress: bool, parent_run_id: str | None, log=print) -> list[dict]:
-    """Train several adapters in one forward/backward pass per step, each on its own data and optimizer."""
+def train_fused(paths: ProjectPaths, names: list[str], configs: dict[str, RunConfig], base,
+                options: RunOptions) -> list[dict]:
+    """Train several adapters in one forward/backward pass per step, each on its own data and optimizer.
+    Each adapter is named after its dataset and is its own run (kind "fused"); `options` apply to all."""
     check_fusable(configs)
     for n in names:
-        if paths.adapter(n).exists() and not overwrite:
+        if paths.adapter(n).exists() and not options.overwrite:
             raise UserError(f"adapter {paths.adapter(n)} already exists; pass --overwrite to replace it")
     with ExitStack() as locks:
         for n in names:
             locks.enter_context(adapter_lock(paths, n))
-        return _train_fused_locked(paths, names, configs, base, overwrite=overwrite, use_mlflow=use_mlflow,
-                                   progress=progress, parent_run_id=parent_run_id, log=log)
+        return _train_fused_locked(paths, names, configs, base, options)
 
 
-def _train_fused_locked(paths, names, configs, base, *, overwrite, use_mlflow, progress, parent_run_id, log):
+def _train_fused_locked(paths, names, configs, base, options: RunOptions):
     from peft import get_peft_model
 
     from lora_project.data.dataset_loader import load_streams, prepare_dataset
@@ -110,11 +111,11 @@ def _train_fused_locked(paths, names, configs, base, *, overwrite, use_mlflow, p
     try:
         with ExitStack() as stack:
             runs = {n: stack.enter_context(Run(
-                paths, configs[n], dataset=n, adapter_name=n, base=base, streams=streams[n], use_mlflow=use_mlflow,
-                parent_run_id=parent_run_id, kind="fused", tags={"fused_with": ",".join(names)},
-                params={"fused": True})) for n in names}
-            return _fused_loop(model, names, configs, base, runs, streams, loaders, overwrite=overwrite,
-                               progress=progress)
+                paths, configs[n], dataset=n, adapter_name=n, base=base, streams=streams[n],
+                use_mlflow=options.use_mlflow, parent_run_id=options.parent_run_id, kind="fused",
+                tags={"fused_with": ",".join(names)}, params={"fused": True})) for n in names}
+            return _fused_loop(model, names, configs, base, runs, streams, loaders, overwrite=options.overwrite,
+                               progress=options.progress)
     finally:
         base.model = model.unload()
 

@@ -19,6 +19,7 @@ import string
 from lora_project.config import RunConfig
 from lora_project.errors import UserError
 from lora_project.paths import check_name
+from lora_project.training.options import RunOptions
 
 MAX_SEEDS = 100
 MAX_SEED = 2**63 - 1  # training.seed's bound: what torch.manual_seed takes
@@ -112,19 +113,21 @@ def check_unique(names: list[str]) -> None:
                         "that differs) in the name template")
 
 
-def train_seeds(paths, dataset: str, cfg: RunConfig, spec, *, adapter_name: str | None = None, log=print,
-                **kwargs) -> dict:
-    """`train NAME --seeds N`: one adapter per seed (the base loaded once); {"seeds", "runs"}."""
+def train_seeds(paths, dataset: str, cfg: RunConfig, spec, options: RunOptions | None = None, *,
+                base=None) -> dict:
+    """`train NAME --seeds N`: one adapter per seed (the base loaded once, unless given); {"seeds", "runs"}.
+    `options.adapter_name` is the stem of the names (default: the dataset's), `_s<seed>` appended."""
     from lora_project.models.base_model import load_base
-    from lora_project.training.run import train_adapter
+    from lora_project.training.single import train_adapter
 
-    if kwargs.get("resume"):
+    opts = options or RunOptions()
+    if opts.resume:
         raise UserError("--resume continues one adapter; resume each seed's adapter with --adapter-name NAME_sSEED")
-    runs = seeded_runs(dataset, cfg, spec, None, adapter_name)
+    runs = seeded_runs(dataset, cfg, spec, None, opts.adapter_name)
     check_unique([n for n, _ in runs])
-    base = kwargs.pop("base", None) or load_base(cfg)
+    base = base or load_base(cfg)
     results = []
     for i, (name, c) in enumerate(runs, 1):
-        log(f"[{i}/{len(runs)}] {name} (seed {c.training.seed})")
-        results.append(train_adapter(paths, dataset, c, adapter_name=name, base=base, log=log, **kwargs))
+        opts.log(f"[{i}/{len(runs)}] {name} (seed {c.training.seed})")
+        results.append(train_adapter(paths, dataset, c, dataclasses.replace(opts, adapter_name=name), base=base))
     return {"dataset": dataset, "seeds": [c.training.seed for _, c in runs], "runs": results}
