@@ -41,6 +41,7 @@ FAULT_KINDS = {
     "Ctrl-C between two adopted items": "test_adopt_faults.py::test_a_fault_during_adopt_apply_then_rerun_or_undo[ctrl-c between items]",
     "full disk while adopt copies an item": "test_adopt_faults.py::test_a_fault_during_adopt_apply_then_rerun_or_undo[disk full copying an item]",
     "Ctrl-C while adopt imports an MLflow run": "test_adopt_faults.py::test_a_fault_during_adopt_apply_then_rerun_or_undo[ctrl-c importing an MLflow run]",
+    "a real SIGINT to an adopt process importing MLflow runs": "test_adopt_faults.py::test_sigint_during_the_mlflow_import_then_rerun",
     "a sweep interrupted between trials": "test_fault_kinds.py::test_a_sweep_interrupted_between_trials_resumes_without_rerunning",
     "the board's training subprocess killed": "test_fault_kinds.py::test_the_boards_training_subprocess_killed",
     "a profile interrupted while sampling": "test_fault_kinds.py::test_a_profile_interrupted_while_sampling_writes_nothing",
