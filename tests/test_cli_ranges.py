@@ -142,6 +142,20 @@ def test_huge_seeds_and_negative_counts_are_refused_before_any_work(args, fragme
     assert snapshot(project) == before
 
 
+@pytest.mark.parametrize("shape", ["7x16", "131073x1", "8x0", "8x4097"])
+def test_benchmark_shapes_outside_their_ranges_are_refused_before_measuring(shape, project):
+    before = snapshot(project)
+    assert_user_error(run_cli("benchmark", "--quick", "--shapes", shape, cwd=project), "--shapes",
+                      "from 8 to 131072", "from 1 to 4096")
+    assert snapshot(project) == before
+
+
+def test_benchmark_shapes_at_their_bounds_parse():
+    from lora_project.benchmark import parse_shapes
+
+    assert parse_shapes("8x1,131072x4096") == [(8, 1), (131072, 4096)]
+
+
 def test_generate_data_at_the_largest_seed_runs(project):
     proc = run_cli("generate-data", "--kind", "kids", "--lines", "1", "--seed", str(2**63 - 1),
                    "--out", "data/raw/one.txt", cwd=project)
@@ -215,3 +229,20 @@ def test_a_config_value_out_of_range_is_one_line_naming_field_and_range(project)
     proc = run_cli("train", "toddler_data", "--set", "training.epochs=1e9", cwd=project)
     assert_user_error(proc, "training.epochs", "range above 0 to 100000")
     assert snapshot(project) == before
+
+
+def test_the_largest_seed_runs_through_every_seeded_command(project):
+    """At the top of the seed range, the commands that seed something run without a traceback:
+    sampling (seed + prompt index), a profile's prompts and samples, and training with --seeds."""
+    top = str(2**63 - 1)
+    proc = run_cli("generate", "--prompt", "more", "--prompt", "where", "--temperature", "0.8", "--seed", top,
+                   "--max-new-tokens", "2", "--json", cwd=project)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert run_cli("prepare", "toddler_data", "--no-tokens", cwd=project).returncode == 0
+    proc = run_cli("profile", "--dataset", "toddler_data", "--base", "--samples", "2", "--max-new-tokens", "2",
+                   "--seed", top, "--json", cwd=project)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_cli("train", "toddler_data", "--seeds", f"0,{top}", "--no-mlflow", "--no-progress",
+                   "--set", "training.max_steps=1", "--set", "training.eval_interval=0", "--json", cwd=project)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (project / "adapters" / f"toddler_data_s{top}_lora" / "adapter_model.safetensors").is_file()

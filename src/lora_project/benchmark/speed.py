@@ -43,8 +43,9 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
             seq, bs = (int(x) for x in part.lower().split("x"))
         except ValueError:
             raise UserError(f"--shapes: {part!r} is not SEQxBATCH, e.g. 64x16") from None
-        if seq < 8 or bs < 1:
-            raise UserError(f"--shapes: {part!r} needs sequence length >= 8 and batch >= 1")
+        if not (8 <= seq <= 131072 and 1 <= bs <= 4096):  # training.seq_len's and batch_size's ranges
+            raise UserError(f"--shapes: {part[:40]!r} needs a sequence length from 8 to 131072 and a batch from 1 "
+                            "to 4096")
         shapes.append((seq, bs))
     return shapes
 
