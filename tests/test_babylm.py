@@ -264,4 +264,6 @@ def test_real_model_babylm_scores_equal_brute_force_on_a_few_items_per_task():
         got = option_scores(base.model, base.tokenizer, items, base.runtime)
         for it, scores in zip(items, got):
             want = [_brute_force(base.model, base.tokenizer, t, c) for t, c in zip(it.texts, it.completions)]
-            assert scores == pytest.approx(want, abs=2e-4), (task, it.where)
+            # fp32 sums of ~100 nats: the tree and the brute force batch rows differently, so rounding
+            # moves the last digits (2e-4 on a -122.9 sum in CI, 1.7e-6 relative); 1e-5 relative is the bound
+            assert scores == pytest.approx(want, rel=1e-5, abs=1e-4), (task, it.where)
