@@ -1,7 +1,7 @@
 """Typed, self-documenting configuration: defaults + YAML files + ``--set`` overrides.
 
-A run's configuration is one `RunConfig` with four sections (``model``, ``lora``,
-``training``, ``tracking``). Each field is declared once, with its type, default, allowed
+A run's configuration is one `RunConfig` with five sections (``model``, ``lora``,
+``training``, ``tracking``, ``cluster``). Each field is declared once, with its type, default, allowed
 range and a docstring (``doc=``); `docs/training_guide.md` and ``lora-project config
 --explain`` are generated from these declarations, so the documentation cannot drift.
 
@@ -148,6 +148,21 @@ class TrackingSection:
 
 
 @dataclass
+class ClusterSection:
+    """Scale-out on Ray (only read with --cluster; see docs/cluster.md)."""
+
+    cpus_per_task: int = opt(2, "CPUs one Ray task (one adapter, one evaluation shard) reserves; its torch threads "
+                             "equal this (an explicit training.threads that differs is refused).", min=1, max=1024)
+    max_retries: int = opt(3, "Times a task lost with its node is run again elsewhere (a task that raises is not "
+                           "retried: its adapter is FAILED with the error).", min=0, max=100)
+    shared_filesystem: str = opt("auto", "Whether the workers see this project folder: 'true' = they read the "
+                                 "prepared data and write results there; 'false' = the driver ships the data through "
+                                 "Ray's object store and alone writes adapters/, experiments/ and mlruns/; 'auto' = a "
+                                 "probe task looks for a marker file the driver writes.",
+                                 choices=("auto", "true", "false"))
+
+
+@dataclass
 class RunConfig:
     """Everything that determines a training run."""
 
@@ -155,6 +170,7 @@ class RunConfig:
     lora: LoraSection = field(default_factory=LoraSection)
     training: TrainingSection = field(default_factory=TrainingSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -164,6 +180,17 @@ class RunConfig:
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory().__class__ for f in dataclasses.fields(RunConfig)}
+
+#: Where a run is recorded or placed, not what it trains: may differ on resume and for an up-to-date adapter.
+NOT_RECIPE = ("tracking", "cluster")
+
+
+def recipe_fields(cfg: RunConfig) -> dict[str, Any]:
+    """The flattened settings that determine what a run trains (every section but NOT_RECIPE)."""
+    d = cfg.to_dict()
+    for section in NOT_RECIPE:
+        d.pop(section, None)
+    return flatten(d)
 
 
 # --------------------------------------------------------------------------- loading
@@ -341,6 +368,8 @@ def build_config(merged: dict[str, dict[str, Any]]) -> RunConfig:
             problems.append(f"unknown section '{section}'{did_you_mean(section, SECTIONS)}")
     for section, cls in SECTIONS.items():
         values = dict(merged.get(section, {}))
+        if isinstance(values.get("shared_filesystem"), bool):  # YAML reads true/false as booleans
+            values["shared_filesystem"] = str(values["shared_filesystem"]).lower()
         defaults = cls()
         fields = {f.name: f for f in dataclasses.fields(cls)}
         for key in values:

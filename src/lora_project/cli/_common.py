@@ -32,6 +32,26 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def add_cluster(p, what: str) -> None:
+    """`--cluster ADDRESS`: run on Ray (checked while parsing; Ray itself is imported only when given)."""
+    p.add_argument("--cluster", type=_cluster_address, metavar="ADDRESS",
+                   help=f"{what} as Ray tasks: 'auto' (RAY_ADDRESS or the cluster `ray start` left), "
+                        "'ray://HOST:PORT' (Ray Client), 'HOST:PORT' (a head node) or 'local:N' (a temporary "
+                        "local cluster running N tasks at once); settings in the config's cluster section "
+                        "(docs/cluster.md)")
+
+
+def _cluster_address(text: str) -> str:
+    from lora_project.cluster.address import parse_address
+
+    if text.strip() != "auto":  # auto is resolved when the command runs (RAY_ADDRESS may change)
+        try:
+            parse_address(text)
+        except UserError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--cluster {text!r}: ")) from None
+    return text
+
+
 def config_files(args, paths) -> list[Path]:
     """The config files named by --model-config/--config, or the project's defaults."""
     return [args.model_config or paths.model_config] + (args.config or [paths.training_config])

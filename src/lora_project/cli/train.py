@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from lora_project.cli._common import (
+    add_cluster,
     add_config_args,
     add_json,
     add_overwrite,
@@ -18,6 +19,7 @@ from lora_project.cli._common import (
     run_options,
     select_datasets,
 )
+from lora_project.errors import UserError
 
 BATCH_DESCRIPTION = """\
 Train adapters/<NAME>_lora for each named (or every enabled) catalog dataset with the same trainer as
@@ -60,6 +62,7 @@ def register(sub) -> None:
                    help="train all adapters at once: one forward/backward over a batch of every adapter's own "
                         "examples, the frozen base shared (needs equal seq_len, batch_size, steps, precision)")
     _add_training_args(p, **BATCH_HELP)
+    add_cluster(p, "train the adapters")
     p.add_argument("--name-template", metavar="TEMPLATE",
                    help="adapter names from fields {dataset} {seed} {r} {alpha} {lr} {max_steps} {seq_len} "
                         "{batch_size} {targets}, e.g. '{dataset}_r{r}_s{seed}', so a retrain with new settings "
@@ -116,9 +119,18 @@ def run_train_batch(args, paths) -> None:
     from lora_project.training.seeds import parse_seeds
 
     names = select_datasets(args, load_catalog(paths.catalog))
-    summary = train_batch_from_files(paths, names, config_files(args, paths), args.overrides, args.batch_config,
-                                     run_options(args, overwrite=args.overwrite), fused=args.fused,
-                                     seeds=parse_seeds(args.seeds), name_template=args.name_template)
+    if args.cluster is not None:
+        if args.fused:
+            raise UserError("--fused trains every adapter in one process; --cluster trains each as its own task")
+        from lora_project.cluster.train import train_batch_cluster
+
+        summary = train_batch_cluster(paths, names, config_files(args, paths), args.overrides, args.batch_config,
+                                      run_options(args, overwrite=args.overwrite), args.cluster,
+                                      seeds=parse_seeds(args.seeds), name_template=args.name_template)
+    else:
+        summary = train_batch_from_files(paths, names, config_files(args, paths), args.overrides, args.batch_config,
+                                         run_options(args, overwrite=args.overwrite), fused=args.fused,
+                                         seeds=parse_seeds(args.seeds), name_template=args.name_template)
     if args.json:
         print_json(summary)
     else:

@@ -27,9 +27,9 @@ from lora_project.config import SECTIONS, ConfigError, RunConfig, build_config, 
 from lora_project.errors import UserError, did_you_mean
 
 # Settings that a sweep cannot vary: the base model is loaded once with these for every trial,
-# and tracking must stay one place.
+# tracking must stay one place, and where trials run (cluster) is no hyper-parameter.
 FIXED = {"training.precision", "training.device", "training.threads"}
-FIXED_SECTIONS = {"model", "tracking"}
+FIXED_SECTIONS = {"model", "tracking", "cluster"}
 GRID_LIMIT = 10_000  # combinations; a grid beyond this is certainly a typo
 
 

@@ -29,6 +29,7 @@ from lora_project.config import (
     build_config,
     merge_sources,
     read_yaml,
+    recipe_fields,
 )
 from lora_project.errors import RunInterrupted, UserError
 from lora_project.paths import ProjectPaths
@@ -71,10 +72,10 @@ def is_up_to_date(paths: ProjectPaths, adapter_name: str, cfg: RunConfig, datase
     except UserError:
         return False
     try:  # fields added since the adapter was trained count at their defaults (the behaviour it had)
-        recorded = build_config(meta.config).to_dict() if isinstance(meta.config, dict) else None
+        recorded = recipe_fields(build_config(meta.config)) if isinstance(meta.config, dict) else None
     except (UserError, TypeError, ValueError):
         return False
-    return (recorded == cfg.to_dict() and (meta.dataset or {}).get("fingerprint") == dataset_fp
+    return (recorded == recipe_fields(cfg) and (meta.dataset or {}).get("fingerprint") == dataset_fp
             and meta.base_fingerprint == base_fp)
 
 

@@ -15,7 +15,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from lora_project.config import RunConfig, flatten
+from lora_project.config import RunConfig, recipe_fields
 from lora_project.errors import RunInterrupted, UserError, first_of
 from lora_project.models.base_model import BaseBundle, load_base, resolve_model
 from lora_project.models.scoring import validation_metrics
@@ -25,10 +25,8 @@ from lora_project.training.options import RunOptions
 
 
 def config_fingerprint_fields(cfg: RunConfig) -> dict:
-    """The settings that must be identical for a checkpoint to be resumed (tracking may differ)."""
-    d = cfg.to_dict()
-    d.pop("tracking", None)
-    return flatten(d)
+    """The settings that must be identical for a checkpoint to be resumed (tracking and cluster may differ)."""
+    return recipe_fields(cfg)
 
 
 def find_resume_checkpoint(paths: ProjectPaths, adapter_name: str) -> tuple[Path, Path]:

@@ -205,6 +205,21 @@ class MlflowTracker:
             self._warn(exc)
 
     @shield
+    def log_metric_points(self, points: list[tuple]) -> None:
+        """Log recorded metric points [(key, value, timestamp ms, step)] with their own times (a run
+        recorded elsewhere and imported, as cluster tasks are)."""
+        if not self.active:
+            return
+        try:
+            from mlflow.entities import Metric
+
+            items = [Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in points]
+            for i in range(0, len(items), 1000):  # MLflow's log_batch limit is 1000 metrics per call
+                self._client.log_batch(self.run_id, metrics=items[i:i + 1000])
+        except Exception as exc:
+            self._warn(exc)
+
+    @shield
     def set_tags(self, tags: dict[str, str]) -> None:
         if not self.active:
             return

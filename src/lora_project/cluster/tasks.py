@@ -1,0 +1,193 @@
+"""What runs on the workers: the node probe and one adapter's training (the local recipe, unchanged).
+
+A training task gets the run's spec (dataset, adapter name, config as a mapping, the driver's
+`RunOptions`, and the runtime the driver resolved: precision, fp32 kernel, threads) and the
+project files it needs. It builds a scratch project in node-local storage:
+
+* no shared filesystem: the files the driver shipped through the object store (the catalog,
+  the dataset's source, its prepared splits and token cache) are written there;
+* shared filesystem: the scratch project links to the project's ``data/`` and catalog instead.
+
+Then it calls `lora_project.training.single.train_adapter` with the same options object as a
+local run, tracked in a node-local MLflow store (or live on an http(s) server), and returns
+everything the run wrote: the adapter's files, the experiment folder, and the MLflow run
+(params, tags, every metric step, status). The driver alone writes them into the project.
+A failure inside the recipe is returned as a FAILED result with its error (the task itself does
+not raise, so nothing is retried for it); only a lost node makes Ray run the task again.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from lora_project.cluster.address import scratch_root
+
+# Loaded base models of this worker process, by (model source, revision, precision, threads):
+# a worker that trains several adapters loads the base once, as local train-batch does.
+_BASES: dict[tuple, object] = {}
+MAX_BASES = 1
+
+
+def versions() -> dict:
+    """The versions that must agree between the driver and every node."""
+    from importlib import metadata
+
+    out = {}
+    for name in ("lora-project", "torch", "peft", "ray"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def node_name() -> str:
+    """The node's IP address as Ray knows it (its host name when Ray cannot say)."""
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # outside a Ray worker
+        return socket.gethostname()
+
+
+def probe_node(marker: str | None) -> dict:
+    """Run once on each node before any training: versions, CPU class, and whether the driver's
+    marker file (in the project folder) is visible here (the shared-filesystem test)."""
+    from lora_project.utils.device import cpu_class
+
+    import ray
+
+    return {"node_id": ray.get_runtime_context().get_node_id(), "node": node_name(), "versions": versions(),
+            "cpu": cpu_class(), "sees_marker": bool(marker) and Path(marker).is_file()}
+
+
+def _write_files(root: Path, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        target = root / rel
+        if ".." in Path(rel).parts or Path(rel).is_absolute():
+            raise ValueError(f"refusing a shipped path outside the scratch project: {rel}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+
+
+def _link_shared(root: Path, shared: Path) -> None:
+    """The scratch project reads the shared project's catalog and data in place."""
+    (root / "config").mkdir(parents=True, exist_ok=True)
+    os.symlink(shared / "config" / "dataset_catalog.csv", root / "config" / "dataset_catalog.csv")
+    os.symlink(shared / "data", root / "data")
+
+
+def read_tree(folder: Path) -> dict[str, bytes]:
+    """Every regular file under `folder`, by path relative to it."""
+    out = {}
+    if folder.is_dir():
+        for p in sorted(folder.rglob("*")):
+            if p.is_file() and not p.is_symlink():
+                out[p.relative_to(folder).as_posix()] = p.read_bytes()
+    return out
+
+
+def export_run(uri: str, run_id: str | None) -> dict | None:
+    """One MLflow run of a (node-local) store as plain data: params, tags, every metric step, status."""
+    if not run_id:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    metrics = []
+    for key in sorted(run.data.metrics):
+        metrics += [(m.key, m.value, m.timestamp, m.step) for m in client.get_metric_history(run_id, key)]
+    return {"params": dict(run.data.params), "tags": dict(run.data.tags), "metrics": metrics,
+            "status": run.info.status, "start_time": run.info.start_time, "end_time": run.info.end_time}
+
+
+def _base_for(cfg, precision: str, threads: int):
+    from lora_project.models.base_model import load_base
+    from lora_project.utils.device import resolve_runtime
+
+    t = cfg.training
+    key = (cfg.model.source, cfg.model.revision, precision, threads, t.malloc_reuse)
+    if key not in _BASES:
+        _BASES.clear()  # one base per worker process: memory stays that of one local run
+        _BASES[key] = load_base(cfg, resolve_runtime("cpu", precision, threads, t.malloc_reuse))
+    return _BASES[key]
+
+
+def train_task(spec: dict, files: dict[str, bytes] | None, progress=None) -> dict:
+    """Train one adapter as `train_adapter` does locally; returns what it wrote (see the module docstring)."""
+    from lora_project.config import build_config
+    from lora_project.errors import UserError
+    from lora_project.models.kernels import forced_kernel
+    from lora_project.paths import ProjectPaths
+    from lora_project.training.single import train_adapter
+    from lora_project.utils.device import cpu_class
+
+    import ray
+
+    t_start = time.perf_counter()
+    node = node_name()
+    ctx = ray.get_runtime_context()
+    if progress is not None:
+        progress.started.remote(spec["key"], node, ctx.get_task_id())
+    lines: list[str] = []
+    where = Path(tempfile.mkdtemp(prefix="lora-project-task-", dir=scratch_root()))
+    try:
+        root = where / "project"
+        root.mkdir()
+        if spec.get("shared_root"):
+            _link_shared(root, Path(spec["shared_root"]))
+        else:
+            _write_files(root, files or {})
+        (root / "config").mkdir(exist_ok=True)
+        (root / "config" / "training_config.yaml").touch()  # marks the folder as a project root
+        paths = ProjectPaths(root)
+        cfg = build_config(spec["config"])
+        live = spec.get("tracking_uri")
+        cfg = replace(cfg, tracking=replace(cfg.tracking, tracking_uri=live))
+        if not live:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)  # the node-local store, imported by the driver
+        options = replace(spec["options"], log=lines.append, progress=False)
+        result = {"key": spec["key"], "node": node, "cpu": cpu_class(), "status": "FINISHED", "error": None,
+                  "bug": False}
+        t_load = time.perf_counter()
+        res = None
+        try:
+            with forced_kernel(spec["kernel"]):
+                base = _base_for(cfg, spec["precision"], spec["threads"])
+                result["load_seconds"] = time.perf_counter() - t_load
+                t_train = time.perf_counter()
+                res = train_adapter(paths, spec["dataset"], cfg, options, base=base)
+                result["train_seconds"] = time.perf_counter() - t_train
+        except UserError as exc:
+            result.update(status="FAILED", error=" ".join(str(exc).split()))
+        except Exception as exc:  # a bug in one run: reported, the others go on
+            result.update(status="FAILED", error=f"{type(exc).__name__}: {exc}"[:2000], bug=True)
+        exp = sorted(paths.experiments_dir.glob("exp_*")) if paths.experiments_dir.is_dir() else []
+        exp_dir = exp[-1] if exp else None
+        results_json = res
+        if results_json is None and exp_dir is not None and (exp_dir / "results.json").is_file():
+            import json
+
+            results_json = json.loads((exp_dir / "results.json").read_text())
+        run_id = (results_json or {}).get("mlflow_run_id")
+        from lora_project.utils.mlflow_utils import resolve_tracking_uri
+
+        uri = resolve_tracking_uri(paths, live)
+        result.update(
+            results=results_json, log=lines,
+            experiment_name=exp_dir.name if exp_dir else None,
+            experiment_files=read_tree(exp_dir) if exp_dir else {},
+            adapter_files=read_tree(paths.adapter(spec["adapter"])) if result["status"] == "FINISHED" else {},
+            mlflow=None if live else export_run(uri, run_id), live_run_id=run_id if live else None,
+            task_seconds=time.perf_counter() - t_start)
+        return result
+    finally:
+        shutil.rmtree(where, ignore_errors=True)

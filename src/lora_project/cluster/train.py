@@ -1,0 +1,326 @@
+"""`train-batch --cluster ADDRESS` (and `train --seeds N --cluster`): one adapter = one Ray task.
+
+The driver (this process):
+
+1. validates every run's config as local train-batch does, and refuses an explicit
+   ``training.threads`` that differs from ``cluster.cpus_per_task``;
+2. prepares each dataset and fills its token cache, and resolves precision, the fp32 kernel and
+   threads once (every task gets the same);
+3. connects (address.py, connect.py), checks every node's versions, and decides the storage mode;
+4. submits one task per adapter (``num_cpus=cluster.cpus_per_task``, ``max_retries=
+   cluster.max_retries``, ``retry_exceptions=False``), each with the driver's `RunOptions`;
+5. fetches each result as soon as its task ends (``ray.wait``), so that a later node loss cannot
+   make a finished task run again, and records it: the adapter (atomic folder write, under the
+   adapter lock), the experiment folder (a new number here), and the MLflow run, a child of the
+   command's parent run, with the worker's params, tags and every metric step, then its status.
+
+Progress: one line per task event (queued, running on NODE, retried, done, failed).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+from lora_project.errors import RunInterrupted, UserError
+from lora_project.paths import ProjectPaths
+from lora_project.training.options import RunOptions
+
+
+class _Progress:
+    """A Ray actor on the cluster that tasks tell when they start (the driver polls it)."""
+
+    def __init__(self):
+        self.events: list[tuple] = []
+
+    def started(self, key: str, node: str, task_id: str) -> None:
+        self.events.append((key, node, task_id, time.time()))
+
+    def drain(self) -> list[tuple]:
+        out, self.events = self.events, []
+        return out
+
+
+def check_threads(configs: dict) -> int:
+    """The CPUs of one task (cluster.cpus_per_task of the first config); an explicit training.threads
+    that differs from it is refused."""
+    first = next(iter(configs.values()))
+    cpus = first.cluster.cpus_per_task
+    for name, cfg in configs.items():
+        if cfg.cluster.cpus_per_task != cpus:
+            raise UserError(f"cluster.cpus_per_task differs between datasets ({cpus} and {cfg.cluster.cpus_per_task} "
+                            f"for '{name}'): the cluster settings apply to the whole command")
+        if cfg.training.threads not in (0, cpus):
+            raise UserError(f"training.threads={cfg.training.threads} differs from cluster.cpus_per_task={cpus}: "
+                            "a task's torch threads equal its CPUs; set one of them to match (or threads to 0)")
+        if cfg.training.device == "cuda":
+            raise UserError("training.device=cuda is not supported with --cluster yet: tasks reserve CPUs only")
+    return cpus
+
+
+def _project_files(paths: ProjectPaths, catalog: dict, name: str) -> dict[str, bytes]:
+    """What a worker without the shared project needs to train on `name`: config/ (the catalog), the
+    dataset's source (its fingerprint is checked) and its prepared folder with the token cache."""
+    from lora_project.cluster.tasks import read_tree
+    from lora_project.data.catalog import get_entry
+
+    root = paths.root
+    # config/ is small and holds the catalog and what generated datasets are made from (grammars)
+    files = {f"config/{rel}": data for rel, data in read_tree(paths.config_dir).items()}
+    entry = get_entry(catalog, name)
+    processed = paths.processed(name)
+    for rel, data in read_tree(processed).items():
+        files[(processed / rel).relative_to(root).as_posix()] = data
+    if entry.kind != "hub":
+        from lora_project.data.dataset_loader import fetch_source
+
+        src = fetch_source(paths, entry, progress=False, log=lambda m: None).resolve()
+        try:
+            rel = src.relative_to(root.resolve())
+        except ValueError:
+            raise UserError(f"dataset '{name}': its source {src} is outside the project folder; without a shared "
+                            "filesystem only the project's files travel to the workers (move it under data/ "
+                            "or set cluster.shared_filesystem: true)") from None
+        if src.is_dir():
+            for r, data in read_tree(src).items():
+                files[(rel / r).as_posix()] = data
+        else:
+            files[rel.as_posix()] = src.read_bytes()
+    return files
+
+
+def _record(paths: ProjectPaths, result: dict, parent_id: str | None, first_cfg, overwrite: bool, use_mlflow: bool):
+    """Write one task's results into the project (the driver is the only writer); returns results.json."""
+    from lora_project.models.adapter import METADATA_FILE
+    from lora_project.training.lifecycle import adapter_lock, new_experiment_dir
+    from lora_project.utils.io_utils import atomic_directory, atomic_write_bytes, atomic_write_json
+
+    adapter = result["adapter"]
+    results = dict(result.get("results") or {})
+    if not result.get("experiment_name"):
+        return results
+    with adapter_lock(paths, adapter):
+        exp_dir = new_experiment_dir(paths, adapter)
+        adapter_dir = paths.adapter(adapter)
+        results.update(experiment_dir=str(exp_dir), cluster={"node": result["node"], "cpu": result["cpu"],
+                                                             "task_seconds": result.get("task_seconds")})
+        if result["status"] == "FINISHED":
+            results["adapter_dir"] = str(adapter_dir)
+        tracker = None
+        export = result.get("mlflow")
+        if use_mlflow and first_cfg.tracking.mlflow and export is not None:
+            tracker = _import_run(paths, first_cfg, export, exp_dir.name, parent_id, result)
+            results["mlflow_run_id"] = tracker.run_id if tracker else None
+        elif result.get("live_run_id"):
+            results["mlflow_run_id"] = result["live_run_id"]
+        for rel, data in result["experiment_files"].items():
+            if rel != "results.json":
+                atomic_write_bytes(exp_dir / rel, data)
+        (exp_dir / "logs").mkdir(exist_ok=True)
+        (exp_dir / "logs" / "task.log").write_text("\n".join(result.get("log") or []) + "\n")
+        if result["status"] == "FINISHED":
+            meta = json.loads(result["adapter_files"][METADATA_FILE])
+            meta.update(mlflow_run_id=results.get("mlflow_run_id"), experiment_dir=str(exp_dir))
+            with atomic_directory(adapter_dir, overwrite=overwrite) as tmp:
+                for rel, data in result["adapter_files"].items():
+                    if rel != METADATA_FILE:
+                        atomic_write_bytes(tmp / rel, data)
+                atomic_write_json(tmp / METADATA_FILE, meta)
+        atomic_write_json(exp_dir / "results.json", results)
+        if tracker:
+            for f in ("config.yaml", "results.json", "loss_curve.png"):
+                if (exp_dir / f).is_file():
+                    tracker.log_artifact(exp_dir / f)
+            if result["status"] == "FINISHED":
+                tracker.log_artifact(adapter_dir, "adapter")
+            tracker.end(export["status"] if export["status"] in ("FINISHED", "FAILED", "KILLED") else "FAILED")
+    return results
+
+
+def _import_run(paths, cfg, export: dict, exp_name: str, parent_id: str | None, result: dict):
+    """The worker's MLflow run recreated in the project's store: params, tags, every metric step."""
+    from lora_project.utils.mlflow_utils import MlflowTracker
+
+    tags = {k: v for k, v in export["tags"].items() if not k.startswith("mlflow.") or k == "mlflow.source.type"}
+    tags.update({"experiment_dir": exp_name, "mlflow.runName": exp_name, "cluster_node": result["node"],
+                 "cluster_cpu": result["cpu"].get("isa", "")})
+    if parent_id:
+        tags["mlflow.parentRunId"] = parent_id
+    tracker = MlflowTracker(paths, cfg.tracking.experiment_name, cfg.tracking.tracking_uri)
+    if tracker.start(exp_name, export["params"], tags) is None:
+        return None
+    tracker.log_metric_points(export["metrics"])
+    return tracker
+
+
+def _row(name: str, adapter: str, cfg) -> dict:
+    return {"dataset": name, "adapter": f"{adapter}_lora", "seed": cfg.training.seed, "status": "", "reason": "",
+            "steps": None, "tokens": None, "perplexity_before": None, "perplexity_after": None, "wall_seconds": None}
+
+
+def train_on_cluster(paths: ProjectPaths, jobs: list[tuple], address_text: str, options: RunOptions | None = None,
+                     *, run_kind: str = "batch", parent_name: str = "train-batch") -> dict:
+    """Train `jobs` [(dataset, adapter name, RunConfig)] as Ray tasks at `address_text`; returns the summary
+    of train-batch's shape (rows, parent run, wall time) without writing it."""
+    from lora_project.cluster.address import parse_address
+    from lora_project.cluster.connect import check_nodes, connect, shared_marker, storage_mode
+    from lora_project.data.catalog import load_catalog
+    from lora_project.data.dataset_loader import load_streams, prepare_dataset
+    from lora_project.models.base_model import load_tokenizer, resolve_model
+    from lora_project.models.kernels import fp32_kernel
+    from lora_project.models.tokens import tokenizer_fingerprint
+    from lora_project.training.batch import is_up_to_date
+    from lora_project.utils.device import resolve_runtime
+    from lora_project.utils.mlflow_utils import MlflowTracker, resolve_tracking_uri
+
+    options = options or RunOptions()
+    log = options.log
+    configs = {a: c for _, a, c in jobs}
+    cpus = check_threads(configs)
+    address = parse_address(address_text)
+    first = jobs[0][2]
+    settings = first.cluster
+    t_all = time.perf_counter()
+    # Everything the configs and the project can refuse, refused before connecting.
+    catalog = load_catalog(paths.catalog)
+    ref = resolve_model(first.model.source, first.model.revision)
+    tokenizer = load_tokenizer(ref)
+    tok_fp = tokenizer_fingerprint(tokenizer)
+    runtime = resolve_runtime("cpu", first.training.precision, cpus, first.training.malloc_reuse)
+    kernel = fp32_kernel()
+    rows, todo, prepared_by = [], [], {}
+    for name, adapter, cfg in jobs:
+        row = _row(name, adapter, cfg)
+        rows.append(row)
+        try:
+            if name not in prepared_by:
+                prepared = prepare_dataset(paths, name, catalog=catalog)
+                load_streams(paths, prepared, tokenizer, tok_fp)  # the token cache the tasks read
+                prepared_by[name] = prepared
+            prepared = prepared_by[name]
+            fp = prepared.stats["source_sha256"][:16] + "-" + prepared.stats["settings_sha256"][:16]
+            if not options.overwrite and is_up_to_date(paths, adapter, cfg, fp, ref.fingerprint):
+                row.update(status="skipped", reason="adapter up to date (same config, data and base)")
+            elif paths.adapter(adapter).exists() and not options.overwrite:
+                row.update(status="failed", reason=f"adapter {paths.adapter(adapter)} already exists; pass "
+                                                   "--overwrite to replace it")
+            else:
+                todo.append((row, name, adapter, cfg))
+        except UserError as exc:
+            row.update(status="failed", reason=" ".join(str(exc).split()))
+    log(f"{len(todo)} task(s) for {address.text}: {runtime.precision}, fp32 kernel {kernel}, {cpus} thread(s) each"
+        + (f"; {len(jobs) - len(todo)} not sent (skipped or failed)" if len(todo) < len(jobs) else ""))
+    uri = resolve_tracking_uri(paths, first.tracking.tracking_uri)
+    live = uri if uri.startswith(("http://", "https://")) else None
+    use_mlflow = options.use_mlflow and first.tracking.mlflow
+    parent = MlflowTracker(paths, first.tracking.experiment_name, first.tracking.tracking_uri) if use_mlflow else None
+    status = "FINISHED"
+    with connect(address, cpus) as ray, shared_marker(paths.root) as marker:
+        nodes = check_nodes(ray, marker)
+        shared = storage_mode(settings.shared_filesystem, nodes)
+        log(f"cluster: {len(nodes)} node(s), {sum(n['cpus'] for n in nodes):g} CPU(s); "
+            f"{'shared filesystem' if shared else 'no shared filesystem: data and results travel through Ray'}")
+        try:
+            if parent:
+                parent.start(f"{parent_name} {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S}",
+                             {"datasets": ",".join(dict.fromkeys(n for n, _, _ in jobs)),
+                              "overwrite": options.overwrite, "cluster": address.text},
+                             {"kind": parent_name, "cluster": address.text})
+            _run_tasks(ray, paths, todo, options, catalog, shared, live, parent, runtime.precision, kernel, cpus,
+                       settings.max_retries, first, run_kind, log)
+        except (KeyboardInterrupt, RunInterrupted):
+            status = "KILLED"
+            raise
+        finally:
+            if parent:
+                if status == "FINISHED" and any(r["status"] == "failed" for r in rows):
+                    status = "FAILED"
+                parent.end(status)
+    return {"created": datetime.now(timezone.utc).isoformat(), "parent_run_id": parent.run_id if parent else None,
+            "wall_seconds": time.perf_counter() - t_all, "cluster": address.text, "datasets": rows}
+
+
+def _run_tasks(ray, paths, todo, options, catalog, shared, live, parent, precision, kernel, cpus, max_retries,
+               first_cfg, run_kind, log) -> None:
+    from lora_project.cluster.tasks import train_task
+    from lora_project.utils.interrupts import check_stop
+
+    progress = ray.remote(num_cpus=0)(_Progress).remote()
+    remote = ray.remote(train_task)
+    shipped: dict[str, object] = {}
+    refs: dict = {}
+    for row, name, adapter, cfg in todo:
+        if not shared and name not in shipped:
+            shipped[name] = ray.put(_project_files(paths, catalog, name))
+        key = adapter
+        spec = {"key": key, "dataset": name, "adapter": adapter, "config": cfg.to_dict(),
+                "options": replace(options, adapter_name=adapter, log=print, progress=False, run_kind=run_kind,
+                                   parent_run_id=parent.run_id if (parent and live) else None),
+                "precision": precision, "kernel": kernel, "threads": cpus, "tracking_uri": live,
+                "shared_root": str(paths.root) if shared else None}
+        ref = remote.options(num_cpus=cpus, max_retries=max_retries, retry_exceptions=False).remote(
+            spec, None if shared else shipped[name], progress)
+        refs[ref] = (row, adapter, time.perf_counter())
+        log(f"[{adapter}] queued")
+    starts: dict[str, int] = {}
+    pending = list(refs)
+    while pending:
+        check_stop()
+        ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+        for key, node, _task, _t in ray.get(progress.drain.remote()):
+            starts[key] = starts.get(key, 0) + 1
+            log(f"[{key}] {'retried, running' if starts[key] > 1 else 'running'} on {node}")
+        for ref in ready:
+            row, adapter, t0 = refs[ref]
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayError as exc:  # lost more often than max_retries, or a worker crash
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                row.update(status="failed", reason=f"{type(exc).__name__}: {first}",
+                           wall_seconds=time.perf_counter() - t0)
+                log(f"[{adapter}] failed: {row['reason']}")
+                continue
+            result["adapter"] = adapter
+            res = _record(paths, result, parent.run_id if parent else None, first_cfg, options.overwrite,
+                          parent is not None)
+            row["wall_seconds"] = time.perf_counter() - t0
+            row["node"] = result["node"]
+            if result["status"] == "FINISHED":
+                row.update(status="trained", steps=res["steps"], tokens=res["tokens_seen"],
+                           perplexity_before=res["metrics_before"]["perplexity"],
+                           perplexity_after=res["metrics_after"]["perplexity"], experiment=res["experiment_dir"])
+                log(f"[{adapter}] done on {result['node']}: validation perplexity "
+                    f"{row['perplexity_before']:.3f} -> {row['perplexity_after']:.3f}")
+            else:
+                row.update(status="failed", reason=result["error"], bug=result["bug"])
+                log(f"[{adapter}] failed on {result['node']}: {result['error']}")
+            if parent:
+                parent.log_metrics({f"{adapter}.wall_seconds": row["wall_seconds"]} |
+                                   ({f"{adapter}.perplexity_after": row["perplexity_after"]}
+                                    if row["perplexity_after"] else {}), step=len(refs) - len(pending))
+
+
+def train_batch_cluster(paths: ProjectPaths, names: list[str], config_files: list[Path], overrides: list[str],
+                        batch_config: Path | None, options: RunOptions, address: str, *, seeds=None,
+                        name_template: str | None = None) -> dict:
+    """`lora-project train-batch --cluster ADDRESS`: the same jobs as local train-batch, as Ray tasks."""
+    from lora_project.config import read_yaml
+    from lora_project.training.batch import config_for, load_batch_overrides, write_summary
+    from lora_project.training.seeds import check_unique, seeded_runs
+    from lora_project.utils.io_utils import output_dir
+
+    batch_file = batch_config or (paths.config_dir / "batch_config.yaml")
+    if batch_config is None and not batch_file.is_file():
+        batch_file = None
+    per = load_batch_overrides(batch_file, names)
+    sources = [(str(f), read_yaml(f)) for f in config_files]
+    configs = {n: config_for(sources, overrides, per.get(n), n) for n in names}
+    jobs = [(n, a, c) for n in names for a, c in seeded_runs(n, configs[n], seeds, name_template)]
+    check_unique([a for _, a, _ in jobs])
+    output_dir(paths.metrics_dir)
+    summary = train_on_cluster(paths, jobs, address, options)
+    summary["report"] = write_summary(paths, summary)
+    return summary
