@@ -205,7 +205,7 @@ COMPANIONS = {"training.warmup_steps": {"max_steps": 0}, "training.early_stoppin
 
 
 def test_the_config_walk_covers_every_section():
-    assert {s for s, _ in CONFIG_FIELDS} == {"lora", "training"} and len(CONFIG_FIELDS) >= 20
+    assert {s for s, _ in CONFIG_FIELDS} == {"lora", "training", "cluster"} and len(CONFIG_FIELDS) >= 20
 
 
 @pytest.mark.parametrize("section,f", CONFIG_FIELDS, ids=[f"{s}.{f.name}" for s, f in CONFIG_FIELDS])
