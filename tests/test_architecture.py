@@ -1,5 +1,5 @@
 """The architecture holds: import-linter's contracts (pyproject.toml), no import circles between
-modules, and a size limit per module.
+modules, and size limits per module and per function.
 
 The layers (DESIGN.md convention 11) are checked by import-linter over the package's import
 graph, imports inside functions included; a broken contract fails with import-linter's report.
@@ -20,6 +20,7 @@ from conftest import REPO
 
 PACKAGE = REPO / "src" / "lora_project"
 MAX_LINES = 450
+MAX_FUNCTION_LINES = 120  # a function's full span: decorators, signature, docstring, body
 
 # Modules over MAX_LINES today, each with its size when it was listed. Being split (issue 12);
 # remove an entry when its module is split, never add one: split the module instead.
@@ -51,6 +52,45 @@ def test_no_module_is_over_the_line_limit():
     assert not grown, f"allow-listed modules grew (lines now, when listed): {grown}"
     done = [name for name in OVER_THE_LIMIT if counts.get(name, 0) <= MAX_LINES]
     assert not done, f"now within {MAX_LINES} lines: remove {done} from OVER_THE_LIMIT in {__file__}"
+
+
+def function_lengths(package_dir: Path) -> dict[str, int]:
+    """"module.py:qualified.name" -> lines of each function and method (nested ones too, each on its
+    own and inside its parent's span), from its first decorator to its last line."""
+    lengths = {}
+    for path in sorted(package_dir.rglob("*.py")):
+        module = path.relative_to(package_dir).as_posix()
+
+        def visit(node, prefix: str) -> None:
+            for child in ast.iter_child_nodes(node):
+                name = prefix
+                if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    name = f"{prefix}{child.name}."
+                    if not isinstance(child, ast.ClassDef):
+                        start = min([child.lineno] + [d.lineno for d in child.decorator_list])
+                        lengths[f"{module}:{prefix}{child.name}"] = child.end_lineno - start + 1
+                visit(child, name)
+
+        visit(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)), "")
+    return lengths
+
+
+def test_no_function_is_over_the_line_limit():
+    lengths = function_lengths(PACKAGE)
+    assert len(lengths) > 500, "the function check reads nothing: check function_lengths"
+    over = {name: n for name, n in sorted(lengths.items()) if n > MAX_FUNCTION_LINES}
+    assert not over, f"functions over {MAX_FUNCTION_LINES} lines (split them into named steps): {over}"
+
+
+def test_the_function_check_counts_the_full_span(tmp_path):
+    pkg = tmp_path / "planted"
+    pkg.mkdir()
+    body = "".join(f"    x{i} = {i}\n" for i in range(5))
+    (pkg / "m.py").write_text(
+        "import functools\n\n\n@functools.cache\n@functools.wraps(print)\ndef top():\n" + body +
+        "\n\nclass K:\n    def method(self):\n        def inner():\n            pass\n        return inner\n",
+        encoding="utf-8")
+    assert function_lengths(pkg) == {"m.py:top": 8, "m.py:K.method": 4, "m.py:K.method.inner": 2}
 
 
 def import_graph(package_dir: Path) -> dict[str, dict[str, int]]:

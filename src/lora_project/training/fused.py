@@ -122,34 +122,14 @@ def _train_fused_locked(paths, names, configs, base, options: RunOptions):
 
 def _fused_loop(model, names, configs, base, runs, streams, loaders, *, overwrite, progress) -> list[dict]:
     """The shared steps of a fused run, then each adapter's evaluation and finish()."""
-    import torch
-
-    from lora_project.models.losses import linear_cross_entropy
-    from lora_project.models.scoring import (
-        decoder_and_head,
-        tokenize_split,
-        validation_metrics,
-    )
+    from lora_project.models.lean import set_lean_activations
+    from lora_project.models.scoring import decoder_and_head, tokenize_split, validation_metrics
     from lora_project.training.callbacks import CallbackList, ProgressBar, TrainState
-    from lora_project.training.trainer import (
-        check_finite,
-        lr_lambda,
-        optimizer_step,
-        total_steps,
-    )
+    from lora_project.training.trainer import optimizer_step
 
     runtime = base.runtime
     shared = configs[names[0]].training
-    params = {n: [p for pn, p in model.named_parameters() if "lora_" in pn and f".{n}." in pn] for n in names}
-    max_steps = max(total_steps(configs[n].training, loaders[n].n_blocks) for n in names)
-    optims, scheds = {}, {}
-    for n in names:
-        t = configs[n].training
-        optims[n] = torch.optim.AdamW(params[n], lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
-                                      weight_decay=t.weight_decay)
-        scheds[n] = torch.optim.lr_scheduler.LambdaLR(optims[n], lr_lambda(t, max_steps))
-    from lora_project.models.lean import set_lean_activations
-
+    params, optims, scheds, max_steps = _optimizers(model, names, configs, loaders)
     set_lean_activations(model, shared.lean_activations)  # as LoraTrainer
     decoder, head = decoder_and_head(model)
     val_docs = {n: tokenize_split(base.tokenizer, streams[n].validation_docs, streams[n].separator, shared.eval_max_tokens)
@@ -176,50 +156,19 @@ def _fused_loop(model, names, configs, base, runs, streams, loaders, *, overwrit
     bar.on_train_start(bar_state)
     model.train()
     windows = {n: [] for n in names}
-    rows = [n for n in names for _ in range(shared.batch_size)]
     status = "FAILED"
     try:
         for _ in range(max_steps):
             check_stop()
             t_step = time.perf_counter()
-            losses = {n: 0.0 for n in names}
-            for _ in range(shared.grad_accum):
-                batches = [loaders[n].next_batch() for n in names]
-                inputs = torch.cat([b[0] for b in batches]).to(runtime.device)
-                targets = torch.cat([b[1] for b in batches]).to(runtime.device)
-                handles = _route(model, rows)
-                try:
-                    with runtime.autocast():
-                        hidden = decoder(input_ids=inputs, use_cache=False).last_hidden_state
-                finally:
-                    for h in handles:
-                        h.remove()
-                total = 0.0
-                for k, n in enumerate(names):
-                    sl = slice(k * shared.batch_size, (k + 1) * shared.batch_size)
-                    loss = linear_cross_entropy(hidden[sl], head, targets[sl], shared.loss_chunk_tokens)
-                    losses[n] += float(loss.detach()) / shared.grad_accum
-                    total = total + loss
-                (total / shared.grad_accum).backward()
+            losses = _forward_backward(model, names, shared, loaders, runtime, decoder, head)
             check_stop()  # before the optimizer steps, as in the single trainer
             stepped = {n: optimizer_step(params[n], optims[n], scheds[n], configs[n].training.max_grad_norm,
                                          step=states[n].step + 1, who=n) for n in names}
             dt = time.perf_counter() - t_step  # measured after the optimizer steps, as in the single trainer
             for n in names:
-                grad_norm, lr = stepped[n]
-                st = states[n]
-                st.step += 1
-                st.tokens_seen += st.tokens_per_step
-                st.train_seconds += dt  # the shared step's time: each adapter's own throughput
-                check_finite(losses[n], st.step, who=n)
-                windows[n].append(losses[n])
-                if st.step % shared.log_interval == 0 or st.step == max_steps:
-                    logged = {"loss": sum(windows[n]) / len(windows[n]), "lr": lr, "grad_norm": grad_norm,
-                              "tokens_per_second": st.tokens_seen / st.train_seconds,
-                              "tokens_seen": float(st.tokens_seen)}
-                    windows[n] = []
-                    st.history.append({"step": st.step, **logged})
-                    cbs[n].on_log(st, logged)
+                _record_step(states[n], cbs[n], windows[n], losses[n], *stepped[n], dt, shared.log_interval,
+                             max_steps, who=n)
             bar_state.step += 1
             bar_state.tokens_seen += bar_state.tokens_per_step
             bar_state.train_seconds += dt
@@ -235,16 +184,85 @@ def _fused_loop(model, names, configs, base, runs, streams, loaders, *, overwrit
         for n in names:
             cbs[n].on_train_end(states[n], status)
     model.eval()
-    results = []
+    return [_finish_one(model, n, names, runs[n], states[n], params[n], before[n], evaluate, overwrite)
+            for n in names]
+
+
+def _optimizers(model, names, configs, loaders):
+    """Each adapter's LoRA parameters, its own AdamW and schedule, and the run's step count (the
+    longest adapter's)."""
+    import torch
+
+    from lora_project.training.trainer import lr_lambda, total_steps
+
+    params = {n: [p for pn, p in model.named_parameters() if "lora_" in pn and f".{n}." in pn] for n in names}
+    max_steps = max(total_steps(configs[n].training, loaders[n].n_blocks) for n in names)
+    optims, scheds = {}, {}
     for n in names:
-        st = states[n]
-        model.set_adapter(n)
-        after = evaluate(n)
-        runs[n].log_metrics(after, step=st.step)
-        outcome = Outcome(st.step, st.tokens_seen, st.train_seconds, st.history[-1]["loss"] if st.history else
-                          float("nan"), st.history, sum(p.numel() for p in params[n]))
-        results.append(runs[n].finish(model, outcome, before[n], after,
-                                      [{"step": 0, **before[n]}, {"step": st.step, **after}],
-                                      peft_adapter=n, overwrite=overwrite, extra_results={"fused_with": names},
-                                      extra_metadata={"fused_with": names}, plot_title=f"{n} (fused)"))
-    return results
+        t = configs[n].training
+        optims[n] = torch.optim.AdamW(params[n], lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+                                      weight_decay=t.weight_decay)
+        scheds[n] = torch.optim.lr_scheduler.LambdaLR(optims[n], lr_lambda(t, max_steps))
+    return params, optims, scheds, max_steps
+
+
+def _forward_backward(model, names, shared, loaders, runtime, decoder, head) -> dict[str, float]:
+    """One step's forward and backward passes (`grad_accum` micro-batches, each holding every
+    adapter's rows); returns each adapter's mean loss over the micro-batches."""
+    import torch
+
+    from lora_project.models.losses import linear_cross_entropy
+
+    rows = [n for n in names for _ in range(shared.batch_size)]
+    losses = {n: 0.0 for n in names}
+    for _ in range(shared.grad_accum):
+        batches = [loaders[n].next_batch() for n in names]
+        inputs = torch.cat([b[0] for b in batches]).to(runtime.device)
+        targets = torch.cat([b[1] for b in batches]).to(runtime.device)
+        handles = _route(model, rows)
+        try:
+            with runtime.autocast():
+                hidden = decoder(input_ids=inputs, use_cache=False).last_hidden_state
+        finally:
+            for h in handles:
+                h.remove()
+        total = 0.0
+        for k, n in enumerate(names):
+            sl = slice(k * shared.batch_size, (k + 1) * shared.batch_size)
+            loss = linear_cross_entropy(hidden[sl], head, targets[sl], shared.loss_chunk_tokens)
+            losses[n] += float(loss.detach()) / shared.grad_accum
+            total = total + loss
+        (total / shared.grad_accum).backward()
+    return losses
+
+
+def _record_step(st, cbs, window: list[float], loss: float, grad_norm, lr, dt: float, log_interval: int,
+                 max_steps: int, *, who: str) -> None:
+    """Count one shared step for one adapter (the shared step's time: each adapter's own throughput)
+    and log its window's mean loss every `log_interval` steps and at the last."""
+    from lora_project.training.trainer import check_finite
+
+    st.step += 1
+    st.tokens_seen += st.tokens_per_step
+    st.train_seconds += dt
+    check_finite(loss, st.step, who=who)
+    window.append(loss)
+    if st.step % log_interval == 0 or st.step == max_steps:
+        logged = {"loss": sum(window) / len(window), "lr": lr, "grad_norm": grad_norm,
+                  "tokens_per_second": st.tokens_seen / st.train_seconds,
+                  "tokens_seen": float(st.tokens_seen)}
+        window.clear()
+        st.history.append({"step": st.step, **logged})
+        cbs.on_log(st, logged)
+
+
+def _finish_one(model, n, names, run, st, params, before, evaluate, overwrite) -> dict:
+    """Adapter `n`'s evaluation after training and its run's finish() (folder, metadata, results)."""
+    model.set_adapter(n)
+    after = evaluate(n)
+    run.log_metrics(after, step=st.step)
+    outcome = Outcome(st.step, st.tokens_seen, st.train_seconds, st.history[-1]["loss"] if st.history else
+                      float("nan"), st.history, sum(p.numel() for p in params))
+    return run.finish(model, outcome, before, after, [{"step": 0, **before}, {"step": st.step, **after}],
+                      peft_adapter=n, overwrite=overwrite, extra_results={"fused_with": names},
+                      extra_metadata={"fused_with": names}, plot_title=f"{n} (fused)")
