@@ -213,7 +213,7 @@ def test_adopt_apply_again_and_undo(project, tracking_store, old_project, tiny_m
     from lora_project.adopt import adopt
     from lora_project.data.catalog import load_catalog
     from lora_project.data.dataset_loader import prepare_dataset
-    from lora_project.models.adapter import list_adapters
+    from lora_project.models.lora_factors import list_adapters
 
     paths = ProjectPaths(project.resolve())
     for keep in ("adapters", "data/raw", "data/processed", "data/datasets", "mlruns", "outputs/logs", "scripts"):

@@ -13,7 +13,7 @@ from conftest import TINY_TEXT, run_cli
 from lora_project.config import LoraSection
 from lora_project.inspection.analysis import compare_adapters
 from lora_project.inspection.report import init_of
-from lora_project.models.adapter import load_adapter
+from lora_project.models.lora_factors import load_adapter
 from lora_project.models.lora_init import initial_lora_A
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}

@@ -84,7 +84,8 @@ def _save_v1(tiny_model_dir, target: Path) -> dict:
 @pytest.mark.slow  # a real process killed with SIGKILL
 @pytest.mark.parametrize("mode", ["adapter-half-file", "adapter-before-swap", "adapter-between-renames"])
 def test_sigkill_while_saving_an_adapter_keeps_the_previous_one(mode, tiny_model_dir, tmp_path):
-    from lora_project.models.adapter import load_adapter, read_metadata
+    from lora_project.models.adapter import read_metadata
+    from lora_project.models.lora_factors import load_adapter
 
     target = tmp_path / "adapters" / "kid_lora"
     _save_v1(tiny_model_dir, target)
@@ -263,7 +264,8 @@ def test_peft_bin_weights_are_never_unpickled(tmp_path, tiny_model_dir):
 
     torch.save({"x": Boom()}, target / "adapter_model.bin")
     from lora_project.errors import UserError
-    from lora_project.models.adapter import check_adapter_dir, load_adapter
+    from lora_project.models.adapter import check_adapter_dir
+    from lora_project.models.lora_factors import load_adapter
 
     for fn in (check_adapter_dir, load_adapter):
         with pytest.raises(UserError, match="adapter_model.safetensors"):

@@ -18,7 +18,7 @@ from lora_project.inspection.analysis import (
     value_stats,
 )
 from lora_project.inspection.lora_math import factor_svd, subspace_similarity
-from lora_project.models.adapter import BaseWeights, list_adapters, load_adapter
+from lora_project.models.lora_factors import BaseWeights, list_adapters, load_adapter
 
 
 def make_adapter(tiny_model_dir, folder, seed, r=4, alpha=8, targets=("q_proj", "v_proj"), rslora=False):

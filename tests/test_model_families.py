@@ -140,7 +140,7 @@ def test_family_trains_scores_generates_inspects_merges(family, family_dirs, tmp
         sentence_logprobs,
     )
     from lora_project.inspection.analysis import analyse_weights
-    from lora_project.models.adapter import BaseWeights, load_adapter
+    from lora_project.models.lora_factors import BaseWeights, load_adapter
     from lora_project.models.lora_model import attach_adapters, save_adapter
     from lora_project.models.merge import export_merged_model, merge_adapters
     from lora_project.models.sampling import generate_texts

@@ -28,7 +28,7 @@ def _zero_update(folder):
 
 def test_compare_of_a_zero_update_says_undefined_not_one(tiny_model_dir, tmp_path):
     from lora_project.inspection.analysis import compare_adapters
-    from lora_project.models.adapter import load_adapter
+    from lora_project.models.lora_factors import load_adapter
 
     zero = make_adapter(tiny_model_dir, tmp_path / "zero_lora", 1)
     _zero_update(zero)

@@ -235,7 +235,7 @@ def plot_pairs(table):
 
 def adapter_names(paths: ProjectPaths) -> list[str]:
     """Names of the sound adapters under adapters/ (NothingYet when there are none)."""
-    from lora_project.models.adapter import list_adapters
+    from lora_project.models.lora_factors import list_adapters
 
     rows = list_adapters(paths.adapters_dir) if paths.adapters_dir.is_dir() else []
     ok = [r["name"] for r in rows if r["status"] == "ok"]
@@ -247,7 +247,7 @@ def adapter_names(paths: ProjectPaths) -> list[str]:
 def weight_report(paths: ProjectPaths, name: str) -> dict:
     """`lora-project inspect weights` as a dict (relative update needs the base model's weights)."""
     from lora_project.inspection.analysis import analyse_weights
-    from lora_project.models.adapter import BaseWeights, load_adapter, require_plain_lora
+    from lora_project.models.lora_factors import BaseWeights, load_adapter, require_plain_lora
 
     adapter = require_plain_lora(load_adapter(paths.adapters_dir / name), "weight analysis")
     try:

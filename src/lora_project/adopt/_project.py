@@ -15,11 +15,7 @@ from lora_project.data.catalog import (  # noqa: F401
     remove_rows,
 )
 from lora_project.errors import UserError, did_you_mean  # noqa: F401
-from lora_project.models.adapter import (  # noqa: F401
-    METADATA_FILE,
-    AdapterMetadata,
-    check_adapter_dir,
-)
+from lora_project.models.adapter import METADATA_FILE, AdapterMetadata, check_adapter_dir  # noqa: F401
 from lora_project.paths import _NAME_RE, ProjectPaths  # noqa: F401
 from lora_project.utils.io_utils import (  # noqa: F401
     atomic_write_bytes,

@@ -22,7 +22,8 @@ def cross_matrix(paths: ProjectPaths, cfg, *, max_tokens: int = 0, split: str = 
     adapters trained on another base are left out (and said so).
     """
     from lora_project.data.preprocessor import read_split, split_separator
-    from lora_project.models.adapter import list_adapters, read_metadata
+    from lora_project.models.adapter import read_metadata
+    from lora_project.models.lora_factors import list_adapters
     from lora_project.models.base_model import load_fp32_base
     from lora_project.models.lora_model import each_model
     from lora_project.models.scoring import (

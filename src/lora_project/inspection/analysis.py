@@ -19,12 +19,7 @@ from lora_project.inspection.lora_math import (
     stable_rank,
     subspace_similarity,
 )
-from lora_project.models.adapter import (
-    Adapter,
-    BaseWeights,
-    LoraModule,
-    check_fits_base,
-)
+from lora_project.models.lora_factors import Adapter, BaseWeights, LoraModule, check_fits_base
 
 
 def _plt():

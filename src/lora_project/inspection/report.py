@@ -11,7 +11,7 @@ import numpy as np
 
 from lora_project.errors import UserError
 from lora_project.inspection import analysis
-from lora_project.models.adapter import (
+from lora_project.models.lora_factors import (
     Adapter,
     BaseWeights,
     LoraModule,

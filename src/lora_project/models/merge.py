@@ -27,7 +27,8 @@ EXPORT_MARKER = "lora_project_export.json"
 def merge_adapters(base, adapter_dirs: list[Path], weights: list[float], method: str, target: Path,
                    density: float = 0.5, overwrite: bool = False) -> Path:
     """Combine adapters with one of PEFT's methods into a new adapter folder."""
-    from lora_project.models.adapter import AdapterMetadata, load_adapter, now_iso, read_metadata, require_plain_lora
+    from lora_project.models.adapter import AdapterMetadata, now_iso, read_metadata
+    from lora_project.models.lora_factors import load_adapter, require_plain_lora
     from lora_project.models.lora_model import attach_adapters, save_adapter
 
     if method not in METHODS:

@@ -58,7 +58,7 @@ def prepare(paths: ProjectPaths, name: str) -> str:
 
 def sound_adapters(paths: ProjectPaths) -> list[str]:
     """Folder names of the adapters that load (broken ones are listed with their reason in Inspect)."""
-    from lora_project.models.adapter import list_adapters
+    from lora_project.models.lora_factors import list_adapters
 
     if not paths.adapters_dir.is_dir():
         return []
