@@ -230,3 +230,21 @@ def test_the_training_recipe_is_short_and_takes_one_options_object():
                     if isinstance(item, ast.AnnAssign) and not (isinstance(after, ast.Expr)
                                                                 and isinstance(after.value, ast.Constant))]
     assert not undocumented, f"RunOptions fields without a docstring: {undocumented}"
+
+
+def test_figures_are_saved_by_one_function(tmp_path):
+    # Issue 32: utils/plotting.save_figure is the one place a figure is written and closed.
+    callers = sorted(p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")
+                     if ".savefig(" in p.read_text(encoding="utf-8"))
+    assert callers == ["utils/plotting.py"], f"save figures with utils.plotting.save_figure: {callers}"
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lora_project.utils.plotting import save_figure
+
+    fig, ax = plt.subplots(figsize=(2, 1))
+    ax.plot([0, 1], [1, 0])
+    out = save_figure(fig, tmp_path / "new" / "folder" / "f.png", dpi=50)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and fig.number not in plt.get_fignums()

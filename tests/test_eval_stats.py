@@ -179,7 +179,7 @@ def test_pairs_change_table_and_figure_carry_the_paired_intervals():
     matplotlib.use("Agg")
     from lora_project.evaluation.minimal_pairs import Pair, accuracy_report
     from lora_project.evaluation.pair_report import paired_change
-    from lora_project.reports import pairs_change, plot_pairs_change
+    from lora_project.notebook_tables import pairs_change, plot_pairs_change
 
     pairs = [Pair("g", "b", f"p{i // 10}", "syntax" if i < 20 else "morphology") for i in range(40)]
     base = [i % 2 == 0 for i in range(40)]

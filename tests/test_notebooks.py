@@ -47,7 +47,7 @@ def test_notebooks_are_committed_without_outputs():
         for cell in nb.cells:
             if cell.cell_type == "code":
                 assert cell.outputs == [] and cell.execution_count is None, nb_path.name
-                assert "def " not in cell.source, f"{nb_path.name}: logic belongs in lora_project.reports"
+                assert "def " not in cell.source, f"{nb_path.name}: logic belongs in lora_project.notebook_tables"
 
 
 @pytest.mark.slow

@@ -62,7 +62,7 @@ def test_train_seeds_and_batch_template(project):
 
 
 def test_mean_and_sd_across_seeds_by_hand():
-    from lora_project.utils.seed_groups import mean_sd_across_seeds, seed_group
+    from lora_project.utils.seeding import mean_sd_across_seeds, seed_group
 
     assert seed_group("kids_s42_lora") == ("kids_lora", 42) and seed_group("kids_r8_s7") == ("kids_r8", 7)
     assert seed_group("kids") is None and seed_group("base") is None

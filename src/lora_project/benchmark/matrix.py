@@ -9,6 +9,7 @@ import numpy as np
 
 from lora_project.errors import UserError
 from lora_project.paths import ProjectPaths
+from lora_project.utils.plotting import save_figure
 
 
 def cross_matrix(paths: ProjectPaths, cfg, *, max_tokens: int = 0, split: str = "test", log=print,
@@ -164,13 +165,7 @@ def plot_matrix(matrix: dict, out: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig = matrix_figure(matrix)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return out
+    return save_figure(matrix_figure(matrix), out, dpi=110, bbox_inches="tight")
 
 
 def matrix_markdown(matrix: dict) -> str:
@@ -196,7 +191,7 @@ def matrix_markdown(matrix: dict) -> str:
             lines.append(f"| {m} | " + " | ".join(
                 f"{c['bits_per_byte']:+.4f}{ci(c.get('bits_per_byte_ci'), '+.4f')}"
                 for c in (_change(matrix, m, d) for d in matrix["datasets"])) + " |")
-    from lora_project.utils.seed_groups import mean_sd_across_seeds
+    from lora_project.utils.seeding import mean_sd_across_seeds
 
     groups = {d: mean_sd_across_seeds({m: matrix["cells"][m][d]["perplexity"] for m in matrix["models"]})
               for d in matrix["datasets"]}

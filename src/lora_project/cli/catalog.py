@@ -48,7 +48,7 @@ def register(sub) -> None:
 
 
 def run_add(args, paths) -> None:
-    from lora_project.adopt.catalog import catalog_add
+    from lora_project.adopt.catalog_rows import catalog_add
 
     out = catalog_add(paths, args.name, args.path, fmt=args.format, text_field=args.text_field)
     if args.json:
@@ -60,7 +60,7 @@ def run_add(args, paths) -> None:
 
 
 def run_list(args, paths) -> None:
-    from lora_project.adopt.catalog import catalog_list
+    from lora_project.adopt.catalog_rows import catalog_list
 
     rows = catalog_list(paths)
     if args.json:
@@ -74,7 +74,7 @@ def run_list(args, paths) -> None:
 
 
 def run_remove(args, paths) -> None:
-    from lora_project.adopt.catalog import catalog_remove
+    from lora_project.adopt.catalog_rows import catalog_remove
 
     out = catalog_remove(paths, args.name)
     if args.json:

@@ -22,6 +22,7 @@ from pathlib import Path
 from lora_project.errors import UserError
 from lora_project.evaluation.babylm_tasks import TASKS, load_task, parse_tasks, task_path
 from lora_project.paths import ProjectPaths
+from lora_project.utils.plotting import save_figure
 from lora_project.utils.stats import DEFAULT_RESAMPLES, DEFAULT_SEED
 
 
@@ -138,10 +139,7 @@ def _save(paths: ProjectPaths, cfg, result: dict, log) -> None:
     result["saved"] = str(saved)
     fig = change_figure(result)
     plot = saved.with_suffix(".png")
-    fig.savefig(plot, dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    save_figure(fig, plot, dpi=110, bbox_inches="tight")
     result["plot"] = str(plot)
     if cfg.tracking.mlflow:
         result["mlflow_run_id"] = _track(paths, cfg, result, [saved, plot])

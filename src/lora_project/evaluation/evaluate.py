@@ -160,7 +160,7 @@ def perplexity_table(res: dict) -> str:
 def seeds_summary(per_model: dict[str, dict], keys) -> dict:
     """{stem: {key: {mean, sd, n, seeds, members}}} over adapters named <stem>_s<seed> (train --seeds):
     the run-to-run spread beside each seed's own interval."""
-    from lora_project.utils.seed_groups import mean_sd_across_seeds
+    from lora_project.utils.seeding import mean_sd_across_seeds
 
     out: dict[str, dict] = {}
     for key in keys:

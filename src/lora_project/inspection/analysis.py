@@ -20,6 +20,7 @@ from lora_project.inspection.lora_math import (
     subspace_similarity,
 )
 from lora_project.models.lora_factors import Adapter, BaseWeights, LoraModule, check_fits_base
+from lora_project.utils.plotting import save_figure
 
 
 def _plt():
@@ -99,8 +100,7 @@ def plot_weights(report: dict, out_dir: Path) -> list[Path]:
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     paths.append(out_dir / f"{report['adapter']}_update_heatmap.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    save_figure(fig, paths[-1], dpi=110)
     fig, ax = plt.subplots(figsize=(7, 4))
     cmap = plt.get_cmap("tab10")
     for r in rows:
@@ -116,8 +116,7 @@ def plot_weights(report: dict, out_dir: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     paths.append(out_dir / f"{report['adapter']}_spectra.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    save_figure(fig, paths[-1], dpi=110)
     return paths
 
 
@@ -147,10 +146,7 @@ def plot_histograms(adapter_name: str, m: LoraModule, values: dict[str, np.ndarr
         ax.set_yscale("log")
     fig.suptitle(f"{adapter_name}: {m.name}", fontsize=9)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=100)
 
 
 def _learned_svd(m: LoraModule, init: dict | None):
@@ -266,8 +262,7 @@ def plot_compare(report: dict, out_dir: Path) -> list[Path]:
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
     paths.append(out_dir / f"compare_{report['a']}_vs_{report['b']}_phi.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    save_figure(fig, paths[-1], dpi=110)
     return paths
 
 

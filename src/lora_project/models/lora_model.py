@@ -223,7 +223,7 @@ def wrap_with_lora(model, cfg: LoraSection, seed: int):
     """Attach fresh LoRA weights. The seed is set here, right before initialisation."""
     from peft import get_peft_model
 
-    from lora_project.utils.seed import set_seed
+    from lora_project.utils.seeding import set_seed
 
     check_targets(model, cfg)
     config = lora_config(cfg, model)

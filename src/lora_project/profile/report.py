@@ -25,6 +25,7 @@ from lora_project.errors import UserError
 from lora_project.profile import metrics
 from lora_project.profile.sample import draw_prompts, sample_utterances
 from lora_project.profile.sources import Corpus, chat_files, dataset_split, text_file
+from lora_project.utils.plotting import save_figure
 
 DEFAULT_SAMPLES = 200
 
@@ -230,9 +231,7 @@ def plot_lengths(report: dict, out: Path | None = None):
     fig.tight_layout()
     if out is None:
         return fig
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=100)
 
 
 def _f(v, fmt=".2f") -> str:

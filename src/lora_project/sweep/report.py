@@ -16,6 +16,7 @@ import yaml
 
 from lora_project.sweep.study import METRICS, Sweep, interrupted_numbers, trial_state
 from lora_project.utils.io_utils import atomic_write_json, atomic_write_text
+from lora_project.utils.plotting import save_figure
 from lora_project.utils.tables import fmt_table
 
 ORDER = {"COMPLETE": 0, "PRUNED": 1, "FAIL": 2, "INTERRUPTED": 3, "RUNNING": 4, "WAITING": 5}
@@ -100,9 +101,7 @@ def plot_metric_vs_params(sw: Sweep, complete: list, out: Path) -> Path | None:
         ax.grid(alpha=0.3)
     fig.suptitle(f"sweep {sw.name}: {sw.metric} of completed trials")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=100)
 
 
 def importances(study) -> tuple[dict | None, str | None]:
@@ -129,9 +128,7 @@ def plot_importances(sw: Sweep, imp: dict, out: Path) -> Path:
     ax.set_xlabel("importance (Optuna PED-ANOVA; sums to 1)")
     ax.set_title(f"sweep {sw.name}: parameter importances")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=100)
 
 
 def plot_history(sw: Sweep, complete: list, out: Path) -> Path | None:
@@ -153,9 +150,7 @@ def plot_history(sw: Sweep, complete: list, out: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=100)
 
 
 def finish_sweep(sw: Sweep, study, parent=None) -> dict:

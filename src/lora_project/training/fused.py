@@ -85,7 +85,7 @@ def _train_fused_locked(paths, names, configs, base, options: RunOptions):
     from lora_project.training.trainer import (
         BlockLoader,
     )
-    from lora_project.utils.seed import set_seed
+    from lora_project.utils.seeding import set_seed
 
     shared = configs[names[0]].training
     streams, loaders = {}, {}

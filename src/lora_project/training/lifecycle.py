@@ -34,6 +34,7 @@ from lora_project.models.base_model import BaseBundle
 from lora_project.models.scoring import results_metrics
 from lora_project.paths import ProjectPaths
 from lora_project.utils.io_utils import atomic_write_json, atomic_write_text
+from lora_project.utils.plotting import save_figure
 from lora_project.utils.provenance import git_commit, package_versions
 
 
@@ -123,9 +124,7 @@ def plot_loss_curve(history: list[dict], evals: list[dict], out: Path, title: st
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=110)
 
 
 @dataclass

@@ -64,7 +64,7 @@ def _stats(paths: ProjectPaths, name: str) -> dict | None:
 
 def catalog_rows(paths: ProjectPaths) -> list[dict]:
     """Every catalog row with its status: source present, prepared, documents and tokens per split."""
-    from lora_project.adopt.catalog import catalog_list
+    from lora_project.adopt.catalog_rows import catalog_list
 
     rows = []
     for r in catalog_list(paths):

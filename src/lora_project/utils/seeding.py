@@ -1,15 +1,29 @@
-"""Mean and standard deviation across seeds, for results of adapters named ``<stem>_s<seed>``.
+"""Seeds: seeding Python, NumPy and torch from one integer, and grouping results by seed.
 
-`train --seeds` names its adapters ``<name>_s<seed>`` (folders ``<name>_s<seed>_lora``).
-Reports that list one number per adapter can add one row per group of seeds with this
-function; it only reads labels and numbers, so any report (evaluate, the matrix, BLiMP) can
-use it without changing its own format.
+`set_seed` is called before an adapter is initialised (and before each run's data order is drawn).
+
+`train --seeds` names its adapters ``<name>_s<seed>`` (folders ``<name>_s<seed>_lora``; the
+multi-seed runs themselves are in training/seeds.py). Reports that list one number per adapter
+can add one row per group of seeds with `mean_sd_across_seeds`; it only reads labels and numbers,
+so any report (evaluate, the matrix, BLiMP) can use it without changing its own format.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import re
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, numpy and torch (set before the adapter is initialised)."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
 
 _SEEDED = re.compile(r"^(?P<stem>.+)_s(?P<seed>\d+)(?P<tail>_lora)?$")
 
