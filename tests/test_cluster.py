@@ -129,7 +129,7 @@ def _local_reference(project: Path) -> dict[str, bytes]:
     return ref
 
 
-def _check_runs(project: Path, summary: dict, n: int) -> None:
+def _check_runs(project: Path, summary: dict, n: int, steps: int = 6, eval_every: int = 3) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
@@ -141,9 +141,10 @@ def _check_runs(project: Path, summary: dict, n: int) -> None:
     for c in children:
         assert c.info.status == "FINISHED"
         history = client.get_metric_history(c.info.run_id, "loss")
-        assert [m.step for m in history] == [2, 4, 6]  # every logged step (log_interval 2 of 6 steps)
-        assert [m.step for m in client.get_metric_history(c.info.run_id, "val_loss")] == [0, 3, 6]
-        assert c.data.params["training.max_steps"] == "6" and c.data.tags["cluster_node"]
+        assert [m.step for m in history] == list(range(2, steps + 1, 2))  # every logged step (log_interval 2)
+        assert [m.step for m in client.get_metric_history(c.info.run_id, "val_loss")] == \
+            list(range(0, steps + 1, eval_every))
+        assert c.data.params["training.max_steps"] == str(steps) and c.data.tags["cluster_node"]
         arts = {a.path for a in client.list_artifacts(c.info.run_id)}
         assert {"config.yaml", "results.json", "adapter"} <= arts
         exp_dir = project / "experiments" / c.data.tags["experiment_dir"]
@@ -166,3 +167,110 @@ def test_local_cluster_adapters_are_byte_identical_to_local_train_batch(project,
     for word in ("queued", "running on", "done on", "no shared filesystem"):
         assert word in proc.stderr, (word, proc.stderr[-2000:])
     _check_runs(project, summary, 2)
+
+
+@pytest.fixture()
+def loopback_cluster(monkeypatch):
+    """A real multi-node Ray cluster on 127.0.0.1: a head with no CPUs and two one-CPU worker nodes."""
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from ray.cluster_utils import Cluster
+
+    small = {"object_store_memory": 80 * 2**20, "node_ip_address": "127.0.0.1", "include_dashboard": False}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, **small})
+    workers = [cluster.add_node(num_cpus=1, **small) for _ in range(2)]
+    cluster.wait_for_nodes()
+    monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+    try:
+        yield cluster, workers, small
+    finally:
+        cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_auto_on_a_two_node_loopback_cluster_is_byte_identical(project, tracking_store, loopback_cluster):
+    ref = _local_reference(project)
+    proc = run_cli("train-batch", "--all", "--no-progress", "--json", "--overwrite", "--cluster", "auto", *ONE_CPU,
+                   cwd=project)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert _adapter_bytes(project) == ref
+    assert "3 node(s), 2 CPU(s); shared filesystem" in proc.stderr  # auto: the nodes see the marker file
+    _check_runs(project, summary, 2)
+
+
+@pytest.mark.slow
+def test_a_failing_adapter_is_failed_with_its_error_and_the_others_go_on(project, tracking_store):
+    (project / "config" / "batch_config.yaml").write_text(
+        "datasets:\n  kids:\n    lora: {target_modules: [no_such_proj]}\n")
+    proc = run_cli("train-batch", "--all", "--no-progress", "--json", "--cluster", "local:1", *ONE_CPU, cwd=project)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    rows = {r["dataset"]: r for r in json.loads(proc.stdout)["datasets"]}
+    assert rows["toddler_data"]["status"] == "trained"
+    assert rows["kids"]["status"] == "failed" and "no_such_proj" in rows["kids"]["reason"]
+    assert "[kids] failed on" in proc.stderr and proc.stderr.count("running on") == 2  # not retried
+    assert not (project / "adapters" / "kids_lora").exists()
+
+
+@pytest.mark.slow
+def test_a_version_mismatch_is_refused_before_training(project, monkeypatch):
+    from lora_project.cluster import connect
+
+    real = connect.driver_versions
+    monkeypatch.setattr(connect, "driver_versions", lambda: {**real(), "peft": "0.0.1"})
+    proc = run_cli("train-batch", "--all", "--no-progress", "--no-mlflow", "--cluster", "local:1", *ONE_CPU,
+                   cwd=project)
+    assert_user_error(proc, "has peft", "the driver peft 0.0.1")
+    assert not (project / "adapters").exists() or not any((project / "adapters").iterdir())
+
+
+@pytest.mark.slow
+def test_a_worker_node_removed_mid_training_is_retried_elsewhere_with_the_same_adapter(project, tracking_store,
+                                                                                       loopback_cluster):
+    cluster, workers, small = loopback_cluster
+    longer = ["--set", "training.max_steps=150", "--set", "training.eval_interval=50"]
+    proc = run_cli("train-batch", "toddler_data", "--no-progress", "--no-mlflow", *ONE_CPU, *longer, cwd=project)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = _adapter_bytes(project)
+    cmd = [sys.executable, "-m", "lora_project", "train-batch", "toddler_data", "--no-progress", "--json",
+           "--overwrite", "--cluster", "auto", *ONE_CPU, *longer]
+    driver = subprocess.Popen(cmd, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "LORA_PROJECT_ROOT": str(project)})
+    lines = []
+    try:
+        for line in driver.stderr:  # wait until the task runs, then take a worker node away
+            lines.append(line)
+            if "running on" in line:
+                break
+        time.sleep(4)  # the task is loading the model or training
+        cluster.add_node(num_cpus=1, **small)  # somewhere to go
+        for node in workers:
+            cluster.remove_node(node, allow_graceful=False)  # the task's node is one of them
+        out, err = driver.communicate(timeout=300)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    err = "".join(lines) + err
+    assert driver.returncode == 0, err[-3000:]
+    assert "retried, running on" in err, err[-3000:]
+    summary = json.loads(out)
+    assert summary["datasets"][0]["status"] == "trained"
+    assert _adapter_bytes(project) == ref
+    _check_runs(project, summary, 1, steps=150, eval_every=50)
+
+
+def test_train_cluster_needs_seeds(project):
+    assert_user_error(run_cli("train", "kids", "--cluster", "local:1", *ONE_CPU, cwd=project), "needs --seeds N")
+
+
+@pytest.mark.slow
+def test_train_seeds_on_a_local_cluster_equals_local_train_seeds(project, tracking_store):
+    proc = run_cli("train", "kids", "--seeds", "2", "--no-progress", "--no-mlflow", "--json", *ONE_CPU, cwd=project)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = _adapter_bytes(project)
+    assert sorted(ref) == ["kids_s42_lora", "kids_s43_lora"]
+    proc = run_cli("train", "kids", "--seeds", "2", "--overwrite", "--no-progress", "--json", "--cluster", "local:2",
+                   *ONE_CPU, cwd=project)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["seeds"] == [42, 43] and [r["status"] for r in out["runs"]] == ["FINISHED", "FINISHED"]
+    assert _adapter_bytes(project) == ref

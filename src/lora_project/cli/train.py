@@ -50,6 +50,7 @@ def register(sub) -> None:
                    help="continue the newest checkpoint of this adapter (same experiment folder and MLflow run; "
                         "refused if config, base model or data changed)")
     _add_training_args(p, **TRAIN_HELP)
+    add_cluster(p, "with --seeds, train the seeds' adapters")
     p.set_defaults(handler=run_train)
 
     p = sub.add_parser("train-batch", help="train one adapter per catalog dataset (base loaded once)",
@@ -84,6 +85,9 @@ def run_train(args, paths) -> None:
 
     cfg = load_cfg(args, paths)
     options = run_options(args, adapter_name=args.adapter_name, overwrite=args.overwrite, resume=args.resume)
+    if args.cluster is not None and args.seeds is None:
+        raise UserError("train --cluster needs --seeds N (one adapter is one task: use train-batch NAME --cluster "
+                        "for several datasets)")
     if args.seeds is not None:
         return _run_seeds(args, paths, cfg, options)
     res = train_adapter(paths, args.name, cfg, options)
@@ -103,7 +107,12 @@ def run_train(args, paths) -> None:
 def _run_seeds(args, paths, cfg, options) -> None:
     from lora_project.training.seeds import parse_seeds, train_seeds
 
-    out = train_seeds(paths, args.name, cfg, parse_seeds(args.seeds), options)
+    if args.cluster is not None:
+        from lora_project.cluster.train import train_seeds_cluster
+
+        out = train_seeds_cluster(paths, args.name, cfg, parse_seeds(args.seeds), options, args.cluster)
+    else:
+        out = train_seeds(paths, args.name, cfg, parse_seeds(args.seeds), options)
     if args.json:
         print_json(out)
         return

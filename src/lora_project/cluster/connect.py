@@ -13,7 +13,9 @@ driver wrote into the project folder (``cluster.shared_filesystem: auto``).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,10 +29,18 @@ PROBE_TIMEOUT_S = 120.0  # a node's first task starts a worker process (imports 
 
 @contextmanager
 def connect(address: ClusterAddress, cpus_per_task: int):
-    """Ray connected for the block (and shut down after); yields the `ray` module."""
+    """Ray connected for the block (and shut down after); yields the `ray` module. Whatever Ray prints
+    meanwhile (a lost node's notice) goes to stderr: stdout carries the command's --json object."""
     probe(address)
-    import ray
+    with contextlib.redirect_stdout(sys.stderr):
+        import ray
 
+        with _connected(ray, address, cpus_per_task):
+            yield ray
+
+
+@contextmanager
+def _connected(ray, address: ClusterAddress, cpus_per_task: int):
     kwargs = {"log_to_driver": False, "logging_level": "WARNING"}
     if address.kind == "local":
         # a temporary cluster of this machine talks over loopback only
@@ -38,6 +48,8 @@ def connect(address: ClusterAddress, cpus_per_task: int):
                       object_store_memory=LOCAL_OBJECT_STORE_BYTES, _node_ip_address="127.0.0.1")
         ray.init(**kwargs)
     else:
+        if address.kind == "gcs" and address.host in ("127.0.0.1", "localhost", "::1"):
+            kwargs["_node_ip_address"] = "127.0.0.1"  # a cluster on this machine's loopback: join it there
         try:
             ray.init(address=address.ray_address, **kwargs)
         except (ConnectionError, RuntimeError, TimeoutError) as exc:

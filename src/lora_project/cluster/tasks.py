@@ -6,7 +6,7 @@ project files it needs. It builds a scratch project in node-local storage:
 
 * no shared filesystem: the files the driver shipped through the object store (the catalog,
   the dataset's source, its prepared splits and token cache) are written there;
-* shared filesystem: the scratch project links to the project's ``data/`` and catalog instead.
+* shared filesystem: the task copies the same files from the project folder itself (nothing travels).
 
 Then it calls `lora_project.training.single.train_adapter` with the same options object as a
 local run, tracked in a node-local MLflow store (or live on an http(s) server), and returns
@@ -77,11 +77,14 @@ def _write_files(root: Path, files: dict[str, bytes]) -> None:
         target.write_bytes(data)
 
 
-def _link_shared(root: Path, shared: Path) -> None:
-    """The scratch project reads the shared project's catalog and data in place."""
-    (root / "config").mkdir(parents=True, exist_ok=True)
-    os.symlink(shared / "config" / "dataset_catalog.csv", root / "config" / "dataset_catalog.csv")
-    os.symlink(shared / "data", root / "data")
+def _copy_shared(root: Path, shared: Path, files: list[str]) -> None:
+    """The scratch project gets the run's inputs from the shared project folder (read in place there;
+    copied, not linked, because the recipe refuses paths that resolve outside its project)."""
+    for rel in files:
+        if ".." in Path(rel).parts or Path(rel).is_absolute():
+            raise ValueError(f"refusing a path outside the project: {rel}")
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shared / rel, root / rel)
 
 
 def read_tree(folder: Path) -> dict[str, bytes]:
@@ -121,8 +124,9 @@ def _base_for(cfg, precision: str, threads: int):
     return _BASES[key]
 
 
-def train_task(spec: dict, files: dict[str, bytes] | None, progress=None) -> dict:
-    """Train one adapter as `train_adapter` does locally; returns what it wrote (see the module docstring)."""
+def train_task(spec: dict, files, progress=None) -> dict:
+    """Train one adapter as `train_adapter` does locally; returns what it wrote (see the module docstring).
+    `files`: {path: bytes} shipped by the driver, or with a shared filesystem the paths to copy from it."""
     from lora_project.config import build_config
     from lora_project.errors import UserError
     from lora_project.models.kernels import forced_kernel
@@ -143,11 +147,12 @@ def train_task(spec: dict, files: dict[str, bytes] | None, progress=None) -> dic
         root = where / "project"
         root.mkdir()
         if spec.get("shared_root"):
-            _link_shared(root, Path(spec["shared_root"]))
+            _copy_shared(root, Path(spec["shared_root"]), files or [])
         else:
             _write_files(root, files or {})
         (root / "config").mkdir(exist_ok=True)
-        (root / "config" / "training_config.yaml").touch()  # marks the folder as a project root
+        if not (root / "config" / "training_config.yaml").exists():
+            (root / "config" / "training_config.yaml").touch()  # marks the folder as a project root
         paths = ProjectPaths(root)
         cfg = build_config(spec["config"])
         live = spec.get("tracking_uri")

@@ -239,8 +239,10 @@ def train_on_cluster(paths: ProjectPaths, jobs: list[tuple], address_text: str, 
                 if status == "FINISHED" and any(r["status"] == "failed" for r in rows):
                     status = "FAILED"
                 parent.end(status)
+    results = {r["adapter"]: r.pop("_results") for r in rows if "_results" in r}
     return {"created": datetime.now(timezone.utc).isoformat(), "parent_run_id": parent.run_id if parent else None,
-            "wall_seconds": time.perf_counter() - t_all, "cluster": address.text, "datasets": rows}
+            "wall_seconds": time.perf_counter() - t_all, "cluster": address.text, "datasets": rows,
+            "results": results}
 
 
 def _run_tasks(ray, paths, todo, options, catalog, shared, live, parent, precision, kernel, cpus, max_retries,
@@ -248,13 +250,15 @@ def _run_tasks(ray, paths, todo, options, catalog, shared, live, parent, precisi
     from lora_project.cluster.tasks import train_task
     from lora_project.utils.interrupts import check_stop
 
-    progress = ray.remote(num_cpus=0)(_Progress).remote()
+    # on the head node, which outlives the worker nodes (a lost worker node must not take it along)
+    progress = ray.remote(num_cpus=0, resources={"node:__internal_head__": 0.001})(_Progress).remote()
     remote = ray.remote(train_task)
     shipped: dict[str, object] = {}
     refs: dict = {}
     for row, name, adapter, cfg in todo:
-        if not shared and name not in shipped:
-            shipped[name] = ray.put(_project_files(paths, catalog, name))
+        if name not in shipped:
+            files = _project_files(paths, catalog, name)
+            shipped[name] = sorted(files) if shared else ray.put(files)
         key = adapter
         spec = {"key": key, "dataset": name, "adapter": adapter, "config": cfg.to_dict(),
                 "options": replace(options, adapter_name=adapter, log=print, progress=False, run_kind=run_kind,
@@ -262,7 +266,7 @@ def _run_tasks(ray, paths, todo, options, catalog, shared, live, parent, precisi
                 "precision": precision, "kernel": kernel, "threads": cpus, "tracking_uri": live,
                 "shared_root": str(paths.root) if shared else None}
         ref = remote.options(num_cpus=cpus, max_retries=max_retries, retry_exceptions=False).remote(
-            spec, None if shared else shipped[name], progress)
+            spec, shipped[name], progress)
         refs[ref] = (row, adapter, time.perf_counter())
         log(f"[{adapter}] queued")
     starts: dict[str, int] = {}
@@ -286,6 +290,7 @@ def _run_tasks(ray, paths, todo, options, catalog, shared, live, parent, precisi
             result["adapter"] = adapter
             res = _record(paths, result, parent.run_id if parent else None, first_cfg, options.overwrite,
                           parent is not None)
+            row["_results"] = res
             row["wall_seconds"] = time.perf_counter() - t0
             row["node"] = result["node"]
             if result["status"] == "FINISHED":
@@ -322,5 +327,26 @@ def train_batch_cluster(paths: ProjectPaths, names: list[str], config_files: lis
     check_unique([a for _, a, _ in jobs])
     output_dir(paths.metrics_dir)
     summary = train_on_cluster(paths, jobs, address, options)
+    summary.pop("results")
     summary["report"] = write_summary(paths, summary)
     return summary
+
+
+def train_seeds_cluster(paths: ProjectPaths, dataset: str, cfg, spec, options: RunOptions, address: str) -> dict:
+    """`lora-project train NAME --seeds N --cluster ADDRESS`: one task per seed; the shape of local
+    `train --seeds` ({dataset, seeds, runs}); a failed seed is reported after the others finished."""
+    from lora_project.training.seeds import check_unique, seeded_runs
+
+    if options.resume:
+        raise UserError("--resume continues one adapter; resume each seed's adapter with --adapter-name NAME_sSEED")
+    runs = seeded_runs(dataset, cfg, spec, None, options.adapter_name)
+    check_unique([n for n, _ in runs])
+    summary = train_on_cluster(paths, [(dataset, n, c) for n, c in runs], address, options, run_kind="single",
+                               parent_name="train-seeds")
+    failed = [r for r in summary["datasets"] if r["status"] != "trained"]
+    if failed:
+        raise UserError(f"{len(failed)} of {len(runs)} seed run(s) did not train: "
+                        + "; ".join(f"{r['adapter'].removesuffix('_lora')}: {r['status']} {r['reason']}".strip()
+                                    for r in failed))
+    return {"dataset": dataset, "seeds": [c.training.seed for _, c in runs],
+            "runs": [summary["results"][f"{n}_lora"] for n, _ in runs], "parent_run_id": summary["parent_run_id"]}
