@@ -274,3 +274,50 @@ def test_train_seeds_on_a_local_cluster_equals_local_train_seeds(project, tracki
     out = json.loads(proc.stdout)
     assert out["seeds"] == [42, 43] and [r["status"] for r in out["runs"]] == ["FINISHED", "FINISHED"]
     assert _adapter_bytes(project) == ref
+
+
+# --- deployment recipes (scripts/cluster/) ------------------------------------------------------------
+
+RECIPES = REPO / "scripts" / "cluster"
+
+
+def _lora_project_command_lines(text: str) -> list[list[str]]:
+    import re
+    import shlex
+
+    out = []
+    for line in text.splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        m = re.search(r"""lora-project"?\s+(.*)$""", line)
+        if m:
+            out.append(shlex.split(m.group(1).split(";")[0]))
+    return out
+
+
+def test_deployment_recipes_are_valid_and_their_commands_parse():
+    import yaml
+
+    from lora_project.cli import build_parser
+
+    for script in ("slurm_ray.sbatch", "plain_machines.sh"):
+        proc = subprocess.run(["bash", "-n", str(RECIPES / script)], capture_output=True, text=True)
+        assert proc.returncode == 0, (script, proc.stderr)
+    docs = list(yaml.safe_load_all((RECIPES / "kuberay_rayjob.yaml").read_text()))
+    job = next(d for d in docs if d["kind"] == "RayJob")
+    assert job["apiVersion"] == "ray.io/v1" and job["spec"]["rayClusterSpec"]["rayVersion"] == "2.60.0"
+    claim = next(d for d in docs if d["kind"] == "PersistentVolumeClaim")["metadata"]["name"]
+    pods = [job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"],
+            *[g["template"]["spec"] for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]]]
+    for pod in pods:  # every pod mounts the project folder from the claim
+        assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == claim
+        assert pod["containers"][0]["volumeMounts"][0]["mountPath"] == "/project"
+    commands = [_lora_project_command_lines((RECIPES / f).read_text())
+                for f in ("slurm_ray.sbatch", "plain_machines.sh")]
+    commands.append([job["spec"]["entrypoint"].split("lora-project", 1)[1].split()])
+    parser = build_parser()
+    for found in commands:
+        assert found, "a recipe without a lora-project command"
+        for argv in found:
+            args = parser.parse_args(argv)
+            assert args.command == "train-batch" and args.cluster == "auto", argv
