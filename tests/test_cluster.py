@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, assert_user_error, run_cli
+from conftest import REPO, SHARED_DATA, assert_user_error, run_cli
 
 ONE_CPU = ["--set", "cluster.cpus_per_task=1"]  # the tiny projects train with training.threads: 1
 
@@ -321,3 +321,41 @@ def test_deployment_recipes_are_valid_and_their_commands_parse():
         for argv in found:
             args = parser.parse_args(argv)
             assert args.command == "train-batch" and args.cluster == "auto", argv
+
+
+# --- evaluate --pairs --cluster -----------------------------------------------------------------------
+
+
+def test_shards_cover_every_pair_once():
+    from lora_project.cluster.evaluate import shards_of
+
+    for n, k in ((10, 3), (3, 8), (1, 1), (67, 4)):
+        cuts = shards_of(n, k)
+        assert cuts[0][0] == 0 and cuts[-1][1] == n and all(a < b for a, b in cuts)
+        assert all(cuts[i][1] == cuts[i + 1][0] for i in range(len(cuts) - 1))
+        assert max(b - a for a, b in cuts) - min(b - a for a, b in cuts) <= 1
+
+
+def test_evaluate_cluster_is_for_pairs_only(project):
+    assert_user_error(run_cli("evaluate", "--dataset", "kids", "--cluster", "local:1", cwd=project), "--pairs only")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_DATA / "blimp").is_dir(), reason="../shared/data/blimp is absent")
+def test_evaluate_pairs_in_shards_gives_the_single_process_decisions(project):
+    blimp = SHARED_DATA / "blimp"
+    trained = run_cli("train", "kids", "--no-progress", "--no-mlflow", "--json", cwd=project)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    common = ["evaluate", "--pairs", str(blimp), "--limit", "4", "--adapter", "adapters/kids_lora", "--json",
+              "--no-progress", *ONE_CPU]
+    local = run_cli(*common, cwd=project)
+    assert local.returncode == 0, local.stderr[-2000:]
+    common.remove("--no-progress")
+    shards = run_cli(*common, "--cluster", "local:2", cwd=project)
+    assert shards.returncode == 0, shards.stderr[-2000:]
+    a, b = json.loads(local.stdout), json.loads(shards.stdout)
+    assert "in 2 shard(s)" in shards.stderr and b["pairs"] == a["pairs"] == 67 * 4
+    for label in ("base", "kids_lora"):
+        assert b["models"][label]["decisions"] == a["models"][label]["decisions"]
+        assert b["models"][label]["macro_accuracy"] == a["models"][label]["macro_accuracy"]
+    assert b["difference"]["kids_lora"]["paired"] == a["difference"]["kids_lora"]["paired"]

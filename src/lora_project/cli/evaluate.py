@@ -5,7 +5,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lora_project.cli._common import add_config_args, add_json, add_number, add_sampling_args, load_cfg, print_json
+from lora_project.cli._common import (
+    add_cluster,
+    add_config_args,
+    add_json,
+    add_number,
+    add_sampling_args,
+    load_cfg,
+    print_json,
+)
 from lora_project.errors import UserError
 
 
@@ -44,6 +52,7 @@ def register(sub) -> None:
                         "tail needs, no slower than bf16); after a bf16 pass, pairs within its error margin are "
                         "re-scored in fp32, so decisions equal fp32 scoring either way")
     p.add_argument("--no-progress", action="store_true", help="--pairs: no progress bar")
+    add_cluster(p, "--pairs: score the pairs in shards")
     add_number(p, "--max-length", int, 2, 131072, help="window length in tokens (default 1024, or the model's "
                "context where its learned positions stop sooner, as for GPT-2)")
     add_number(p, "--stride", int, 1, 131072, help="window step in tokens (default: max-length / 2)")
@@ -68,6 +77,8 @@ def register(sub) -> None:
 
 def run_evaluate(args, paths) -> None:
     # options of the other mode would be ignored without a word: refused instead
+    if args.cluster is not None and args.pairs is None:
+        raise UserError("--cluster: evaluate runs on a cluster with --pairs only (so far); leave it out")
     perplexity = [o for o, v in (("--max-length", args.max_length), ("--stride", args.stride),
                                  ("--max-tokens", args.max_tokens), ("--split", args.split != "test")) if v]
     pairs = [o for o, v in (("--limit", args.limit), ("--strict", args.strict), ("--no-progress", args.no_progress),
@@ -89,9 +100,16 @@ def run_evaluate(args, paths) -> None:
         from lora_project.evaluation.evaluate import evaluate_minimal_pairs
         from lora_project.evaluation.minimal_pairs import format_summary
 
-        res = evaluate_minimal_pairs(paths, cfg, args.pairs, adapters=args.adapter, limit=args.limit,
-                                     strict=args.strict, first_pass=args.first_pass, progress=not args.no_progress,
-                                     log=lambda m: print(m, file=sys.stderr))
+        if args.cluster is not None:
+            from lora_project.cluster.evaluate import evaluate_pairs_cluster
+
+            res = evaluate_pairs_cluster(paths, cfg, args.pairs, args.cluster, adapters=args.adapter,
+                                         limit=args.limit, strict=args.strict, first_pass=args.first_pass,
+                                         log=lambda m: print(m, file=sys.stderr))
+        else:
+            res = evaluate_minimal_pairs(paths, cfg, args.pairs, adapters=args.adapter, limit=args.limit,
+                                         strict=args.strict, first_pass=args.first_pass,
+                                         progress=not args.no_progress, log=lambda m: print(m, file=sys.stderr))
         if args.json:
             print_json(res)
             return

@@ -171,8 +171,12 @@ def seeds_summary(per_model: dict[str, dict], keys) -> dict:
 
 def evaluate_minimal_pairs(paths: ProjectPaths, cfg, pairs_path: Path | list[Path], *, adapters: list[Path] = (),
                            limit: int | None = None, strict: bool = False, base=None, first_pass: str = "auto",
-                           progress: bool = False, log=print) -> dict:
+                           progress: bool = False, log=print, scorer=None) -> dict:
     """Minimal-pair accuracy of the base and each adapter (one base load), saved to outputs/metrics/.
+
+    `scorer(pairs, path, adapters, runtime)`, when given, scores instead of this process (the Ray
+    cluster's shards): it returns {label: (good sums, bad sums, re-scored count)} for "base" and each
+    adapter's folder name, and everything else (reports, changes, files) is as here.
 
     Each paradigm, field and term has a Wilson 95% interval, each macro average its standard error;
     each adapter's `difference` has `paired`: the change against the base on the same pairs (macro
@@ -184,6 +188,7 @@ def evaluate_minimal_pairs(paths: ProjectPaths, cfg, pairs_path: Path | list[Pat
     """
     from lora_project.evaluation.minimal_pairs import (
         MARGINS,
+        accuracy_report,
         evaluate_pairs,
         load_pairs,
         prefix_sharing,
@@ -235,9 +240,13 @@ def evaluate_minimal_pairs(paths: ProjectPaths, cfg, pairs_path: Path | list[Pat
                    dynamic_ncols=True, smoothing=0.1)
     t0 = time.perf_counter()
     try:
-        models = {label: evaluate_pairs(model, base.tokenizer, pairs, base.runtime, path, tokens=tokens,
-                                        progress=bar.update if bar is not None else None)
-                  for label, model in each_model(base, adapters)}
+        if scorer is not None:
+            models = {label: {**accuracy_report(pairs, good, bad), "first_pass": path, "rescored": redone}
+                      for label, (good, bad, redone) in scorer(pairs, path, adapters, base.runtime).items()}
+        else:
+            models = {label: evaluate_pairs(model, base.tokenizer, pairs, base.runtime, path, tokens=tokens,
+                                            progress=bar.update if bar is not None else None)
+                      for label, model in each_model(base, adapters)}
     finally:
         if bar is not None:
             bar.close()
