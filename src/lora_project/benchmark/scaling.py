@@ -1,0 +1,95 @@
+"""Scale-out arithmetic for `benchmark --scaling`: speed-up, parallel efficiency and a projection.
+
+Pure functions only (no Ray, no torch): the measured side of `benchmark --scaling` feeds them the
+wall times and the per-task phase times its tasks return, and these functions turn them into the
+report's speed-up, efficiency and the projected wall time for 8, 64 and 512 workers.
+
+The projection model (stated in every report as :data:`PROJECTION_MODEL`)::
+
+    T(W) = ceil(tasks / W) * (train + overhead) + fixed
+
+where ``train`` is the mean per-task training time, ``overhead`` is the mean per-task overhead
+(scheduling + model load + data shipping + result return, as measured on the cluster) and
+``fixed`` is the driver's fixed cost (cluster start or connect, probe, MLflow import). It assumes
+identical tasks, one task per worker at a time, no contention between workers (each worker has its
+own CPUs and memory bandwidth), a model load paid once per task (the pessimistic case: a worker
+that keeps its model pays it once) and a driver whose fixed cost does not grow with W.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+from lora_project.errors import UserError
+
+PROJECTION_MODEL = (
+    "T(W) = ceil(tasks / W) * (train + overhead) + fixed; identical tasks, one task per worker at a time, "
+    "no contention between workers, per-task overhead (scheduling + model load + data shipping + result "
+    "return) paid by every task, the driver's fixed cost independent of W"
+)
+
+PROJECTED_WORKERS = (8, 64, 512)
+
+OVERHEAD_PHASES = ("scheduling", "model_load", "data_shipping", "result_return")
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value) or math.isinf(value):
+        raise UserError(f"{name} must be a finite number, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise UserError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    return float(value)
+
+
+def _count(name: str, value: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise UserError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def speed_up(local_seconds: float, cluster_seconds: float) -> float:
+    """Local one-CPU wall time divided by the cluster wall time."""
+    return _positive("local_seconds", local_seconds) / _positive("cluster_seconds", cluster_seconds)
+
+
+def parallel_efficiency(local_seconds: float, workers: int, cluster_seconds: float) -> float:
+    """Local one-CPU wall time / (workers x cluster wall time); 1.0 is perfect scaling."""
+    return speed_up(local_seconds, cluster_seconds) / _count("workers", workers)
+
+
+def mean_overheads(phases: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    """Mean of each overhead phase (:data:`OVERHEAD_PHASES`) over the tasks' phase timings, plus their
+    sum as ``total``; a task that did not report a phase counts it as 0 s."""
+    rows = list(phases)
+    if not rows:
+        raise UserError("no task phase timings to average")
+    out = {}
+    for phase in OVERHEAD_PHASES:
+        out[phase] = sum(_positive(phase, float(r.get(phase, 0.0)), allow_zero=True) for r in rows) / len(rows)
+    out["total"] = sum(out[p] for p in OVERHEAD_PHASES)
+    return out
+
+
+def projected_seconds(tasks: int, workers: int, train_seconds: float, overhead_seconds: float,
+                      fixed_seconds: float) -> float:
+    """Projected wall time of ``tasks`` identical tasks on ``workers`` workers (:data:`PROJECTION_MODEL`)."""
+    tasks, workers = _count("tasks", tasks), _count("workers", workers)
+    per_task = _positive("train_seconds", train_seconds) + _positive("overhead_seconds", overhead_seconds,
+                                                                     allow_zero=True)
+    return math.ceil(tasks / workers) * per_task + _positive("fixed_seconds", fixed_seconds, allow_zero=True)
+
+
+def projection(tasks: int, train_seconds: float, overhead_seconds: float, fixed_seconds: float,
+               local_one_cpu_seconds: float, workers: Iterable[int] = PROJECTED_WORKERS) -> list[dict]:
+    """For each worker count: projected wall time, speed-up over ``local_one_cpu_seconds`` and efficiency.
+
+    ``local_one_cpu_seconds`` is the measured (or, for a task count other than the measured one,
+    scaled) local one-CPU wall time of the same ``tasks``."""
+    local = _positive("local_one_cpu_seconds", local_one_cpu_seconds)
+    rows = []
+    for w in workers:
+        t = projected_seconds(tasks, w, train_seconds, overhead_seconds, fixed_seconds)
+        rows.append({"workers": w, "tasks": tasks, "seconds": t, "speed_up": local / t,
+                     "efficiency": local / (w * t)})
+    return rows
