@@ -78,7 +78,7 @@ def _write(folder, name, rows):
     (folder / name).write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
 
 
-def _tiny_suite(root, reading_rows: int = 40):
+def _tiny_suite(root, reading_rows: int = 80):
     """A small data folder in the official layout, every task, a few items each."""
     _write(root / "blimp_filtered", "agr.jsonl", [
         {"sentence_good": "the dog runs.", "sentence_bad": "the dog run.", "field": "morphology", "UID": "agr"},
@@ -267,3 +267,97 @@ def test_real_model_babylm_scores_equal_brute_force_on_a_few_items_per_task():
             # fp32 sums of ~100 nats: the tree and the brute force batch rows differently, so rounding
             # moves the last digits (2e-4 on a -122.9 sum in CI, 1.7e-6 relative); 1e-5 relative is the bound
             assert scores == pytest.approx(want, rel=1e-5, abs=1e-4), (task, it.where)
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+def test_a_wug_sample_of_one_or_two_items_reports_without_a_correlation(project, tmp_path, limit):
+    """A one- or two-item wug sample has no correlation with the human ratio (two points always give
+    +-1): it is reported as n/a, not a crash in the bootstrap of an empty set."""
+    suite = tmp_path / "babylm"
+    _tiny_suite(suite)
+    proc = run_cli("evaluate", "--babylm", str(suite), "--tasks", "wug", "--limit", str(limit), cwd=project)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "r(preference, human ratio)" in proc.stdout and "n/a (< 3 items)" in proc.stdout
+    res = json.loads(run_cli("evaluate", "--babylm", str(suite), "--tasks", "wug", "--limit", str(limit), "--json",
+                             cwd=project).stdout)
+    wug = res["models"]["base"]["tasks"]["wug"]
+    assert wug["items"] == limit and wug["preference_ratio_pearson"] is None
+    assert wug["preference_ratio_pearson_ci"] is None and len(wug["preference"]) == limit
+
+
+def test_a_wug_change_with_a_tiny_sample_has_no_correlation_change():
+    from lora_project.evaluation.babylm_report import rank_task_change
+
+    items = [RankItem("wug", "w", ("a", "b"), ("a", "b"), ratio=r) for r in (0.2, 0.9)]
+    recs = [rank_task_report("wug", items, s, decisions(s), resamples=50, seed=0)
+            for s in ([np.array([-1.0, -2.0]), np.array([-2.0, -1.0])], [np.array([-1.0, -3.0]), np.array([-1.0, -0.5])])]
+    d = rank_task_change("wug", items, *recs, resamples=50, seed=0)
+    assert d["preference_ratio_pearson"] is None and d["preference_ratio_pearson_ci"] is None
+    assert d["headline"] == pytest.approx(0.0)
+    # three items: the change and its interval exist, from the same resampled rows for both models
+    items3 = items + [RankItem("wug", "w", ("a", "b"), ("a", "b"), ratio=0.5)]
+    recs = [rank_task_report("wug", items3, s, decisions(s), resamples=200, seed=0)
+            for s in ([np.array([-1.0, -2.0]), np.array([-2.0, -1.0]), np.array([-1.0, -1.5])],
+                      [np.array([-1.0, -3.0]), np.array([-1.0, -0.5]), np.array([-2.0, -1.0])])]
+    d = rank_task_change("wug", items3, *recs, resamples=200, seed=0)
+    assert d["preference_ratio_pearson"] == pytest.approx(recs[1]["preference_ratio_pearson"]
+                                                          - recs[0]["preference_ratio_pearson"])
+    assert d["preference_ratio_pearson_ci"][0] <= d["preference_ratio_pearson_ci"][1]
+
+
+def test_a_reading_with_too_few_rows_is_skipped_with_one_line(project, tmp_path):
+    from lora_project.evaluation.reading import MIN_ROWS
+
+    suite = tmp_path / "babylm"
+    _tiny_suite(suite, reading_rows=120)
+    proc = run_cli("evaluate", "--babylm", str(suite), "--tasks", "wug,reading", "--limit", "10", "--json",
+                   cwd=project)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout)
+    said = [line for line in proc.stderr.splitlines() if "skipped reading" in line]
+    assert len(said) == 1 and f"fewer than the {MIN_ROWS}" in said[0] and "raise --limit" in said[0]
+    assert res["skipped"] == ["reading"] and list(res["models"]["base"]["tasks"]) == ["wug"]
+    # reading alone with too few rows: nothing to score, exit 2 naming why
+    assert_user_error(run_cli("evaluate", "--babylm", str(suite), "--tasks", "reading", "--limit", "10",
+                              cwd=project), "no BabyLM task data", "reading:", "usable rows")
+    # enough rows: scored (120 rows, a seventh without a self-paced time, a few without a previous word)
+    ok = run_cli("evaluate", "--babylm", str(suite), "--tasks", "reading", "--json", cwd=project)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert set(json.loads(ok.stdout)["models"]["base"]["tasks"]["reading"]["headline"]) == {"eye_tracking",
+                                                                                            "self_paced_reading"}
+
+
+def test_b_bad_reading_rows_follow_the_pairs_rules(tmp_path):
+    from lora_project.evaluation.reading import load_reading, usable_rows
+
+    suite = tmp_path / "babylm"
+    _tiny_suite(suite, reading_rows=60)
+    path = suite / "reading" / "reading_data.csv"
+    rows = list(csv.reader(path.open()))
+    header = rows[0]
+    rows[3][header.index("RTfirstfix")] = "slow"         # line 4: text where a number belongs
+    rows[5][header.index("word")] = ""                    # line 6: no word
+    rows[8][header.index("prev_item")] = "the dog"        # line 9: a previous context without its word
+    rows[8][header.index("prev_word")] = ""
+    rows[10][header.index("RTgopast")] = ""               # line 11: a missing measurement, not a bad row
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    said = []
+    df = load_reading(path, warn=said.append)
+    assert len(df) == 57 and len(said) == 1
+    assert "skipped 3 bad row(s)" in said[0]
+    assert "line 4: RTfirstfix is not a number: 'slow'" in said[0] and "line 6: no word" in said[0]
+    assert "line 9: prev_item without a prev_word" in said[0]
+    assert df["RTfirstfix"].dtype == float and df["RTgopast"].isna().sum() == 1
+    assert usable_rows(df) <= 57
+    with pytest.raises(UserError, match="3 bad row"):
+        load_reading(path, strict=True)
+
+
+def test_b_the_report_lists_the_official_codes_known_flaws(project, tmp_path):
+    suite = tmp_path / "babylm"
+    _tiny_suite(suite)
+    proc = run_cli("evaluate", "--babylm", str(suite), "--tasks", "blimp", cwd=project)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "known flaws" in proc.stdout and "tie rule" in proc.stdout and "upstream issue 34" in proc.stdout
+    assert "ties counted wrong" in proc.stdout

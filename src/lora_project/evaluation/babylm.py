@@ -26,11 +26,20 @@ from lora_project.utils.plotting import save_figure
 from lora_project.utils.stats import DEFAULT_RESAMPLES, DEFAULT_SEED
 
 
-def load_suite(root: Path, tasks: list[str], *, limit: int | None, seed: int, strict: bool, log=print) -> dict:
+def load_suite(root: Path, tasks: list[str], *, limit: int | None, seed: int, strict: bool, log=print,
+               skipped: dict | None = None) -> dict:
     """{task: items (or the reading rows)} for each asked task whose data is there; a task whose
-    folder is missing is skipped with one line. Nothing found at all is an error."""
+    folder is missing, or reading with fewer usable rows than its regressions need
+    (reading.MIN_ROWS), is skipped with one line (and its reason put in `skipped`). Nothing found
+    at all is an error."""
     from lora_project.evaluation.minimal_pairs import sample_pairs
-    from lora_project.evaluation.reading import load_reading, sample_rows
+    from lora_project.evaluation.reading import MIN_ROWS, load_reading, sample_rows, usable_rows
+
+    skipped = {} if skipped is None else skipped
+
+    def skip(task, why):
+        skipped[task] = why
+        log(f"skipped {task}: {why}")
 
     root = Path(root)
     if not root.is_dir():
@@ -40,18 +49,25 @@ def load_suite(root: Path, tasks: list[str], *, limit: int | None, seed: int, st
         path = task_path(root, task)
         if task == "reading":
             if not path.is_file():
-                log(f"skipped reading: no {path}")
+                skip(task, f"no {path}")
                 continue
-            loaded[task] = sample_rows(load_reading(path), limit, seed)
+            rows = sample_rows(load_reading(path, strict, warn=log), limit, seed)
+            usable = usable_rows(rows)
+            if usable < MIN_ROWS:
+                skip(task, f"{usable} usable rows, fewer than the {MIN_ROWS} its regressions need "
+                           f"(up to 17 coefficients each){'; raise --limit' if limit else ''}")
+                continue
+            loaded[task] = rows
             continue
         items = load_task(root, task, strict, warn=log)
         if items is None:
-            log(f"skipped {task}: no folder {path}")
+            skip(task, f"no folder {path}")
             continue
         loaded[task] = sample_pairs(items, limit, seed)
     if not loaded:
-        raise UserError(f"no BabyLM task data in {root} (expected folders such as "
-                        f"{', '.join(task_path(root, t).relative_to(root).as_posix() for t in TASKS[:3])})")
+        raise UserError(f"no BabyLM task data in {root} to score (expected folders such as "
+                        f"{', '.join(task_path(root, t).relative_to(root).as_posix() for t in TASKS[:3])}); "
+                        + "; ".join(f"{t}: {why}" for t, why in skipped.items()))
     return loaded
 
 
@@ -76,7 +92,7 @@ def evaluate_babylm(paths: ProjectPaths, cfg, root: Path, *, tasks: str | None =
                     limit: int | None = None, strict: bool = False, base=None, log=print,
                     resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED, save: bool = True) -> dict:
     """The suite for the base and each adapter (one base load); saved, plotted and tracked when `save`."""
-    from lora_project.evaluation.babylm_report import rank_task_change, reading_change
+    from lora_project.evaluation.babylm_report import KNOWN_FLAWS, rank_task_change, reading_change
     from lora_project.evaluation.babylm_score import item_texts, tree_positions
     from lora_project.models.adapter import checked_adapters
     from lora_project.models.base_model import load_fp32_base
@@ -88,7 +104,8 @@ def evaluate_babylm(paths: ProjectPaths, cfg, root: Path, *, tasks: str | None =
         raise UserError(f"--limit must be at least 1, got {limit}")
     asked = parse_tasks(tasks)
     adapters = checked_adapters(adapters)
-    data = load_suite(root, asked, limit=limit, seed=cfg.training.seed, strict=strict, log=log)
+    skipped: dict[str, str] = {}
+    data = load_suite(root, asked, limit=limit, seed=cfg.training.seed, strict=strict, log=log, skipped=skipped)
     if save:
         output_dir(paths.metrics_dir)  # checked before any loading or scoring
     base = load_fp32_base(cfg, base)
@@ -111,6 +128,7 @@ def evaluate_babylm(paths: ProjectPaths, cfg, root: Path, *, tasks: str | None =
             difference[a.name][task] = (reading_change(d, b, m, resamples=resamples, seed=seed) if task == "reading"
                                         else rank_task_change(task, d, b, m, resamples=resamples, seed=seed))
     result = {"babylm_dir": str(root), "tasks": list(data), "skipped": [t for t in asked if t not in data],
+              "skip_reasons": skipped, "known_flaws": list(KNOWN_FLAWS),
               "items": {t: len(d) for t, d in data.items()}, "limit_per_uid": limit, "seed": cfg.training.seed,
               "base_model": base.ref.name, "bos": tok.bos_token if tok.bos_token_id is not None else None,
               "scoring": {"decisions": "fp32", "tree": "prefix tree over every option of a task",

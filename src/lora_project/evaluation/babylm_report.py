@@ -26,6 +26,20 @@ from lora_project.evaluation.pair_report import decisions_string, group_accuracy
 from lora_project.utils.stats import paired_proportions, percentile_interval
 
 NEAR_TIE_NATS = 1e-4  # |margin| below this: the decision may flip with float rounding alone
+#: fewer wug items than this: no correlation with the human ratio (two points always give +-1)
+MIN_CORRELATION_ITEMS = 3
+
+#: The official pipeline's known flaws: the official figure is reported, and what each does is said
+KNOWN_FLAWS = (
+    "tie rule: the official code picks the first highest option, which is always the right one, so a tie "
+    "(identical scores, e.g. the 7 full-BLiMP pairs whose two sentences are the same) counts as correct; "
+    "the ties-wrong figure beside each headline counts them as wrong",
+    "sentence sums: an option's score is the sum of its tokens' log-probabilities with no length "
+    "normalisation, so an option that tokenises into fewer (or more common) tokens is favoured whatever its "
+    "grammar (upstream issue 34); the official figure keeps the sums",
+    "wug: the official figure is the share of items where the first sentence wins and ignores the human "
+    "ratio (83 of 200 items have a ratio below 0.5); r(preference, human ratio) is reported beside it",
+)
 
 
 def aggregate(task: str, uids: list[str], acc: np.ndarray) -> np.ndarray:
@@ -47,8 +61,16 @@ def _headline(task, by_uid, flags) -> float:
     return float(aggregate(task, list(by_uid), np.array([flags[ix].mean() for ix in by_uid.values()])))
 
 
-def _ci(samples, scale=100.0) -> list[float]:
-    return [scale * v for v in percentile_interval(samples)]
+def interval(samples, scale: float = 1.0) -> list[float] | None:
+    """The 95% percentile interval of the finite bootstrap samples, scaled; None when there are none
+    (a sample too small for any resample to give a number)."""
+    v = np.asarray(samples, dtype=float)
+    v = v[np.isfinite(v)]
+    return [scale * x for x in percentile_interval(v)] if len(v) else None
+
+
+def _ci(samples, scale=100.0) -> list[float] | None:
+    return interval(samples, scale)
 
 
 def rank_task_report(task: str, items, scores, decided: dict, *, resamples: int, seed: int) -> dict:
@@ -74,15 +96,18 @@ def rank_task_report(task: str, items, scores, decided: dict, *, resamples: int,
         pref = np.array([float(s[0] - s[1]) for s in scores])
         ratio = np.array([it.ratio for it in items])
         out["preference_ratio_pearson"] = _pearson(pref, ratio)
-        idx = rng.integers(0, len(pref), (resamples, len(pref)))
-        out["preference_ratio_pearson_ci"] = list(percentile_interval(_pearson_rows(pref[idx], ratio[idx])))
+        out["preference_ratio_pearson_ci"] = None
+        if len(pref) >= MIN_CORRELATION_ITEMS:
+            idx = rng.integers(0, len(pref), (resamples, len(pref)))
+            out["preference_ratio_pearson_ci"] = interval(_pearson_rows(pref[idx], ratio[idx]))
         out["preference"] = pref.tolist()
     return out
 
 
-def _pearson(x, y) -> float:
-    if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
-        return float("nan")
+def _pearson(x, y) -> float | None:
+    """Pearson's r, or None where it says nothing: fewer than MIN_CORRELATION_ITEMS points, or a constant side."""
+    if len(x) < MIN_CORRELATION_ITEMS or np.std(x) == 0 or np.std(y) == 0:
+        return None
     return float(np.corrcoef(x, y)[0, 1])
 
 
@@ -91,6 +116,15 @@ def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         r = (xc * yc).sum(1) / np.sqrt((xc ** 2).sum(1) * (yc ** 2).sum(1))
     return r[np.isfinite(r)]
+
+
+def _pearson_row_pairs(xa: np.ndarray, xb: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per resample row, r(xa, y) - r(xb, y) on the same rows (nan where either is undefined)."""
+    def rows(x):
+        xc, yc = x - x.mean(1, keepdims=True), y - y.mean(1, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (xc * yc).sum(1) / np.sqrt((xc ** 2).sum(1) * (yc ** 2).sum(1))
+    return rows(xa) - rows(xb)
 
 
 def _flags(decisions: str) -> np.ndarray:
@@ -119,12 +153,15 @@ def rank_task_change(task: str, items, base: dict, mine: dict, *, resamples: int
                         "adapter_only": r["second_only"]}
                     for u, ix in by_uid.items() for r in [paired_proportions(b[ix], a[ix])]}}
     if task == "wug":
-        pb, pa = np.array(base["preference"]), np.array(mine["preference"])
-        ratio = np.array([it.ratio for it in items])
-        idx = rng.integers(0, len(pb), (resamples, len(pb)))
-        d = _pearson_rows(pa[idx], ratio[idx]) - _pearson_rows(pb[idx], ratio[idx])
-        out["preference_ratio_pearson"] = mine["preference_ratio_pearson"] - base["preference_ratio_pearson"]
-        out["preference_ratio_pearson_ci"] = list(percentile_interval(d)) if len(d) else None
+        out["preference_ratio_pearson"] = out["preference_ratio_pearson_ci"] = None
+        if base["preference_ratio_pearson"] is not None and mine["preference_ratio_pearson"] is not None:
+            pb, pa = np.array(base["preference"]), np.array(mine["preference"])
+            ratio = np.array([it.ratio for it in items])
+            idx = rng.integers(0, len(pb), (resamples, len(pb)))
+            with np.errstate(invalid="ignore"):
+                d = _pearson_row_pairs(pa[idx], pb[idx], ratio[idx])
+            out["preference_ratio_pearson"] = mine["preference_ratio_pearson"] - base["preference_ratio_pearson"]
+            out["preference_ratio_pearson_ci"] = interval(d)
     return out
 
 
@@ -136,7 +173,7 @@ def reading_report(df, pred, prev_pred, *, resamples: int, seed: int) -> dict:
     boot = reading_scores(df, pred, prev_pred, bootstrap_weights(len(df), resamples, seed))
     return {"headline": {"eye_tracking": point["eye_tracking"], "self_paced_reading": point["self_paced_reading"]},
             "unit": "100 * dR2 / (1 - R2_base)",
-            "headline_ci": {k: list(percentile_interval(v[np.isfinite(v)])) for k, v in boot.items()},
+            "headline_ci": {k: interval(v) for k, v in boot.items()},
             "measures": point["measures"], "rows": len(df),
             "surprisal": [float(x) for x in pred], "prev_surprisal": [float(x) for x in prev_pred]}
 
@@ -152,6 +189,7 @@ def reading_change(df, base: dict, mine: dict, *, resamples: int, seed: int) -> 
     for k in base["headline"]:
         d = sa[k] - sb[k]
         d = d[np.isfinite(d)]
-        out["headline_ci"][k] = list(percentile_interval(d))
-        out.setdefault("p_value", {})[k] = min(1.0, 2 * min(float(np.mean(d <= 0)), float(np.mean(d >= 0))))
+        out["headline_ci"][k] = interval(d)
+        out.setdefault("p_value", {})[k] = (min(1.0, 2 * min(float(np.mean(d <= 0)), float(np.mean(d >= 0))))
+                                            if len(d) else None)
     return out

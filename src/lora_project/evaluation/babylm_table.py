@@ -11,6 +11,10 @@ def _rows(task: str, rec: dict) -> list[tuple[str, float, list | None]]:
     return [(task, h, ci)]
 
 
+def _r(value) -> str:
+    return "n/a (< 3 items)" if value is None else f"{value:+.3f}"
+
+
 def format_table(result: dict) -> str:
     """One row per task figure: each model's official headline with its 95% interval, then (accuracy
     tasks) ties and the headline with ties counted as wrong; then each adapter's change."""
@@ -35,7 +39,7 @@ def format_table(result: dict) -> str:
                      f"({result['models'][n]['tasks'][task]['ties']} ties)" for n in models]
             lines.append(f"{'  ties counted wrong':<32}" + "".join(f"{c:>{width}}" for c in cells))
         if "preference_ratio_pearson" in rec:
-            cells = [f"{result['models'][n]['tasks'][task]['preference_ratio_pearson']:+.3f}" for n in models]
+            cells = [_r(result['models'][n]['tasks'][task]['preference_ratio_pearson']) for n in models]
             lines.append(f"{'  r(preference, human ratio)':<32}" + "".join(f"{c:>{width}}" for c in cells))
     for name, tasks in result.get("difference", {}).items():
         lines.append(f"-- {name} vs base (paired; 95% bootstrap interval)")
@@ -45,13 +49,17 @@ def format_table(result: dict) -> str:
                 if "mcnemar_p" in d:
                     extra = (f"; right only with the adapter {d['adapter_only']}, only with the base {d['base_only']}, "
                              f"exact McNemar p = {d['mcnemar_p']:.3g}")
-                elif isinstance(d.get("p_value"), dict):
+                elif isinstance(d.get("p_value"), dict) and d["p_value"].get(label.split(" ", 1)[1]) is not None:
                     extra = f"; bootstrap p = {d['p_value'][label.split(' ', 1)[1]]:.3g}"
-                lines.append(f"   {label:<29} {v:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]{extra}")
-    lines.append(f"scored in {result['seconds']:.0f} s ({result['scoring']['fp32_kernel']} fp32 kernel); "
-                 "official rule: a tie picks the first option, the right one")
-    if result.get("skipped"):
-        lines.append(f"skipped (no data): {', '.join(result['skipped'])}")
+                span = f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else " (no interval: too few items)"
+                lines.append(f"   {label:<29} {v:+.2f}{span}{extra}")
+    lines.append(f"scored in {result['seconds']:.0f} s ({result['scoring']['fp32_kernel']} fp32 kernel)")
+    lines.append("the official pipeline's known flaws (its figures are reported as they are):")
+    lines += [f"  - {flaw}" for flaw in result.get("known_flaws", ())]
+    for task, why in (result.get("skip_reasons") or {}).items():
+        lines.append(f"skipped {task}: {why}")
+    if result.get("skipped") and not result.get("skip_reasons"):
+        lines.append(f"skipped: {', '.join(result['skipped'])}")
     if result.get("saved"):
         lines.append(f"saved {result['saved']}")
     return "\n".join(lines)
@@ -77,6 +85,7 @@ def change_figure(result: dict):
         v = np.array([r[1] for r in rows])
         lo = np.array([r[2][0] if r[2] else r[1] for r in rows])
         hi = np.array([r[2][1] if r[2] else r[1] for r in rows])
+        lo, hi = np.minimum(lo, v), np.maximum(hi, v)  # an interval that misses its point: no negative bar
         ax.errorbar(v, y, xerr=np.vstack([v - lo, hi - v]), fmt="o", color=f"C{k}", capsize=2, label=name)
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
     ax.invert_yaxis()

@@ -32,27 +32,76 @@ EYE_TRACKING = ("RTfirstfix", "RTfirstpass", "RTgopast", "RTrightbound")
 SELF_PACED = "self_paced_reading_time"
 BASE_TERMS = ("Subtlex_log10", "length", "context_length")
 SPILLOVER_TERMS = BASE_TERMS + ("prev_length", "prev_pred")
-NEEDED = ("item", "word", "prev_item", "prev_word") + BASE_TERMS + ("prev_length",) + EYE_TRACKING + (SELF_PACED,)
+NUMERIC = BASE_TERMS + ("prev_length",) + EYE_TRACKING + (SELF_PACED,)
+NEEDED = ("item", "word", "prev_item", "prev_word") + NUMERIC
+#: Fewest usable rows (every variable of every fit present) for which reading is scored: the
+#: spillover fit has 17 coefficients, and a bootstrap over fewer rows than about three times that
+#: gives mostly singular fits. Fewer: the task is skipped with one line.
+MIN_ROWS = 50
 
 
-def load_reading(path: Path):
+def _row_problem(row, numeric: dict) -> str | None:
+    """Why one row cannot be used, or None. A blank number is a missing measurement (upstream
+    drops such rows from the fits that use it); text where a number belongs is a bad row."""
+    if not isinstance(row["word"], str) or row["word"] == "":
+        return "no word"
+    for c, ok in numeric.items():
+        if not ok:
+            return f"{c} is not a number: {str(row[c])[:30]!r}"
+    if isinstance(row["prev_item"], str) and (not isinstance(row["prev_word"], str) or row["prev_word"] == ""):
+        return "prev_item without a prev_word"
+    return None
+
+
+def load_reading(path: Path, strict: bool = False, warn=print):
     """The rows as upstream reads them (pandas, `item` as text with a missing one read as the text
-    "None"); a file without the columns the scores need is refused naming them."""
+    "None"); a file without the columns the scores need is refused naming them. A bad row (no
+    word, text where a number belongs, a previous context without its word) follows the `--pairs`
+    rules: skipped with a warning, or with `strict` refused naming the first few (line numbers of
+    the file, the header being line 1)."""
     import pandas as pd
 
     try:
-        df = pd.read_csv(path, dtype={"item": str})
+        df = pd.read_csv(path, dtype={"item": str, "word": str, "prev_item": str, "prev_word": str})
     except (ValueError, OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read {path} as CSV: {str(exc).splitlines()[0]}") from None
     missing = [c for c in NEEDED if c not in df.columns]
     if missing:
         raise UserError(f"{path}: missing column(s) {', '.join(missing)}")
-    df["item"] = df["item"].fillna("None")
-    if not df["word"].map(lambda w: isinstance(w, str) and w != "").all():
-        raise UserError(f"{path}: every row needs a word")
     if df.empty:
         raise UserError(f"{path}: no rows")
+    df["item"] = df["item"].fillna("None")
+    numbers = {c: pd.to_numeric(df[c], errors="coerce") for c in NUMERIC}
+    number_ok = {c: numbers[c].notna() | df[c].isna() for c in NUMERIC}
+    problems, bad = [], []
+    for i in range(len(df)):
+        why = _row_problem(df.iloc[i], {c: bool(number_ok[c].iat[i]) for c in NUMERIC})
+        if why:
+            bad.append(i)
+            problems.append(f"line {i + 2}: {why}")
+    for c in NUMERIC:
+        df[c] = numbers[c].astype(float)
+    if problems:
+        if strict:
+            raise UserError(f"{len(problems)} bad row(s) in {path}: " + "; ".join(problems[:5]))
+        warn(f"warning: reading: skipped {len(problems)} bad row(s): " + "; ".join(problems[:5]))
+        df = df.drop(index=bad)
+    if df.empty:
+        raise UserError(f"no usable reading rows in {path}")
     return df.reset_index(drop=True)
+
+
+def usable_rows(df) -> int:
+    """Rows usable by the fit with the fewest (before scoring: the previous word's surprisal is
+    missing exactly where a row has no previous context)."""
+    import numpy as np
+
+    present = {c: df[c].to_numpy(dtype=float) for c in NUMERIC}
+    base = np.all([np.isfinite(present[c]) for c in BASE_TERMS], axis=0)
+    counts = [int(np.sum(base & np.isfinite(present[m]))) for m in EYE_TRACKING]
+    prev = np.array([isinstance(v, str) for v in df["prev_item"]], dtype=bool)
+    counts.append(int(np.sum(base & prev & np.isfinite(present["prev_length"]) & np.isfinite(present[SELF_PACED]))))
+    return min(counts)
 
 
 def sample_rows(df, limit: int | None, seed: int):
