@@ -88,3 +88,22 @@ def test_model_statement_names_its_formula():
 def test_bad_inputs_are_user_errors(call):
     with pytest.raises(UserError):
         call()
+
+
+def test_summary_and_table_by_hand():
+    from lora_project.benchmark.scaling import scaling_markdown, scaling_summary
+
+    # 4 tasks: 100 s on one CPU, 55 s on 2 workers; 20 s training and 1.5 s overhead per task, 10 s fixed
+    phases = [{"scheduling": 0.1, "model_load": 1.0, "data_shipping": 0.2, "result_return": 0.2}] * 4
+    s = scaling_summary(tasks=4, workers=2, local_one_cpu_seconds=100.0, cluster_seconds=55.0, train_seconds=20.0,
+                        phases=phases, fixed_seconds=10.0, local_model_loads=1, cluster_model_loads=2)
+    assert s["efficiency"] == pytest.approx(100 / 110)
+    assert s["overheads_per_task"]["total"] == pytest.approx(1.5)
+    # 8, 64 and 512 workers all run the 4 tasks in one wave: 21.5 + 10 = 31.5 s
+    assert [r["seconds"] for r in s["projection"]] == pytest.approx([31.5, 31.5, 31.5])
+    table = scaling_markdown(s)
+    assert "| cluster | 2 | 55.0 | 1.82 | 0.91 | 2 |" in table
+    assert "| local, one CPU | 1 | 100.0 | 1.00 | 1.00 | 1 |" in table
+    assert "| model load | 1.00 |" in table
+    assert "| 512 | 31.5 | 3.17 | 0.01 |" in table
+    assert PROJECTION_MODEL in table

@@ -93,3 +93,51 @@ def projection(tasks: int, train_seconds: float, overhead_seconds: float, fixed_
         rows.append({"workers": w, "tasks": tasks, "seconds": t, "speed_up": local / t,
                      "efficiency": local / (w * t)})
     return rows
+
+
+def scaling_summary(tasks: int, workers: int, local_one_cpu_seconds: float, cluster_seconds: float,
+                    train_seconds: float, phases: Iterable[Mapping[str, float]], fixed_seconds: float,
+                    local_model_loads: int, cluster_model_loads: int) -> dict:
+    """The `benchmark --scaling` report (its ``--json`` form) from the two measured runs: wall times,
+    speed-up, efficiency, the mean per-task overheads, both sides' model-load counts, the
+    projection for :data:`PROJECTED_WORKERS` and the model it used."""
+    overheads = mean_overheads(phases)
+    return {
+        "tasks": _count("tasks", tasks), "workers": _count("workers", workers),
+        "local_one_cpu_seconds": _positive("local_one_cpu_seconds", local_one_cpu_seconds),
+        "cluster_seconds": _positive("cluster_seconds", cluster_seconds),
+        "speed_up": speed_up(local_one_cpu_seconds, cluster_seconds),
+        "efficiency": parallel_efficiency(local_one_cpu_seconds, workers, cluster_seconds),
+        "model_loads": {"local": local_model_loads, "cluster": cluster_model_loads},
+        "train_seconds_per_task": _positive("train_seconds", train_seconds),
+        "overheads_per_task": overheads,
+        "fixed_seconds": _positive("fixed_seconds", fixed_seconds, allow_zero=True),
+        "projection": projection(tasks, train_seconds, overheads["total"], fixed_seconds, local_one_cpu_seconds),
+        "projection_model": PROJECTION_MODEL,
+    }
+
+
+def scaling_markdown(summary: Mapping) -> str:
+    """The report's table form (the one `benchmark --scaling` prints without ``--json``)."""
+    s = summary
+    lines = [
+        "| run | workers | wall (s) | speed-up | efficiency | model loads |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| local, one CPU | 1 | {s['local_one_cpu_seconds']:.1f} | 1.00 | 1.00 | {s['model_loads']['local']} |",
+        f"| cluster | {s['workers']} | {s['cluster_seconds']:.1f} | {s['speed_up']:.2f} | {s['efficiency']:.2f} "
+        f"| {s['model_loads']['cluster']} |",
+        "",
+        "| per-task overhead | seconds |",
+        "|---|---:|",
+        *(f"| {p.replace('_', ' ')} | {s['overheads_per_task'][p]:.2f} |" for p in OVERHEAD_PHASES),
+        f"| total | {s['overheads_per_task']['total']:.2f} |",
+        "",
+        "| projected workers | wall (s) | speed-up | efficiency |",
+        "|---:|---:|---:|---:|",
+        *(f"| {r['workers']} | {r['seconds']:.1f} | {r['speed_up']:.2f} | {r['efficiency']:.2f} |"
+          for r in s["projection"]),
+        "",
+        f"Model: {s['projection_model']} (train {s['train_seconds_per_task']:.1f} s per task, "
+        f"fixed {s['fixed_seconds']:.1f} s, {s['tasks']} tasks).",
+    ]
+    return "\n".join(lines) + "\n"
