@@ -172,7 +172,7 @@ def train_on_cluster(paths: ProjectPaths, jobs: list[tuple], address_text: str, 
     from lora_project.models.base_model import load_tokenizer, resolve_model
     from lora_project.models.kernels import fp32_kernel
     from lora_project.models.tokens import tokenizer_fingerprint
-    from lora_project.training.batch import is_up_to_date
+    from lora_project.training.batch import end_parent_run, is_up_to_date
     from lora_project.utils.device import resolve_runtime
     from lora_project.utils.mlflow_utils import MlflowTracker, resolve_tracking_uri
 
@@ -235,10 +235,7 @@ def train_on_cluster(paths: ProjectPaths, jobs: list[tuple], address_text: str, 
             status = "KILLED"
             raise
         finally:
-            if parent:
-                if status == "FINISHED" and any(r["status"] == "failed" for r in rows):
-                    status = "FAILED"
-                parent.end(status)
+            end_parent_run(parent, status, rows)
     results = {r["adapter"]: r.pop("_results") for r in rows if "_results" in r}
     return {"created": datetime.now(timezone.utc).isoformat(), "parent_run_id": parent.run_id if parent else None,
             "wall_seconds": time.perf_counter() - t_all, "cluster": address.text, "datasets": rows,

@@ -202,14 +202,19 @@ def train_batch(paths: ProjectPaths, names: list[str], sources: list[tuple[str, 
         status = "KILLED"
         raise
     finally:
-        if parent:
-            if status == "FINISHED" and any(r["status"] == "failed" for r in rows):
-                status = "FAILED"
-            parent.end(status)
+        end_parent_run(parent, status, rows)
     summary = {"created": datetime.now(timezone.utc).isoformat(), "parent_run_id": parent.run_id if parent else None,
                "wall_seconds": time.perf_counter() - t_all, "datasets": rows}
     summary["report"] = write_summary(paths, summary)
     return summary
+
+
+def end_parent_run(parent, status: str, rows: list[dict]) -> None:
+    """Close a batch's parent MLflow run (if any): FAILED when it would be FINISHED but an adapter failed."""
+    if parent:
+        if status == "FINISHED" and any(r["status"] == "failed" for r in rows):
+            status = "FAILED"
+        parent.end(status)
 
 
 def summary_table(rows: list[dict]) -> str:
