@@ -11,6 +11,7 @@ from lora_project.benchmark.scaling import (
     PROJECTED_WORKERS,
     PROJECTION_MODEL,
     mean_overheads,
+    net_scheduling,
     parallel_efficiency,
     projected_seconds,
     projection,
@@ -107,3 +108,21 @@ def test_summary_and_table_by_hand():
     assert "| model load | 1.00 |" in table
     assert "| 512 | 31.5 | 3.17 | 0.01 |" in table
     assert PROJECTION_MODEL in table
+
+
+def test_net_scheduling_takes_out_the_wait_for_a_free_slot():
+    # 2 slots, 4 tasks submitted at t=0: tasks a, b start at 1 and 2; c waits for a (free at 10), starts
+    # at 10.5; d waits for b (free at 12), starts at 12.25. Its own scheduling: 1, 2, 0.5, 0.25 s.
+    rows = [{"submitted_at": 0.0, "started_at": 1.0, "finished_at": 10.0, "k": "a"},
+            {"submitted_at": 0.0, "started_at": 2.0, "finished_at": 12.0, "k": "b"},
+            {"submitted_at": 0.0, "started_at": 12.25, "finished_at": 20.0, "k": "d"},
+            {"submitted_at": 0.0, "started_at": 10.5, "finished_at": 19.0, "k": "c"}]
+    out = net_scheduling(rows, 2)
+    assert [(r["k"], r["scheduling"]) for r in out] == [("a", 1.0), ("b", 2.0), ("d", 0.25), ("c", 0.5)]
+    assert "scheduling" not in rows[0]  # the input is not changed
+    # one slot: each waits for the one before; a late submission counts from its submission
+    out = net_scheduling([{"submitted_at": 0.0, "started_at": 1.0, "finished_at": 5.0},
+                          {"submitted_at": 7.0, "started_at": 7.5, "finished_at": 9.0}], 1)
+    assert [r["scheduling"] for r in out] == [1.0, 0.5]
+    with pytest.raises(UserError):
+        net_scheduling(rows, 0)

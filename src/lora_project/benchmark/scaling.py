@@ -71,6 +71,23 @@ def mean_overheads(phases: Iterable[Mapping[str, float]]) -> dict[str, float]:
     return out
 
 
+def net_scheduling(phases: Iterable[Mapping[str, float]], slots: int) -> list[dict]:
+    """The tasks' phase timings with ``scheduling`` counted from the moment each task could have started:
+    the later of its submission and the moment a slot (one of ``slots`` workers) freed for it, as a
+    first-come first-served queue replays the measured start (``started_at``) and finish
+    (``finished_at``, the worker free again) times. With more tasks than slots, submit -> start
+    includes the wait behind earlier tasks, which is not an overhead of the cluster."""
+    import heapq
+
+    rows = [dict(r) for r in phases]
+    free = [-math.inf] * _count("slots", slots)
+    for r in sorted(rows, key=lambda r: r["started_at"]):
+        ready = max(r["submitted_at"], heapq.heappop(free))
+        r["scheduling"] = max(0.0, r["started_at"] - ready)
+        heapq.heappush(free, r["finished_at"])
+    return rows
+
+
 def projected_seconds(tasks: int, workers: int, train_seconds: float, overhead_seconds: float,
                       fixed_seconds: float) -> float:
     """Projected wall time of ``tasks`` identical tasks on ``workers`` workers (:data:`PROJECTION_MODEL`)."""

@@ -4,8 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_project.cli._common import add_config_args, add_json, add_number, load_cfg, print_json, progress_log
+from lora_project.cli._common import (
+    _cluster_address,
+    add_config_args,
+    add_json,
+    add_number,
+    load_cfg,
+    print_json,
+    progress_log,
+)
 from lora_project.errors import UserError
+
+SCALING_STEPS, SCALING_DATASETS = 16, 4  # benchmark/scale_out.py's defaults (not imported: start-up stays light)
 
 
 BENCHMARK_DESCRIPTION = """\
@@ -15,7 +25,8 @@ model-load time cold (empty model cache) and cached. Writes
 outputs/metrics/benchmark_<timestamp>.{json,md} and an MLflow run in the experiment 'benchmark'. The
 speed sections run when none of --matrix, --reference, --blimp is given, or with --speed; the matmul
 peaks and the CPU class always. --quick uses a tiny model built in code (seconds); the default uses the
-configured base model."""
+configured base model. --scaling ADDRESS is the scale-out benchmark instead: the same small train-batch locally on
+one CPU and on a Ray cluster (docs/cluster.md), written to outputs/metrics/benchmark_scaling_<timestamp>.{json,md}."""
 
 
 def register(sub) -> None:
@@ -23,7 +34,9 @@ def register(sub) -> None:
                        description=BENCHMARK_DESCRIPTION)
     p.add_argument("--quick", action="store_true", help="tiny model built in code; for CI and smoke tests")
     p.add_argument("--shapes", default="64x16,128x8", help="SEQxBATCH list (default: 64x16,128x8)")
-    add_number(p, "--steps", int, 1, 10_000, default=4, help="timed optimizer steps per shape (default: 4)")
+    add_number(p, "--steps", int, 1, 10_000, default=None,
+               help="timed optimizer steps per shape (default: 4); with --scaling, optimizer steps per adapter "
+                    f"(default: {SCALING_STEPS})")
     p.add_argument("--speed", action="store_true",
                    help="run the speed sections (training per shape, evaluation, generation, model load) even when "
                         "--matrix, --reference or --blimp is given; without those three they always run")
@@ -59,6 +72,17 @@ def register(sub) -> None:
                     "own BLiMP definition and BabyLM's) and with ours, and report pairs/s, the projected "
                     "whole-folder time and decision agreement (default 20)")
     p.add_argument("--no-peers", action="store_true", help="--blimp: skip the lm-evaluation-harness comparison")
+    p.add_argument("--scaling", type=_cluster_address, metavar="ADDRESS",
+                   help="scale-out on Ray: train the same batch of small adapters (a throwaway project: --datasets "
+                        "slices of real text, --steps steps each, --model) locally on one CPU and on the cluster at "
+                        "ADDRESS ('local:N', 'auto', 'ray://HOST:PORT', 'HOST:PORT'; one CPU per task), and report "
+                        "wall times, speed-up, parallel efficiency, per-task overheads, a projection to 8/64/512 "
+                        "workers and whether both sides' adapters are byte-identical (docs/cluster.md); the "
+                        "project's config files are not used, --set applies")
+    add_number(p, "--datasets", int, 1, 256, default=None, metavar="N",
+               help=f"--scaling: adapters (datasets) in the batch (default: {SCALING_DATASETS})")
+    p.add_argument("--model", metavar="SOURCE",
+                   help="--scaling: the base model: 'embedded' (default: SmolLM2-135M), a local folder or a hub id")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the report to MLflow")
     add_config_args(p)
     add_json(p)
@@ -73,7 +97,12 @@ def run(args, paths) -> None:
         raise UserError("--references, --reference-steps and --reference-repeats go with --reference")
     if args.blimp is None and (args.no_peers or args.peer_pairs != 20):
         raise UserError("--peer-pairs and --no-peers go with --blimp")
+    if args.scaling is not None:
+        return run_scaling(args, paths)
+    if args.datasets is not None or args.model is not None:
+        raise UserError("--datasets and --model go with --scaling")
     shapes = parse_shapes(args.shapes)
+    args.steps = 4 if args.steps is None else args.steps
     output_dir(paths.metrics_dir)  # the report goes there: checked before any measuring
     result = benchmark_report(paths, load_cfg(args, paths), quick=args.quick, shapes=shapes, steps=args.steps,
                               matrix=args.matrix, reference=args.reference, reference_steps=args.reference_steps,
@@ -85,4 +114,26 @@ def run(args, paths) -> None:
     if args.json:
         print_json(result)
     else:
+        print(f"report: {result['report']['markdown']}")
+
+
+def run_scaling(args, paths) -> None:
+    """`benchmark --scaling ADDRESS` (benchmark/scale_out.py); the other sections do not go with it."""
+    from lora_project.benchmark.scale_out import scaling_benchmark, scaling_report_markdown
+
+    others = [flag for flag, given in (("--quick", args.quick), ("--speed", args.speed), ("--matrix", args.matrix),
+                                       ("--reference", args.reference), ("--blimp", args.blimp is not None),
+                                       ("--shapes", args.shapes != "64x16,128x8"),
+                                       ("--config", bool(args.config)), ("--model-config", args.model_config))
+              if given]
+    if others:
+        raise UserError(f"--scaling runs alone: drop {', '.join(others)} (its project is a throwaway one; "
+                        "--model, --steps, --datasets and --set shape it)")
+    result = scaling_benchmark(paths, load_cfg(args, paths), args.scaling, model=args.model or "embedded",
+                               steps=args.steps or SCALING_STEPS, datasets=args.datasets or SCALING_DATASETS,
+                               overrides=args.overrides, mlflow=not args.no_mlflow, log=progress_log(args.json))
+    if args.json:
+        print_json(result)
+    else:
+        print(scaling_report_markdown(result), end="")
         print(f"report: {result['report']['markdown']}")

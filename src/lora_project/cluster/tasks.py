@@ -129,6 +129,7 @@ def train_task(spec: dict, files, progress=None) -> dict:
     `files`: {path: bytes} shipped by the driver, or with a shared filesystem the paths to copy from it."""
     from lora_project.config import build_config
     from lora_project.errors import UserError
+    from lora_project.models.base_model import loads_in_this_process
     from lora_project.models.kernels import forced_kernel
     from lora_project.paths import ProjectPaths
     from lora_project.training.single import train_adapter
@@ -137,6 +138,7 @@ def train_task(spec: dict, files, progress=None) -> dict:
     import ray
 
     t_start = time.perf_counter()
+    started_at = time.time()  # wall clock, as the driver's submit time (phases: scheduling)
     node = node_name()
     ctx = ray.get_runtime_context()
     if progress is not None:
@@ -146,10 +148,13 @@ def train_task(spec: dict, files, progress=None) -> dict:
     try:
         root = where / "project"
         root.mkdir()
+        t_files = time.perf_counter()
         if spec.get("shared_root"):
             _copy_shared(root, Path(spec["shared_root"]), files or [])
         else:
             _write_files(root, files or {})
+        phases = {"started_at": started_at, "data_shipping": time.perf_counter() - t_files, "model_load": 0.0,
+                  "model_loads": 0, "training": 0.0}
         (root / "config").mkdir(exist_ok=True)
         if not (root / "config" / "training_config.yaml").exists():
             (root / "config" / "training_config.yaml").touch()  # marks the folder as a project root
@@ -163,18 +168,21 @@ def train_task(spec: dict, files, progress=None) -> dict:
         result = {"key": spec["key"], "node": node, "cpu": cpu_class(), "status": "FINISHED", "error": None,
                   "bug": False}
         t_load = time.perf_counter()
+        loads = loads_in_this_process()
         res = None
         try:
             with forced_kernel(spec["kernel"]):
                 base = _base_for(cfg, spec["precision"], spec["threads"])
-                result["load_seconds"] = time.perf_counter() - t_load
+                result["load_seconds"] = phases["model_load"] = time.perf_counter() - t_load
+                phases["model_loads"] = loads_in_this_process() - loads
                 t_train = time.perf_counter()
                 res = train_adapter(paths, spec["dataset"], cfg, options, base=base)
-                result["train_seconds"] = time.perf_counter() - t_train
+                result["train_seconds"] = phases["training"] = time.perf_counter() - t_train
         except UserError as exc:
             result.update(status="FAILED", error=" ".join(str(exc).split()))
         except Exception as exc:  # a bug in one run: reported, the others go on
             result.update(status="FAILED", error=f"{type(exc).__name__}: {exc}"[:2000], bug=True)
+        phases["trained_at"] = time.time()  # from here to the driver's record: phases' result return
         exp = sorted(paths.experiments_dir.glob("exp_*")) if paths.experiments_dir.is_dir() else []
         exp_dir = exp[-1] if exp else None
         results_json = res
@@ -192,7 +200,26 @@ def train_task(spec: dict, files, progress=None) -> dict:
             experiment_files=read_tree(exp_dir) if exp_dir else {},
             adapter_files=read_tree(paths.adapter(spec["adapter"])) if result["status"] == "FINISHED" else {},
             mlflow=None if live else export_run(uri, run_id), live_run_id=run_id if live else None,
-            task_seconds=time.perf_counter() - t_start)
+            task_seconds=time.perf_counter() - t_start, phases=phases)
+        phases["finished_at"] = time.time()  # the worker is free for the next task from here
         return result
     finally:
         shutil.rmtree(where, ignore_errors=True)
+
+
+def task_phases(task: dict | None, submitted_at: float, packing: float, recorded_at: float) -> dict | None:
+    """One task's phase times in seconds (benchmark --scaling's overheads): scheduling (submitted -> the
+    task started: queueing, a worker process's start, its arguments fetched), data shipping (the driver
+    packing and putting the dataset's files + the task writing them into its scratch project), model
+    load, training (the recipe), result return (training ended -> recorded in the project by the
+    driver); with the model loads the task did and its submit, start, finish (the worker free again) and
+    record times (epoch seconds). Scheduling includes any wait for a free CPU (more tasks than CPUs):
+    `benchmark.scaling.net_scheduling` takes that wait out.
+    Wall-clock differences across machines are clamped at 0 (their clocks may disagree)."""
+    if not task:
+        return None
+    return {"scheduling": max(0.0, task["started_at"] - submitted_at),  # with any wait for a free CPU
+            "data_shipping": packing + task["data_shipping"], "model_load": task["model_load"],
+            "training": task["training"], "result_return": max(0.0, recorded_at - task["trained_at"]),
+            "model_loads": task["model_loads"], "submitted_at": submitted_at, "started_at": task["started_at"],
+            "finished_at": task.get("finished_at", task["trained_at"]), "recorded_at": recorded_at}

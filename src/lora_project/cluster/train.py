@@ -221,7 +221,8 @@ def train_on_cluster(paths: ProjectPaths, jobs: list[tuple], address_text: str, 
     with connect(address, cpus) as ray, shared_marker(paths.root) as marker:
         nodes = check_nodes(ray, marker)
         shared = storage_mode(settings.shared_filesystem, nodes)
-        log(f"cluster: {len(nodes)} node(s), {sum(n['cpus'] for n in nodes):g} CPU(s); "
+        cluster_cpus = sum(n["cpus"] for n in nodes)
+        log(f"cluster: {len(nodes)} node(s), {cluster_cpus:g} CPU(s); "
             f"{'shared filesystem' if shared else 'no shared filesystem: data and results travel through Ray'}")
         try:
             if parent:
@@ -239,12 +240,13 @@ def train_on_cluster(paths: ProjectPaths, jobs: list[tuple], address_text: str, 
     results = {r["adapter"]: r.pop("_results") for r in rows if "_results" in r}
     return {"created": datetime.now(timezone.utc).isoformat(), "parent_run_id": parent.run_id if parent else None,
             "wall_seconds": time.perf_counter() - t_all, "cluster": address.text, "datasets": rows,
-            "results": results}
+            "results": results, "nodes": len(nodes), "cluster_cpus": cluster_cpus, "cpus_per_task": cpus,
+            "shared_filesystem": shared}
 
 
 def _run_tasks(ray, paths, todo, options, catalog, shared, live, parent, precision, kernel, cpus, max_retries,
                first_cfg, run_kind, log) -> None:
-    from lora_project.cluster.tasks import train_task
+    from lora_project.cluster.tasks import task_phases, train_task
     from lora_project.utils.interrupts import check_stop
 
     # on the head node, which outlives the worker nodes (a lost worker node must not take it along)
@@ -252,10 +254,14 @@ def _run_tasks(ray, paths, todo, options, catalog, shared, live, parent, precisi
     remote = ray.remote(train_task)
     shipped: dict[str, object] = {}
     refs: dict = {}
+    sent: dict = {}  # ref -> (submit time, the driver's seconds packing and putting its data): task phases
     for row, name, adapter, cfg in todo:
+        packing = 0.0
         if name not in shipped:
+            t_pack = time.perf_counter()
             files = _project_files(paths, catalog, name)
             shipped[name] = sorted(files) if shared else ray.put(files)
+            packing = time.perf_counter() - t_pack
         key = adapter
         spec = {"key": key, "dataset": name, "adapter": adapter, "config": cfg.to_dict(),
                 "options": replace(options, adapter_name=adapter, log=print, progress=False, run_kind=run_kind,
@@ -265,6 +271,7 @@ def _run_tasks(ray, paths, todo, options, catalog, shared, live, parent, precisi
         ref = remote.options(num_cpus=cpus, max_retries=max_retries, retry_exceptions=False).remote(
             spec, shipped[name], progress)
         refs[ref] = (row, adapter, time.perf_counter())
+        sent[ref] = (time.time(), packing)
         log(f"[{adapter}] queued")
     starts: dict[str, int] = {}
     pending = list(refs)
@@ -288,6 +295,7 @@ def _run_tasks(ray, paths, todo, options, catalog, shared, live, parent, precisi
             res = _record(paths, result, parent.run_id if parent else None, first_cfg, options.overwrite,
                           parent is not None)
             row["_results"] = res
+            row["phases"] = task_phases(result.get("phases"), *sent[ref], time.time())
             row["wall_seconds"] = time.perf_counter() - t0
             row["node"] = result["node"]
             if result["status"] == "FINISHED":

@@ -225,6 +225,14 @@ class BaseBundle:
     load_seconds: float = 0.0
 
 
+_LOADS = [0]  # load_base calls in this process (benchmark --scaling counts each side's model loads)
+
+
+def loads_in_this_process() -> int:
+    """How many times `load_base` has loaded a base model in this process."""
+    return _LOADS[0]
+
+
 def load_base(cfg: RunConfig, runtime: Runtime | None = None) -> BaseBundle:
     """Resolve and load the base model and tokenizer once (reused by batch, evaluation, generation)."""
     import torch
@@ -244,6 +252,7 @@ def load_base(cfg: RunConfig, runtime: Runtime | None = None) -> BaseBundle:
     model = load_model(ref, dtype=dtype, device=runtime.device, trust_remote_code=cfg.model.trust_remote_code)
     if getattr(model.config, "model_type", None) not in TESTED_FAMILIES:
         check_decoder_and_head(model)  # does our decoder + head split reproduce this architecture's logits?
+    _LOADS[0] += 1
     return BaseBundle(ref, tokenizer, model, runtime, tokenizer_fingerprint(tokenizer),
                       load_seconds=time.perf_counter() - t0)
 
