@@ -100,7 +100,6 @@ def test_throwaway_project_takes_distinct_slices_of_real_text(tmp_path, monkeypa
 
 @pytest.mark.slow
 def test_scaling_on_local_2_reports_consistent_figures(project, tracking_store, tiny_model_dir):
-    t0 = time.perf_counter()
     proc = run_cli("benchmark", "--scaling", "local:2", "--model", str(tiny_model_dir), "--steps", "2",
                    "--datasets", "4", "--json", cwd=project)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -129,4 +128,3 @@ def test_scaling_on_local_2_reports_consistent_figures(project, tracking_store, 
     run = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlruns' / 'mlflow.db'}").get_run(r["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.metrics["efficiency"] == pytest.approx(r["efficiency"])
     assert not list((project / "adapters").glob("*_lora")), "the throwaway project's adapters stay out of the project"
-    assert time.perf_counter() - t0 < 120

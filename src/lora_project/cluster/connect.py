@@ -44,7 +44,9 @@ def _connected(ray, address: ClusterAddress, cpus_per_task: int):
     kwargs = {"log_to_driver": False, "logging_level": "WARNING"}
     if address.kind == "local":
         # a temporary cluster of this machine talks over loopback only
-        kwargs.update(num_cpus=address.tasks * cpus_per_task, include_dashboard=False,
+        # address="local": a new cluster of our own, even when another Ray instance runs on this machine
+        # (without it, ray.init joins the newest one it finds, e.g. another local:N run's)
+        kwargs.update(address="local", num_cpus=address.tasks * cpus_per_task, include_dashboard=False,
                       object_store_memory=LOCAL_OBJECT_STORE_BYTES, _node_ip_address="127.0.0.1")
         ray.init(**kwargs)
     else:
