@@ -35,8 +35,11 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# The fast tier runs on two worker processes (pytest-xdist), a test file per worker at a time
+# so that module fixtures are built once; the whole suite stays serial, since its slow tests
+# start clusters and process groups of their own.
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadfile
 
 notebooks: setup
 	$(BIN)/python scripts/notebooks/run_notebooks.py

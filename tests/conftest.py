@@ -91,8 +91,12 @@ tracking:
 
 
 @pytest.fixture()
-def project(tmp_path, tiny_model_dir, monkeypatch) -> Path:
-    """A fresh project root: the repo's config/ copied, the model pointed at the tiny model."""
+def project(request, tmp_path, tiny_model_dir, monkeypatch) -> Path:
+    """A fresh project root: the repo's config/ copied, the model pointed at the tiny model.
+
+    Its MLflow store (mlruns/mlflow.db) is already created, empty, from the session's template, so
+    a test pays no schema migration (~5 s on a disk). Tests whose point is the store's creation are
+    marked `fresh_store` and get a project without one."""
     root = tmp_path / "proj"
     shutil.copytree(REPO / "config", root / "config")
     (root / "config" / "model_config.yaml").write_text(
@@ -104,6 +108,9 @@ def project(tmp_path, tiny_model_dir, monkeypatch) -> Path:
     (root / "config" / "dataset_catalog.csv").write_text(catalog)
     monkeypatch.setenv("LORA_PROJECT_ROOT", str(root))
     monkeypatch.chdir(root)
+    if request.node.get_closest_marker("fresh_store") is None:
+        copy_tracking_store(request.getfixturevalue("tracking_store_template"), root / "mlruns" / "mlflow.db",
+                            str(root / "mlruns" / "0"))
     return root
 
 
@@ -154,12 +161,9 @@ def copy_tracking_store(template: Path, db: Path, default_artifacts: str) -> Pat
 
 @pytest.fixture()
 def tracking_store(project, tracking_store_template) -> Path:
-    """The project's MLflow store (mlruns/mlflow.db) already created, empty: for the tests whose point
-    is not the store's creation. Those that create one from scratch stay without it:
-    test_train_writes_adapter_experiment_and_mlflow_run, the MLFLOW_TRACKING_URI test and the
-    half-created-store test (tests/test_reliability.py)."""
-    return copy_tracking_store(tracking_store_template, project / "mlruns" / "mlflow.db",
-                               str(project / "mlruns" / "0"))
+    """The project's MLflow store (mlruns/mlflow.db), already created by the `project` fixture: named
+    by the tests that read it."""
+    return project / "mlruns" / "mlflow.db"
 
 
 class CliResult:

@@ -21,8 +21,10 @@ def test_second_training_of_same_adapter_stops_at_once(project):
     assert {k: v for k, v in snapshot(project).items() if k in before} == before
 
 
-def test_mlflow_tracking_uri_env_is_honoured(project, tmp_path):
-    other = tmp_path / "elsewhere.db"
+@pytest.mark.fresh_store
+def test_mlflow_tracking_uri_env_is_honoured(project, tmp_path, tracking_store_template):
+    # the store the variable names exists already (its creation is test_train_writes_adapter_..._run's point)
+    other = copy_tracking_store(tracking_store_template, tmp_path / "elsewhere.db", str(tmp_path / "elsewhere"))
     proc = run_cli("train", "toddler_data", "--json", "--no-progress", cwd=project,
                    env={"MLFLOW_TRACKING_URI": f"sqlite:///{other}"})
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -23,6 +23,7 @@ def _mlflow_run(project, run_id):
     return client, client.get_run(run_id)
 
 
+@pytest.mark.fresh_store
 def test_train_writes_adapter_experiment_and_mlflow_run(project):
     proc = run_cli("train", "toddler_data", "--json", "--no-progress", cwd=project)
     assert proc.returncode == 0, proc.stderr[-3000:]
