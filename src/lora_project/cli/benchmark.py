@@ -15,7 +15,7 @@ from lora_project.cli._common import (
 )
 from lora_project.errors import UserError
 
-SCALING_STEPS, SCALING_DATASETS = 16, 4  # benchmark/scale_out.py's defaults (not imported: start-up stays light)
+SCALING_STEPS, SCALING_DATASETS = 20, 4  # benchmark/scale_out.py's defaults (not imported: start-up stays light)
 
 
 BENCHMARK_DESCRIPTION = """\
