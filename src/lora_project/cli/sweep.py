@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from lora_project.cli._common import add_config_args, add_json, add_number, add_run_flags, load_cfg, print_json, run_options
+from lora_project.cli._common import (
+    add_cluster,
+    add_config_args,
+    add_json,
+    add_number,
+    add_run_flags,
+    load_cfg,
+    print_json,
+    run_options,
+)
 
 EXAMPLES = """\
 --param syntax (repeatable, one per setting):
@@ -17,6 +26,8 @@ examples:
   lora-project sweep toddler_data --param lora.r=2:16 --param training.lr=1e-4:3e-3:log --trials 12 \\
       --set training.max_steps=60 --set training.eval_interval=20 --keep-best 3
   lora-project sweep toddler_data --resume          # continue after Ctrl-C or a crash
+  lora-project sweep toddler_data --param lora.r=2,4,8,16 --sampler grid --cluster local:2   # 2 trials at once on Ray
+  lora-project sweep toddler_data --param training.lr=1e-4:3e-3:log --trials 32 --cluster auto --parallel 8
 """
 
 
@@ -25,7 +36,9 @@ Search LoRA and training settings on catalog dataset DATASET. Each trial trains
 adapters/<NAME>_tNNN_lora exactly as `train` would (its own experiment folder, a child MLflow run under
 the sweep's parent run); hopeless trials are pruned on the validation loss at each
 training.eval_interval. The study lives in outputs/sweeps/<NAME>/ (SQLite), with the table,
-best_config.yaml (for `train --config`) and plots. Ctrl-C leaves it resumable with --resume."""
+best_config.yaml (for `train --config`) and plots. Ctrl-C leaves it resumable with --resume.
+With --cluster ADDRESS the trials run as Ray tasks, --parallel K at a time; the study stays here
+(docs/cluster.md)."""
 
 
 def register(sub) -> None:
@@ -43,6 +56,10 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the sweep NAME: finished trials are kept, an interrupted one reruns from its start")
     add_number(p, "--keep-best", int, 1, 10_000, metavar="K", help="keep only the adapters of the best K trials")
+    add_cluster(p, "run the trials")
+    add_number(p, "--parallel", int, 1, 10_000, metavar="K",
+               help="with --cluster: trials at once (default: the tasks the cluster can run at once, its CPUs / "
+                    "cluster.cpus_per_task; with --parallel 1 pruning decides as a local sweep)")
     add_config_args(p)
     add_run_flags(p)
     add_json(p, "print the summary as one JSON object")
@@ -53,10 +70,19 @@ def run(args, paths) -> None:
     from lora_project.errors import UserError
     from lora_project.sweep.runner import run_sweep
 
+    if args.parallel is not None and args.cluster is None:
+        raise UserError("--parallel K runs K trials at once on a Ray cluster: add --cluster ADDRESS "
+                        "(e.g. --cluster local:2); a local sweep runs one trial at a time")
     cfg = load_cfg(args, paths)
-    summary = run_sweep(paths, args.dataset, cfg, args.params, run_options(args), trials=args.trials,
-                        metric=args.metric, sampler=args.sampler, name=args.name, resume=args.resume,
-                        keep_best=args.keep_best)
+    sweep_args = dict(trials=args.trials, metric=args.metric, sampler=args.sampler, name=args.name,
+                      resume=args.resume, keep_best=args.keep_best)
+    if args.cluster is not None:
+        from lora_project.cluster.sweep import sweep_on_cluster
+
+        summary = sweep_on_cluster(paths, args.dataset, cfg, args.params, run_options(args), args.cluster,
+                                   parallel=args.parallel, **sweep_args)
+    else:
+        summary = run_sweep(paths, args.dataset, cfg, args.params, run_options(args), **sweep_args)
     if args.json:
         print_json(summary)
     else:

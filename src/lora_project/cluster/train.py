@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -161,19 +162,28 @@ def _row(name: str, adapter: str, cfg) -> dict:
             "steps": None, "tokens": None, "perplexity_before": None, "perplexity_after": None, "wall_seconds": None}
 
 
+def resolve_for_tasks(first_cfg, cpus: int) -> tuple:
+    """What the driver resolves once for every task: the base model's reference, its tokenizer and the
+    tokenizer's fingerprint, the runtime (precision, `cpus` threads) and the fp32 kernel."""
+    from lora_project.models.base_model import load_tokenizer, resolve_model
+    from lora_project.models.kernels import fp32_kernel
+    from lora_project.models.tokens import tokenizer_fingerprint
+    from lora_project.utils.device import resolve_runtime
+
+    ref = resolve_model(first_cfg.model.source, first_cfg.model.revision)
+    tokenizer = load_tokenizer(ref)
+    runtime = resolve_runtime("cpu", first_cfg.training.precision, cpus, first_cfg.training.malloc_reuse)
+    return ref, tokenizer, tokenizer_fingerprint(tokenizer), runtime, fp32_kernel()
+
+
 def train_on_cluster(paths: ProjectPaths, jobs: list[tuple], address_text: str, options: RunOptions | None = None,
                      *, run_kind: str = "batch", parent_name: str = "train-batch") -> dict:
     """Train `jobs` [(dataset, adapter name, RunConfig)] as Ray tasks at `address_text`; returns the summary
     of train-batch's shape (rows, parent run, wall time) without writing it."""
     from lora_project.cluster.address import parse_address
-    from lora_project.cluster.connect import check_nodes, connect, shared_marker, storage_mode
     from lora_project.data.catalog import load_catalog
     from lora_project.data.dataset_loader import load_streams, prepare_dataset
-    from lora_project.models.base_model import load_tokenizer, resolve_model
-    from lora_project.models.kernels import fp32_kernel
-    from lora_project.models.tokens import tokenizer_fingerprint
     from lora_project.training.batch import end_parent_run, is_up_to_date
-    from lora_project.utils.device import resolve_runtime
     from lora_project.utils.mlflow_utils import MlflowTracker, resolve_tracking_uri
 
     options = options or RunOptions()
@@ -186,11 +196,7 @@ def train_on_cluster(paths: ProjectPaths, jobs: list[tuple], address_text: str, 
     t_all = time.perf_counter()
     # Everything the configs and the project can refuse, refused before connecting.
     catalog = load_catalog(paths.catalog)
-    ref = resolve_model(first.model.source, first.model.revision)
-    tokenizer = load_tokenizer(ref)
-    tok_fp = tokenizer_fingerprint(tokenizer)
-    runtime = resolve_runtime("cpu", first.training.precision, cpus, first.training.malloc_reuse)
-    kernel = fp32_kernel()
+    ref, tokenizer, tok_fp, runtime, kernel = resolve_for_tasks(first, cpus)
     rows, todo, prepared_by = [], [], {}
     for name, adapter, cfg in jobs:
         row = _row(name, adapter, cfg)
@@ -218,12 +224,8 @@ def train_on_cluster(paths: ProjectPaths, jobs: list[tuple], address_text: str, 
     use_mlflow = options.use_mlflow and first.tracking.mlflow
     parent = MlflowTracker(paths, first.tracking.experiment_name, first.tracking.tracking_uri) if use_mlflow else None
     status = "FINISHED"
-    with connect(address, cpus) as ray, shared_marker(paths.root) as marker:
-        nodes = check_nodes(ray, marker)
-        shared = storage_mode(settings.shared_filesystem, nodes)
+    with cluster_session(paths, address, cpus, settings.shared_filesystem, log) as (ray, shared, nodes):
         cluster_cpus = sum(n["cpus"] for n in nodes)
-        log(f"cluster: {len(nodes)} node(s), {cluster_cpus:g} CPU(s); "
-            f"{'shared filesystem' if shared else 'no shared filesystem: data and results travel through Ray'}")
         try:
             if parent:
                 parent.start(f"{parent_name} {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S}",
@@ -244,58 +246,107 @@ def train_on_cluster(paths: ProjectPaths, jobs: list[tuple], address_text: str, 
             "shared_filesystem": shared}
 
 
+@contextmanager
+def cluster_session(paths: ProjectPaths, address, cpus: int, shared_setting: str, log):
+    """Connected to the cluster, every node's versions checked and the storage mode decided, for the
+    block; yields (ray, shared filesystem or not, the nodes' probe answers with their CPUs)."""
+    from lora_project.cluster.connect import check_nodes, connect, shared_marker, storage_mode
+
+    with connect(address, cpus) as ray, shared_marker(paths.root) as marker:
+        nodes = check_nodes(ray, marker)
+        shared = storage_mode(shared_setting, nodes)
+        log(f"cluster: {len(nodes)} node(s), {sum(n['cpus'] for n in nodes):g} CPU(s); "
+            f"{'shared filesystem' if shared else 'no shared filesystem: data and results travel through Ray'}")
+        yield ray, shared, nodes
+
+
+class AdapterTasks:
+    """Adapters trained as Ray tasks (`tasks.train_task`, the local recipe) and recorded by the driver:
+    train-batch and train --seeds submit them all at once, a sweep K at a time."""
+
+    def __init__(self, ray, paths: ProjectPaths, catalog: dict, shared: bool, live: str | None, parent_id: str | None,
+                 precision: str, kernel: str, cpus: int, max_retries: int, log):
+        from lora_project.cluster.tasks import train_task
+
+        self.ray, self.paths, self.catalog, self.shared, self.live = ray, paths, catalog, shared, live
+        self.parent_id, self.precision, self.kernel, self.cpus, self.max_retries = (parent_id, precision, kernel,
+                                                                                    cpus, max_retries)
+        self.log = log
+        # on the head node, which outlives the worker nodes (a lost worker node must not take it along)
+        self.progress = ray.remote(num_cpus=0, resources={"node:__internal_head__": 0.001})(_Progress).remote()
+        self.remote = ray.remote(train_task)
+        self.shipped: dict[str, object] = {}
+        self.starts: dict[str, int] = {}
+        self.sent: dict = {}  # ref -> (submit time, the driver's seconds packing and putting its data): task phases
+
+    def submit(self, name: str, adapter: str, cfg, options: RunOptions, run_kind: str):
+        """One task training `adapter` on dataset `name` with `options` (as a local run would); its ref."""
+        packing = 0.0
+        if name not in self.shipped:
+            t_pack = time.perf_counter()
+            files = _project_files(self.paths, self.catalog, name)
+            self.shipped[name] = sorted(files) if self.shared else self.ray.put(files)
+            packing = time.perf_counter() - t_pack
+        spec = {"key": adapter, "dataset": name, "adapter": adapter, "config": cfg.to_dict(),
+                "options": replace(options, adapter_name=adapter, log=print, progress=False, run_kind=run_kind,
+                                   parent_run_id=self.parent_id if self.live else None),
+                "precision": self.precision, "kernel": self.kernel, "threads": self.cpus, "tracking_uri": self.live,
+                "shared_root": str(self.paths.root) if self.shared else None}
+        ref = self.remote.options(num_cpus=self.cpus, max_retries=self.max_retries, retry_exceptions=False).remote(
+            spec, self.shipped[name], self.progress)
+        self.sent[ref] = (time.time(), packing)
+        self.log(f"[{adapter}] queued")
+        return ref
+
+    def wait(self, pending: list, timeout: float = 1.0) -> tuple[list, list]:
+        """Results of the tasks that ended within `timeout` [(ref, result or None, error of a lost task)],
+        and the refs still pending; says which tasks started (or started again) meanwhile."""
+        ready, pending = self.ray.wait(pending, num_returns=1, timeout=timeout)
+        for key, node, _task, _t in self.ray.get(self.progress.drain.remote()):
+            self.starts[key] = self.starts.get(key, 0) + 1
+            self.log(f"[{key}] {'retried, running' if self.starts[key] > 1 else 'running'} on {node}")
+        out = []
+        for ref in ready:
+            try:
+                out.append((ref, self.ray.get(ref), None))
+            except self.ray.exceptions.RayError as exc:  # lost more often than max_retries, or a worker crash
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                out.append((ref, None, f"{type(exc).__name__}: {first}"))
+        return out, pending
+
+    def record(self, result: dict, adapter: str, first_cfg, overwrite: bool) -> dict:
+        """Write a task's adapter, experiment folder and MLflow run into the project; its results.json."""
+        result["adapter"] = adapter
+        return _record(self.paths, result, self.parent_id, first_cfg, overwrite, self.parent_id is not None)
+
+    def phases(self, ref, result: dict) -> dict | None:
+        """The task's phase times (benchmark --scaling's overheads), recorded now."""
+        from lora_project.cluster.tasks import task_phases
+
+        return task_phases(result.get("phases"), *self.sent[ref], time.time())
+
+
 def _run_tasks(ray, paths, todo, options, catalog, shared, live, parent, precision, kernel, cpus, max_retries,
                first_cfg, run_kind, log) -> None:
-    from lora_project.cluster.tasks import task_phases, train_task
     from lora_project.utils.interrupts import check_stop
 
-    # on the head node, which outlives the worker nodes (a lost worker node must not take it along)
-    progress = ray.remote(num_cpus=0, resources={"node:__internal_head__": 0.001})(_Progress).remote()
-    remote = ray.remote(train_task)
-    shipped: dict[str, object] = {}
-    refs: dict = {}
-    sent: dict = {}  # ref -> (submit time, the driver's seconds packing and putting its data): task phases
-    for row, name, adapter, cfg in todo:
-        packing = 0.0
-        if name not in shipped:
-            t_pack = time.perf_counter()
-            files = _project_files(paths, catalog, name)
-            shipped[name] = sorted(files) if shared else ray.put(files)
-            packing = time.perf_counter() - t_pack
-        key = adapter
-        spec = {"key": key, "dataset": name, "adapter": adapter, "config": cfg.to_dict(),
-                "options": replace(options, adapter_name=adapter, log=print, progress=False, run_kind=run_kind,
-                                   parent_run_id=parent.run_id if (parent and live) else None),
-                "precision": precision, "kernel": kernel, "threads": cpus, "tracking_uri": live,
-                "shared_root": str(paths.root) if shared else None}
-        ref = remote.options(num_cpus=cpus, max_retries=max_retries, retry_exceptions=False).remote(
-            spec, shipped[name], progress)
-        refs[ref] = (row, adapter, time.perf_counter())
-        sent[ref] = (time.time(), packing)
-        log(f"[{adapter}] queued")
-    starts: dict[str, int] = {}
+    tasks = AdapterTasks(ray, paths, catalog, shared, live, parent.run_id if parent else None, precision, kernel,
+                         cpus, max_retries, log)
+    refs = {tasks.submit(name, adapter, cfg, options, run_kind): (row, adapter, time.perf_counter())
+            for row, name, adapter, cfg in todo}
     pending = list(refs)
     while pending:
         check_stop()
-        ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
-        for key, node, _task, _t in ray.get(progress.drain.remote()):
-            starts[key] = starts.get(key, 0) + 1
-            log(f"[{key}] {'retried, running' if starts[key] > 1 else 'running'} on {node}")
-        for ref in ready:
+        ended, pending = tasks.wait(pending)
+        for ref, result, lost in ended:
             row, adapter, t0 = refs[ref]
-            try:
-                result = ray.get(ref)
-            except ray.exceptions.RayError as exc:  # lost more often than max_retries, or a worker crash
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-                row.update(status="failed", reason=f"{type(exc).__name__}: {first}",
-                           wall_seconds=time.perf_counter() - t0)
+            if result is None:
+                row.update(status="failed", reason=lost, wall_seconds=time.perf_counter() - t0)
                 log(f"[{adapter}] failed: {row['reason']}")
                 continue
-            result["adapter"] = adapter
-            res = _record(paths, result, parent.run_id if parent else None, first_cfg, options.overwrite,
-                          parent is not None)
+            res = tasks.record(result, adapter, first_cfg, options.overwrite)
             row["_results"] = res
-            row["phases"] = task_phases(result.get("phases"), *sent[ref], time.time())
+            row["phases"] = tasks.phases(ref, result)
             row["wall_seconds"] = time.perf_counter() - t0
             row["node"] = result["node"]
             if result["status"] == "FINISHED":

@@ -27,6 +27,7 @@ from lora_project.paths import ProjectPaths
 from lora_project.sweep.report import finish_sweep
 from lora_project.sweep.study import (
     SPEC_FILE,
+    Sweep,
     done_count,
     keep_best_adapters,
     open_study,
@@ -42,10 +43,12 @@ from lora_project.utils.io_utils import atomic_write_json
 
 def run_sweep(paths: ProjectPaths, dataset: str, cfg: RunConfig, params: list[str], options: RunOptions | None = None,
               *, trials: int | None = None, metric: str | None = None, sampler: str | None = None,
-              name: str | None = None, resume: bool = False, keep_best: int | None = None) -> dict:
+              name: str | None = None, resume: bool = False, keep_best: int | None = None,
+              run_trials=None) -> dict:
     """Run (or continue) a sweep; returns the summary that `report.finish_sweep` writes. `options`
-    (MLflow on or off, progress, log) apply to every trial; `resume` continues the sweep `name`."""
-    from lora_project.models.base_model import load_base
+    (MLflow on or off, progress, log) apply to every trial; `resume` continues the sweep `name`.
+    `run_trials(sw, study, options)` runs trials until the study has `sw.target` done (default
+    `run_local_trials`: one at a time in this process; `cluster.sweep` runs them as Ray tasks)."""
     from lora_project.utils.mlflow_utils import MlflowTracker
 
     options = options or RunOptions()
@@ -74,14 +77,7 @@ def run_sweep(paths: ProjectPaths, dataset: str, cfg: RunConfig, params: list[st
                 sw.spec["parent_run_id"] = parent.run_id
                 atomic_write_json(sw.folder / SPEC_FILE, sw.spec)
             parent_id = parent.run_id if parent else None
-            base = None
-            while done_count(study) < sw.target:
-                check_stop()
-                if base is None:  # loaded once, and only when there is a trial to run
-                    base = load_base(sw.base_config)
-                    log(f"base model {base.ref.name} loaded once for the sweep in {base.load_seconds:.1f} s")
-                run_trial(sw, study, base, replace(options, parent_run_id=parent_id))
-                keep_best_adapters(sw, study)
+            (run_trials or run_local_trials)(sw, study, replace(options, parent_run_id=parent_id))
             summary = finish_sweep(sw, study, parent)
             status = "FINISHED"
             return summary
@@ -93,3 +89,17 @@ def run_sweep(paths: ProjectPaths, dataset: str, cfg: RunConfig, params: list[st
         finally:
             if parent:
                 parent.end(status)
+
+
+def run_local_trials(sw: Sweep, study, options: RunOptions) -> None:
+    """Trials one at a time in this process, on one base model loaded once (when there is a trial to run)."""
+    from lora_project.models.base_model import load_base
+
+    base = None
+    while done_count(study) < sw.target:
+        check_stop()
+        if base is None:
+            base = load_base(sw.base_config)
+            options.log(f"base model {base.ref.name} loaded once for the sweep in {base.load_seconds:.1f} s")
+        run_trial(sw, study, base, options)
+        keep_best_adapters(sw, study)

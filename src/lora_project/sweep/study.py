@@ -270,46 +270,41 @@ def _drop_checkpoints(paths: ProjectPaths, adapter: str | None) -> None:
         shutil.rmtree(paths.checkpoints_dir / Path(rec["experiment_dir"]).name, ignore_errors=True)
 
 
-def run_trial(sw: Sweep, study, base, options: RunOptions) -> str:
-    """Ask the study for one trial, train it, tell the study; returns the trial's state. `options`: the
-    sweep's (MLflow on or off, progress, the parent run, its log); the trial adds its name, kind,
-    tags, parameters and pruning callback."""
-    import optuna
-
-    from lora_project.training.single import train_adapter
-    from lora_project.utils.mlflow_utils import set_run_tags
-
+def start_trial(sw: Sweep, study, log):
+    """Ask the study for one trial and build its config; returns (trial, sampled values, adapter name,
+    config or None, error: why the values make no config)."""
     with shielded():
         trial = study.ask()
         values = {s.key: s.suggest(trial) for s in sw.specs}
         adapter = f"{sw.name}_t{trial.number:03d}"
         trial.set_user_attr("adapter", adapter)
     rerun = trial.user_attrs.get("rerun_of")
-    log = options.log
     log(f"[trial {trial.number}{f' (rerun of {rerun})' if rerun is not None else ''}, {done_count(study) + 1}/"
         f"{sw.target}] " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()))
-    state, value, error = "FAIL", None, None
     try:
         cfg = trial_config(sw.base_config.to_dict(), sw.specs, values)
-        with shielded():
-            trial.set_user_attr("config", cfg.to_dict())
-        res = train_adapter(sw.paths, sw.dataset, cfg, replace(
-            options, adapter_name=adapter, run_kind="sweep", log=lambda m: log("  " + m),
-            tags={"sweep.name": sw.name, "sweep.trial": str(trial.number)},
-            params={f"sweep.{k}": v for k, v in values.items()} | {"sweep.trial": trial.number},
-            extra_callbacks=[PruningCallback(trial)]), base=base)
-        value, state = float(res["metrics_after"][METRICS[sw.metric]]), "COMPLETE"
-    except optuna.TrialPruned as exc:
-        state, error = "PRUNED", str(exc)
-    except (KeyboardInterrupt, RunInterrupted) as exc:
-        requeue(study, trial.number, trial.params)
-        exc.hint = f"the trial reruns from its start with: lora-project sweep {sw.dataset} --name {sw.name} --resume"
-        raise
     except UserError as exc:
-        error = " ".join(str(exc).split())
-    except Exception as exc:  # a bug in one trial must not stop the sweep; it is recorded with its type
-        error = f"{type(exc).__name__}: {exc}"[:500]
-    rec = trial_record(sw.paths, adapter)
+        return trial, values, adapter, None, " ".join(str(exc).split())
+    with shielded():
+        trial.set_user_attr("config", cfg.to_dict())
+    return trial, values, adapter, cfg, None
+
+
+def trial_options(sw: Sweep, trial, values: dict, options: RunOptions, pruning_trial=None) -> RunOptions:
+    """A trial's run options: the sweep's, plus its tags, its sampled values as parameters and the pruning
+    callback (reporting to `pruning_trial`, by default the study's own trial)."""
+    return replace(options, run_kind="sweep", tags={"sweep.name": sw.name, "sweep.trial": str(trial.number)},
+                   params={f"sweep.{k}": v for k, v in values.items()} | {"sweep.trial": trial.number},
+                   extra_callbacks=[PruningCallback(pruning_trial or trial)])
+
+
+def finish_trial(sw: Sweep, study, trial, state: str, value: float | None, error: str | None, rec: dict, log) -> str:
+    """Record a trial's outcome: what its run wrote (`rec`: its results.json) as user attributes, its state
+    and value in the study, the state as its MLflow run's tag; returns the state."""
+    import optuna
+
+    from lora_project.utils.mlflow_utils import set_run_tags
+
     with shielded():
         for k in ("experiment_dir", "mlflow_run_id", "steps", "train_seconds"):
             if rec.get(k) is not None:
@@ -325,6 +320,36 @@ def run_trial(sw: Sweep, study, base, options: RunOptions) -> str:
                      {"sweep.trial_state": state} | ({"sweep.error": error[:500]} if error else {}))
     log(f"  {state.lower()}" + (f": {sw.metric} {value:.4f}" if value is not None else f": {error}"))
     return state
+
+
+def run_trial(sw: Sweep, study, base, options: RunOptions) -> str:
+    """Ask the study for one trial, train it, tell the study; returns the trial's state. `options`: the
+    sweep's (MLflow on or off, progress, the parent run, its log); the trial adds its name, kind,
+    tags, parameters and pruning callback."""
+    import optuna
+
+    from lora_project.training.single import train_adapter
+
+    log = options.log
+    trial, values, adapter, cfg, error = start_trial(sw, study, log)
+    state, value = "FAIL", None
+    try:
+        if cfg is not None:
+            res = train_adapter(sw.paths, sw.dataset, cfg, replace(
+                trial_options(sw, trial, values, options), adapter_name=adapter, log=lambda m: log("  " + m)),
+                base=base)
+            value, state = float(res["metrics_after"][METRICS[sw.metric]]), "COMPLETE"
+    except optuna.TrialPruned as exc:
+        state, error = "PRUNED", str(exc)
+    except (KeyboardInterrupt, RunInterrupted) as exc:
+        requeue(study, trial.number, trial.params)
+        exc.hint = f"the trial reruns from its start with: lora-project sweep {sw.dataset} --name {sw.name} --resume"
+        raise
+    except UserError as exc:
+        error = " ".join(str(exc).split())
+    except Exception as exc:  # a bug in one trial must not stop the sweep; it is recorded with its type
+        error = f"{type(exc).__name__}: {exc}"[:500]
+    return finish_trial(sw, study, trial, state, value, error, trial_record(sw.paths, adapter), log)
 
 
 def keep_best_adapters(sw: Sweep, study) -> None:
