@@ -3,6 +3,7 @@
 A workflow package (DESIGN.md conventions 12-13). Nothing here imports Ray at module level:
 ``ray`` is imported inside the functions that connect, so a command without ``--cluster`` never
 loads it. `address` parses and probes ADDRESS; `connect` starts or joins the cluster; `train`
-runs train-batch's and train --seeds' adapters as tasks; `tasks` holds the functions the
+runs train-batch's and train --seeds' adapters as tasks; `sweep` runs a sweep's trials as tasks
+(the study stays with the driver, pruning through an actor); `tasks` holds the functions the
 workers run.
 """
