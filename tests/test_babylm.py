@@ -361,3 +361,72 @@ def test_b_the_report_lists_the_official_codes_known_flaws(project, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "known flaws" in proc.stdout and "tie rule" in proc.stdout and "upstream issue 34" in proc.stdout
     assert "ties counted wrong" in proc.stdout
+
+
+def _random_adapter(tiny_model_dir, folder, seed):
+    """A LoRA adapter with non-zero B (so it changes the scores), not bound to a base fingerprint."""
+    from transformers import AutoModelForCausalLM
+
+    from lora_project.config import LoraSection
+    from lora_project.models.lora_model import save_adapter, wrap_with_lora
+
+    model = wrap_with_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraSection(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]), seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    meta = {"base_model": {"name": "tiny", "directory": str(tiny_model_dir)}, "dataset": {"name": "d"},
+            "created": "2026-01-01T00:00:00"}
+    return save_adapter(model, folder, meta, overwrite=False)
+
+
+def test_a_shared_tree_and_reading_plan_give_every_model_the_sums_of_a_fresh_build(tiny_model_dir,
+                                                                                  other_tiny_model_dir, tmp_path):
+    """Task trees and reading plans depend on the tokenizer only: built once and reused over two
+    models with different weights, each model's sums equal those of a tree built just for it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_project.evaluation.babylm import prepare_task
+    from lora_project.evaluation.babylm_score import item_texts
+    from lora_project.evaluation.reading import load_reading, surprisals
+
+    _tiny_suite(tmp_path, reading_rows=20)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    items = ITEMS + load_task(tmp_path, "entity_tracking")
+    df = load_reading(tmp_path / "reading" / "reading_data.csv")
+    built, plan = prepare_task(tok, "ewok", items), prepare_task(tok, "reading", df)
+    assert built.forward_tokens < sum(len(t.ids) - 1 for t in built.texts)  # the shared contexts count once
+    first = None
+    for d in (tiny_model_dir, other_tiny_model_dir):
+        model = AutoModelForCausalLM.from_pretrained(d).eval()
+        shared = np.concatenate(option_scores(model, tok, items, RUNTIME, texts=built))
+        fresh = np.concatenate(option_scores(model, tok, items, RUNTIME, texts=item_texts(tok, items)))
+        np.testing.assert_array_equal(shared, fresh)
+        for a, b in zip(surprisals(model, tok, df, RUNTIME, plan=plan), surprisals(model, tok, df, RUNTIME)):
+            np.testing.assert_array_equal(a, b)
+        first = shared if first is None else first
+    assert not np.allclose(first, shared)  # the two models really differ
+
+
+def test_evaluate_babylm_builds_each_tasks_tree_once_for_the_base_and_an_adapter(project, tiny_model_dir, tmp_path,
+                                                                                monkeypatch):
+    from lora_project.config import load_project_config
+    from lora_project.evaluation import babylm_score
+    from lora_project.evaluation.babylm import evaluate_babylm
+    from lora_project.paths import ProjectPaths
+
+    adapter = _random_adapter(tiny_model_dir, tmp_path / "a_lora", 3)
+    _tiny_suite(tmp_path / "suite")
+    built = []
+    real = babylm_score.sequence_tree
+    monkeypatch.setattr(babylm_score, "sequence_tree", lambda seqs: built.append(len(seqs)) or real(seqs))
+    paths = ProjectPaths.discover()
+    res = evaluate_babylm(paths, load_project_config(paths), tmp_path / "suite", adapters=[adapter], save=False,
+                          resamples=20, log=lambda m: None)
+    assert list(res["models"]) == ["base", "a_lora"]
+    assert len(built) == len(res["tasks"]) == 6  # one tree per task, not one per task and model
+    assert res["prepare_seconds"] >= 0
+    # the adapter really scored with its own weights on the shared plan
+    assert res["difference"]["a_lora"]["reading"]["headline"]["eye_tracking"] != 0

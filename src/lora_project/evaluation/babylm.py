@@ -9,9 +9,14 @@ Library use (what `benchmark --babylm` and the tests call):
 
     items = load_task(root, "ewok")                   # babylm_tasks: RankItem per item
     texts = item_texts(tokenizer, items)              # babylm_score: tokens + scored positions
-    scores = option_scores(model, tokenizer, items, runtime, texts=texts)   # per item, per option
+    built = text_tree(texts)                          # the tree and its rows: once, for every model
+    scores = option_scores(model, tokenizer, items, runtime, texts=built)   # per item, per option
     decided = decisions(scores)                       # official / ties-wrong decisions, margins
-    pred, prev = surprisals(model, tokenizer, df, runtime)   # reading: word surprisals (nats)
+    plan = reading_plan(tokenizer, df)                # reading: reads and their tree, once
+    pred, prev = surprisals(model, tokenizer, df, runtime, plan=plan)   # word surprisals (nats)
+
+The token trees and the reading plan depend on the tokenizer only, which the base and its adapters
+share: `evaluate_babylm` builds them once per run and every model reuses them.
 """
 
 from __future__ import annotations
@@ -71,15 +76,24 @@ def load_suite(root: Path, tasks: list[str], *, limit: int | None, seed: int, st
     return loaded
 
 
+def prepare_task(tokenizer, task: str, data):
+    """The model-free part of scoring one task: its `TextTree` (ranking tasks) or `ReadingPlan`."""
+    from lora_project.evaluation.babylm_score import item_texts, text_tree
+    from lora_project.evaluation.reading import reading_plan
+
+    return reading_plan(tokenizer, data) if task == "reading" else text_tree(item_texts(tokenizer, data))
+
+
 def score_task(model, tokenizer, task: str, data, runtime, prepared, *, resamples: int, seed: int) -> dict:
-    """One model's record for one task (the official headline and everything around it)."""
+    """One model's record for one task (the official headline and everything around it); `prepared`:
+    the task's `prepare_task` (None: built here)."""
     from lora_project.evaluation.babylm_report import rank_task_report, reading_report
     from lora_project.evaluation.babylm_score import decisions, option_scores
     from lora_project.evaluation.reading import surprisals
 
     t0 = time.perf_counter()
     if task == "reading":
-        pred, prev = surprisals(model, tokenizer, data, runtime)
+        pred, prev = surprisals(model, tokenizer, data, runtime, plan=prepared)
         rec = reading_report(data, pred, prev, resamples=resamples, seed=seed)
     else:
         scores = option_scores(model, tokenizer, data, runtime, texts=prepared)
@@ -93,7 +107,7 @@ def evaluate_babylm(paths: ProjectPaths, cfg, root: Path, *, tasks: str | None =
                     resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED, save: bool = True) -> dict:
     """The suite for the base and each adapter (one base load); saved, plotted and tracked when `save`."""
     from lora_project.evaluation.babylm_report import KNOWN_FLAWS, rank_task_change, reading_change
-    from lora_project.evaluation.babylm_score import item_texts, tree_positions
+    from lora_project.evaluation.babylm_score import tree_positions
     from lora_project.models.adapter import checked_adapters
     from lora_project.models.base_model import load_fp32_base
     from lora_project.models.kernels import fp32_kernel
@@ -110,13 +124,15 @@ def evaluate_babylm(paths: ProjectPaths, cfg, root: Path, *, tasks: str | None =
         output_dir(paths.metrics_dir)  # checked before any loading or scoring
     base = load_fp32_base(cfg, base)
     tok = base.tokenizer
-    prepared = {t: item_texts(tok, d) for t, d in data.items() if t != "reading"}
+    t0 = time.perf_counter()
+    prepared = {t: prepare_task(tok, t, d) for t, d in data.items()}  # once, for every model
+    prepare_seconds = time.perf_counter() - t0
     models: dict[str, dict] = {}
     t0 = time.perf_counter()
     for label, model in each_model(base, adapters):
         models[label] = {"tasks": {}}
         for task, d in data.items():
-            rec = score_task(model, tok, task, d, base.runtime, prepared.get(task), resamples=resamples, seed=seed)
+            rec = score_task(model, tok, task, d, base.runtime, prepared[task], resamples=resamples, seed=seed)
             models[label]["tasks"][task] = rec
             log(f"{label}: {task} {_headline_text(rec)} ({rec['seconds']:.0f} s)")
     seconds = time.perf_counter() - t0
@@ -133,9 +149,10 @@ def evaluate_babylm(paths: ProjectPaths, cfg, root: Path, *, tasks: str | None =
               "base_model": base.ref.name, "bos": tok.bos_token if tok.bos_token_id is not None else None,
               "scoring": {"decisions": "fp32", "tree": "prefix tree over every option of a task",
                           "fp32_kernel": fp32_kernel() if base.runtime.device == "cpu" else "native",
-                          "forward_tokens": {t: tree_positions(p) for t, p in prepared.items()}},
+                          "forward_tokens": {t: tree_positions(p) for t, p in prepared.items()
+                                             if t != "reading"}},
               "bootstrap": {"resamples": resamples, "seed": seed, "level": 0.95},
-              "seconds": seconds, "models": models, "difference": difference}
+              "prepare_seconds": prepare_seconds, "seconds": seconds, "models": models, "difference": difference}
     if save:
         _save(paths, cfg, result, log)
     return result

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lora_project.evaluation.prefix_tree import ROW_TOKENS, PrefixTree
+from lora_project.evaluation.prefix_tree import ROW_TOKENS, PrefixTree, tree_rows
 from lora_project.evaluation.tree_pass import tree_logprobs
 
 _BATCH_TEXTS = 1000  # texts per tokenizer call
@@ -86,31 +86,54 @@ def completion_texts(tokenizer, texts: Sequence[str], completions: Sequence[str]
     return out
 
 
-def tree_sums(model, texts: Sequence[ScoredText], runtime, *, batch_tokens: int = 2048, progress=None,
+@dataclass(frozen=True)
+class TextTree:
+    """Texts with their prefix tree and its row layout: everything the scoring pass needs that does
+    not depend on the model. The base and its adapters share a tokenizer, so one `TextTree` per task
+    serves every model of a run (`text_tree` once, `tree_sums` per model)."""
+    texts: tuple[ScoredText, ...]
+    tree: PrefixTree
+    rows: list[list[int]]
+    row_tokens: int
+
+    @property
+    def forward_tokens(self) -> int:
+        """Positions one pass runs (path copies included, padding not)."""
+        return sum(len(r) for r in self.rows)
+
+
+def text_tree(texts: Sequence[ScoredText], row_tokens: int = ROW_TOKENS) -> TextTree:
+    """The prefix tree of the texts' token ids and its rows, built once."""
+    tree = sequence_tree([t.ids for t in texts])
+    return TextTree(tuple(texts), tree, tree_rows(tree, row_tokens) if texts else [], row_tokens)
+
+
+def tree_sums(model, texts: Sequence[ScoredText] | TextTree, runtime, *, batch_tokens: int = 2048, progress=None,
               row_tokens: int = ROW_TOKENS) -> np.ndarray:
     """Sum of the scored positions' fp32 log-probabilities of each text (float64), every text in
-    one prefix tree. progress(fraction done) after each batch."""
-    if not texts:
+    one prefix tree. progress(fraction done) after each batch. Given a `TextTree`, its tree and rows
+    are used as they are (nothing rebuilt; `row_tokens` is then the tree's own)."""
+    built = texts if isinstance(texts, TextTree) else text_tree(texts, row_tokens)
+    if not built.texts:
         return np.zeros(0)
-    tree = sequence_tree([t.ids for t in texts])
-    logp, _ = tree_logprobs(model, tree, runtime, "fp32", row_tokens=row_tokens, batch_tokens=batch_tokens,
-                            progress=progress)
+    tree = built.tree
+    logp, _ = tree_logprobs(model, tree, runtime, "fp32", row_tokens=built.row_tokens, batch_tokens=batch_tokens,
+                            progress=progress, rows=built.rows)
     return np.array([float(logp[[tree.sentence_items[s][j - 1] for j in t.scored]].sum()) if t.scored else 0.0
-                     for s, t in enumerate(texts)])
+                     for s, t in enumerate(built.texts)])
 
 
-def tree_positions(texts: Sequence[ScoredText], row_tokens: int = ROW_TOKENS) -> dict:
+def tree_positions(texts: Sequence[ScoredText] | TextTree, row_tokens: int = ROW_TOKENS) -> dict:
     """Forward positions: one row per text (the official strategy, padding not counted) against the tree."""
-    from lora_project.evaluation.prefix_tree import tree_rows
-
-    plain = sum(max(0, len(t.ids) - 1) for t in texts)
-    tree = sum(len(r) for r in tree_rows(sequence_tree([t.ids for t in texts]), row_tokens)) if texts else 0
-    return {"forward_tokens_per_text": plain, "forward_tokens_tree": tree}
+    built = texts if isinstance(texts, TextTree) else text_tree(texts, row_tokens)
+    plain = sum(max(0, len(t.ids) - 1) for t in built.texts)
+    return {"forward_tokens_per_text": plain, "forward_tokens_tree": built.forward_tokens}
 
 
-def option_scores(model, tokenizer, items, runtime, *, texts: list[ScoredText] | None = None,
+def option_scores(model, tokenizer, items, runtime, *, texts: Sequence[ScoredText] | TextTree | None = None,
                   batch_tokens: int = 2048, progress=None) -> list[np.ndarray]:
-    """Per item, the score of each of its options (official definition, fp32 tree pass)."""
+    """Per item, the score of each of its options (official definition, fp32 tree pass). `texts`:
+    the items' `item_texts`, or their `text_tree` to reuse over several models."""
     texts = texts if texts is not None else item_texts(tokenizer, items)
     sums = tree_sums(model, texts, runtime, batch_tokens=batch_tokens, progress=progress)
     out, k = [], 0

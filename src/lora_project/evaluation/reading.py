@@ -21,6 +21,7 @@ with all pairwise products. Rows are the unit of the bootstrap.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 
@@ -135,9 +136,21 @@ def word_queries(tokenizer, context: str, word: str) -> list[tuple[str, int]]:
     return out
 
 
-def surprisals(model, tokenizer, df, runtime, *, batch_tokens: int = 2048, progress=None):
-    """(pred, prev_pred): each row's word surprisal in nats and its previous word's (NaN without one)."""
-    from lora_project.evaluation.babylm_score import ScoredText, tree_sums
+@dataclass(frozen=True)
+class ReadingPlan:
+    """Everything the reading scores need that does not depend on the model: each row's word and
+    previous word, each word's reads (upstream get_p2), and every read as a text of one scored token
+    in one prefix tree. The base and its adapters share a tokenizer: one plan serves every model."""
+    words: list
+    prev: list
+    plans: dict
+    reads: list
+    tree: object  # babylm_score.TextTree
+
+
+def reading_plan(tokenizer, df) -> ReadingPlan:
+    """The rows' reads tokenized once and laid out in one prefix tree."""
+    from lora_project.evaluation.babylm_score import ScoredText, text_tree
 
     words = [(r.item, r.word) for r in df.itertuples()]
     prev = [(r.prev_item, r.prev_word) if isinstance(r.prev_item, str) else None for r in df.itertuples()]
@@ -149,9 +162,19 @@ def surprisals(model, tokenizer, df, runtime, *, batch_tokens: int = 2048, progr
     if empty:
         raise UserError(f"reading: the context {empty[0]!r} gives no tokens")
     texts = [ScoredText(tuple(enc[c]) + (t,), (len(enc[c]),)) for c, t in reads]
-    logp = dict(zip(reads, tree_sums(model, texts, runtime, batch_tokens=batch_tokens, progress=progress)))
-    nll = {w: -sum(logp[q] for q in qs) for w, qs in plans.items()}
-    return (np.array([nll[w] for w in words]), np.array([nll[p] if p else np.nan for p in prev]))
+    return ReadingPlan(words, prev, plans, reads, text_tree(texts))
+
+
+def surprisals(model, tokenizer, df, runtime, *, batch_tokens: int = 2048, progress=None,
+               plan: ReadingPlan | None = None):
+    """(pred, prev_pred): each row's word surprisal in nats and its previous word's (NaN without one).
+    `plan`: the rows' `reading_plan`, to reuse over several models (built here when not given)."""
+    from lora_project.evaluation.babylm_score import tree_sums
+
+    plan = plan if plan is not None else reading_plan(tokenizer, df)
+    logp = dict(zip(plan.reads, tree_sums(model, plan.tree, runtime, batch_tokens=batch_tokens, progress=progress)))
+    nll = {w: -sum(logp[q] for q in qs) for w, qs in plan.plans.items()}
+    return (np.array([nll[w] for w in plan.words]), np.array([nll[p] if p else np.nan for p in plan.prev]))
 
 
 def _design(cols: dict, terms: tuple[str, ...], extra: str | None) -> np.ndarray:

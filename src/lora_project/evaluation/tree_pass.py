@@ -77,9 +77,11 @@ def _run(model, decoder, head, tree: PrefixTree, rows, runtime, path, batch_toke
 
 
 def tree_logprobs(model, tree: PrefixTree, runtime, path: str, *, row_tokens: int, batch_tokens: int,
-                  progress=None):
+                  progress=None, rows: list[list[int]] | None = None):
     """Log-probability of every item of `tree`, and the number of massive nodes the bf16 pass
-    computed again in fp32 (0 for fp32). progress(fraction done) after each batch."""
+    computed again in fp32 (0 for fp32). progress(fraction done) after each batch. `rows`: the
+    tree's layout when the caller already has it (`tree_rows(tree, row_tokens)`; a model-free
+    plan, reused over the base and every adapter)."""
     import numpy as np
 
     from lora_project.models.scoring import decoder_and_head
@@ -89,8 +91,8 @@ def tree_logprobs(model, tree: PrefixTree, runtime, path: str, *, row_tokens: in
     model.eval()
     try:
         everything = range(len(tree.items))
-        logp, peak = _run(model, decoder, head, tree, tree_rows(tree, row_tokens), runtime, path, batch_tokens,
-                          everything, progress)
+        rows = rows if rows is not None else tree_rows(tree, row_tokens)
+        logp, peak = _run(model, decoder, head, tree, rows, runtime, path, batch_tokens, everything, progress)
         if path != "bf16":
             return logp, 0
         massive = np.flatnonzero(peak > MASSIVE_FACTOR * np.median(peak))
