@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lora_project.benchmark.babylm import DEFAULT_LIMIT, babylm_markdown, babylm_speed, load_samples
 from lora_project.benchmark.blimp import blimp_markdown, blimp_speed
 from lora_project.benchmark.matrix import cross_matrix, matrix_markdown, plot_matrix, scope_note
 from lora_project.benchmark.peers import compare_with_lm_eval, peers_markdown
@@ -44,6 +45,13 @@ def log_to_mlflow(paths: ProjectPaths, cfg, result: dict, files: list[Path]) -> 
         metrics[f"lm_eval_{name}_identical_decisions"] = d["identical_decisions"] / d["pairs"]
     if peer.get("available"):
         metrics["blimp_peers_ours_pairs_per_second"] = peer["ours"]["pairs_per_second"]
+    babylm = result.get("babylm") or {}
+    if babylm:
+        metrics["babylm_projected_ratio"] = babylm["projected_ratio"]
+        for side, v in babylm["projected_full_seconds"].items():
+            metrics[f"babylm_projected_full_seconds_{side}"] = v
+        for task, r in babylm["tasks"].items():
+            metrics[f"babylm_{task}_speedup"] = r["speedup"]
     ref = result.get("reference_comparison")
     if ref:
         metrics.update(speedup_vs_reference=ref["speedup"], memory_ratio_vs_reference=ref["memory_ratio"])
@@ -136,6 +144,8 @@ def write_report(paths: ProjectPaths, result: dict) -> tuple:
         lines += blimp_markdown(result["blimp"])
     if result.get("blimp_peers"):
         lines += peers_markdown(result["blimp_peers"])
+    if result.get("babylm"):
+        lines += babylm_markdown(result["babylm"])
     atomic_write_json(base.with_suffix(".json"), result)  # again, with the heatmap's path
     atomic_write_text(base.with_suffix(".md"), "\n".join(lines) + "\n")
     return base.with_suffix(".json"), base.with_suffix(".md")
@@ -145,13 +155,16 @@ def benchmark_report(paths: ProjectPaths, cfg, *, quick: bool = False, shapes=((
                      matrix: bool = False, reference: bool = False, reference_steps: int = 6, mlflow: bool = True,
                      blimp: Path | None = None, blimp_pairs: int = 5, speed: bool | None = None,
                      references: str = "auto", reference_repeats: int = 1, matrix_max_tokens: int = 0,
-                     peer_pairs: int | None = 20, log=print) -> dict:
+                     peer_pairs: int | None = 20, babylm: Path | None = None, babylm_limit: int = DEFAULT_LIMIT,
+                     log=print) -> dict:
     """`lora-project benchmark`: the matmul peaks; the speed sections (`run_benchmark`) when `speed`, which
     defaults to "only when no other section is asked for"; optionally the cross matrix, the reference
     comparison and the minimal-pair speed; the report files, and an MLflow run (when `mlflow` and the
     config's tracking allow); returns the result. The matrix scores whole splits unless
     `matrix_max_tokens` > 0 caps each one (said in the report). With `blimp`, lm-evaluation-harness is
-    measured beside ours on `peer_pairs` seeded pairs per paradigm (0: the whole folder; None: not run)."""
+    measured beside ours on `peer_pairs` seeded pairs per paradigm (0: the whole folder; None: not run).
+    With `babylm`, the BabyLM suite's scoring is timed against the official strategy on `babylm_limit`
+    seeded items per UID (benchmark/babylm.py)."""
     if steps < 1:
         raise UserError(f"--steps must be at least 1, got {steps}")
     if reference and reference_steps < 2:
@@ -160,6 +173,8 @@ def benchmark_report(paths: ProjectPaths, cfg, *, quick: bool = False, shapes=((
         raise UserError(f"--matrix-max-tokens must be 0 (whole splits) or positive, got {matrix_max_tokens}")
     if blimp is not None and (blimp_pairs < 1 or not Path(blimp).is_dir()):
         raise UserError(f"--blimp needs a folder of .jsonl pairs and --blimp-pairs >= 1 ({blimp})")
+    if babylm is not None and babylm_limit < 1:
+        raise UserError(f"--limit must be at least 1, got {babylm_limit}")
     if peer_pairs is not None and peer_pairs < 0:
         raise UserError(f"--peer-pairs must be 0 (the whole folder) or positive, got {peer_pairs}")
     if reference_repeats < 1:
@@ -168,8 +183,13 @@ def benchmark_report(paths: ProjectPaths, cfg, *, quick: bool = False, shapes=((
         from lora_project.benchmark.reference import pick_references
 
         pick_references(references, False)  # a bad --references list is refused before anything runs
+    samples = None
+    if babylm is not None:  # the data is read and checked before anything is measured
+        from lora_project.evaluation.babylm_tasks import TASKS
+
+        samples = load_samples(Path(babylm), list(TASKS), babylm_limit, cfg.training.seed, log=log)
     if speed is None:
-        speed = not (matrix or reference or blimp is not None)
+        speed = not (matrix or reference or blimp is not None or babylm is not None)
     result = run_benchmark(paths, cfg, quick=quick, shapes=shapes, steps=steps, speed=speed, log=log)
     if matrix:
         log("cross-evaluation matrix ...")
@@ -185,6 +205,9 @@ def benchmark_report(paths: ProjectPaths, cfg, *, quick: bool = False, shapes=((
         if peer_pairs is not None:
             log("ours vs lm-evaluation-harness on the same pairs ...")
             result["blimp_peers"] = compare_with_lm_eval(cfg, Path(blimp), per_paradigm=peer_pairs, log=log)
+    if babylm is not None:
+        log(f"BabyLM suite: ours vs the official strategy on {babylm} ...")
+        result["babylm"] = babylm_speed(cfg, Path(babylm), limit=babylm_limit, samples=samples, log=log)
     json_path, md_path = write_report(paths, result)
     result["report"] = {"json": str(json_path), "markdown": str(md_path)}
     if cfg.tracking.mlflow and mlflow:

@@ -16,6 +16,7 @@ from lora_project.cli._common import (
 from lora_project.errors import UserError
 
 SCALING_STEPS, SCALING_DATASETS = 20, 4  # benchmark/scale_out.py's defaults (not imported: start-up stays light)
+BABYLM_LIMIT = 3  # benchmark/babylm.py DEFAULT_LIMIT (not imported here either)
 
 
 BENCHMARK_DESCRIPTION = """\
@@ -23,8 +24,9 @@ Measure this machine's fp32/bf16 matmul peak; our trainer's tokens/s and peak me
 evaluation tokens/s; generation latency per token for the base, the adapter unmerged and merged;
 model-load time cold (empty model cache) and cached. Writes
 outputs/metrics/benchmark_<timestamp>.{json,md} and an MLflow run in the experiment 'benchmark'. The
-speed sections run when none of --matrix, --reference, --blimp is given, or with --speed; the matmul
-peaks and the CPU class always. --quick uses a tiny model built in code (seconds); the default uses the
+speed sections run when none of --matrix, --reference, --blimp, --babylm is given, or with --speed; the matmul
+peaks and the CPU class always. --babylm DIR times the BabyLM 2025 suite scored by our prefix tree against the
+official pipeline's strategy (reproduced in this process on the same model) on a seeded sample of every task. --quick uses a tiny model built in code (seconds); the default uses the
 configured base model. --scaling ADDRESS is the scale-out benchmark instead: the same small train-batch locally on
 one CPU and on a Ray cluster (docs/cluster.md), written to outputs/metrics/benchmark_scaling_<timestamp>.{json,md}."""
 
@@ -39,7 +41,7 @@ def register(sub) -> None:
                     f"(default: {SCALING_STEPS})")
     p.add_argument("--speed", action="store_true",
                    help="run the speed sections (training per shape, evaluation, generation, model load) even when "
-                        "--matrix, --reference or --blimp is given; without those three they always run")
+                        "--matrix, --reference, --blimp or --babylm is given; without those they always run")
     p.add_argument("--reference", action="store_true",
                    help="compare our trainer with the setups a user could pick instead, on the same model, data, "
                         "batch (8) and sequence length (256), each in its own process: transformers Trainer fp32, "
@@ -72,6 +74,14 @@ def register(sub) -> None:
                     "own BLiMP definition and BabyLM's) and with ours, and report pairs/s, the projected "
                     "whole-folder time and decision agreement (default 20)")
     p.add_argument("--no-peers", action="store_true", help="--blimp: skip the lm-evaluation-harness comparison")
+    p.add_argument("--babylm", type=Path, metavar="DIR",
+                   help="time the BabyLM 2025 suite in this folder (e.g. ../shared/data/babylm_2025) scored by our "
+                        "prefix tree against the official pipeline's strategy (one padded row per option, batches of "
+                        "64 items, fp32; reading one forward per read), on the same loaded model, on a seeded sample "
+                        "of each task; checks both give the same decisions and projects each side's full-suite time")
+    add_number(p, "--limit", int, 1, 10**9, default=None, metavar="N",
+               help=f"--babylm: seeded items per UID, rows for reading, as evaluate --babylm --limit takes them "
+                    f"(default {BABYLM_LIMIT})")
     p.add_argument("--scaling", type=_cluster_address, metavar="ADDRESS",
                    help="scale-out on Ray: train the same batch of small adapters (a throwaway project: --datasets "
                         "slices of real text, --steps steps each, --model) locally on one CPU and on the cluster at "
@@ -82,7 +92,8 @@ def register(sub) -> None:
     add_number(p, "--datasets", int, 1, 256, default=None, metavar="N",
                help=f"--scaling: adapters (datasets) in the batch (default: {SCALING_DATASETS})")
     p.add_argument("--model", metavar="SOURCE",
-                   help="--scaling: the base model: 'embedded' (default: SmolLM2-135M), a local folder or a hub id")
+                   help="--scaling or --babylm: the base model: 'embedded' (SmolLM2-135M; --scaling's default, "
+                        "--babylm's is the configured model), a local folder or a hub id")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the report to MLflow")
     add_config_args(p)
     add_json(p)
@@ -99,8 +110,12 @@ def run(args, paths) -> None:
         raise UserError("--peer-pairs and --no-peers go with --blimp")
     if args.scaling is not None:
         return run_scaling(args, paths)
-    if args.datasets is not None or args.model is not None:
-        raise UserError("--datasets and --model go with --scaling")
+    if args.datasets is not None or (args.model is not None and args.babylm is None):
+        raise UserError("--datasets and --model go with --scaling (--model also with --babylm)")
+    if args.babylm is None and args.limit is not None:
+        raise UserError("--limit goes with --babylm")
+    if args.model is not None:  # --babylm on another base: the model config's source, as --set would set it
+        args.overrides = [*args.overrides, f"model.source={args.model}"]
     shapes = parse_shapes(args.shapes)
     args.steps = 4 if args.steps is None else args.steps
     output_dir(paths.metrics_dir)  # the report goes there: checked before any measuring
@@ -109,7 +124,8 @@ def run(args, paths) -> None:
                               mlflow=not args.no_mlflow, blimp=args.blimp, blimp_pairs=args.blimp_pairs,
                               speed=True if args.speed else None, references=args.references,
                               reference_repeats=args.reference_repeats, matrix_max_tokens=args.matrix_max_tokens,
-                              peer_pairs=None if args.no_peers else args.peer_pairs,
+                              peer_pairs=None if args.no_peers else args.peer_pairs, babylm=args.babylm,
+                              babylm_limit=BABYLM_LIMIT if args.limit is None else args.limit,
                               log=progress_log(args.json))
     if args.json:
         print_json(result)
@@ -123,6 +139,7 @@ def run_scaling(args, paths) -> None:
 
     others = [flag for flag, given in (("--quick", args.quick), ("--speed", args.speed), ("--matrix", args.matrix),
                                        ("--reference", args.reference), ("--blimp", args.blimp is not None),
+                                       ("--babylm", args.babylm is not None), ("--limit", args.limit is not None),
                                        ("--shapes", args.shapes != "64x16,128x8"),
                                        ("--config", bool(args.config)), ("--model-config", args.model_config))
               if given]
