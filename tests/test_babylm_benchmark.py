@@ -140,6 +140,7 @@ def test_babylm_section_end_to_end_on_tiny_data(project, tracking_store, tmp_pat
     md = open(out["report"]["markdown"]).read()
     assert "## BabyLM 2025 suite" in md and b["cpu"]["model"] in md and "Projected full suite" in md
     assert "official strategy was reproduced" in md and out["mlflow_run_id"]
+    assert b["fp32_kernel"]["official"] == "native" and "fp32 matmul kernel: ours" in md
     assert "\n".join(babylm_markdown(b)) in md
 
 

@@ -33,9 +33,10 @@ from lora_project.errors import UserError
 OFFICIAL_BATCH = 64  # items per batch, the official default
 NEAR_TIE = 1e-4  # nats
 HEAD_ROWS = 8  # rows per output-layer call on the official side: the same arithmetic, bounded memory
-#: Seeded items per UID (reading: rows) by default: on a 2-core AVX512-BF16 CPU with the embedded
-#: SmolLM2-135M the whole benchmark takes about 8 minutes, nearly all of it the official side
-DEFAULT_LIMIT = 3
+#: Seeded items per UID (reading: rows) by default: on a 2-core AVX512-BF16 CPU (no AMX) with the
+#: embedded SmolLM2-135M, limit 1 took 4.3 minutes under a load average of 8 (one thread), 3.5 of them
+#: entity tracking; limit 2 about twice that, and less on a quiet machine
+DEFAULT_LIMIT = 2
 
 STRATEGY = ("The official strategy was reproduced in this process on the same loaded fp32 model, written from "
             "the pipeline's definition (not its code): ranking tasks in file order, batches of 64 items, one "
@@ -225,6 +226,7 @@ def babylm_speed(cfg, root: Path, *, limit: int = DEFAULT_LIMIT, tasks: str | No
     `load_samples` gave for these arguments, when the caller checked the data first."""
     from lora_project.evaluation.babylm_tasks import parse_tasks
     from lora_project.models.base_model import load_fp32_base
+    from lora_project.models.kernels import fp32_kernel
     from lora_project.utils.device import cpu_class
 
     if limit < 1:
@@ -250,7 +252,9 @@ def babylm_speed(cfg, root: Path, *, limit: int = DEFAULT_LIMIT, tasks: str | No
         log(f"    ours {rec['ours']['seconds']:.1f} s, official {rec['official']['seconds']:.1f} s "
             f"({rec['speedup']:.1f}x)")
     total = {side: sum(r[side]["projected_full_seconds"] for r in per_task.values()) for side in ("ours", "official")}
+    kernel = fp32_kernel() if base.runtime.device == "cpu" else "native"
     return {"cpu": cpu_class(), "threads": base.runtime.threads, "device": base.runtime.device,
+            "fp32_kernel": {"ours": kernel, "official": "native"},
             "model": base.ref.name, "babylm_dir": str(root), "limit_per_uid": limit, "seed": cfg.training.seed,
             "official_batch": OFFICIAL_BATCH, "near_tie_nats": NEAR_TIE, "tasks": per_task,
             "projected_full_seconds": total, "projected_ratio": total["official"] / total["ours"],
@@ -263,7 +267,9 @@ def babylm_markdown(b: dict) -> list[str]:
     lines = ["", f"## BabyLM 2025 suite: ours (prefix tree) vs the official strategy, {b['limit_per_uid']} seeded "
                  f"items per UID (reading: rows)", "",
              f"Model {b['model']}, fp32, {b['device']}, {b['threads']} threads. CPU: {cpu['model']} ({cpu['isa']}, "
-             f"native bf16: {'yes' if cpu['native_bf16'] else 'no'}).", "",
+             f"native bf16: {'yes' if cpu['native_bf16'] else 'no'}). fp32 matmul kernel: ours "
+             f"{b['fp32_kernel']['ours']} (as evaluate --babylm runs it), the official side PyTorch's default "
+             f"(native, as the official pipeline runs it).", "",
              "| task | items (full) | forward tokens ours / official | seconds ours / official | speed-up "
              "| projected full ours / official | same decisions | near-ties |", "|---|---|---|---|---|---|---|---|"]
     for task, r in b["tasks"].items():
