@@ -12,27 +12,33 @@ from lora_project.paths import ProjectPaths
 from lora_project.utils.plotting import save_figure
 
 
+def score_locally(base, adapters: list[Path], splits: dict):
+    """The matrix's scores in this process: yields ("base" or the adapter's folder name, {dataset: Score}),
+    the base first, every model on the one loaded base (`splits`: {dataset: (SplitTokens, separator)})."""
+    from lora_project.models.lora_model import each_model
+    from lora_project.models.scoring import score_split
+
+    for name, model in each_model(base, adapters):
+        yield name, {d: score_split(model, base.tokenizer, tokens, sep, base.runtime)
+                     for d, (tokens, sep) in splits.items()}
+
+
 def cross_matrix(paths: ProjectPaths, cfg, *, max_tokens: int = 0, split: str = "test", log=print,
-                 resamples: int | None = None, seed: int | None = None) -> dict:
+                 resamples: int | None = None, seed: int | None = None, scorer=None) -> dict:
     """Perplexity and bits/byte of the base and every sound adapter on every prepared dataset's split.
 
     Scored as `evaluate --dataset` scores (`models.scoring.score_split`, default windows): the whole
     split unless `max_tokens` > 0 caps each dataset to its leading documents (recorded per dataset
     in `scope`). Each cell has bootstrap 95% intervals over documents; each adapter's cell has its
     `change` against the base (paired bootstrap over the same documents). The base is loaded once;
-    adapters trained on another base are left out (and said so).
+    adapters trained on another base are left out (and said so). `scorer(base, adapters, splits)`
+    gives the scores (default `score_locally`; `cluster.matrix` scores each cell as a Ray task).
     """
     from lora_project.data.preprocessor import read_split, split_separator
     from lora_project.models.adapter import read_metadata
     from lora_project.models.lora_factors import list_adapters
     from lora_project.models.base_model import load_fp32_base
-    from lora_project.models.lora_model import each_model
-    from lora_project.models.scoring import (
-        default_stride,
-        default_window,
-        score_split,
-        tokenize_split,
-    )
+    from lora_project.models.scoring import default_stride, default_window, tokenize_split
     from lora_project.utils.stats import (
         DEFAULT_RESAMPLES,
         DEFAULT_SEED,
@@ -66,10 +72,9 @@ def cross_matrix(paths: ProjectPaths, cfg, *, max_tokens: int = 0, split: str = 
             splits[d] = (tokenize_split(base.tokenizer, docs, sep, max_tokens), sep)
     cells: dict[str, dict[str, dict]] = {}
     base_scores, scope = {}, {}
-    for name, model in each_model(base, adapters):
+    for name, scores in (scorer or score_locally)(base, adapters, splits):
         cells[name] = {}
-        for d, (tokens, sep) in splits.items():
-            s = score_split(model, base.tokenizer, tokens, sep, base.runtime)
+        for d, s in scores.items():
             cells[name][d] = {"perplexity": s.perplexity, "bits_per_byte": s.bits_per_byte, "tokens": s.tokens,
                               "documents": s.documents, **s.intervals(resamples, seed)}
             if name == "base":

@@ -156,7 +156,7 @@ def benchmark_report(paths: ProjectPaths, cfg, *, quick: bool = False, shapes=((
                      blimp: Path | None = None, blimp_pairs: int = 5, speed: bool | None = None,
                      references: str = "auto", reference_repeats: int = 1, matrix_max_tokens: int = 0,
                      peer_pairs: int | None = 20, babylm: Path | None = None, babylm_limit: int = DEFAULT_LIMIT,
-                     log=print) -> dict:
+                     matrix_scorer=None, log=print) -> dict:
     """`lora-project benchmark`: the matmul peaks; the speed sections (`run_benchmark`) when `speed`, which
     defaults to "only when no other section is asked for"; optionally the cross matrix, the reference
     comparison and the minimal-pair speed; the report files, and an MLflow run (when `mlflow` and the
@@ -164,7 +164,8 @@ def benchmark_report(paths: ProjectPaths, cfg, *, quick: bool = False, shapes=((
     `matrix_max_tokens` > 0 caps each one (said in the report). With `blimp`, lm-evaluation-harness is
     measured beside ours on `peer_pairs` seeded pairs per paradigm (0: the whole folder; None: not run).
     With `babylm`, the BabyLM suite's scoring is timed against the official strategy on `babylm_limit`
-    seeded items per UID (benchmark/babylm.py)."""
+    seeded items per UID (benchmark/babylm.py). `matrix_scorer`: how the matrix's cells are scored
+    (`cross_matrix`'s `scorer`; None: in this process)."""
     if steps < 1:
         raise UserError(f"--steps must be at least 1, got {steps}")
     if reference and reference_steps < 2:
@@ -193,7 +194,7 @@ def benchmark_report(paths: ProjectPaths, cfg, *, quick: bool = False, shapes=((
     result = run_benchmark(paths, cfg, quick=quick, shapes=shapes, steps=steps, speed=speed, log=log)
     if matrix:
         log("cross-evaluation matrix ...")
-        result["matrix"] = cross_matrix(paths, cfg, max_tokens=matrix_max_tokens, log=log)
+        result["matrix"] = cross_matrix(paths, cfg, max_tokens=matrix_max_tokens, log=log, scorer=matrix_scorer)
     if reference:
         shape = {"seq_len": 64, "batch_size": 4} if quick else {}  # quick: a smoke test of every side
         result["reference_comparison"] = compare_with_reference(

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from lora_project.cli._common import (
     _cluster_address,
+    add_cluster,
     add_config_args,
     add_json,
     add_number,
@@ -28,7 +29,8 @@ speed sections run when none of --matrix, --reference, --blimp, --babylm is give
 peaks and the CPU class always. --babylm DIR times the BabyLM 2025 suite scored by our prefix tree against the
 official pipeline's strategy (reproduced in this process on the same model) on a seeded sample of every task. --quick uses a tiny model built in code (seconds); the default uses the
 configured base model. --scaling ADDRESS is the scale-out benchmark instead: the same small train-batch locally on
-one CPU and on a Ray cluster (docs/cluster.md), written to outputs/metrics/benchmark_scaling_<timestamp>.{json,md}."""
+one CPU and on a Ray cluster (docs/cluster.md), written to outputs/metrics/benchmark_scaling_<timestamp>.{json,md}.
+--matrix --cluster ADDRESS scores the matrix's cells as Ray tasks (the other sections run here)."""
 
 
 def register(sub) -> None:
@@ -62,6 +64,7 @@ def register(sub) -> None:
     add_number(p, "--matrix-max-tokens", int, 0, 10**12, default=0, metavar="N",
                help="--matrix: score only the leading documents that fit in N tokens per split (default 0: "
                         "whole splits); the report says so")
+    add_cluster(p, "--matrix: score each (model, dataset) cell")
     p.add_argument("--blimp", type=Path, metavar="DIR",
                    help="also time minimal-pair scoring per first-pass path on a sample of this BLiMP-style folder "
                         "(e.g. ../shared/data/blimp), against the plain fp32 scorer, and project the full-folder time; "
@@ -108,6 +111,9 @@ def run(args, paths) -> None:
         raise UserError("--references, --reference-steps and --reference-repeats go with --reference")
     if args.blimp is None and (args.no_peers or args.peer_pairs != 20):
         raise UserError("--peer-pairs and --no-peers go with --blimp")
+    if args.cluster is not None and (not args.matrix or args.scaling is not None):
+        raise UserError("--cluster goes with --matrix (the matrix's cells run as Ray tasks; --scaling takes its "
+                        "own ADDRESS)")
     if args.scaling is not None:
         return run_scaling(args, paths)
     if args.datasets is not None or (args.model is not None and args.babylm is None):
@@ -119,7 +125,13 @@ def run(args, paths) -> None:
     shapes = parse_shapes(args.shapes)
     args.steps = 4 if args.steps is None else args.steps
     output_dir(paths.metrics_dir)  # the report goes there: checked before any measuring
-    result = benchmark_report(paths, load_cfg(args, paths), quick=args.quick, shapes=shapes, steps=args.steps,
+    cfg = load_cfg(args, paths)
+    scorer = None
+    if args.cluster is not None:
+        from lora_project.cluster.matrix import matrix_scorer
+
+        scorer = matrix_scorer(cfg, args.cluster, log=progress_log(args.json))
+    result = benchmark_report(paths, cfg, quick=args.quick, shapes=shapes, steps=args.steps, matrix_scorer=scorer,
                               matrix=args.matrix, reference=args.reference, reference_steps=args.reference_steps,
                               mlflow=not args.no_mlflow, blimp=args.blimp, blimp_pairs=args.blimp_pairs,
                               speed=True if args.speed else None, references=args.references,

@@ -4,6 +4,7 @@ A workflow package (DESIGN.md conventions 12-13). Nothing here imports Ray at mo
 ``ray`` is imported inside the functions that connect, so a command without ``--cluster`` never
 loads it. `address` parses and probes ADDRESS; `connect` starts or joins the cluster; `train`
 runs train-batch's and train --seeds' adapters as tasks; `sweep` runs a sweep's trials as tasks
-(the study stays with the driver, pruning through an actor); `tasks` holds the functions the
+(the study stays with the driver, pruning through an actor); `evaluate` and `matrix` score minimal-pair
+shards and cross-evaluation cells as tasks; `tasks` holds the functions the
 workers run.
 """

@@ -23,34 +23,55 @@ from lora_project.paths import ProjectPaths
 _BASES: dict[tuple, object] = {}
 
 
+def task_config(spec: dict):
+    """A scoring task's config: the driver's, with torch threads = the task's CPUs, on the CPU."""
+    from lora_project.config import build_config
+
+    cfg = build_config(spec["config"])
+    return replace(cfg, training=replace(cfg.training, threads=spec["threads"], device="cpu"))
+
+
+def worker_fp32_base(cfg, threads: int):
+    """The fp32 base of this worker process, loaded once for every scoring task it runs (call it inside
+    the driver's forced fp32 kernel)."""
+    from lora_project.models.base_model import load_fp32_base
+
+    key = (cfg.model.source, cfg.model.revision, threads)
+    if key not in _BASES:
+        _BASES.clear()
+        _BASES[key] = load_fp32_base(cfg)
+    return _BASES[key]
+
+
+def write_adapters(where: Path, adapter_files: dict[str, dict[str, bytes]]) -> list[Path]:
+    """Shipped adapters written into scratch folder `where`, one folder per label; their paths."""
+    dirs = []
+    for name, files in adapter_files.items():
+        for rel, data in files.items():
+            if ".." in Path(rel).parts or Path(rel).is_absolute() or "/" in name or name in ("", ".", ".."):
+                raise ValueError(f"refusing a shipped path outside the scratch folder: {name}/{rel}")
+            (where / name / rel).parent.mkdir(parents=True, exist_ok=True)
+            (where / name / rel).write_bytes(data)
+        dirs.append(where / name)
+    return dirs
+
+
 def score_shard(spec: dict, pairs: list, adapter_files: dict[str, dict[str, bytes]]) -> dict:
     """On a worker: {label: (good sums, bad sums, re-scored count)} of `pairs` for the base and each adapter."""
     from lora_project.cluster.address import scratch_root
     from lora_project.cluster.tasks import node_name
-    from lora_project.config import build_config
     from lora_project.evaluation.minimal_pairs import score_pairs
     from lora_project.evaluation.pair_tokens import tokenize_pairs
-    from lora_project.models.base_model import load_fp32_base
     from lora_project.models.kernels import forced_kernel
     from lora_project.models.lora_model import each_model
 
-    cfg = build_config(spec["config"])
-    cfg = replace(cfg, training=replace(cfg.training, threads=spec["threads"], device="cpu"))
+    cfg = task_config(spec)
     where = Path(tempfile.mkdtemp(prefix="lora-project-shard-", dir=scratch_root()))
     try:
-        dirs = []
-        for name, files in adapter_files.items():
-            for rel, data in files.items():
-                (where / name / rel).parent.mkdir(parents=True, exist_ok=True)
-                (where / name / rel).write_bytes(data)
-            dirs.append(where / name)
+        dirs = write_adapters(where, adapter_files)
         t0 = time.perf_counter()
         with forced_kernel(spec["kernel"]):
-            key = (cfg.model.source, cfg.model.revision, spec["threads"])
-            if key not in _BASES:
-                _BASES.clear()
-                _BASES[key] = load_fp32_base(cfg)
-            base = _BASES[key]
+            base = worker_fp32_base(cfg, spec["threads"])
             load = time.perf_counter() - t0
             tokens = tokenize_pairs(base.tokenizer, pairs)
             out = {}
