@@ -34,8 +34,8 @@ OFFICIAL_BATCH = 64  # items per batch, the official default
 NEAR_TIE = 1e-4  # nats
 HEAD_ROWS = 8  # rows per output-layer call on the official side: the same arithmetic, bounded memory
 #: Seeded items per UID (reading: rows) by default: on a 2-core AVX512-BF16 CPU (no AMX) with the
-#: embedded SmolLM2-135M, limit 1 took 4.3 minutes under a load average of 8 (one thread), 3.5 of them
-#: entity tracking; limit 2 about twice that, and less on a quiet machine
+#: embedded SmolLM2-135M, the whole command took 5.1 minutes at limit 2 under a load average of 4-6
+#: (one thread), entity tracking 3.9 of them (research notes)
 DEFAULT_LIMIT = 2
 
 STRATEGY = ("The official strategy was reproduced in this process on the same loaded fp32 model, written from "
