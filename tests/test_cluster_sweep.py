@@ -173,3 +173,41 @@ def test_resume_on_a_cluster_after_a_driver_crash_reruns_the_trial_and_the_actor
     rows = {r["trial"]: r["state"] for r in json.loads(again.stdout)["trials"]}
     assert rows == {0: "COMPLETE", 1: "COMPLETE", 2: "INTERRUPTED", 3: "PRUNED"}
     print(f"resumed cluster sweep (one pruned trial) on local:1: {took:.1f} s")
+
+
+@pytest.mark.slow  # a real driver process stopped by SIGINT while two trials run on local:2
+def test_ctrl_c_at_the_driver_requeues_the_trials_in_flight_and_ends_the_parent_killed(project, tracking_store):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    args = ["sweep", "toddler_data", *GRID, "--name", "c", "--no-progress", *ONE_CPU, "--cluster", "local:2",
+            "--set", "training.max_steps=600", "--set", "training.eval_interval=0"]
+    proc = subprocess.Popen([sys.executable, "-m", "lora_project", *args], cwd=project,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and sum("running on" in x for x in lines) < 2:
+        time.sleep(0.1)
+    assert proc.poll() is None, "".join(lines)[-3000:]
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    reader.join(timeout=10)
+    out = "".join(lines)
+    assert proc.returncode == 130, out[-3000:]
+    assert "--resume" in out
+
+    study = _study(project, "c")
+    states = {t.number: t.state.name for t in study.trials}
+    assert states[0] == states[1] == "FAIL", states  # the two in flight, marked FAIL ...
+    reruns = {t.user_attrs["rerun_of"]: t for t in study.trials if "rerun_of" in t.user_attrs}
+    assert sorted(reruns) == [0, 1] and {t.state.name for t in reruns.values()} == {"WAITING"}  # ... and enqueued
+    assert reruns[0].system_attrs["fixed_params"] == study.trials[0].params
+    spec = json.loads((project / "outputs" / "sweeps" / "c" / "sweep.json").read_text())
+    assert _client(project).get_run(spec["parent_run_id"]).info.status == "KILLED"
+    assert not list(project.glob("adapters/c_t*_lora"))  # nothing half-written: a task's adapter lands whole

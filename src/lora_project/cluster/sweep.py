@@ -172,7 +172,7 @@ def _drive(sw, study, options: RunOptions, tasks, pruning, k: int) -> None:
         start_trial,
         trial_options,
     )
-    from lora_project.utils.interrupts import check_stop
+    from lora_project.utils.interrupts import acknowledge, check_stop
 
     log = options.log
     inflight: dict = {}
@@ -194,6 +194,7 @@ def _drive(sw, study, options: RunOptions, tasks, pruning, k: int) -> None:
                 _finish(sw, study, tasks, pruning, trial, adapter, result, lost, log)
                 keep_best_adapters(sw, study)
     except (KeyboardInterrupt, RunInterrupted) as exc:
+        acknowledge()  # the stop was raised at once: the shielded study writes below must not raise it again
         for trial, _ in inflight.values():  # rerun from their start by --resume, as a local sweep's trial
             requeue(study, trial.number, trial.params)
         exc.hint = f"the trials in flight rerun from their start with: lora-project sweep {sw.dataset} " \
