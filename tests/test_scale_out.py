@@ -55,6 +55,24 @@ def test_cli_defaults_equal_the_modules():
                                                                       scale_out.SCALING_DATASETS)
 
 
+def test_two_node_recipe_is_valid_and_runs_benchmark_scaling_auto():
+    import re
+    import shlex
+    import subprocess
+
+    from conftest import REPO
+    from lora_project.cli import build_parser
+
+    script = REPO / "scripts" / "cluster" / "two_node_scaling.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    commands = [shlex.split(m.group(1).replace('"$@"', "")) for m in re.finditer(r"lora-project (.*)$", text, re.M)
+                if not m.group(0).lstrip().startswith("#")]
+    assert commands and all(build_parser().parse_args(c).scaling == "auto" for c in commands), commands
+    assert '"num_cpus": 0' in text and "add_node(num_cpus=1" in text  # a head without CPUs, one-CPU workers
+    assert "cluster.shutdown()" in text and "trap" in text
+
+
 def _catalog(root: Path) -> list[dict]:
     import csv
 
