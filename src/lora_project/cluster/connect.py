@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +44,9 @@ def connect(address: ClusterAddress, cpus_per_task: int):
 @contextmanager
 def _connected(ray, address: ClusterAddress, cpus_per_task: int):
     kwargs = {"log_to_driver": False, "logging_level": "WARNING"}
+    # ray.init replaces the SIGTERM handler with one that exits at once; the command's own handler
+    # (utils/interrupts.py) is put back, so SIGTERM ends the runs KILLED as Ctrl-C does
+    sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     if address.kind == "local":
         # a temporary cluster of this machine talks over loopback only
         # address="local": a new cluster of our own, even when another Ray instance runs on this machine
@@ -57,6 +62,8 @@ def _connected(ray, address: ClusterAddress, cpus_per_task: int):
         except (ConnectionError, RuntimeError, TimeoutError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise UserError(f"cannot join the Ray cluster at {address.ray_address}: {first}") from None
+    if sigterm is not None:
+        signal.signal(signal.SIGTERM, sigterm)
     try:
         yield ray
     finally:

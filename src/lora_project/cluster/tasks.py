@@ -13,7 +13,9 @@ local run, tracked in a node-local MLflow store (or live on an http(s) server), 
 everything the run wrote: the adapter's files, the experiment folder, and the MLflow run
 (params, tags, every metric step, status). The driver alone writes them into the project.
 A failure inside the recipe is returned as a FAILED result with its error (the task itself does
-not raise, so nothing is retried for it); only a lost node makes Ray run the task again.
+not raise, so nothing is retried for it); only a lost node makes Ray run the task again. A task the
+driver cancels (``ray.cancel``, Ctrl-C at the driver) gets a KeyboardInterrupt: the recipe ends its
+run KILLED as a local Ctrl-C does, and the task returns that KILLED run for the driver to record.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import shutil
 import socket
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -124,9 +127,50 @@ def _base_for(cfg, precision: str, threads: int):
     return _BASES[key]
 
 
+def _forward_progress(progress, key: str):
+    """A callback that sends the run's progress.json state (as a local run writes it) to the driver's
+    progress actor instead of a file: the driver writes it into the project's experiment folder."""
+    from lora_project.training.callbacks import ProgressFile
+
+    class ForwardProgress(ProgressFile):
+        def emit(self, payload: dict) -> None:
+            progress.update.remote(key, payload)  # fire and forget: a lost update is replaced by the next
+
+    return ForwardProgress(Path(os.devnull))
+
+
+@contextmanager
+def _graceful_cancel():
+    """`ray.cancel` interrupts a task through the worker's SIGINT handler (``_thread.interrupt_main``); with
+    the project's handler there (utils/interrupts.py) the stop waits for the end of a shielded section, so it
+    cannot tear an MLflow write and leave the node-local store locked with the run RUNNING. The worker
+    process outlives the task: its previous handler comes back and the stop is forgotten afterwards."""
+    import signal
+    import threading
+
+    from lora_project.utils import interrupts
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    interrupts.clear_stop()
+    if main:
+        signal.signal(signal.SIGINT, interrupts.handle_signal)
+    try:
+        yield
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGINT, previous)
+        interrupts.clear_stop()
+
+
 def train_task(spec: dict, files, progress=None) -> dict:
     """Train one adapter as `train_adapter` does locally; returns what it wrote (see the module docstring).
     `files`: {path: bytes} shipped by the driver, or with a shared filesystem the paths to copy from it."""
+    with _graceful_cancel():
+        return _train_task(spec, files, progress)
+
+
+def _train_task(spec: dict, files, progress) -> dict:
     from lora_project.config import build_config
     from lora_project.errors import UserError
     from lora_project.models.base_model import loads_in_this_process
@@ -165,6 +209,9 @@ def train_task(spec: dict, files, progress=None) -> dict:
         if not live:
             os.environ.pop("MLFLOW_TRACKING_URI", None)  # the node-local store, imported by the driver
         options = replace(spec["options"], log=lines.append, progress=False)
+        if progress is not None:
+            options = replace(options, extra_callbacks=(*options.extra_callbacks,
+                                                        _forward_progress(progress, spec["key"])))
         result = {"key": spec["key"], "node": node, "cpu": cpu_class(), "status": "FINISHED", "error": None,
                   "bug": False}
         t_load = time.perf_counter()
@@ -178,6 +225,8 @@ def train_task(spec: dict, files, progress=None) -> dict:
                 t_train = time.perf_counter()
                 res = train_adapter(paths, spec["dataset"], cfg, options, base=base)
                 result["train_seconds"] = phases["training"] = time.perf_counter() - t_train
+        except KeyboardInterrupt:  # ray.cancel from the driver (Ctrl-C there): the recipe ended its run KILLED
+            result.update(status="KILLED", error="interrupted")
         except UserError as exc:
             result.update(status="FAILED", error=" ".join(str(exc).split()))
         except Exception as exc:  # a bug in one run: reported, the others go on

@@ -14,12 +14,17 @@ The driver (this process):
    adapter lock), the experiment folder (a new number here), and the MLflow run, a child of the
    command's parent run, with the worker's params, tags and every metric step, then its status.
 
-Progress: one line per task event (queued, running on NODE, retried, done, failed).
+Progress: one line per task event (queued, running on NODE, retried, done, failed, killed), an overall
+bar with ETA, and the files the web board reads for a local run (the adapter lock and the experiment
+folder's logs/progress.json, with the driver's pid: cluster/progress.py).
+
+Ctrl-C or SIGTERM at the driver: the tasks still out are cancelled; a running one ends its run KILLED as
+a local Ctrl-C does and returns it, and the driver records it before the parent run ends KILLED
+(`AdapterTasks.cancel`).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from contextlib import contextmanager
 from dataclasses import replace
@@ -29,20 +34,6 @@ from pathlib import Path
 from lora_project.errors import RunInterrupted, UserError
 from lora_project.paths import ProjectPaths
 from lora_project.training.options import RunOptions
-
-
-class _Progress:
-    """A Ray actor on the cluster that tasks tell when they start (the driver polls it)."""
-
-    def __init__(self):
-        self.events: list[tuple] = []
-
-    def started(self, key: str, node: str, task_id: str) -> None:
-        self.events.append((key, node, task_id, time.time()))
-
-    def drain(self) -> list[tuple]:
-        out, self.events = self.events, []
-        return out
 
 
 def check_threads(configs: dict) -> int:
@@ -91,70 +82,6 @@ def _project_files(paths: ProjectPaths, catalog: dict, name: str) -> dict[str, b
         else:
             files[rel.as_posix()] = src.read_bytes()
     return files
-
-
-def _record(paths: ProjectPaths, result: dict, parent_id: str | None, first_cfg, overwrite: bool, use_mlflow: bool):
-    """Write one task's results into the project (the driver is the only writer); returns results.json."""
-    from lora_project.models.adapter import METADATA_FILE
-    from lora_project.training.lifecycle import adapter_lock, new_experiment_dir
-    from lora_project.utils.io_utils import atomic_directory, atomic_write_bytes, atomic_write_json
-
-    adapter = result["adapter"]
-    results = dict(result.get("results") or {})
-    if not result.get("experiment_name"):
-        return results
-    with adapter_lock(paths, adapter):
-        exp_dir = new_experiment_dir(paths, adapter)
-        adapter_dir = paths.adapter(adapter)
-        results.update(experiment_dir=str(exp_dir), cluster={"node": result["node"], "cpu": result["cpu"],
-                                                             "task_seconds": result.get("task_seconds")})
-        if result["status"] == "FINISHED":
-            results["adapter_dir"] = str(adapter_dir)
-        tracker = None
-        export = result.get("mlflow")
-        if use_mlflow and first_cfg.tracking.mlflow and export is not None:
-            tracker = _import_run(paths, first_cfg, export, exp_dir.name, parent_id, result)
-            results["mlflow_run_id"] = tracker.run_id if tracker else None
-        elif result.get("live_run_id"):
-            results["mlflow_run_id"] = result["live_run_id"]
-        for rel, data in result["experiment_files"].items():
-            if rel != "results.json":
-                atomic_write_bytes(exp_dir / rel, data)
-        (exp_dir / "logs").mkdir(exist_ok=True)
-        (exp_dir / "logs" / "task.log").write_text("\n".join(result.get("log") or []) + "\n")
-        if result["status"] == "FINISHED":
-            meta = json.loads(result["adapter_files"][METADATA_FILE])
-            meta.update(mlflow_run_id=results.get("mlflow_run_id"), experiment_dir=str(exp_dir))
-            with atomic_directory(adapter_dir, overwrite=overwrite) as tmp:
-                for rel, data in result["adapter_files"].items():
-                    if rel != METADATA_FILE:
-                        atomic_write_bytes(tmp / rel, data)
-                atomic_write_json(tmp / METADATA_FILE, meta)
-        atomic_write_json(exp_dir / "results.json", results)
-        if tracker:
-            for f in ("config.yaml", "results.json", "loss_curve.png"):
-                if (exp_dir / f).is_file():
-                    tracker.log_artifact(exp_dir / f)
-            if result["status"] == "FINISHED":
-                tracker.log_artifact(adapter_dir, "adapter")
-            tracker.end(export["status"] if export["status"] in ("FINISHED", "FAILED", "KILLED") else "FAILED")
-    return results
-
-
-def _import_run(paths, cfg, export: dict, exp_name: str, parent_id: str | None, result: dict):
-    """The worker's MLflow run recreated in the project's store: params, tags, every metric step."""
-    from lora_project.utils.mlflow_utils import MlflowTracker
-
-    tags = {k: v for k, v in export["tags"].items() if not k.startswith("mlflow.") or k == "mlflow.source.type"}
-    tags.update({"experiment_dir": exp_name, "mlflow.runName": exp_name, "cluster_node": result["node"],
-                 "cluster_cpu": result["cpu"].get("isa", "")})
-    if parent_id:
-        tags["mlflow.parentRunId"] = parent_id
-    tracker = MlflowTracker(paths, cfg.tracking.experiment_name, cfg.tracking.tracking_uri)
-    if tracker.start(exp_name, export["params"], tags) is None:
-        return None
-    tracker.log_metric_points(export["metrics"])
-    return tracker
 
 
 def _row(name: str, adapter: str, cfg) -> dict:
@@ -260,27 +187,38 @@ def cluster_session(paths: ProjectPaths, address, cpus: int, shared_setting: str
         yield ray, shared, nodes
 
 
+CANCEL_GRACE_S = 30.0  # how long a cancelled task may take to end its run KILLED and return it
+
+
 class AdapterTasks:
     """Adapters trained as Ray tasks (`tasks.train_task`, the local recipe) and recorded by the driver:
-    train-batch and train --seeds submit them all at once, a sweep K at a time."""
+    train-batch and train --seeds submit them all at once, a sweep K at a time. With `runs` (a
+    `progress.LiveRuns`), each adapter is locked from submission to its record and its run shows in the
+    files the web board reads (train-batch, train --seeds); without, the record alone takes the lock."""
 
     def __init__(self, ray, paths: ProjectPaths, catalog: dict, shared: bool, live: str | None, parent_id: str | None,
-                 precision: str, kernel: str, cpus: int, max_retries: int, log):
+                 precision: str, kernel: str, cpus: int, max_retries: int, log, runs=None):
+        from lora_project.cluster.progress import ProgressActor
         from lora_project.cluster.tasks import train_task
 
         self.ray, self.paths, self.catalog, self.shared, self.live = ray, paths, catalog, shared, live
         self.parent_id, self.precision, self.kernel, self.cpus, self.max_retries = (parent_id, precision, kernel,
                                                                                     cpus, max_retries)
-        self.log = log
+        self.runs = runs
+        self.log = runs.log if runs is not None else log
         # on the head node, which outlives the worker nodes (a lost worker node must not take it along)
-        self.progress = ray.remote(num_cpus=0, resources={"node:__internal_head__": 0.001})(_Progress).remote()
+        self.progress = ray.remote(num_cpus=0, resources={"node:__internal_head__": 0.001})(ProgressActor).remote()
         self.remote = ray.remote(train_task)
         self.shipped: dict[str, object] = {}
         self.starts: dict[str, int] = {}
+        self.configs: dict[str, object] = {}
         self.sent: dict = {}  # ref -> (submit time, the driver's seconds packing and putting its data): task phases
 
     def submit(self, name: str, adapter: str, cfg, options: RunOptions, run_kind: str):
-        """One task training `adapter` on dataset `name` with `options` (as a local run would); its ref."""
+        """One task training `adapter` on dataset `name` with `options` (as a local run would); its ref.
+        A UserError (with `runs`: the adapter is being trained elsewhere) before anything is sent."""
+        if self.runs is not None:
+            self.runs.lock(adapter, cfg.training.max_steps)  # as a local run: one trainer per adapter
         packing = 0.0
         if name not in self.shipped:
             t_pack = time.perf_counter()
@@ -295,29 +233,83 @@ class AdapterTasks:
         ref = self.remote.options(num_cpus=self.cpus, max_retries=self.max_retries, retry_exceptions=False).remote(
             spec, self.shipped[name], self.progress)
         self.sent[ref] = (time.time(), packing)
+        self.configs[adapter] = cfg
         self.log(f"[{adapter}] queued")
         return ref
 
     def wait(self, pending: list, timeout: float = 1.0) -> tuple[list, list]:
-        """Results of the tasks that ended within `timeout` [(ref, result or None, error of a lost task)],
-        and the refs still pending; says which tasks started (or started again) meanwhile."""
+        """Results of the tasks that ended within `timeout` [(ref, result or None, error of a lost or
+        cancelled task)], and the refs still pending; says which tasks started (or started again)
+        meanwhile and, with `runs`, writes their progress."""
         ready, pending = self.ray.wait(pending, num_returns=1, timeout=timeout)
-        for key, node, _task, _t in self.ray.get(self.progress.drain.remote()):
+        events, states = self.ray.get(self.progress.drain.remote())
+        for key, node, _task, _t in events:
             self.starts[key] = self.starts.get(key, 0) + 1
             self.log(f"[{key}] {'retried, running' if self.starts[key] > 1 else 'running'} on {node}")
+            if self.runs is not None:
+                self.runs.started(key, self.configs[key])
+        if self.runs is not None:
+            for key, state in states.items():
+                self.runs.progress(key, state)
         out = []
         for ref in ready:
             try:
                 out.append((ref, self.ray.get(ref), None))
-            except self.ray.exceptions.RayError as exc:  # lost more often than max_retries, or a worker crash
+            except self.ray.exceptions.RayError as exc:  # lost more often than max_retries, a worker crash, cancelled
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
                 out.append((ref, None, f"{type(exc).__name__}: {first}"))
         return out, pending
 
     def record(self, result: dict, adapter: str, first_cfg, overwrite: bool) -> dict:
-        """Write a task's adapter, experiment folder and MLflow run into the project; its results.json."""
+        """Write a task's adapter, experiment folder and MLflow run into the project; its results.json.
+        A Ctrl-C waits until the record is whole (folders, MLflow run and its end state)."""
+        from lora_project.cluster.record import record_result
+        from lora_project.training.lifecycle import adapter_lock
+        from lora_project.utils.interrupts import shielded
+
         result["adapter"] = adapter
-        return _record(self.paths, result, self.parent_id, first_cfg, overwrite, self.parent_id is not None)
+        with shielded():
+            if self.runs is None:
+                with adapter_lock(self.paths, adapter):
+                    return record_result(self.paths, result, self.parent_id, first_cfg, overwrite, self.parent_id is not None)
+            res = record_result(self.paths, result, self.parent_id, first_cfg, overwrite, self.parent_id is not None,
+                          self.runs.exp.get(adapter))
+            if result.get("experiment_name"):
+                self.runs.ended(adapter)
+            else:  # the task stopped before its run began (the recipe made no experiment folder)
+                self.runs.end_without_run(adapter, result["status"], result["error"] or "no run")
+            return res
+
+    def lost(self, adapter: str, error: str) -> None:
+        """A task that returned no result (lost, crashed, cancelled): its started run ends KILLED or FAILED."""
+        if self.runs is not None:
+            cancelled = error.startswith("TaskCancelledError")
+            self.runs.end_without_run(adapter, "KILLED" if cancelled else "FAILED",
+                                      "interrupted" if cancelled else error)
+
+    def cancel(self, pending: list) -> list:
+        """Ctrl-C or SIGTERM at the driver: cancel the tasks still out. A running one gets a KeyboardInterrupt,
+        ends its run KILLED (the local recipe's own clean-up) and returns it; what ends within CANCEL_GRACE_S
+        is returned as `wait` returns it, for the caller to record as any other run. Whatever is still out
+        after that (or after a second Ctrl-C) is killed with its worker process (``force=True``)."""
+        if not pending:
+            return []
+        self.log(f"interrupted: cancelling {len(pending)} task(s)")
+        ended, left = [], list(pending)
+        try:
+            for ref in pending:
+                self.ray.cancel(ref, force=False)
+            deadline = time.monotonic() + CANCEL_GRACE_S
+            while left and time.monotonic() < deadline:
+                got, left = self.wait(left, timeout=max(0.1, deadline - time.monotonic()))
+                ended += got
+        finally:
+            for ref in left:
+                try:
+                    self.ray.cancel(ref, force=True)
+                except Exception:  # ended meanwhile
+                    pass
+        return ended
 
     def phases(self, ref, result: dict) -> dict | None:
         """The task's phase times (benchmark --scaling's overheads), recorded now."""
@@ -328,40 +320,77 @@ class AdapterTasks:
 
 def _run_tasks(ray, paths, todo, options, catalog, shared, live, parent, precision, kernel, cpus, max_retries,
                first_cfg, run_kind, log) -> None:
-    from lora_project.utils.interrupts import check_stop
+    from lora_project.cluster.progress import LiveRuns
+    from lora_project.utils.interrupts import acknowledge, check_stop
 
-    tasks = AdapterTasks(ray, paths, catalog, shared, live, parent.run_id if parent else None, precision, kernel,
-                         cpus, max_retries, log)
-    refs = {tasks.submit(name, adapter, cfg, options, run_kind): (row, adapter, time.perf_counter())
-            for row, name, adapter, cfg in todo}
-    pending = list(refs)
-    while pending:
-        check_stop()
-        ended, pending = tasks.wait(pending)
-        for ref, result, lost in ended:
-            row, adapter, t0 = refs[ref]
-            if result is None:
-                row.update(status="failed", reason=lost, wall_seconds=time.perf_counter() - t0)
-                log(f"[{adapter}] failed: {row['reason']}")
-                continue
-            res = tasks.record(result, adapter, first_cfg, options.overwrite)
-            row["_results"] = res
-            row["phases"] = tasks.phases(ref, result)
-            row["wall_seconds"] = time.perf_counter() - t0
-            row["node"] = result["node"]
-            if result["status"] == "FINISHED":
-                row.update(status="trained", steps=res["steps"], tokens=res["tokens_seen"],
-                           perplexity_before=res["metrics_before"]["perplexity"],
-                           perplexity_after=res["metrics_after"]["perplexity"], experiment=res["experiment_dir"])
-                log(f"[{adapter}] done on {result['node']}: validation perplexity "
-                    f"{row['perplexity_before']:.3f} -> {row['perplexity_after']:.3f}")
-            else:
-                row.update(status="failed", reason=result["error"], bug=result["bug"])
-                log(f"[{adapter}] failed on {result['node']}: {result['error']}")
-            if parent:
-                parent.log_metrics({f"{adapter}.wall_seconds": row["wall_seconds"]} |
-                                   ({f"{adapter}.perplexity_after": row["perplexity_after"]}
-                                    if row["perplexity_after"] else {}), step=len(refs) - len(pending))
+    runs = LiveRuns(paths, options.progress, log)
+    end_state = ("FAILED", "the driver stopped before the task returned its run")
+    refs: dict = {}
+    try:
+        tasks = AdapterTasks(ray, paths, catalog, shared, live, parent.run_id if parent else None, precision, kernel,
+                             cpus, max_retries, log, runs)
+        for row, name, adapter, cfg in todo:
+            try:
+                refs[tasks.submit(name, adapter, cfg, options, run_kind)] = (row, adapter, time.perf_counter())
+            except UserError as exc:  # the adapter is being trained by another process
+                row.update(status="failed", reason=" ".join(str(exc).split()))
+                runs.log(f"[{adapter}] failed: {row['reason']}")
+        runs.start_bar()
+        pending = list(refs)
+        try:
+            while pending:
+                check_stop()
+                ended, pending = tasks.wait(pending)
+                for ref, result, lost in ended:
+                    _collect(tasks, refs[ref], ref, result, lost, parent, first_cfg, options,
+                             step=len(refs) - len(pending))
+        except (KeyboardInterrupt, RunInterrupted):
+            acknowledge()  # the clean-up below is not torn by the same stop (a second Ctrl-C still is)
+            end_state = ("KILLED", "interrupted")
+            for ref, result, lost in tasks.cancel(pending):
+                _collect(tasks, refs[ref], ref, result, lost, None, first_cfg, options, step=0)
+            raise
+        end_state = ("FAILED", "the task ended without returning its run")
+    finally:
+        runs.close(*end_state)
+
+
+def _collect(tasks: AdapterTasks, entry: tuple, ref, result, lost, parent, first_cfg, options, step: int) -> None:
+    """Record one ended task in the project; its row updated and its line logged."""
+    row, adapter, t0 = entry
+    log = tasks.log
+    if result is None:
+        tasks.lost(adapter, lost)
+        if lost.startswith("TaskCancelledError"):  # cancelled before its run began: no run to record
+            row.update(status="killed", reason="cancelled")
+            log(f"[{adapter}] cancelled")
+        else:
+            row.update(status="failed", reason=lost, wall_seconds=time.perf_counter() - t0)
+            log(f"[{adapter}] failed: {row['reason']}")
+        return
+    res = tasks.record(result, adapter, first_cfg, options.overwrite)
+    row["_results"] = res
+    row["phases"] = tasks.phases(ref, result)
+    row["wall_seconds"] = time.perf_counter() - t0
+    row["node"] = result["node"]
+    if result["status"] == "FINISHED":
+        row.update(status="trained", steps=res["steps"], tokens=res["tokens_seen"],
+                   perplexity_before=res["metrics_before"]["perplexity"],
+                   perplexity_after=res["metrics_after"]["perplexity"], experiment=res["experiment_dir"])
+        log(f"[{adapter}] done on {result['node']}: validation perplexity "
+            f"{row['perplexity_before']:.3f} -> {row['perplexity_after']:.3f}")
+    elif result["status"] == "KILLED":
+        row.update(status="killed", reason="interrupted", experiment=res.get("experiment_dir"))
+        log(f"[{adapter}] killed on {result['node']}"
+            + (f": run recorded KILLED in {Path(res['experiment_dir']).name}" if res.get("experiment_dir")
+               else " before its run began"))
+    else:
+        row.update(status="failed", reason=result["error"], bug=result["bug"])
+        log(f"[{adapter}] failed on {result['node']}: {result['error']}")
+    if parent:
+        parent.log_metrics({f"{adapter}.wall_seconds": row["wall_seconds"]} |
+                           ({f"{adapter}.perplexity_after": row["perplexity_after"]}
+                            if row["perplexity_after"] else {}), step=step)
 
 
 def train_batch_cluster(paths: ProjectPaths, names: list[str], config_files: list[Path], overrides: list[str],

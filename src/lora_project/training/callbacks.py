@@ -127,14 +127,20 @@ class ProgressFile(Callback):
     def _write(self, state, status: str) -> None:
         import os
 
-        from lora_project.utils.io_utils import atomic_write_json
-
         self._last = time.time()
-        atomic_write_json(self.path, {
+        self.emit({
             "status": status, "pid": os.getpid(), "step": state.step, "max_steps": state.max_steps,
             "tokens_seen": state.tokens_seen, "train_seconds": state.train_seconds, "loss": self._loss,
             "tokens_per_second": state.tokens_seen / state.train_seconds if state.train_seconds else None,
             "updated": self._last})
+
+    def emit(self, payload: dict) -> None:
+        """Write the state to the file (a cluster task sends it to its driver instead: cluster/tasks.py).
+
+        The driver writes the same file into the project's experiment folder, with its own pid."""
+        from lora_project.utils.io_utils import atomic_write_json
+
+        atomic_write_json(self.path, payload)
 
     def on_train_start(self, state):
         self._write(state, "RUNNING")
