@@ -430,3 +430,42 @@ def test_evaluate_babylm_builds_each_tasks_tree_once_for_the_base_and_an_adapter
     assert res["prepare_seconds"] >= 0
     # the adapter really scored with its own weights on the shared plan
     assert res["difference"]["a_lora"]["reading"]["headline"]["eye_tracking"] != 0
+
+
+def test_the_output_layer_runs_on_the_scored_positions_only_and_changes_no_sum(tiny_model_dir, tmp_path,
+                                                                              monkeypatch):
+    """Entity tracking's long shared prefix is an input, never summed: the tree pass runs the output
+    layer (and its log-softmax over the vocabulary) on the scored positions only. The scored
+    positions' log-probabilities are bit-identical to those of a pass over every position."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_project.evaluation.babylm import prepare_task
+    import lora_project.models.losses as losses
+    from lora_project.evaluation.tree_pass import tree_logprobs
+
+    _tiny_suite(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    items = load_task(tmp_path, "entity_tracking")
+    built = prepare_task(tok, "entity_tracking", items)
+    tree = built.tree
+    scored = sorted({tree.sentence_items[s][j - 1] for s, t in enumerate(built.texts) for j in t.scored})
+    assert 0 < len(scored) < len(tree.items) / 2  # the prefixes are most of the tree
+    rows_seen, nll = [], losses.token_nll
+
+    def counted(hidden, head, target, *a, **k):  # the output layer and log-softmax, on these rows
+        rows_seen.append(hidden.shape[0])
+        return nll(hidden, head, target, *a, **k)
+
+    monkeypatch.setattr(losses, "token_nll", counted)
+    kw = {"row_tokens": built.row_tokens, "batch_tokens": 2048, "rows": built.rows}
+    every, _ = tree_logprobs(model, tree, RUNTIME, "fp32", **kw)
+    n_every, rows_seen[:] = sum(rows_seen), []
+    only, _ = tree_logprobs(model, tree, RUNTIME, "fp32", items=scored, **kw)
+    n_only = sum(rows_seen)
+    assert n_every == len(tree.items) and n_only == len(scored)
+    np.testing.assert_array_equal(only[scored], every[scored])
+    assert not np.any(np.delete(only, scored))  # the rest was never computed
+    # and option_scores (the path evaluate --babylm runs) gives the sums of the full pass
+    full = [float(every[[tree.sentence_items[s][j - 1] for j in t.scored]].sum()) for s, t in enumerate(built.texts)]
+    np.testing.assert_array_equal(np.concatenate(option_scores(model, tok, items, RUNTIME, texts=built)), full)

@@ -117,8 +117,9 @@ def tree_sums(model, texts: Sequence[ScoredText] | TextTree, runtime, *, batch_t
     if not built.texts:
         return np.zeros(0)
     tree = built.tree
+    scored = [tree.sentence_items[s][j - 1] for s, t in enumerate(built.texts) for j in t.scored]
     logp, _ = tree_logprobs(model, tree, runtime, "fp32", row_tokens=built.row_tokens, batch_tokens=batch_tokens,
-                            progress=progress, rows=built.rows)
+                            progress=progress, rows=built.rows, items=scored)
     return np.array([float(logp[[tree.sentence_items[s][j - 1] for j in t.scored]].sum()) if t.scored else 0.0
                      for s, t in enumerate(built.texts)])
 

@@ -77,11 +77,13 @@ def _run(model, decoder, head, tree: PrefixTree, rows, runtime, path, batch_toke
 
 
 def tree_logprobs(model, tree: PrefixTree, runtime, path: str, *, row_tokens: int, batch_tokens: int,
-                  progress=None, rows: list[list[int]] | None = None):
+                  progress=None, rows: list[list[int]] | None = None, items=None):
     """Log-probability of every item of `tree`, and the number of massive nodes the bf16 pass
     computed again in fp32 (0 for fp32). progress(fraction done) after each batch. `rows`: the
     tree's layout when the caller already has it (`tree_rows(tree, row_tokens)`; a model-free
-    plan, reused over the base and every adapter)."""
+    plan, reused over the base and every adapter). `items`: only these items' log-probabilities
+    are computed (the others stay 0): the output layer and its log-softmax over the vocabulary
+    then run on the scored positions only, not on a long shared context that nothing sums."""
     import numpy as np
 
     from lora_project.models.scoring import decoder_and_head
@@ -90,7 +92,7 @@ def tree_logprobs(model, tree: PrefixTree, runtime, path: str, *, row_tokens: in
     was_training = model.training
     model.eval()
     try:
-        everything = range(len(tree.items))
+        everything = range(len(tree.items)) if items is None else sorted(set(items))
         rows = rows if rows is not None else tree_rows(tree, row_tokens)
         logp, peak = _run(model, decoder, head, tree, rows, runtime, path, batch_tokens, everything, progress)
         if path != "bf16":
