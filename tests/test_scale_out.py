@@ -136,9 +136,10 @@ def test_scaling_on_local_2_reports_consistent_figures(project, tracking_store, 
     assert over["model_load"] > 0 and r["train_seconds_per_task"] == pytest.approx(
         sum(t["training"] for t in tasks) / 4)
     assert [p["workers"] for p in r["projection"]] == [8, 64, 512] and "T(W)" in r["projection_model"]
+    assert [(p["workers"], p["tasks"]) for p in r["projection_same_load"]] == [(8, 16), (64, 128), (512, 1024)]
     assert r["cluster_seconds"] > r["fixed_seconds"] > 0
     md = Path(r["report"]["markdown"]).read_text()
-    assert "| cluster | 2 |" in md and "byte-identical between the two sides: yes" in md
+    assert "| cluster | 2 |" in md and "byte-identical between the two sides: yes" in md and "| 512 | 1024 |" in md
     assert json.loads(Path(r["report"]["json"]).read_text())["efficiency"] == r["efficiency"]
     assert Path(r["report"]["json"]).parent == project / "outputs" / "metrics"
     from mlflow.tracking import MlflowClient

@@ -126,3 +126,18 @@ def test_net_scheduling_takes_out_the_wait_for_a_free_slot():
     assert [r["scheduling"] for r in out] == [1.0, 0.5]
     with pytest.raises(UserError):
         net_scheduling(rows, 0)
+
+
+def test_projection_with_the_measured_load_per_worker_by_hand():
+    from lora_project.benchmark.scaling import projection_same_load, scaling_summary
+
+    # measured: 4 tasks on 2 workers (2 each), 100 s on one CPU; 20 s training + 1.5 s overhead per task, 10 s fixed
+    phases = [{"scheduling": 0.1, "model_load": 1.0, "data_shipping": 0.2, "result_return": 0.2}] * 4
+    s = scaling_summary(tasks=4, workers=2, local_one_cpu_seconds=100.0, cluster_seconds=55.0, train_seconds=20.0,
+                        phases=phases, fixed_seconds=10.0, local_model_loads=1, cluster_model_loads=2)
+    rows = projection_same_load(s)
+    # W workers, 2W tasks: 2 waves of 21.5 s + 10 s = 53 s; local 100 s * 2W / 4 = 50 W s
+    assert [(r["workers"], r["tasks"]) for r in rows] == [(8, 16), (64, 128), (512, 1024)]
+    assert [r["seconds"] for r in rows] == pytest.approx([53.0] * 3)
+    assert [r["efficiency"] for r in rows] == pytest.approx([50 / 53] * 3)
+    assert rows[2]["speed_up"] == pytest.approx(25600 / 53)

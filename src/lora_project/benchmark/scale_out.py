@@ -207,7 +207,7 @@ def run_scaling(paths: ProjectPaths, address: str, *, model: str = "embedded", s
                 datasets: int = SCALING_DATASETS, overrides: list[str] = (), log=print) -> dict:
     """Build the throwaway project, run both sides, compare their adapters; returns the report
     (`scaling_summary`'s fields, plus the run's setting, both sides' details and the identity check)."""
-    from lora_project.benchmark.scaling import scaling_summary
+    from lora_project.benchmark.scaling import projection_same_load, scaling_summary
     from lora_project.cluster.address import parse_address, probe
     from lora_project.config import load_config
     from lora_project.utils.device import cpu_class
@@ -241,6 +241,7 @@ def run_scaling(paths: ProjectPaths, address: str, *, model: str = "embedded", s
             "precision": _precision(cfg), "overrides": list(overrides), "datasets": names, "data": where,
             "identical_adapters": all(mine[n] == theirs[n] for n in names), "adapters": adapters,
             "overhead_fraction": summary["overheads_per_task"]["total"] / summary["train_seconds_per_task"],
+            "projection_same_load": projection_same_load(summary),
             "local": local, "cluster": cluster}
 
 
@@ -256,7 +257,13 @@ def scaling_report_markdown(result: dict) -> str:
             f"{result['cluster']['cpus']:g} CPU(s), one CPU per task, "
             f"{'shared filesystem' if result['cluster']['shared_filesystem'] else 'no shared filesystem'}). "
             f"CPU: {cpu.get('model', '?')} ({cpu.get('isa', '?')}).", ""]
-    tail = ["", f"Adapters byte-identical between the two sides: {'yes' if result['identical_adapters'] else 'NO'} "
+    same = result["projection_same_load"]
+    tail = ["", f"The same load per worker as measured ({same[0]['tasks'] // same[0]['workers']} task(s) each), "
+                "against the local one-CPU time scaled to the task count:", "",
+            "| projected workers | tasks | wall (s) | speed-up | efficiency |", "|---:|---:|---:|---:|---:|",
+            *(f"| {r['workers']} | {r['tasks']} | {r['seconds']:.1f} | {r['speed_up']:.2f} | {r['efficiency']:.2f} |"
+              for r in same),
+            "", f"Adapters byte-identical between the two sides: {'yes' if result['identical_adapters'] else 'NO'} "
                 f"({len(result['adapters'])} compared). Per-task overhead on the cluster: "
                 f"{100 * result['overhead_fraction']:.1f}% of a task's training; the local run's time outside "
                 f"its tasks (one model load): {100 * result['local']['overhead_fraction']:.1f}%."]

@@ -112,6 +112,21 @@ def projection(tasks: int, train_seconds: float, overhead_seconds: float, fixed_
     return rows
 
 
+def projection_same_load(summary: Mapping, workers: Iterable[int] = PROJECTED_WORKERS) -> list[dict]:
+    """The projection with as many tasks per worker as were measured (``ceil(tasks / workers)`` of the
+    summary): W workers run that many times W tasks, against the local one-CPU wall time scaled in
+    proportion to the task count. The summary's own projection keeps the measured task count, so its
+    larger clusters sit mostly idle."""
+    per = math.ceil(summary["tasks"] / summary["workers"])
+    rows = []
+    for w in workers:
+        n = per * _count("workers", w)
+        rows += projection(n, summary["train_seconds_per_task"], summary["overheads_per_task"]["total"],
+                           summary["fixed_seconds"], summary["local_one_cpu_seconds"] * n / summary["tasks"],
+                           workers=(w,))
+    return rows
+
+
 def scaling_summary(tasks: int, workers: int, local_one_cpu_seconds: float, cluster_seconds: float,
                     train_seconds: float, phases: Iterable[Mapping[str, float]], fixed_seconds: float,
                     local_model_loads: int, cluster_model_loads: int) -> dict:
