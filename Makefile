@@ -32,12 +32,16 @@ $(STAMP): requirements.txt requirements-peers.txt pyproject.toml
 demo: setup
 	$(BIN)/lora-project demo
 
+# The whole suite: the fast tier on two workers as in test-fast, then the slow tier serially
+# (its tests start clusters, process groups and browsers of their own); both always run.
 test: setup
-	$(BIN)/python -m pytest -q
+	status=0; \
+	$(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadfile || status=$$?; \
+	$(BIN)/python -m pytest -q -m slow || status=$$?; \
+	exit $$status
 
 # The fast tier runs on two worker processes (pytest-xdist), a test file per worker at a time
-# so that module fixtures are built once; the whole suite stays serial, since its slow tests
-# start clusters and process groups of their own.
+# so that module fixtures are built once.
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadfile
 
