@@ -96,3 +96,46 @@ def test_fused_refuses_unequal_shapes(project):
     proc = run_cli("train-batch", "toddler_data", "kids", "--fused", "--no-progress", "--no-mlflow", "--json",
                    cwd=project)
     assert_user_error(proc, "training.seq_len differs")  # refused from the configs, before any training
+
+
+def test_batch_resume_arguments_are_refused_together(project):
+    assert_user_error(run_cli("train-batch", "kids", "--resume", "--overwrite", cwd=project), "--resume", "--overwrite")
+    assert_user_error(run_cli("train-batch", "kids", "--resume", "--fused", cwd=project), "--resume", "--fused")
+    assert_user_error(run_cli("train-batch", "kids", "--resume", "--cluster", "local:1", cwd=project), "--resume", "--cluster")
+
+
+def test_an_interrupted_batch_resumed_gives_the_uninterrupted_adapters(project, monkeypatch):
+    """toddler_data finishes, kids is stopped right after its step-5 checkpoint (what SIGTERM's handler
+    does); train-batch --resume skips toddler_data and continues kids from step 5 in its experiment folder:
+    the adapters' bytes equal an uninterrupted batch's."""
+    import signal
+
+    from lora_project.training import checkpoint
+    from lora_project.utils import interrupts
+
+    steps = ["--no-progress", "--no-mlflow", "--set", "training.max_steps=10", "--set",
+             "training.checkpoint_interval=5", "--set", "training.eval_interval=0"]
+    ref = run_cli("train-batch", "toddler_data", "kids", "--name-template", "{dataset}_ref", *steps, cwd=project)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    real_on_step_end = checkpoint.CheckpointCallback.on_step_end
+
+    def stop_kids_after_step_5(self, state, metrics):
+        real_on_step_end(self, state, metrics)
+        if state.step == 5 and "kids" in self.folder.name:
+            interrupts.handle_signal(signal.SIGTERM, None)
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint.CheckpointCallback, "on_step_end", stop_kids_after_step_5)
+        stopped = run_cli("train-batch", "toddler_data", "kids", *steps, cwd=project)
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    assert not (project / "adapters" / "kids_lora").exists()
+    resumed = run_cli("train-batch", "toddler_data", "kids", "--resume", "--json", *steps, cwd=project)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    rows = {r["dataset"]: r for r in json.loads(resumed.stdout)["datasets"]}
+    assert rows["toddler_data"]["status"] == "skipped" and rows["kids"]["status"] == "trained"
+    exp = sorted(p.name for p in (project / "experiments").glob("exp_*_kids"))
+    assert f"resuming {exp[-1]} from step 5" in resumed.stderr and len(exp) == 1
+    for name in ("toddler_data", "kids"):
+        ours, theirs = (project / "adapters" / f"{n}_lora" / "adapter_model.safetensors"
+                        for n in (name, f"{name}_ref"))
+        assert ours.read_bytes() == theirs.read_bytes(), f"{name}: resumed batch differs"

@@ -62,6 +62,10 @@ def register(sub) -> None:
     p.add_argument("--fused", action="store_true",
                    help="train all adapters at once: one forward/backward over a batch of every adapter's own "
                         "examples, the frozen base shared (needs equal seq_len, batch_size, steps, precision)")
+    p.add_argument("--resume", action="store_true",
+                   help="an adapter interrupted mid-training (Ctrl-C, crash) continues from its newest checkpoint, "
+                        "as train --resume does (same adapter as an uninterrupted run); finished adapters are "
+                        "skipped as always, one without a checkpoint trains from step 0")
     _add_training_args(p, **BATCH_HELP)
     add_cluster(p, "train the adapters")
     p.add_argument("--name-template", metavar="TEMPLATE",
@@ -134,11 +138,11 @@ def run_train_batch(args, paths) -> None:
         from lora_project.cluster.train import train_batch_cluster
 
         summary = train_batch_cluster(paths, names, config_files(args, paths), args.overrides, args.batch_config,
-                                      run_options(args, overwrite=args.overwrite), args.cluster,
+                                      run_options(args, overwrite=args.overwrite, resume=args.resume), args.cluster,
                                       seeds=parse_seeds(args.seeds), name_template=args.name_template)
     else:
         summary = train_batch_from_files(paths, names, config_files(args, paths), args.overrides, args.batch_config,
-                                         run_options(args, overwrite=args.overwrite), fused=args.fused,
+                                         run_options(args, overwrite=args.overwrite, resume=args.resume), fused=args.fused,
                                          seeds=parse_seeds(args.seeds), name_template=args.name_template)
     if args.json:
         print_json(summary)

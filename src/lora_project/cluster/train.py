@@ -402,6 +402,9 @@ def train_batch_cluster(paths: ProjectPaths, names: list[str], config_files: lis
     from lora_project.training.seeds import check_unique, seeded_runs
     from lora_project.utils.io_utils import output_dir
 
+    if options.resume:
+        raise UserError("train-batch --resume with --cluster is not supported yet: run the same train-batch "
+                        "again (finished adapters are skipped) or resume without --cluster")
     batch_file = batch_config or (paths.config_dir / "batch_config.yaml")
     if batch_config is None and not batch_file.is_file():
         batch_file = None

@@ -13,6 +13,9 @@
   fingerprints is skipped unless ``--overwrite``.
 * ``seeds`` trains one adapter per dataset and seed; ``name_template`` (e.g.
   ``{dataset}_r{r}_s{seed}``) names the adapters (training/seeds.py).
+* ``--resume`` (``options.resume``): an adapter interrupted mid-training continues from its newest
+  checkpoint in its experiment folder and MLflow run, as ``train --resume`` does (the same adapter as
+  an uninterrupted run); one without a checkpoint trains from step 0.
 * A failing dataset is recorded with its reason and the others go on; the summary table is
   printed and saved to ``outputs/metrics/train_batch_<timestamp>.{json,md}``.
 """
@@ -60,6 +63,14 @@ def config_for(sources: list[tuple[str, dict]], overrides: list[str], extra: dic
     return build_config(merge_sources(srcs, overrides))
 
 
+def check_resume(options: RunOptions, fused: bool = False) -> None:
+    """train-batch --resume (local or cluster) goes with neither --overwrite nor --fused."""
+    if options.resume and (fused or options.overwrite):
+        raise UserError("--resume continues interrupted adapters from their checkpoints; "
+                        + ("--fused trains without checkpoints" if fused else
+                           "--overwrite retrains every adapter from step 0: pass one of them"))
+
+
 def is_up_to_date(paths: ProjectPaths, adapter_name: str, cfg: RunConfig, dataset_fp: str, base_fp: str) -> bool:
     """True when the adapter exists and was trained with the same config, data and base."""
     from lora_project.models.adapter import read_metadata
@@ -104,7 +115,7 @@ def train_batch(paths: ProjectPaths, names: list[str], sources: list[tuple[str, 
     from lora_project.data.catalog import load_catalog
     from lora_project.data.dataset_loader import prepare_dataset
     from lora_project.models.base_model import load_base
-    from lora_project.training.single import train_adapter
+    from lora_project.training.single import has_checkpoint, train_adapter
     from lora_project.training.seeds import check_unique, seeded_runs
     from lora_project.utils.mlflow_utils import MlflowTracker
 
@@ -121,6 +132,7 @@ def train_batch(paths: ProjectPaths, names: list[str], sources: list[tuple[str, 
     if fused and (seeds is not None or any(a != n for n, a, _ in jobs)):
         raise UserError("--fused trains one adapter per dataset under its own name; --seeds and --name-template "
                         "work without --fused")
+    check_resume(options, fused)
     if fused:  # what the configs alone can refuse, refused before the model loads
         from lora_project.training.fused import check_fusable
 
@@ -155,8 +167,9 @@ def train_batch(paths: ProjectPaths, names: list[str], sources: list[tuple[str, 
                     row.update(status="pending")
                     log("  prepared; trains in the fused run")
                 else:
-                    res = train_adapter(paths, name, cfg, replace(
+                    res = train_adapter(paths, name, cfg, replace(  # --resume: from its checkpoint if it has one
                         options, adapter_name=adapter, log=lambda m: log("  " + m),
+                        resume=options.resume and has_checkpoint(paths, adapter),
                         parent_run_id=parent.run_id if parent else None, run_kind="batch"), base=base)
                     row.update(status="trained", steps=res["steps"], tokens=res["tokens_seen"],
                                perplexity_before=res["metrics_before"]["perplexity"],

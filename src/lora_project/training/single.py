@@ -29,19 +29,30 @@ def config_fingerprint_fields(cfg: RunConfig) -> dict:
     return recipe_fields(cfg)
 
 
-def find_resume_checkpoint(paths: ProjectPaths, adapter_name: str) -> tuple[Path, Path]:
-    """(experiment folder, latest checkpoint) of the newest experiment of this adapter with one."""
+def find_resume_checkpoint(paths: ProjectPaths, adapter_name: str, recover: bool = True) -> tuple[Path, Path]:
+    """(experiment folder, latest checkpoint) of the newest experiment of this adapter with one.
+    `recover` (only under the adapter's lock) first puts back a checkpoint whose overwrite was killed."""
     from lora_project.training.checkpoint import list_checkpoints
 
     pattern = re.compile(rf"^exp_(\d+)_{re.escape(adapter_name)}$")
     runs = sorted(((int(m.group(1)), p) for p in paths.checkpoints_dir.glob("exp_*")
                    if (m := pattern.match(p.name))), reverse=True) if paths.checkpoints_dir.is_dir() else []
     for _, folder in runs:
-        ckpts = list_checkpoints(folder, recover=True)  # called under the adapter lock
+        ckpts = list_checkpoints(folder, recover=recover)
         if ckpts:
             return paths.experiments_dir / folder.name, ckpts[-1]
     raise UserError(f"no checkpoint to resume for adapter '{adapter_name}' under {paths.checkpoints_dir}; "
                     "checkpoints are written every training.checkpoint_interval steps and on interruption")
+
+
+def has_checkpoint(paths: ProjectPaths, adapter_name: str) -> bool:
+    """Whether `adapter_name` has a checkpoint that `--resume` would continue (train-batch --resume resumes
+    an adapter that has one and trains one that has none from step 0)."""
+    try:
+        find_resume_checkpoint(paths, adapter_name, recover=False)
+    except UserError:
+        return False
+    return True
 
 
 @dataclass
