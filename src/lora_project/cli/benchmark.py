@@ -16,7 +16,7 @@ from lora_project.cli._common import (
 )
 from lora_project.errors import UserError
 
-SCALING_STEPS, SCALING_DATASETS = 20, 4  # benchmark/scale_out.py's defaults (not imported: start-up stays light)
+SCALING_STEPS, SCALING_DATASETS = 10, 4  # benchmark/scale_out.py's defaults (not imported: start-up stays light)
 BABYLM_LIMIT = 2  # benchmark/babylm.py DEFAULT_LIMIT (not imported here either)
 
 
