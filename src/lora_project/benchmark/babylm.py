@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from lora_project.errors import UserError
+from lora_project.utils.device import cpu_label
 
 OFFICIAL_BATCH = 64  # items per batch, the official default
 NEAR_TIE = 1e-4  # nats
@@ -263,11 +264,10 @@ def babylm_speed(cfg, root: Path, *, limit: int = DEFAULT_LIMIT, tasks: str | No
 
 def babylm_markdown(b: dict) -> list[str]:
     """The BabyLM section of the benchmark report: the table, the totals and how both were made."""
-    cpu = b["cpu"]
     lines = ["", f"## BabyLM 2025 suite: ours (prefix tree) vs the official strategy, {b['limit_per_uid']} seeded "
                  f"items per UID (reading: rows)", "",
-             f"Model {b['model']}, fp32, {b['device']}, {b['threads']} threads. CPU: {cpu['model']} ({cpu['isa']}, "
-             f"native bf16: {'yes' if cpu['native_bf16'] else 'no'}). fp32 matmul kernel: ours "
+             f"Model {b['model']}, fp32, {b['device']}, {b['threads']} threads. CPU: {cpu_label(b['cpu'])}. "
+             f"fp32 matmul kernel: ours "
              f"{b['fp32_kernel']['ours']} (as evaluate --babylm runs it), the official side PyTorch's default "
              f"(native, as the official pipeline runs it).", "",
              "| task | items (full) | forward tokens ours / official | seconds ours / official | speed-up "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from lora_project.utils.device import cpu_label
+
 
 def blimp_speed(cfg, pairs_dir: Path, *, per_paradigm: int = 5, rounds: int = 2, log=print) -> dict:
     """Minimal-pair pairs/s per first-pass path on a seeded sample of every paradigm, against the plain
@@ -94,10 +96,9 @@ def blimp_speed(cfg, pairs_dir: Path, *, per_paradigm: int = 5, rounds: int = 2,
 
 def blimp_markdown(b: dict) -> list[str]:
     """The BLiMP speed section of the benchmark report."""
-    cpu = b["cpu"]
     lines = ["", f"## Minimal pairs (BLiMP) speed: {b['sample_pairs']} pairs ({b['per_paradigm']} per paradigm), "
                  f"{b['rounds']} interleaved rounds", "",
-             f"CPU: {cpu['model']} ({cpu['isa']}, native bf16: {'yes' if cpu['native_bf16'] else 'no'}), "
+             f"CPU: {cpu_label(b['cpu'])}, "
              f"{b['threads']} threads, {b['device']}. Shared prefix of each pair: {100 * b['shared_prefix_fraction']:.1f}% "
              f"of the two sentences' tokens; the prefix tree (shared across pairs too) saves "
              f"{100 * b['forward_tokens_saved']:.1f}% of the per-sentence forward tokens on this sample and "

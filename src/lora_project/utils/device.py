@@ -136,6 +136,11 @@ def cpu_class() -> dict:
     return {"model": name, "isa": isa, "native_bf16": cpu_has_native_bf16()}
 
 
+def cpu_label(cpu: dict) -> str:
+    """`cpu_class()`'s record as the reports print it: 'MODEL (ISA, native bf16: yes|no)'."""
+    return f"{cpu['model']} ({cpu['isa']}, native bf16: {'yes' if cpu['native_bf16'] else 'no'})"
+
+
 def platform_name() -> str:
     import platform
 
