@@ -101,7 +101,8 @@ def test_fused_refuses_unequal_shapes(project):
 def test_batch_resume_arguments_are_refused_together(project):
     assert_user_error(run_cli("train-batch", "kids", "--resume", "--overwrite", cwd=project), "--resume", "--overwrite")
     assert_user_error(run_cli("train-batch", "kids", "--resume", "--fused", cwd=project), "--resume", "--fused")
-    assert_user_error(run_cli("train-batch", "kids", "--resume", "--cluster", "local:1", cwd=project), "--resume", "--cluster")
+    assert_user_error(run_cli("train-batch", "kids", "--resume", "--overwrite", "--cluster", "local:1", cwd=project),
+                      "--resume", "--overwrite")
 
 
 def test_an_interrupted_batch_resumed_gives_the_uninterrupted_adapters(project, monkeypatch):

@@ -440,8 +440,9 @@ def _wait_for_steps(project: Path, adapter: str, driver, timeout: float = 90.0) 
 @pytest.mark.slow
 def test_ctrl_c_at_the_driver_cancels_the_tasks_and_a_rerun_finishes_only_what_is_missing(project, tracking_store):
     """SIGINT at a real driver process while a task trains: the task is cancelled, its run ends KILLED (experiment
-    folder and MLflow child run, with its history so far), the parent run KILLED, exit 130 as a local Ctrl-C,
-    nothing in adapters/ but the adapter trained before; a rerun trains only the missing adapter."""
+    folder and MLflow child run, with its history so far, and its interrupt checkpoint), the parent run KILLED, exit
+    130 as a local Ctrl-C, nothing in adapters/ but the adapter trained before; a rerun with --resume trains only
+    the missing adapter, from that checkpoint."""
     import signal
 
     from mlflow.tracking import MlflowClient
@@ -489,9 +490,17 @@ def test_ctrl_c_at_the_driver_cancels_the_tasks_and_a_rerun_finishes_only_what_i
     assert res["status"] == "KILLED" and res["mlflow_run_id"] == killed.info.run_id
     # the rerun trains only what is missing (here locally: a second cluster start would double the test's time;
     # the project folder it reads is the same, and cluster adapters equal local ones in the identity tests)
-    again = run_cli("train-batch", "--all", "--no-progress", "--json", *ONE_CPU, cwd=project)
+    # the task returned its interrupt checkpoint, recorded beside its experiment folder and naming the project's
+    # run: --resume continues it in that folder and run, each loss step once
+    ckpts = sorted((project / "outputs" / "checkpoints" / exp.name).glob("step_*"))
+    assert len(ckpts) == 1 and json.loads((ckpts[0] / "state.json").read_text())["mlflow_run_id"] == killed.info.run_id
+    again = run_cli("train-batch", "--all", "--resume", "--no-progress", "--json", *ONE_CPU, cwd=project)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming {exp.name} from step {int(ckpts[0].name[5:])}" in again.stderr, again.stderr[-3000:]
     rows = {r["dataset"]: r["status"] for r in json.loads(again.stdout)["datasets"]}
     assert rows == {"kids": "skipped", "toddler_data": "trained"}
+    assert client.get_run(killed.info.run_id).info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(killed.info.run_id, "loss")]
+    assert steps == sorted(set(steps)) and steps[-1] == 400
     assert (project / "adapters" / "kids_lora" / "adapter_model.safetensors").read_bytes() == kids
     assert sorted(p.name for p in (project / "adapters").iterdir()) == ["kids_lora", "toddler_data_lora"]

@@ -65,7 +65,8 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="an adapter interrupted mid-training (Ctrl-C, crash) continues from its newest checkpoint, "
                         "as train --resume does (same adapter as an uninterrupted run); finished adapters are "
-                        "skipped as always, one without a checkpoint trains from step 0")
+                        "skipped as always, one without a checkpoint trains from step 0; with --cluster its "
+                        "checkpoint goes to the task (docs/cluster.md)")
     _add_training_args(p, **BATCH_HELP)
     add_cluster(p, "train the adapters")
     p.add_argument("--name-template", metavar="TEMPLATE",

@@ -21,6 +21,7 @@ def record_result(paths: ProjectPaths, result: dict, parent_id: str | None, firs
     folder. Returns results.json."""
     import os
 
+    from lora_project.cluster.resume import record_checkpoint
     from lora_project.models.adapter import METADATA_FILE
     from lora_project.training.lifecycle import new_experiment_dir
     from lora_project.utils.io_utils import atomic_directory, atomic_write_bytes, atomic_write_json
@@ -47,6 +48,7 @@ def record_result(paths: ProjectPaths, result: dict, parent_id: str | None, firs
             data = json.dumps({**json.loads(data), "pid": os.getpid()}, indent=2).encode()
         if rel != "results.json":
             atomic_write_bytes(exp_dir / rel, data)
+    record_checkpoint(paths, result.get("checkpoint_files") or {}, exp_dir, results.get("mlflow_run_id"))
     (exp_dir / "logs").mkdir(exist_ok=True)
     (exp_dir / "logs" / "task.log").write_text("\n".join(result.get("log") or []) + "\n")
     if result["status"] == "FINISHED":
@@ -69,7 +71,8 @@ def record_result(paths: ProjectPaths, result: dict, parent_id: str | None, firs
 
 
 def import_run(paths, cfg, export: dict, exp_name: str, parent_id: str | None, result: dict):
-    """The worker's MLflow run recreated in the project's store: params, tags, every metric step."""
+    """The worker's MLflow run recreated in the project's store: params, tags, every metric step; for a resumed
+    task, its steps (those after the checkpoint) appended to the run it continues."""
     from lora_project.utils.mlflow_utils import MlflowTracker
 
     tags = {k: v for k, v in export["tags"].items() if not k.startswith("mlflow.") or k == "mlflow.source.type"}
@@ -78,7 +81,11 @@ def import_run(paths, cfg, export: dict, exp_name: str, parent_id: str | None, r
     if parent_id:
         tags["mlflow.parentRunId"] = parent_id
     tracker = MlflowTracker(paths, cfg.tracking.experiment_name, cfg.tracking.tracking_uri)
-    if tracker.start(exp_name, export["params"], tags) is None:
+    if result.get("resume_run_id"):  # a resumed task: its steps after the checkpoint go on the project's run
+        if tracker.resume(result["resume_run_id"]) is None:
+            return None
+        tracker.set_tags({k: tags[k] for k in ("cluster_node", "cluster_cpu")})
+    elif tracker.start(exp_name, export["params"], tags) is None:
         return None
     tracker.log_metric_points(export["metrics"])
     return tracker

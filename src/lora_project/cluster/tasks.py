@@ -20,6 +20,7 @@ run KILLED as a local Ctrl-C does, and the task returns that KILLED run for the 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -100,6 +101,32 @@ def read_tree(folder: Path) -> dict[str, bytes]:
     return out
 
 
+def prepare_resume(root: Path, exp_name: str, live: bool) -> None:
+    """In the task's scratch project: the shipped checkpoint continues in a fresh node-local MLflow run (the
+    project's run id means nothing there; the driver appends the new steps to it). With live tracking
+    (an http(s) server the workers reach), the run id is valid and kept."""
+    if live:
+        return
+    for state in (root / "outputs" / "checkpoints" / exp_name).glob("step_*/state.json"):
+        info = json.loads(state.read_text())
+        info["mlflow_run_id"] = None
+        state.write_text(json.dumps(info))
+
+
+def newest_checkpoint(root: Path, exp_name: str | None) -> dict[str, bytes]:
+    """The newest checkpoint a task's run wrote in its scratch project, by path relative to the project
+    (empty when it wrote none): returned by a KILLED or FAILED task so that --resume can continue it."""
+    from lora_project.training.checkpoint import list_checkpoints
+
+    if not exp_name:
+        return {}
+    ckpts = list_checkpoints(root / "outputs" / "checkpoints" / exp_name)
+    if not ckpts:
+        return {}
+    rel = ckpts[-1].relative_to(root).as_posix()
+    return {f"{rel}/{r}": data for r, data in read_tree(ckpts[-1]).items()}
+
+
 def export_run(uri: str, run_id: str | None) -> dict | None:
     """One MLflow run of a (node-local) store as plain data: params, tags, every metric step, status."""
     if not run_id:
@@ -163,14 +190,23 @@ def _graceful_cancel():
         interrupts.clear_stop()
 
 
-def train_task(spec: dict, files, progress=None) -> dict:
+def train_task(spec: dict, files, progress=None, resume_files=None) -> dict:
     """Train one adapter as `train_adapter` does locally; returns what it wrote (see the module docstring).
-    `files`: {path: bytes} shipped by the driver, or with a shared filesystem the paths to copy from it."""
+    `files`: {path: bytes} shipped by the driver, or with a shared filesystem the paths to copy from it;
+    `resume_files` the same for the checkpoint to continue (``spec["resume"]``, cluster/resume.py)."""
     with _graceful_cancel():
-        return _train_task(spec, files, progress)
+        return _train_task(spec, files, progress, resume_files)
 
 
-def _train_task(spec: dict, files, progress) -> dict:
+def _place(root: Path, spec: dict, files) -> None:
+    """The shipped files written into the scratch project, or copied from the shared project folder."""
+    if spec.get("shared_root"):
+        _copy_shared(root, Path(spec["shared_root"]), files or [])
+    else:
+        _write_files(root, files or {})
+
+
+def _train_task(spec: dict, files, progress, resume_files) -> dict:
     from lora_project.config import build_config
     from lora_project.errors import UserError
     from lora_project.models.base_model import loads_in_this_process
@@ -193,10 +229,10 @@ def _train_task(spec: dict, files, progress) -> dict:
         root = where / "project"
         root.mkdir()
         t_files = time.perf_counter()
-        if spec.get("shared_root"):
-            _copy_shared(root, Path(spec["shared_root"]), files or [])
-        else:
-            _write_files(root, files or {})
+        _place(root, spec, files)
+        if spec.get("resume"):  # the experiment folder and newest checkpoint that the recipe continues
+            _place(root, spec, resume_files)
+            prepare_resume(root, spec["resume"]["exp_name"], bool(spec.get("tracking_uri")))
         phases = {"started_at": started_at, "data_shipping": time.perf_counter() - t_files, "model_load": 0.0,
                   "model_loads": 0, "training": 0.0}
         (root / "config").mkdir(exist_ok=True)
@@ -248,6 +284,7 @@ def _train_task(spec: dict, files, progress) -> dict:
             experiment_name=exp_dir.name if exp_dir else None,
             experiment_files=read_tree(exp_dir) if exp_dir else {},
             adapter_files=read_tree(paths.adapter(spec["adapter"])) if result["status"] == "FINISHED" else {},
+            checkpoint_files={} if result["status"] == "FINISHED" else newest_checkpoint(root, exp_dir.name if exp_dir else None),
             mlflow=None if live else export_run(uri, run_id), live_run_id=run_id if live else None,
             task_seconds=time.perf_counter() - t_start, phases=phases)
         phases["finished_at"] = time.time()  # the worker is free for the next task from here

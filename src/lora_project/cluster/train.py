@@ -212,13 +212,22 @@ class AdapterTasks:
         self.shipped: dict[str, object] = {}
         self.starts: dict[str, int] = {}
         self.configs: dict[str, object] = {}
+        self.resumed: dict[str, str | None] = {}  # adapter -> the project's MLflow run its task continues
         self.sent: dict = {}  # ref -> (submit time, the driver's seconds packing and putting its data): task phases
 
     def submit(self, name: str, adapter: str, cfg, options: RunOptions, run_kind: str):
         """One task training `adapter` on dataset `name` with `options` (as a local run would); its ref.
-        A UserError (with `runs`: the adapter is being trained elsewhere) before anything is sent."""
+        A UserError (with `runs`: the adapter is being trained elsewhere) before anything is sent. With
+        `options.resume`, an adapter with a checkpoint in the project continues it (cluster/resume.py)."""
+        from lora_project.cluster.resume import task_checkpoint
+
         if self.runs is not None:
             self.runs.lock(adapter, cfg.training.max_steps)  # as a local run: one trainer per adapter
+        resume = task_checkpoint(self.paths, adapter, self.shared) if options.resume else None
+        if resume is not None:
+            self.resumed[adapter] = resume["run_id"]
+            if self.runs is not None:  # the run continues in its experiment folder
+                self.runs.exp[adapter] = self.paths.experiments_dir / resume["exp_name"]
         packing = 0.0
         if name not in self.shipped:
             t_pack = time.perf_counter()
@@ -227,14 +236,15 @@ class AdapterTasks:
             packing = time.perf_counter() - t_pack
         spec = {"key": adapter, "dataset": name, "adapter": adapter, "config": cfg.to_dict(),
                 "options": replace(options, adapter_name=adapter, log=print, progress=False, run_kind=run_kind,
-                                   parent_run_id=self.parent_id if self.live else None),
+                                   parent_run_id=self.parent_id if self.live else None, resume=resume is not None),
+                "resume": resume and {k: resume[k] for k in ("exp_name", "run_id", "step")},
                 "precision": self.precision, "kernel": self.kernel, "threads": self.cpus, "tracking_uri": self.live,
                 "shared_root": str(self.paths.root) if self.shared else None}
         ref = self.remote.options(num_cpus=self.cpus, max_retries=self.max_retries, retry_exceptions=False).remote(
-            spec, self.shipped[name], self.progress)
+            spec, self.shipped[name], self.progress, resume and resume["files"])
         self.sent[ref] = (time.time(), packing)
         self.configs[adapter] = cfg
-        self.log(f"[{adapter}] queued")
+        self.log(f"[{adapter}] queued" + (f", resuming {resume['exp_name']} from step {resume['step']}" if resume else ""))
         return ref
 
     def wait(self, pending: list, timeout: float = 1.0) -> tuple[list, list]:
@@ -268,6 +278,8 @@ class AdapterTasks:
         from lora_project.utils.interrupts import shielded
 
         result["adapter"] = adapter
+        if adapter in self.resumed:
+            result["resume_run_id"] = self.resumed[adapter]
         with shielded():
             if self.runs is None:
                 with adapter_lock(self.paths, adapter):
@@ -398,13 +410,11 @@ def train_batch_cluster(paths: ProjectPaths, names: list[str], config_files: lis
                         name_template: str | None = None) -> dict:
     """`lora-project train-batch --cluster ADDRESS`: the same jobs as local train-batch, as Ray tasks."""
     from lora_project.config import read_yaml
-    from lora_project.training.batch import config_for, load_batch_overrides, write_summary
+    from lora_project.training.batch import check_resume, config_for, load_batch_overrides, write_summary
     from lora_project.training.seeds import check_unique, seeded_runs
     from lora_project.utils.io_utils import output_dir
 
-    if options.resume:
-        raise UserError("train-batch --resume with --cluster is not supported yet: run the same train-batch "
-                        "again (finished adapters are skipped) or resume without --cluster")
+    check_resume(options)
     batch_file = batch_config or (paths.config_dir / "batch_config.yaml")
     if batch_config is None and not batch_file.is_file():
         batch_file = None

@@ -1,0 +1,67 @@
+"""`train-batch --resume --cluster`: an interrupted adapter's checkpoint continues in a Ray task (real Ray on
+127.0.0.1, tiny model), giving the bytes of an uninterrupted run and one MLflow run with every step once."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+
+from conftest import run_cli
+
+ONE_CPU = ["--set", "cluster.cpus_per_task=1"]
+STEPS = ["--no-progress", "--set", "training.max_steps=10", "--set", "training.checkpoint_interval=5",
+         "--set", "training.eval_interval=0", *ONE_CPU]
+
+
+def _stop_kids_at_step_5(project, monkeypatch):
+    """A local train-batch whose second adapter (kids) is stopped right after its step-5 checkpoint."""
+    from lora_project.training import checkpoint
+    from lora_project.utils import interrupts
+
+    real_on_step_end = checkpoint.CheckpointCallback.on_step_end
+
+    def stop(self, state, metrics):
+        real_on_step_end(self, state, metrics)
+        if state.step == 5 and "kids" in self.folder.name:
+            interrupts.handle_signal(signal.SIGTERM, None)
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint.CheckpointCallback, "on_step_end", stop)
+        stopped = run_cli("train-batch", "toddler_data", "kids", *STEPS, cwd=project)
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shared", ["false", "true"])
+def test_an_interrupted_adapter_resumes_from_its_checkpoint_in_a_cluster_task(project, tracking_store, monkeypatch,
+                                                                              shared):
+    from mlflow.tracking import MlflowClient
+
+    ref = run_cli("train-batch", "toddler_data", "kids", "--no-mlflow", "--name-template", "{dataset}_ref", *STEPS,
+                  cwd=project)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    _stop_kids_at_step_5(project, monkeypatch)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tracking_store}")
+    exp_id = client.get_experiment_by_name("tests").experiment_id
+    killed = [r for r in client.search_runs([exp_id]) if r.data.tags.get("dataset") == "kids"]
+    assert [r.info.status for r in killed] == ["KILLED"]
+    proc = run_cli("train-batch", "toddler_data", "kids", "--resume", "--json", "--cluster", "local:1",
+                   "--set", f"cluster.shared_filesystem={shared}", *STEPS, cwd=project)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["dataset"]: r for r in json.loads(proc.stdout)["datasets"]}
+    assert rows["toddler_data"]["status"] == "skipped" and rows["kids"]["status"] == "trained"
+    exp = sorted(p.name for p in (project / "experiments").glob("exp_*_kids"))
+    assert len(exp) == 1 and f"[kids] queued, resuming {exp[0]} from step 5" in proc.stderr, proc.stderr[-3000:]
+    for name in ("toddler_data", "kids"):
+        ours, theirs = (project / "adapters" / f"{n}_lora" / "adapter_model.safetensors" for n in (name, f"{name}_ref"))
+        assert ours.read_bytes() == theirs.read_bytes(), f"{name}: the resumed task's adapter differs"
+    # the interrupted run continued: one MLflow run for kids, FINISHED, each step once, params not doubled
+    runs = [r for r in client.search_runs([exp_id]) if r.data.tags.get("dataset") == "kids"]
+    assert [r.info.run_id for r in runs] == [killed[0].info.run_id] and runs[0].info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [2, 4, 6, 8, 10]
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_loss")] == [0, 10]
+    assert runs[0].data.tags["cluster_node"] and runs[0].data.params["training.max_steps"] == "10"
+    res = json.loads((project / "experiments" / exp[0] / "results.json").read_text())
+    assert res["status"] == "FINISHED" and res["steps"] == 10 and res["mlflow_run_id"] == runs[0].info.run_id
