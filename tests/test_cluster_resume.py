@@ -9,6 +9,7 @@ import signal
 import pytest
 
 from conftest import run_cli
+from test_cluster import loopback_cluster  # noqa: F401  (a fixture)
 
 ONE_CPU = ["--set", "cluster.cpus_per_task=1"]
 STEPS = ["--no-progress", "--set", "training.max_steps=10", "--set", "training.checkpoint_interval=5",
@@ -65,3 +66,50 @@ def test_an_interrupted_adapter_resumes_from_its_checkpoint_in_a_cluster_task(pr
     assert runs[0].data.tags["cluster_node"] and runs[0].data.params["training.max_steps"] == "10"
     res = json.loads((project / "experiments" / exp[0] / "results.json").read_text())
     assert res["status"] == "FINISHED" and res["steps"] == 10 and res["mlflow_run_id"] == runs[0].info.run_id
+
+
+@pytest.mark.slow
+def test_a_task_retried_after_its_node_is_lost_resumes_from_its_mirrored_checkpoint(project, tracking_store,
+                                                                                    loopback_cluster):
+    """Shared filesystem (auto: the nodes see the driver's marker): the task mirrors each checkpoint to its folder
+    in the project; once one is there, every worker node is removed; the retry on a new node continues from it
+    (its log says so) with the metric points before it: the adapter's bytes equal a local run's and the MLflow run
+    has every step once."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from test_cluster import _adapter_bytes, _check_runs, _stop
+
+    cluster, workers, small = loopback_cluster
+    longer = ["--set", "training.max_steps=150", "--set", "training.eval_interval=50",
+              "--set", "training.checkpoint_interval=10"]
+    proc = run_cli("train-batch", "toddler_data", "--no-progress", "--no-mlflow", *ONE_CPU, *longer, cwd=project)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = _adapter_bytes(project)
+    cmd = [sys.executable, "-m", "lora_project", "train-batch", "toddler_data", "--no-progress", "--json",
+           "--overwrite", "--cluster", "auto", *ONE_CPU, *longer]
+    driver = subprocess.Popen(cmd, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "LORA_PROJECT_ROOT": str(project)})
+    mirrors = project / "outputs" / "cluster_tasks"
+    try:
+        deadline = time.monotonic() + 120
+        while not list(mirrors.glob("toddler_data-*/latest/outputs/checkpoints/*/step_*")):
+            assert driver.poll() is None and time.monotonic() < deadline, "no checkpoint mirrored"
+            time.sleep(0.05)
+        cluster.add_node(num_cpus=1, **small)  # somewhere to go
+        for node in workers:
+            cluster.remove_node(node, allow_graceful=False)  # the task's node is one of them
+        out, err = driver.communicate(timeout=300)
+    finally:
+        _stop(driver)
+    assert driver.returncode == 0, err[-3000:]
+    assert "shared filesystem" in err and "retried, running on" in err, err[-3000:]
+    summary = json.loads(out)
+    assert summary["datasets"][0]["status"] == "trained"
+    exp = project / "experiments" / sorted(p.name for p in (project / "experiments").glob("exp_*_toddler_data"))[-1]
+    assert "continuing from the checkpoint of step " in (exp / "logs" / "task.log").read_text()
+    assert _adapter_bytes(project) == ref
+    _check_runs(project, summary, 1, steps=150, eval_every=50)  # every loss and val_loss step exactly once
+    assert not list(mirrors.iterdir())  # the task's folder is removed once its result is recorded

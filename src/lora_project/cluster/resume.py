@@ -12,12 +12,20 @@ what a resume needs in the project, as a local run leaves it:
   shared project folder. The task puts them into its scratch project and runs the local recipe with
   ``resume=True`` (`tasks.prepare_resume`); its node-local MLflow run then holds the steps after the
   checkpoint, which the driver appends to the project's run (cluster/record.py), so every step is
-  there once.
+  there once;
+* with a shared filesystem, each task has its own folder in the project, ``outputs/cluster_tasks/
+  <adapter>-<random>/`` (`mirror_dir`), where it mirrors its newest checkpoint as it trains
+  (``latest/``: the checkpoint, the experiment folder, the MLflow metric points so far). A retry of the
+  task after its node was lost resumes from there (tasks.py), carrying the points before the checkpoint
+  into its run, so the recorded run has every step once; the driver removes the folder once the task's
+  result is recorded (`drop_mirror`).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import uuid
 from pathlib import Path
 
 from lora_project.paths import ProjectPaths
@@ -57,3 +65,14 @@ def record_checkpoint(paths: ProjectPaths, files: dict[str, bytes], exp_dir: Pat
             if name == "state.json":
                 data = json.dumps({**json.loads(data), "mlflow_run_id": run_id}).encode()
             atomic_write_bytes(tmp / name, data)
+
+
+def mirror_dir(adapter: str) -> str:
+    """A new task's own folder in the shared project, relative to the project root."""
+    return f"outputs/cluster_tasks/{adapter}-{uuid.uuid4().hex[:12]}"
+
+
+def drop_mirror(paths: ProjectPaths, rel: str | None) -> None:
+    """Remove a task's mirror folder once the task ended (its result returned, or lost for good)."""
+    if rel:
+        shutil.rmtree(paths.root / rel, ignore_errors=True)

@@ -127,6 +127,70 @@ def newest_checkpoint(root: Path, exp_name: str | None) -> dict[str, bytes]:
     return {f"{rel}/{r}": data for r, data in read_tree(ckpts[-1]).items()}
 
 
+def _mirror_dir(spec: dict) -> Path | None:
+    """The task's own folder in the shared project folder (shared filesystem only), where its newest checkpoint
+    is mirrored while it trains: a retry of the task after its node was lost resumes from there."""
+    if spec.get("shared_root") and spec.get("task_dir"):
+        return Path(spec["shared_root"]) / spec["task_dir"]
+    return None
+
+
+def _mirror_to(mirror: Path, root: Path, target: Path, uri: str | None, before: list) -> None:
+    """Copy one checkpoint just written (`target`, in the scratch project) to the task's shared folder, as one
+    atomic folder ``latest/``: the checkpoint, its experiment folder, and the MLflow metric points so far (those
+    of earlier attempts, then this attempt's node-local run), which a retry carries into its run."""
+    from lora_project.utils.io_utils import atomic_directory
+
+    exp_name = target.parent.name
+    info = json.loads((target / "state.json").read_text())
+    export = export_run(uri, info.get("mlflow_run_id")) if uri else None
+    with atomic_directory(mirror / "latest", overwrite=True) as tmp:
+        shutil.copytree(target, tmp / "outputs" / "checkpoints" / exp_name / target.name)
+        shutil.copytree(root / "experiments" / exp_name, tmp / "experiments" / exp_name,
+                        ignore=shutil.ignore_patterns("progress.json"))
+        (tmp / "mlflow.json").write_text(json.dumps(before + (export["metrics"] if export else [])))
+
+
+def _resume_setup(root: Path, spec: dict, resume_files) -> tuple[bool, list, int | None]:
+    """Whether the recipe resumes, the MLflow metric points of earlier attempts up to the checkpoint (its
+    node-local run starts after it), and the checkpoint's step: the checkpoint the driver sent (train-batch
+    --resume), superseded by a newer one an earlier attempt of this task mirrored to the shared folder."""
+    live = bool(spec.get("tracking_uri"))
+    if spec.get("resume"):
+        _place(root, spec, resume_files)
+        prepare_resume(root, spec["resume"]["exp_name"], live)
+    mirror = _mirror_dir(spec)
+    snap = mirror / "latest" if mirror else None
+    if snap is None or not (snap / "mlflow.json").is_file():
+        return bool(spec.get("resume")), [], spec["resume"]["step"] if spec.get("resume") else None
+    for top in ("experiments", "outputs"):
+        shutil.copytree(snap / top, root / top, dirs_exist_ok=True)
+    state = next((snap / "outputs" / "checkpoints").glob("*/step_*/state.json"))
+    step = json.loads(state.read_text())["step"]
+    prepare_resume(root, state.parent.parent.name, live)
+    return True, [p for p in json.loads((snap / "mlflow.json").read_text()) if p[3] <= step], step
+
+
+def _run_options(spec: dict, root: Path, uri: str | None, resume: bool, before: list, lines: list, progress):
+    """The driver's RunOptions for the recipe in this task: its log kept, resuming when there is a checkpoint,
+    progress sent to the driver, checkpoints mirrored to the shared project folder (shared filesystem)."""
+    options = replace(spec["options"], log=lines.append, progress=False, resume=resume)
+    if progress is not None:
+        options = replace(options, extra_callbacks=(*options.extra_callbacks,
+                                                    _forward_progress(progress, spec["key"])))
+    mirror = _mirror_dir(spec)
+    if mirror is not None:
+        def on_checkpoint(target: Path) -> None:
+            try:
+                mirror.mkdir(parents=True, exist_ok=True)
+                _mirror_to(mirror, root, target, uri, before)
+            except OSError as exc:  # the shared folder failing must not stop the training
+                lines.append(f"warning: could not mirror checkpoint {target.name} to {mirror}: {exc}")
+
+        options = replace(options, on_checkpoint=on_checkpoint)
+    return options
+
+
 def export_run(uri: str, run_id: str | None) -> dict | None:
     """One MLflow run of a (node-local) store as plain data: params, tags, every metric step, status."""
     if not run_id:
@@ -230,9 +294,9 @@ def _train_task(spec: dict, files, progress, resume_files) -> dict:
         root.mkdir()
         t_files = time.perf_counter()
         _place(root, spec, files)
-        if spec.get("resume"):  # the experiment folder and newest checkpoint that the recipe continues
-            _place(root, spec, resume_files)
-            prepare_resume(root, spec["resume"]["exp_name"], bool(spec.get("tracking_uri")))
+        resume, before, step = _resume_setup(root, spec, resume_files)  # the experiment folder and checkpoint
+        if step is not None:
+            lines.append(f"continuing from the checkpoint of step {step}")
         phases = {"started_at": started_at, "data_shipping": time.perf_counter() - t_files, "model_load": 0.0,
                   "model_loads": 0, "training": 0.0}
         (root / "config").mkdir(exist_ok=True)
@@ -244,10 +308,10 @@ def _train_task(spec: dict, files, progress, resume_files) -> dict:
         cfg = replace(cfg, tracking=replace(cfg.tracking, tracking_uri=live))
         if not live:
             os.environ.pop("MLFLOW_TRACKING_URI", None)  # the node-local store, imported by the driver
-        options = replace(spec["options"], log=lines.append, progress=False)
-        if progress is not None:
-            options = replace(options, extra_callbacks=(*options.extra_callbacks,
-                                                        _forward_progress(progress, spec["key"])))
+        from lora_project.utils.mlflow_utils import resolve_tracking_uri
+
+        uri = resolve_tracking_uri(paths, live)
+        options = _run_options(spec, root, None if live else uri, resume, before, lines, progress)
         result = {"key": spec["key"], "node": node, "cpu": cpu_class(), "status": "FINISHED", "error": None,
                   "bug": False}
         t_load = time.perf_counter()
@@ -272,20 +336,18 @@ def _train_task(spec: dict, files, progress, resume_files) -> dict:
         exp_dir = exp[-1] if exp else None
         results_json = res
         if results_json is None and exp_dir is not None and (exp_dir / "results.json").is_file():
-            import json
-
             results_json = json.loads((exp_dir / "results.json").read_text())
         run_id = (results_json or {}).get("mlflow_run_id")
-        from lora_project.utils.mlflow_utils import resolve_tracking_uri
-
-        uri = resolve_tracking_uri(paths, live)
+        export = None if live else export_run(uri, run_id)
+        if export is not None:  # an earlier attempt's steps up to the checkpoint come first
+            export["metrics"] = before + export["metrics"]
         result.update(
             results=results_json, log=lines,
             experiment_name=exp_dir.name if exp_dir else None,
             experiment_files=read_tree(exp_dir) if exp_dir else {},
             adapter_files=read_tree(paths.adapter(spec["adapter"])) if result["status"] == "FINISHED" else {},
             checkpoint_files={} if result["status"] == "FINISHED" else newest_checkpoint(root, exp_dir.name if exp_dir else None),
-            mlflow=None if live else export_run(uri, run_id), live_run_id=run_id if live else None,
+            mlflow=export, live_run_id=run_id if live else None,
             task_seconds=time.perf_counter() - t_start, phases=phases)
         phases["finished_at"] = time.time()  # the worker is free for the next task from here
         return result

@@ -10,17 +10,14 @@ The driver (this process):
 4. submits one task per adapter (``num_cpus=cluster.cpus_per_task``, ``max_retries=
    cluster.max_retries``, ``retry_exceptions=False``), each with the driver's `RunOptions`;
 5. fetches each result as soon as its task ends (``ray.wait``), so that a later node loss cannot
-   make a finished task run again, and records it: the adapter (atomic folder write, under the
-   adapter lock), the experiment folder (a new number here), and the MLflow run, a child of the
-   command's parent run, with the worker's params, tags and every metric step, then its status.
+   make a finished task run again, and records it (cluster/record.py). Checkpoints: cluster/resume.py.
 
 Progress: one line per task event (queued, running on NODE, retried, done, failed, killed), an overall
 bar with ETA, and the files the web board reads for a local run (the adapter lock and the experiment
 folder's logs/progress.json, with the driver's pid: cluster/progress.py).
 
-Ctrl-C or SIGTERM at the driver: the tasks still out are cancelled; a running one ends its run KILLED as
-a local Ctrl-C does and returns it, and the driver records it before the parent run ends KILLED
-(`AdapterTasks.cancel`).
+Ctrl-C or SIGTERM at the driver: the tasks still out are cancelled; a running one ends its run KILLED as a
+local Ctrl-C does and returns it; the driver records it before the parent run ends KILLED (`AdapterTasks.cancel`).
 """
 
 from __future__ import annotations
@@ -31,6 +28,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lora_project.cluster.resume import drop_mirror, mirror_dir, task_checkpoint
 from lora_project.errors import RunInterrupted, UserError
 from lora_project.paths import ProjectPaths
 from lora_project.training.options import RunOptions
@@ -213,14 +211,13 @@ class AdapterTasks:
         self.starts: dict[str, int] = {}
         self.configs: dict[str, object] = {}
         self.resumed: dict[str, str | None] = {}  # adapter -> the project's MLflow run its task continues
+        self.mirrors: dict[str, str] = {}  # adapter -> its task's folder in the shared project (cluster/resume.py)
         self.sent: dict = {}  # ref -> (submit time, the driver's seconds packing and putting its data): task phases
 
     def submit(self, name: str, adapter: str, cfg, options: RunOptions, run_kind: str):
         """One task training `adapter` on dataset `name` with `options` (as a local run would); its ref.
         A UserError (with `runs`: the adapter is being trained elsewhere) before anything is sent. With
         `options.resume`, an adapter with a checkpoint in the project continues it (cluster/resume.py)."""
-        from lora_project.cluster.resume import task_checkpoint
-
         if self.runs is not None:
             self.runs.lock(adapter, cfg.training.max_steps)  # as a local run: one trainer per adapter
         resume = task_checkpoint(self.paths, adapter, self.shared) if options.resume else None
@@ -239,7 +236,8 @@ class AdapterTasks:
                                    parent_run_id=self.parent_id if self.live else None, resume=resume is not None),
                 "resume": resume and {k: resume[k] for k in ("exp_name", "run_id", "step")},
                 "precision": self.precision, "kernel": self.kernel, "threads": self.cpus, "tracking_uri": self.live,
-                "shared_root": str(self.paths.root) if self.shared else None}
+                "shared_root": str(self.paths.root) if self.shared else None,
+                "task_dir": self.mirrors.setdefault(adapter, mirror_dir(adapter)) if self.shared else None}
         ref = self.remote.options(num_cpus=self.cpus, max_retries=self.max_retries, retry_exceptions=False).remote(
             spec, self.shipped[name], self.progress, resume and resume["files"])
         self.sent[ref] = (time.time(), packing)
@@ -271,8 +269,8 @@ class AdapterTasks:
         return out, pending
 
     def record(self, result: dict, adapter: str, first_cfg, overwrite: bool) -> dict:
-        """Write a task's adapter, experiment folder and MLflow run into the project; its results.json.
-        A Ctrl-C waits until the record is whole (folders, MLflow run and its end state)."""
+        """Write a task's adapter, experiment folder and MLflow run into the project; its results.json. A Ctrl-C
+        waits until the record is whole (folders, MLflow run and its end state)."""
         from lora_project.cluster.record import record_result
         from lora_project.training.lifecycle import adapter_lock
         from lora_project.utils.interrupts import shielded
@@ -280,6 +278,7 @@ class AdapterTasks:
         result["adapter"] = adapter
         if adapter in self.resumed:
             result["resume_run_id"] = self.resumed[adapter]
+        drop_mirror(self.paths, self.mirrors.pop(adapter, None))  # the task ended: its result is here
         with shielded():
             if self.runs is None:
                 with adapter_lock(self.paths, adapter):
@@ -294,6 +293,7 @@ class AdapterTasks:
 
     def lost(self, adapter: str, error: str) -> None:
         """A task that returned no result (lost, crashed, cancelled): its started run ends KILLED or FAILED."""
+        drop_mirror(self.paths, self.mirrors.pop(adapter, None))
         if self.runs is not None:
             cancelled = error.startswith("TaskCancelledError")
             self.runs.end_without_run(adapter, "KILLED" if cancelled else "FAILED",

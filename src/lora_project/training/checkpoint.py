@@ -77,13 +77,14 @@ def list_checkpoints(folder: Path, recover: bool = False) -> list[Path]:
 class CheckpointCallback(Callback):
     """Saves a checkpoint every `interval` steps, at the end, and when the run is interrupted."""
 
-    def __init__(self, folder: Path, interval: int, keep: int, meta: dict):
+    def __init__(self, folder: Path, interval: int, keep: int, meta: dict, on_saved=None):
         self.folder = Path(folder)
         self.interval = interval
         self.keep = keep
         self.meta = meta  # fingerprints, run id, metrics_before: written into state.json
         self._snapshot = None  # (loader state, rng) at the end of the last completed step
         self.failed: str | None = None  # why the interrupt checkpoint could not be written
+        self.on_saved = on_saved  # called with each checkpoint folder written (RunOptions.on_checkpoint)
 
     def on_train_start(self, state: TrainState) -> None:
         self._snapshot = (state.loader.state_dict(), capture_rng())
@@ -147,6 +148,8 @@ class CheckpointCallback(Callback):
             (tmp / "state.json").write_text(json.dumps(info, default=float))
         for old in list_checkpoints(self.folder)[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
+        if self.on_saved is not None:
+            self.on_saved(target)
         return target
 
 

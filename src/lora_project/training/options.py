@@ -48,5 +48,9 @@ class RunOptions:
     extra_callbacks: Sequence = ()
     """Callbacks that observe the training loop after the run's own (a sweep's pruning callback)."""
 
+    on_checkpoint: Callable[[Any], None] | None = None
+    """Called with each checkpoint folder once it is written (a cluster task mirrors it to the shared
+    project folder, so that a retry on another node resumes from it)."""
+
     log: Callable[[str], None] = print
     """Where the run's progress lines go (one string per call)."""

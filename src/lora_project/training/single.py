@@ -267,7 +267,7 @@ def _callbacks(job: _Job, inputs: _Inputs, run: Run, val: _Validation):
             meta={"config_fields": config_fingerprint_fields(inputs.asked), "dataset_name": job.dataset,
                   "dataset_fingerprint": inputs.streams.fingerprint, "base_fingerprint": base.ref.fingerprint,
                   "base_name": base.ref.name, "mlflow_run_id": run.run_id, "metrics_before": val.before,
-                  "evals": val.evals})
+                  "evals": val.evals}, on_saved=job.opts.on_checkpoint)
         callbacks.append(checkpointer)
     return callbacks, best, checkpointer
 
