@@ -105,30 +105,36 @@ def test_batch_resume_arguments_are_refused_together(project):
                       "--resume", "--overwrite")
 
 
-def test_an_interrupted_batch_resumed_gives_the_uninterrupted_adapters(project, monkeypatch):
-    """toddler_data finishes, kids is stopped right after its step-5 checkpoint (what SIGTERM's handler
-    does); train-batch --resume skips toddler_data and continues kids from step 5 in its experiment folder:
-    the adapters' bytes equal an uninterrupted batch's."""
+def stop_kids_at_step_5(project, monkeypatch, args) -> None:
+    """A local `train-batch toddler_data kids ARGS` whose second adapter (kids) is stopped right after its
+    step-5 checkpoint, as SIGTERM's handler stops it (exit 130); used by the cluster resume tests too."""
     import signal
 
     from lora_project.training import checkpoint
     from lora_project.utils import interrupts
 
-    steps = ["--no-progress", "--no-mlflow", "--set", "training.max_steps=10", "--set",
-             "training.checkpoint_interval=5", "--set", "training.eval_interval=0"]
-    ref = run_cli("train-batch", "toddler_data", "kids", "--name-template", "{dataset}_ref", *steps, cwd=project)
-    assert ref.returncode == 0, ref.stderr[-2000:]
     real_on_step_end = checkpoint.CheckpointCallback.on_step_end
 
-    def stop_kids_after_step_5(self, state, metrics):
+    def stop(self, state, metrics):
         real_on_step_end(self, state, metrics)
         if state.step == 5 and "kids" in self.folder.name:
             interrupts.handle_signal(signal.SIGTERM, None)
 
     with monkeypatch.context() as m:
-        m.setattr(checkpoint.CheckpointCallback, "on_step_end", stop_kids_after_step_5)
-        stopped = run_cli("train-batch", "toddler_data", "kids", *steps, cwd=project)
+        m.setattr(checkpoint.CheckpointCallback, "on_step_end", stop)
+        stopped = run_cli("train-batch", "toddler_data", "kids", *args, cwd=project)
     assert stopped.returncode == 130, stopped.stderr[-2000:]
+
+
+def test_an_interrupted_batch_resumed_gives_the_uninterrupted_adapters(project, monkeypatch):
+    """toddler_data finishes, kids is stopped right after its step-5 checkpoint (what SIGTERM's handler
+    does); train-batch --resume skips toddler_data and continues kids from step 5 in its experiment folder:
+    the adapters' bytes equal an uninterrupted batch's."""
+    steps = ["--no-progress", "--no-mlflow", "--set", "training.max_steps=10", "--set",
+             "training.checkpoint_interval=5", "--set", "training.eval_interval=0"]
+    ref = run_cli("train-batch", "toddler_data", "kids", "--name-template", "{dataset}_ref", *steps, cwd=project)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    stop_kids_at_step_5(project, monkeypatch, steps)
     assert not (project / "adapters" / "kids_lora").exists()
     resumed = run_cli("train-batch", "toddler_data", "kids", "--resume", "--json", *steps, cwd=project)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

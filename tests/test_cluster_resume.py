@@ -4,34 +4,16 @@
 from __future__ import annotations
 
 import json
-import signal
 
 import pytest
 
 from conftest import run_cli
+from test_batch import stop_kids_at_step_5
 from test_cluster import loopback_cluster  # noqa: F401  (a fixture)
 
 ONE_CPU = ["--set", "cluster.cpus_per_task=1"]
 STEPS = ["--no-progress", "--set", "training.max_steps=10", "--set", "training.checkpoint_interval=5",
          "--set", "training.eval_interval=0", *ONE_CPU]
-
-
-def _stop_kids_at_step_5(project, monkeypatch):
-    """A local train-batch whose second adapter (kids) is stopped right after its step-5 checkpoint."""
-    from lora_project.training import checkpoint
-    from lora_project.utils import interrupts
-
-    real_on_step_end = checkpoint.CheckpointCallback.on_step_end
-
-    def stop(self, state, metrics):
-        real_on_step_end(self, state, metrics)
-        if state.step == 5 and "kids" in self.folder.name:
-            interrupts.handle_signal(signal.SIGTERM, None)
-
-    with monkeypatch.context() as m:
-        m.setattr(checkpoint.CheckpointCallback, "on_step_end", stop)
-        stopped = run_cli("train-batch", "toddler_data", "kids", *STEPS, cwd=project)
-    assert stopped.returncode == 130, stopped.stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -43,7 +25,7 @@ def test_an_interrupted_adapter_resumes_from_its_checkpoint_in_a_cluster_task(pr
     ref = run_cli("train-batch", "toddler_data", "kids", "--no-mlflow", "--name-template", "{dataset}_ref", *STEPS,
                   cwd=project)
     assert ref.returncode == 0, ref.stderr[-2000:]
-    _stop_kids_at_step_5(project, monkeypatch)
+    stop_kids_at_step_5(project, monkeypatch, STEPS)
     client = MlflowClient(tracking_uri=f"sqlite:///{tracking_store}")
     exp_id = client.get_experiment_by_name("tests").experiment_id
     killed = [r for r in client.search_runs([exp_id]) if r.data.tags.get("dataset") == "kids"]
