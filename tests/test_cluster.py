@@ -277,18 +277,28 @@ def test_a_version_mismatch_is_refused_before_training(project, monkeypatch):
     assert not (project / "adapters").exists() or not any((project / "adapters").iterdir())
 
 
+def start_driver(project: Path, *args: str) -> subprocess.Popen:
+    """`lora-project ARGS` as a real driver process in `project` (its own Ray state, signals of its own)."""
+    return subprocess.Popen([sys.executable, "-m", "lora_project", *args], cwd=project, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "LORA_PROJECT_ROOT": str(project)})
+
+
+def _reference_then_driver_on_auto(project: Path, longer: list[str]) -> tuple[bytes, subprocess.Popen]:
+    """toddler_data trained locally (the reference bytes), then the same config started as a
+    `train-batch --cluster auto` driver process that overwrites it."""
+    proc = run_cli("train-batch", "toddler_data", "--no-progress", "--no-mlflow", *ONE_CPU, *longer, cwd=project)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = _adapter_bytes(project)
+    return ref, start_driver(project, "train-batch", "toddler_data", "--no-progress", "--json", "--overwrite",
+                             "--cluster", "auto", *ONE_CPU, *longer)
+
+
 @pytest.mark.slow
 def test_a_worker_node_removed_mid_training_is_retried_elsewhere_with_the_same_adapter(project, tracking_store,
                                                                                        loopback_cluster):
     cluster, workers, small = loopback_cluster
     longer = ["--set", "training.max_steps=150", "--set", "training.eval_interval=50"]
-    proc = run_cli("train-batch", "toddler_data", "--no-progress", "--no-mlflow", *ONE_CPU, *longer, cwd=project)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ref = _adapter_bytes(project)
-    cmd = [sys.executable, "-m", "lora_project", "train-batch", "toddler_data", "--no-progress", "--json",
-           "--overwrite", "--cluster", "auto", *ONE_CPU, *longer]
-    driver = subprocess.Popen(cmd, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "LORA_PROJECT_ROOT": str(project)})
+    ref, driver = _reference_then_driver_on_auto(project, longer)
     lines = []
     try:
         for line in driver.stderr:  # wait until the task runs, then take a worker node away
@@ -453,10 +463,7 @@ def test_ctrl_c_at_the_driver_cancels_the_tasks_and_a_rerun_finishes_only_what_i
     proc = run_cli("train-batch", "kids", "--no-progress", "--no-mlflow", *ONE_CPU, cwd=project)
     assert proc.returncode == 0, proc.stderr[-3000:]
     kids = (project / "adapters" / "kids_lora" / "adapter_model.safetensors").read_bytes()
-    cmd = [sys.executable, "-m", "lora_project", "train-batch", "--all", "--no-progress", "--cluster", "local:2",
-           *ONE_CPU]
-    driver = subprocess.Popen(cmd, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "LORA_PROJECT_ROOT": str(project)})
+    driver = start_driver(project, "train-batch", "--all", "--no-progress", "--cluster", "local:2", *ONE_CPU)
     lines: list[str] = []
     try:
         _wait_for(lines, driver.stderr, "[toddler_data] running on")

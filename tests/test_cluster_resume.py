@@ -57,23 +57,14 @@ def test_a_task_retried_after_its_node_is_lost_resumes_from_its_mirrored_checkpo
     in the project; once one is there, every worker node is removed; the retry on a new node continues from it
     (its log says so) with the metric points before it: the adapter's bytes equal a local run's and the MLflow run
     has every step once."""
-    import os
-    import subprocess
-    import sys
     import time
 
-    from test_cluster import _adapter_bytes, _check_runs, _stop
+    from test_cluster import _adapter_bytes, _check_runs, _reference_then_driver_on_auto, _stop
 
     cluster, workers, small = loopback_cluster
     longer = ["--set", "training.max_steps=150", "--set", "training.eval_interval=50",
               "--set", "training.checkpoint_interval=10"]
-    proc = run_cli("train-batch", "toddler_data", "--no-progress", "--no-mlflow", *ONE_CPU, *longer, cwd=project)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ref = _adapter_bytes(project)
-    cmd = [sys.executable, "-m", "lora_project", "train-batch", "toddler_data", "--no-progress", "--json",
-           "--overwrite", "--cluster", "auto", *ONE_CPU, *longer]
-    driver = subprocess.Popen(cmd, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "LORA_PROJECT_ROOT": str(project)})
+    ref, driver = _reference_then_driver_on_auto(project, longer)
     mirrors = project / "outputs" / "cluster_tasks"
     try:
         deadline = time.monotonic() + 120
