@@ -32,6 +32,9 @@ def tiny(tiny_model_dir):
 def test_arguments_are_refused_in_one_line_before_anything_runs(project, tmp_path):
     missing = str(tmp_path / "none")
     assert_user_error(run_cli("benchmark", "--babylm", missing, cwd=project), "--babylm", "no such folder")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a suite\n")
+    assert_user_error(run_cli("benchmark", "--babylm", str(a_file), cwd=project), "--babylm", "is a file, not a folder")
     assert_user_error(run_cli("benchmark", "--babylm", str(tmp_path), "--limit", "0", cwd=project), "--limit")
     assert_user_error(run_cli("benchmark", "--babylm", str(tmp_path), "--limit", "x", cwd=project), "--limit")
     assert_user_error(run_cli("benchmark", "--limit", "3", cwd=project), "--limit goes with --babylm")

@@ -98,6 +98,15 @@ def test_fused_refuses_unequal_shapes(project):
     assert_user_error(proc, "training.seq_len differs")  # refused from the configs, before any training
 
 
+def test_batch_resume_without_a_checkpoint_says_it_trains_from_step_0(project):
+    proc = run_cli("train-batch", "kids", "--resume", "--no-progress", "--no-mlflow", "--set",
+                   "training.max_steps=2", cwd=project)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    said = (proc.stdout + proc.stderr).splitlines()
+    assert sum("--resume: no checkpoint of this adapter; it trains from step 0" in line for line in said) == 1
+    assert (project / "adapters" / "kids_lora" / "adapter_model.safetensors").is_file()
+
+
 def test_batch_resume_arguments_are_refused_together(project):
     assert_user_error(run_cli("train-batch", "kids", "--resume", "--overwrite", cwd=project), "--resume", "--overwrite")
     assert_user_error(run_cli("train-batch", "kids", "--resume", "--fused", cwd=project), "--resume", "--fused")

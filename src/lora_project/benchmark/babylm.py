@@ -198,7 +198,8 @@ def load_samples(root: Path, tasks: list[str], limit: int, seed: int, log=print)
     from lora_project.evaluation.reading import load_reading, sample_rows
 
     if not Path(root).is_dir():
-        raise UserError(f"--babylm: no such folder: {root}")
+        raise UserError(f"--babylm: {root} is a file, not a folder" if Path(root).exists()
+                        else f"--babylm: no such folder: {root}")
     out = {}
     for task in tasks:
         if task == "reading":

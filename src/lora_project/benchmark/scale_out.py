@@ -169,7 +169,7 @@ def _local_side(project: ProjectPaths, names: list[str], files: list[Path], over
     loads = loads_in_this_process()
     t0 = time.perf_counter()
     summary = train_batch_from_files(project, names, files, overrides, None,
-                                     RunOptions(use_mlflow=False, progress=False,
+                                     RunOptions(use_mlflow=False, progress=False, overwrite=True,
                                                 log=lambda m: log(f"local: {m}") if m.startswith("[") else None))
     wall = time.perf_counter() - t0
     _check_trained("local", summary["datasets"])
@@ -224,10 +224,12 @@ def run_scaling(paths: ProjectPaths, address: str, *, model: str = "embedded", s
             raise UserError("benchmark --scaling compares one CPU with one-CPU tasks: training.threads and "
                             "cluster.cpus_per_task stay 1")
         model_name = _prepare(project, names, cfg, log)
-        local = _local_side(project, names, files, list(overrides), log)
-        mine = _adapter_bytes(project, names)
+        # the cluster side first: an address that accepts a TCP connection but is no Ray cluster (a
+        # firewall or proxy answering for any host) fails in ray.init, before minutes of local training
         cluster = _cluster_side(project, names, files, list(overrides), address, log)
         theirs = _adapter_bytes(project, names)
+        local = _local_side(project, names, files, list(overrides), log)
+        mine = _adapter_bytes(project, names)
     tasks = cluster["tasks"]
     summary = scaling_summary(
         len(names), cluster["workers"], local["wall_seconds"], cluster["wall_seconds"],

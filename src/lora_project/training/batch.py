@@ -167,9 +167,11 @@ def train_batch(paths: ProjectPaths, names: list[str], sources: list[tuple[str, 
                     row.update(status="pending")
                     log("  prepared; trains in the fused run")
                 else:
+                    resume = options.resume and has_checkpoint(paths, adapter)
+                    if options.resume and not resume:
+                        log("  --resume: no checkpoint of this adapter; it trains from step 0")
                     res = train_adapter(paths, name, cfg, replace(  # --resume: from its checkpoint if it has one
-                        options, adapter_name=adapter, log=lambda m: log("  " + m),
-                        resume=options.resume and has_checkpoint(paths, adapter),
+                        options, adapter_name=adapter, log=lambda m: log("  " + m), resume=resume,
                         parent_run_id=parent.run_id if parent else None, run_kind="batch"), base=base)
                     row.update(status="trained", steps=res["steps"], tokens=res["tokens_seen"],
                                perplexity_before=res["metrics_before"]["perplexity"],
