@@ -235,11 +235,13 @@ def test_cli_babylm_end_to_end_with_adapter_skip_and_json(project, tracking_stor
         - tasks["reading"]["headline"]["eye_tracking"])
     assert (project / res["plot"]).is_file() if not res["plot"].startswith("/") else res["plot"]
     assert res["mlflow_run_id"]
-    table = run_cli("evaluate", "--babylm", str(suite), "--tasks", "ewok,wug", cwd=project)
+    table = run_cli("evaluate", "--babylm", str(suite), "--tasks", "ewok,wug", "--no-progress", cwd=project)
     assert table.returncode == 0 and "ties counted wrong" in table.stdout and "r(preference, human ratio)" in table.stdout
     assert_user_error(run_cli("evaluate", "--babylm", str(suite), "--tasks", "ewk", cwd=project), "unknown task")
     assert_user_error(run_cli("evaluate", "--babylm", str(tmp_path / "none"), cwd=project), "no such folder")
     assert_user_error(run_cli("evaluate", "--babylm", str(suite), "--stride", "4", cwd=project), "not with --babylm")
+    assert_user_error(run_cli("evaluate", "--babylm", str(suite), "--first-pass", "bf16", cwd=project),
+                      "not with --babylm")
     assert_user_error(run_cli("evaluate", "--text", "x.txt", "--tasks", "ewok", cwd=project), "--babylm only")
     assert_user_error(run_cli("evaluate", "--babylm", str(tmp_path), cwd=project), "no BabyLM task data")
 
@@ -469,3 +471,47 @@ def test_the_output_layer_runs_on_the_scored_positions_only_and_changes_no_sum(t
     # and option_scores (the path evaluate --babylm runs) gives the sums of the full pass
     full = [float(every[[tree.sentence_items[s][j - 1] for j in t.scored]].sum()) for s, t in enumerate(built.texts)]
     np.testing.assert_array_equal(np.concatenate(option_scores(model, tok, items, RUNTIME, texts=built)), full)
+
+
+def test_one_progress_bar_over_every_model_and_task_counted_in_forward_tokens(project, tiny_model_dir, tmp_path,
+                                                                               monkeypatch):
+    """On a terminal, one bar runs over the whole suite (base and adapter, every task), each task's
+    share its forward positions, ending at exactly the total; each task's headline line goes above
+    the bar, not through `log`. Off a terminal no bar is drawn and the lines go through `log`."""
+    import io
+    import sys
+
+    from lora_project.config import load_project_config
+    from lora_project.evaluation import babylm
+    from lora_project.paths import ProjectPaths
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    adapter = _random_adapter(tiny_model_dir, tmp_path / "a_lora", 3)
+    _tiny_suite(tmp_path / "suite")
+    paths = ProjectPaths.discover()
+    cfg = load_project_config(paths)
+    bars, real = [], babylm.SuiteBar
+    monkeypatch.setattr(babylm, "SuiteBar", lambda *a: bars.append(real(*a)) or bars[-1])
+    term, logged = Terminal(), []
+    monkeypatch.setattr(sys, "stderr", term)
+    res = babylm.evaluate_babylm(paths, cfg, tmp_path / "suite", adapters=[adapter], save=False, resamples=20,
+                                 log=logged.append, progress=True)
+    monkeypatch.undo()
+    bar = bars[0]
+    work = bar.work
+    assert set(work) == set(res["tasks"]) and all(w > 1 for w in work.values())
+    assert work["entity_tracking"] == res["scoring"]["forward_tokens"]["entity_tracking"]["forward_tokens_tree"]
+    assert bar.bar.total == 2 * sum(work.values()) and bar.bar.n == bar.bar.total
+    shown = term.getvalue()
+    for label in ("base", "a_lora"):
+        for task in res["tasks"]:
+            assert f"{label}: {task}" in shown  # the bar named each model and task in turn
+    lines = [ln for ln in shown.replace("\r", "\n").splitlines() if ln.endswith(" s)")]
+    assert len(lines) == 2 * len(res["tasks"]) and not logged
+    # off a terminal: no bar, the same lines through log
+    plain = babylm.evaluate_babylm(paths, cfg, tmp_path / "suite", save=False, resamples=20, log=logged.append,
+                                   progress=True)
+    assert len(logged) == len(plain["tasks"]) and bars[-1].bar.disable

@@ -51,7 +51,8 @@ def register(sub) -> None:
                    help="--pairs: precision of the first pass (auto: fp32, exact and, with the margin bf16's error "
                         "tail needs, no slower than bf16); after a bf16 pass, pairs within its error margin are "
                         "re-scored in fp32, so decisions equal fp32 scoring either way")
-    p.add_argument("--no-progress", action="store_true", help="--pairs: no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="--pairs, --babylm: no progress bar (it is drawn on a "
+                                                              "terminal only)")
     add_cluster(p, "--pairs: score the pairs in shards")
     add_number(p, "--max-length", int, 2, 131072, help="window length in tokens (default 1024, or the model's "
                "context where its learned positions stop sooner, as for GPT-2)")
@@ -84,8 +85,7 @@ def run_evaluate(args, paths) -> None:
     pairs = [o for o, v in (("--limit", args.limit), ("--strict", args.strict), ("--no-progress", args.no_progress),
                             ("--first-pass", args.first_pass != "auto")) if v]
     if args.babylm is not None:
-        odd = perplexity + [o for o, v in (("--no-progress", args.no_progress),
-                                           ("--first-pass", args.first_pass != "auto")) if v]
+        odd = perplexity + [o for o, v in (("--first-pass", args.first_pass != "auto"),) if v]
         if odd:
             raise UserError(f"{', '.join(odd)}: not with --babylm; leave it out")
         return run_babylm(args, paths)
@@ -133,7 +133,7 @@ def run_babylm(args, paths) -> None:
     parse_tasks(args.tasks)  # names checked before the config and the model load
     cfg = load_cfg(args, paths)
     res = evaluate_babylm(paths, cfg, args.babylm, tasks=args.tasks, adapters=args.adapter, limit=args.limit,
-                          strict=args.strict, log=lambda m: print(m, file=sys.stderr))
+                          strict=args.strict, log=lambda m: print(m, file=sys.stderr), progress=not args.no_progress)
     if args.json:
         print_json(res)
         return

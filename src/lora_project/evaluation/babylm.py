@@ -84,19 +84,20 @@ def prepare_task(tokenizer, task: str, data):
     return reading_plan(tokenizer, data) if task == "reading" else text_tree(item_texts(tokenizer, data))
 
 
-def score_task(model, tokenizer, task: str, data, runtime, prepared, *, resamples: int, seed: int) -> dict:
+def score_task(model, tokenizer, task: str, data, runtime, prepared, *, resamples: int, seed: int,
+               progress=None) -> dict:
     """One model's record for one task (the official headline and everything around it); `prepared`:
-    the task's `prepare_task` (None: built here)."""
+    the task's `prepare_task` (None: built here). progress(fraction of the task done) after each batch."""
     from lora_project.evaluation.babylm_report import rank_task_report, reading_report
     from lora_project.evaluation.babylm_score import decisions, option_scores
     from lora_project.evaluation.reading import surprisals
 
     t0 = time.perf_counter()
     if task == "reading":
-        pred, prev = surprisals(model, tokenizer, data, runtime, plan=prepared)
+        pred, prev = surprisals(model, tokenizer, data, runtime, plan=prepared, progress=progress)
         rec = reading_report(data, pred, prev, resamples=resamples, seed=seed)
     else:
-        scores = option_scores(model, tokenizer, data, runtime, texts=prepared)
+        scores = option_scores(model, tokenizer, data, runtime, texts=prepared, progress=progress)
         rec = rank_task_report(task, data, scores, decisions(scores), resamples=resamples, seed=seed)
     rec["seconds"] = time.perf_counter() - t0
     return rec
@@ -104,8 +105,10 @@ def score_task(model, tokenizer, task: str, data, runtime, prepared, *, resample
 
 def evaluate_babylm(paths: ProjectPaths, cfg, root: Path, *, tasks: str | None = None, adapters: list[Path] = (),
                     limit: int | None = None, strict: bool = False, base=None, log=print,
-                    resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED, save: bool = True) -> dict:
-    """The suite for the base and each adapter (one base load); saved, plotted and tracked when `save`."""
+                    resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED, save: bool = True,
+                    progress: bool = False) -> dict:
+    """The suite for the base and each adapter (one base load); saved, plotted and tracked when `save`.
+    `progress`: one bar over every model and task, counted in forward tokens (drawn on a terminal only)."""
     from lora_project.evaluation.babylm_report import KNOWN_FLAWS, rank_task_change, reading_change
     from lora_project.evaluation.babylm_score import tree_positions
     from lora_project.models.adapter import checked_adapters
@@ -128,13 +131,21 @@ def evaluate_babylm(paths: ProjectPaths, cfg, root: Path, *, tasks: str | None =
     prepared = {t: prepare_task(tok, t, d) for t, d in data.items()}  # once, for every model
     prepare_seconds = time.perf_counter() - t0
     models: dict[str, dict] = {}
+    bar = SuiteBar(prepared, 1 + len(adapters), log) if progress else None
     t0 = time.perf_counter()
-    for label, model in each_model(base, adapters):
-        models[label] = {"tasks": {}}
-        for task, d in data.items():
-            rec = score_task(model, tok, task, d, base.runtime, prepared[task], resamples=resamples, seed=seed)
-            models[label]["tasks"][task] = rec
-            log(f"{label}: {task} {_headline_text(rec)} ({rec['seconds']:.0f} s)")
+    try:
+        for label, model in each_model(base, adapters):
+            models[label] = {"tasks": {}}
+            for task, d in data.items():
+                step = bar.task(label, task) if bar is not None else None
+                rec = score_task(model, tok, task, d, base.runtime, prepared[task], resamples=resamples, seed=seed,
+                                 progress=step)
+                models[label]["tasks"][task] = rec
+                (bar.write if bar is not None else log)(f"{label}: {task} {_headline_text(rec)} "
+                                                        f"({rec['seconds']:.0f} s)")
+    finally:
+        if bar is not None:
+            bar.close()
     seconds = time.perf_counter() - t0
     difference = {}
     for a in adapters:
@@ -156,6 +167,50 @@ def evaluate_babylm(paths: ProjectPaths, cfg, root: Path, *, tasks: str | None =
     if save:
         _save(paths, cfg, result, log)
     return result
+
+
+def task_work(prepared) -> int:
+    """Forward positions one model's pass over a prepared task runs (its tree's, or the reading plan's)."""
+    return (prepared.tree if hasattr(prepared, "plans") else prepared).forward_tokens
+
+
+class SuiteBar:
+    """One progress bar over the whole suite (every model, every task) in forward tokens, so its ETA
+    holds across tasks of very different sizes; `task(label, name)` gives the callback for one task's
+    pass (fraction done), and `write` prints a line above the bar. Drawn on a terminal only."""
+
+    def __init__(self, prepared: dict, models: int, log=print):
+        from tqdm.auto import tqdm
+
+        self.log = log
+        self.work = {t: max(1, task_work(p)) for t, p in prepared.items()}
+        self.done = 0
+        self.bar = tqdm(total=models * sum(self.work.values()), unit="tok", unit_scale=True, desc="BabyLM suite",
+                        disable=None, dynamic_ncols=True, smoothing=0.05)
+
+    def task(self, label: str, name: str):
+        start, size = self.done, self.work[name]
+        self.done += size
+        self.bar.n = start
+        self.bar.set_description(f"{label}: {name}")
+
+        def step(fraction: float) -> None:
+            self.bar.n = start + round(fraction * size)
+            self.bar.refresh()
+
+        return step
+
+    def write(self, line: str) -> None:
+        """The line above the bar, or through `log` when no bar is drawn."""
+        if self.bar.disable:
+            self.log(line)
+        else:
+            import sys
+
+            self.bar.write(line, file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _headline_text(rec: dict) -> str:
