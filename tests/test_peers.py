@@ -67,6 +67,22 @@ def test_peer_options_need_blimp(project):
     folder.mkdir()
     assert_user_error(run_cli("benchmark", "--blimp", str(folder), "--peer-pairs", "-1", "--no-mlflow", cwd=project),
                       "--peer-pairs")
+    assert_user_error(run_cli("benchmark", "--peer-definitions", "babylm", cwd=project), "--blimp")
+    assert_user_error(run_cli("benchmark", "--blimp", str(folder), "--peer-definitions", "babylm,blimp",
+                              "--no-mlflow", cwd=project), "unknown 'blimp'")
+    assert not (project / "outputs" / "metrics").exists() or not any((project / "outputs" / "metrics").iterdir())
+
+
+def test_peer_definitions_parse_to_a_subset_in_run_order():
+    from lora_project.benchmark.peers import parse_definitions
+    from lora_project.errors import UserError
+
+    assert parse_definitions("babylm,lm_eval") == ("babylm", "lm_eval")
+    assert parse_definitions(" lm_eval , babylm,babylm") == ("babylm", "lm_eval")  # BabyLM's first, each once
+    assert parse_definitions("babylm") == ("babylm",)
+    for bad, why in (("", "empty"), (" , ", "empty"), ("babylm,own", "unknown 'own'")):
+        with pytest.raises(UserError, match=why):
+            parse_definitions(bad)
 
 
 BLIMP = SHARED_DATA / "babylm_2025" / "blimp_filtered"

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from lora_project.benchmark.lm_eval_peer import BATCH_SIZE, DEFINITIONS, PIN, lm_eval_version, run_lm_eval, write_tasks
+from lora_project.errors import UserError
 
 NEAR_TIE = 1e-4  # nats: |good - bad| below this on either side is listed, as floats may order it either way
 
@@ -69,10 +70,22 @@ def agreement(pairs, ours: tuple[list, list], theirs: tuple[list, list]) -> dict
                                           default=0.0)}
 
 
+def parse_definitions(text: str) -> tuple[str, ...]:
+    """`--peer-definitions`: a comma-separated subset of DEFINITIONS, in the order lm-eval runs them
+    (BabyLM's first), each once."""
+    names = [n.strip() for n in str(text).split(",") if n.strip()]
+    unknown = [n for n in names if n not in DEFINITIONS]
+    if unknown or not names:
+        raise UserError(f"--peer-definitions: {'unknown ' + repr(unknown[0]) if unknown else 'empty'}; "
+                        f"give a comma-separated subset of {', '.join(sorted(DEFINITIONS))}")
+    return tuple(d for d in ("babylm", "lm_eval") if d in names)
+
+
 def compare_with_lm_eval(cfg, pairs_dir: Path, *, per_paradigm: int = 60, work: Path | None = None,
-                         log=print) -> dict:
+                         definitions: tuple[str, ...] = ("babylm", "lm_eval"), log=print) -> dict:
     """Ours vs lm-eval on a seeded sample of `per_paradigm` pairs per paradigm (0: every pair) of a
-    BLiMP-style folder. Without the extra, {"available": False, "note": ...}."""
+    BLiMP-style folder, lm-eval once per definition in `definitions`. Without the extra,
+    {"available": False, "note": ...}."""
     from lora_project.evaluation.minimal_pairs import load_pairs, prefix_sharing, sample_pairs, tokenize_pairs
     from lora_project.utils.device import cpu_class, resolve_runtime
 
@@ -97,7 +110,7 @@ def compare_with_lm_eval(cfg, pairs_dir: Path, *, per_paradigm: int = 60, work: 
     with tempfile.TemporaryDirectory(prefix="lm_eval_tasks_", dir=work) as tmp:
         folder = Path(tmp)
         tasks = write_tasks(pairs, folder)
-        for definition in ("babylm", "lm_eval"):
+        for definition in definitions:
             log(f"  lm-evaluation-harness {version}, {definition} definition "
                 f"(target_delimiter {DEFINITIONS[definition]!r}), batch {BATCH_SIZE} ...")
             sides[definition] = run_lm_eval(first["model_dir"], folder, definition, tasks[definition], len(pairs),

@@ -76,6 +76,10 @@ def register(sub) -> None:
                     "lm-evaluation-harness (the optional extra 'peers': its hf model, fp32, batch 32, under its "
                     "own BLiMP definition and BabyLM's) and with ours, and report pairs/s, the projected "
                     "whole-folder time and decision agreement (default 20)")
+    p.add_argument("--peer-definitions", metavar="LIST", default="babylm,lm_eval",
+                   help="--blimp: which BLiMP definitions lm-evaluation-harness runs, comma-separated: babylm (no "
+                        "delimiter, BabyLM's and ours), lm_eval (its own, a leading space) (default: both; each is a "
+                        "full lm-eval run, so one halves a whole-folder comparison)")
     p.add_argument("--no-peers", action="store_true", help="--blimp: skip the lm-evaluation-harness comparison")
     p.add_argument("--babylm", type=Path, metavar="DIR",
                    help="time the BabyLM 2025 suite in this folder (e.g. ../shared/data/babylm_2025) scored by our "
@@ -109,8 +113,8 @@ def run(args, paths) -> None:
 
     if not args.reference and (args.references != "auto" or args.reference_steps != 6 or args.reference_repeats != 1):
         raise UserError("--references, --reference-steps and --reference-repeats go with --reference")
-    if args.blimp is None and (args.no_peers or args.peer_pairs != 20):
-        raise UserError("--peer-pairs and --no-peers go with --blimp")
+    if args.blimp is None and (args.no_peers or args.peer_pairs != 20 or args.peer_definitions != "babylm,lm_eval"):
+        raise UserError("--peer-pairs, --peer-definitions and --no-peers go with --blimp")
     if args.cluster is not None and (not args.matrix or args.scaling is not None):
         raise UserError("--cluster goes with --matrix (the matrix's cells run as Ray tasks; --scaling takes its "
                         "own ADDRESS)")
@@ -136,7 +140,8 @@ def run(args, paths) -> None:
                               mlflow=not args.no_mlflow, blimp=args.blimp, blimp_pairs=args.blimp_pairs,
                               speed=True if args.speed else None, references=args.references,
                               reference_repeats=args.reference_repeats, matrix_max_tokens=args.matrix_max_tokens,
-                              peer_pairs=None if args.no_peers else args.peer_pairs, babylm=args.babylm,
+                              peer_pairs=None if args.no_peers else args.peer_pairs,
+                              peer_definitions=args.peer_definitions, babylm=args.babylm,
                               babylm_limit=BABYLM_LIMIT if args.limit is None else args.limit,
                               log=progress_log(args.json))
     if args.json:
