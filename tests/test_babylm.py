@@ -515,3 +515,38 @@ def test_one_progress_bar_over_every_model_and_task_counted_in_forward_tokens(pr
     plain = babylm.evaluate_babylm(paths, cfg, tmp_path / "suite", save=False, resamples=20, log=logged.append,
                                    progress=True)
     assert len(logged) == len(plain["tasks"]) and bars[-1].bar.disable
+
+
+def test_a_change_whose_pooled_items_and_macro_headline_disagree_says_so():
+    """Seen on the full supplement: its largest UID (3,867 of 5,218 pairs) improved while the small ones
+    fell, so the pooled McNemar test (p = 1.9e-24) pointed the other way from the macro headline's
+    change (-2.87). The headline's own test is the paired bootstrap of the macro; the pooled test is
+    labelled as such, and a disagreement is said in words."""
+    from lora_project.evaluation.babylm_report import rank_task_change
+    from lora_project.evaluation.babylm_table import format_table
+
+    big, small = 400, 40
+    items = ([RankItem("supplement", "big", ("a.", "b."), ("a.", "b.")) for _ in range(big)]
+             + [RankItem("supplement", f"s{k}", ("a.", "b."), ("a.", "b.")) for k in range(3) for _ in range(small)])
+    # base: 50% on the big UID, 75% on each small one; adapter: 70% on the big UID, 40% on the small ones
+    base = "1" * 200 + "0" * 200 + ("1" * 30 + "0" * 10) * 3
+    mine = "1" * 280 + "0" * 120 + ("1" * 16 + "0" * 24) * 3
+    rec = lambda d: {"decisions": d, "decisions_ties_wrong": d,  # noqa: E731
+                     "headline": 100 * np.mean([np.mean([c == "1" for c in d[:big]])]
+                                               + [np.mean([c == "1" for c in d[big + k * small:big + (k + 1) * small]])
+                                                  for k in range(3)]),
+                     "headline_ties_wrong": 0.0}
+    d = rank_task_change("supplement", items, rec(base), rec(mine), resamples=400, seed=1)
+    assert d["headline"] == pytest.approx(100 * ((0.7 + 3 * 0.4) / 4 - (0.5 + 3 * 0.75) / 4))  # -21.25
+    assert d["micro_change"] == pytest.approx(100 * ((280 + 48) - (200 + 90)) / 520)  # +7.3: the other way
+    assert d["directions_differ"] and d["mcnemar_p"] < 0.05  # the pooled test "significant" the wrong way
+    assert d["headline_ci"][1] < 0 and d["headline_p"] < 0.01  # the headline's own test agrees with its sign
+    result = {"items": {"supplement": len(items)}, "limit_per_uid": None, "seed": 1, "seconds": 1.0,
+              "scoring": {"fp32_kernel": "aten"},
+              "models": {"base": {"tasks": {"supplement": {**rec(base), "headline_ci": [0, 1], "ties": 0}}},
+                         "a": {"tasks": {"supplement": {**rec(mine), "headline_ci": [0, 1], "ties": 0}}}},
+              "difference": {"a": {"supplement": d}}}
+    text = format_table(result)
+    assert "point opposite ways" in text and "pooled items" in text and f"bootstrap p = {d['headline_p']:.3g}" in text
+    same = rank_task_change("supplement", items, rec(base), rec(base.replace("0", "1", 5)), resamples=50, seed=1)
+    assert not same["directions_differ"] and same["micro_change"] > 0

@@ -133,7 +133,10 @@ def _flags(decisions: str) -> np.ndarray:
 
 def rank_task_change(task: str, items, base: dict, mine: dict, *, resamples: int, seed: int) -> dict:
     """Adapter minus base on one accuracy task: headline change (percentage points) with a paired
-    bootstrap interval, exact McNemar over all items and per UID."""
+    bootstrap interval and its two-sided bootstrap p (`headline_p`, the test of the headline itself);
+    beside it exact McNemar over the pooled items (`mcnemar_p`, with the pooled `micro_change`) and per
+    UID. The pooled test weighs each item equally, the headline each UID: when UIDs differ in size the
+    two can point opposite ways (`directions_differ`), and only `headline_p` speaks for the headline."""
     by_uid = _uid_index(items)
     b, a = _flags(base["decisions"]), _flags(mine["decisions"])
     rng = np.random.default_rng(seed)
@@ -145,7 +148,12 @@ def rank_task_change(task: str, items, base: dict, mine: dict, *, resamples: int
     cells = np.stack(cells)  # UIDs x resamples x 4
     diff = aggregate(task, list(by_uid), cells[..., 2] - cells[..., 1])
     overall = paired_proportions(b, a)
-    out = {"headline": mine["headline"] - base["headline"], "headline_ci": _ci(diff),
+    flat = 100 * np.asarray(diff).ravel()
+    change = mine["headline"] - base["headline"]
+    micro = 100 * (overall["second_only"] - overall["first_only"]) / max(1, overall["items"])
+    out = {"headline": change, "headline_ci": _ci(diff),
+           "headline_p": min(1.0, 2 * min(float(np.mean(flat <= 0)), float(np.mean(flat >= 0)))),
+           "micro_change": micro, "directions_differ": bool(change * micro < 0),
            "headline_ties_wrong": mine["headline_ties_wrong"] - base["headline_ties_wrong"],
            "mcnemar_p": overall["p_value"], "base_only": overall["first_only"],
            "adapter_only": overall["second_only"], "items": overall["items"],

@@ -47,8 +47,12 @@ def format_table(result: dict) -> str:
             for label, v, ci in _rows(task, d):
                 extra = ""
                 if "mcnemar_p" in d:
-                    extra = (f"; right only with the adapter {d['adapter_only']}, only with the base {d['base_only']}, "
-                             f"exact McNemar p = {d['mcnemar_p']:.3g}")
+                    extra = (f"; bootstrap p = {d['headline_p']:.3g}; pooled items: right only with the adapter "
+                             f"{d['adapter_only']}, only with the base {d['base_only']} ({d['micro_change']:+.2f} "
+                             f"points), exact McNemar p = {d['mcnemar_p']:.3g}")
+                    if d["directions_differ"]:
+                        extra += (" (the pooled items and the headline, each UID weighed equally, point opposite "
+                                  "ways: the UIDs differ in size; the bootstrap p is the headline's)")
                 elif isinstance(d.get("p_value"), dict) and d["p_value"].get(label.split(" ", 1)[1]) is not None:
                     extra = f"; bootstrap p = {d['p_value'][label.split(' ', 1)[1]]:.3g}"
                 span = f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else " (no interval: too few items)"
