@@ -548,5 +548,6 @@ def test_a_change_whose_pooled_items_and_macro_headline_disagree_says_so():
               "difference": {"a": {"supplement": d}}}
     text = format_table(result)
     assert "point opposite ways" in text and "pooled items" in text and f"bootstrap p = {d['headline_p']:.3g}" in text
+    assert d["headline_p"] == 0 and "bootstrap p < 0.0025" in format_table({**result, "bootstrap": {"resamples": 400}})
     same = rank_task_change("supplement", items, rec(base), rec(base.replace("0", "1", 5)), resamples=50, seed=1)
     assert not same["directions_differ"] and same["micro_change"] > 0

@@ -15,6 +15,11 @@ def _r(value) -> str:
     return "n/a (< 3 items)" if value is None else f"{value:+.3f}"
 
 
+def _p(value: float, resamples: int | None) -> str:
+    """A bootstrap p: none of `resamples` draws on the other side of 0 is "< 1/resamples", not 0."""
+    return f"< {1 / resamples:.2g}" if resamples and value < 1 / resamples else f"= {value:.3g}"
+
+
 def format_table(result: dict) -> str:
     """One row per task figure: each model's official headline with its 95% interval, then (accuracy
     tasks) ties and the headline with ties counted as wrong; then each adapter's change."""
@@ -41,20 +46,21 @@ def format_table(result: dict) -> str:
         if "preference_ratio_pearson" in rec:
             cells = [_r(result['models'][n]['tasks'][task]['preference_ratio_pearson']) for n in models]
             lines.append(f"{'  r(preference, human ratio)':<32}" + "".join(f"{c:>{width}}" for c in cells))
+    draws = (result.get("bootstrap") or {}).get("resamples")
     for name, tasks in result.get("difference", {}).items():
         lines.append(f"-- {name} vs base (paired; 95% bootstrap interval)")
         for task, d in tasks.items():
             for label, v, ci in _rows(task, d):
                 extra = ""
                 if "mcnemar_p" in d:
-                    extra = (f"; bootstrap p = {d['headline_p']:.3g}; pooled items: right only with the adapter "
+                    extra = (f"; bootstrap p {_p(d['headline_p'], draws)}; pooled items: right only with the adapter "
                              f"{d['adapter_only']}, only with the base {d['base_only']} ({d['micro_change']:+.2f} "
                              f"points), exact McNemar p = {d['mcnemar_p']:.3g}")
                     if d["directions_differ"]:
                         extra += (" (the pooled items and the headline, each UID weighed equally, point opposite "
                                   "ways: the UIDs differ in size; the bootstrap p is the headline's)")
                 elif isinstance(d.get("p_value"), dict) and d["p_value"].get(label.split(" ", 1)[1]) is not None:
-                    extra = f"; bootstrap p = {d['p_value'][label.split(' ', 1)[1]]:.3g}"
+                    extra = f"; bootstrap p {_p(d['p_value'][label.split(' ', 1)[1]], draws)}"
                 span = f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else " (no interval: too few items)"
                 lines.append(f"   {label:<29} {v:+.2f}{span}{extra}")
     lines.append(f"scored in {result['seconds']:.0f} s ({result['scoring']['fp32_kernel']} fp32 kernel)")
