@@ -243,6 +243,8 @@ def test_cli_babylm_end_to_end_with_adapter_skip_and_json(project, tracking_stor
     assert_user_error(run_cli("evaluate", "--babylm", str(suite), "--first-pass", "bf16", cwd=project),
                       "not with --babylm")
     assert_user_error(run_cli("evaluate", "--text", "x.txt", "--tasks", "ewok", cwd=project), "--babylm only")
+    assert_user_error(run_cli("evaluate", "--text", "x.txt", "--no-progress", cwd=project), "for --pairs or --babylm")
+    assert_user_error(run_cli("evaluate", "--text", "x.txt", "--first-pass", "fp32", cwd=project), "--pairs only")
     assert_user_error(run_cli("evaluate", "--babylm", str(tmp_path), cwd=project), "no BabyLM task data")
 
 

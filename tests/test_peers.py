@@ -68,6 +68,8 @@ def test_peer_options_need_blimp(project):
     assert_user_error(run_cli("benchmark", "--blimp", str(folder), "--peer-pairs", "-1", "--no-mlflow", cwd=project),
                       "--peer-pairs")
     assert_user_error(run_cli("benchmark", "--peer-definitions", "babylm", cwd=project), "--blimp")
+    assert_user_error(run_cli("benchmark", "--blimp", str(folder), "--no-peers", "--peer-definitions", "babylm",
+                              cwd=project), "not with --no-peers")
     assert_user_error(run_cli("benchmark", "--blimp", str(folder), "--peer-definitions", "babylm,blimp",
                               "--no-mlflow", cwd=project), "unknown 'blimp'")
     assert not (project / "outputs" / "metrics").exists() or not any((project / "outputs" / "metrics").iterdir())

@@ -115,6 +115,8 @@ def run(args, paths) -> None:
         raise UserError("--references, --reference-steps and --reference-repeats go with --reference")
     if args.blimp is None and (args.no_peers or args.peer_pairs != 20 or args.peer_definitions != "babylm,lm_eval"):
         raise UserError("--peer-pairs, --peer-definitions and --no-peers go with --blimp")
+    if args.no_peers and (args.peer_pairs != 20 or args.peer_definitions != "babylm,lm_eval"):
+        raise UserError("--peer-pairs and --peer-definitions: not with --no-peers (it skips lm-eval); leave one out")
     if args.cluster is not None and (not args.matrix or args.scaling is not None):
         raise UserError("--cluster goes with --matrix (the matrix's cells run as Ray tasks; --scaling takes its "
                         "own ADDRESS)")

@@ -84,6 +84,7 @@ def run_evaluate(args, paths) -> None:
                                  ("--max-tokens", args.max_tokens), ("--split", args.split != "test")) if v]
     pairs = [o for o, v in (("--limit", args.limit), ("--strict", args.strict), ("--no-progress", args.no_progress),
                             ("--first-pass", args.first_pass != "auto")) if v]
+    shared = {"--limit", "--strict", "--no-progress"}  # options --babylm takes too
     if args.babylm is not None:
         odd = perplexity + [o for o, v in (("--first-pass", args.first_pass != "auto"),) if v]
         if odd:
@@ -94,7 +95,8 @@ def run_evaluate(args, paths) -> None:
     if args.pairs is not None and perplexity:
         raise UserError(f"{', '.join(perplexity)}: for perplexity only, not with --pairs; leave it out")
     if args.pairs is None and pairs:
-        raise UserError(f"{', '.join(pairs)}: for --pairs only; add --pairs PATH or leave it out")
+        where = "for --pairs or --babylm; add one" if set(pairs) <= shared else "for --pairs only; add --pairs PATH"
+        raise UserError(f"{', '.join(pairs)}: {where} or leave it out")
     cfg = load_cfg(args, paths)
     if args.pairs is not None:
         from lora_project.evaluation.evaluate import evaluate_minimal_pairs
