@@ -20,6 +20,8 @@ from pathlib import Path
 from lora_project.benchmark.lm_eval_peer import BATCH_SIZE, DEFINITIONS, PIN, lm_eval_version, run_lm_eval, write_tasks
 from lora_project.errors import UserError
 
+RUN_ORDER = ("babylm", "lm_eval")  # the definitions lm-eval runs, BabyLM's (ours) first
+ALL_DEFINITIONS = ",".join(RUN_ORDER)  # --peer-definitions' default
 NEAR_TIE = 1e-4  # nats: |good - bad| below this on either side is listed, as floats may order it either way
 
 
@@ -78,11 +80,11 @@ def parse_definitions(text: str) -> tuple[str, ...]:
     if unknown or not names:
         raise UserError(f"--peer-definitions: {'unknown ' + repr(unknown[0]) if unknown else 'empty'}; "
                         f"give a comma-separated subset of {', '.join(sorted(DEFINITIONS))}")
-    return tuple(d for d in ("babylm", "lm_eval") if d in names)
+    return tuple(d for d in RUN_ORDER if d in names)
 
 
 def compare_with_lm_eval(cfg, pairs_dir: Path, *, per_paradigm: int = 60, work: Path | None = None,
-                         definitions: tuple[str, ...] = ("babylm", "lm_eval"), log=print) -> dict:
+                         definitions: tuple[str, ...] = RUN_ORDER, log=print) -> dict:
     """Ours vs lm-eval on a seeded sample of `per_paradigm` pairs per paradigm (0: every pair) of a
     BLiMP-style folder, lm-eval once per definition in `definitions`. Without the extra,
     {"available": False, "note": ...}."""

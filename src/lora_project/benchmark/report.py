@@ -7,7 +7,7 @@ from pathlib import Path
 from lora_project.benchmark.babylm import DEFAULT_LIMIT, babylm_markdown, babylm_speed, load_samples
 from lora_project.benchmark.blimp import blimp_markdown, blimp_speed
 from lora_project.benchmark.matrix import cross_matrix, matrix_markdown, plot_matrix, scope_note
-from lora_project.benchmark.peers import compare_with_lm_eval, parse_definitions, peers_markdown
+from lora_project.benchmark.peers import ALL_DEFINITIONS, compare_with_lm_eval, parse_definitions, peers_markdown
 from lora_project.benchmark.reference import compare_with_reference
 from lora_project.benchmark.speed import run_benchmark
 from lora_project.errors import UserError
@@ -155,7 +155,7 @@ def benchmark_report(paths: ProjectPaths, cfg, *, quick: bool = False, shapes=((
                      matrix: bool = False, reference: bool = False, reference_steps: int = 6, mlflow: bool = True,
                      blimp: Path | None = None, blimp_pairs: int = 5, speed: bool | None = None,
                      references: str = "auto", reference_repeats: int = 1, matrix_max_tokens: int = 0,
-                     peer_pairs: int | None = 20, peer_definitions: str = "babylm,lm_eval",
+                     peer_pairs: int | None = 20, peer_definitions: str | None = None,
                      babylm: Path | None = None, babylm_limit: int = DEFAULT_LIMIT,
                      matrix_scorer=None, log=print) -> dict:
     """`lora-project benchmark`: the matmul peaks; the speed sections (`run_benchmark`) when `speed`, which
@@ -164,7 +164,7 @@ def benchmark_report(paths: ProjectPaths, cfg, *, quick: bool = False, shapes=((
     config's tracking allow); returns the result. The matrix scores whole splits unless
     `matrix_max_tokens` > 0 caps each one (said in the report). With `blimp`, lm-evaluation-harness is
     measured beside ours on `peer_pairs` seeded pairs per paradigm (0: the whole folder; None: not run),
-    under each of `peer_definitions` (comma-separated: babylm, lm_eval).
+    under each of `peer_definitions` (comma-separated: babylm, lm_eval; None: both).
     With `babylm`, the BabyLM suite's scoring is timed against the official strategy on `babylm_limit`
     seeded items per UID (benchmark/babylm.py). `matrix_scorer`: how the matrix's cells are scored
     (`cross_matrix`'s `scorer`; None: in this process)."""
@@ -180,7 +180,7 @@ def benchmark_report(paths: ProjectPaths, cfg, *, quick: bool = False, shapes=((
         raise UserError(f"--limit must be at least 1, got {babylm_limit}")
     if peer_pairs is not None and peer_pairs < 0:
         raise UserError(f"--peer-pairs must be 0 (the whole folder) or positive, got {peer_pairs}")
-    definitions = parse_definitions(peer_definitions)
+    definitions = parse_definitions(peer_definitions or ALL_DEFINITIONS)
     if reference_repeats < 1:
         raise UserError(f"--reference-repeats must be at least 1, got {reference_repeats}")
     if reference:

@@ -76,7 +76,7 @@ def register(sub) -> None:
                     "lm-evaluation-harness (the optional extra 'peers': its hf model, fp32, batch 32, under its "
                     "own BLiMP definition and BabyLM's) and with ours, and report pairs/s, the projected "
                     "whole-folder time and decision agreement (default 20)")
-    p.add_argument("--peer-definitions", metavar="LIST", default="babylm,lm_eval",
+    p.add_argument("--peer-definitions", metavar="LIST",
                    help="--blimp: which BLiMP definitions lm-evaluation-harness runs, comma-separated: babylm (no "
                         "delimiter, BabyLM's and ours), lm_eval (its own, a leading space) (default: both; each is a "
                         "full lm-eval run, so one halves a whole-folder comparison)")
@@ -113,9 +113,9 @@ def run(args, paths) -> None:
 
     if not args.reference and (args.references != "auto" or args.reference_steps != 6 or args.reference_repeats != 1):
         raise UserError("--references, --reference-steps and --reference-repeats go with --reference")
-    if args.blimp is None and (args.no_peers or args.peer_pairs != 20 or args.peer_definitions != "babylm,lm_eval"):
+    if args.blimp is None and (args.no_peers or args.peer_pairs != 20 or args.peer_definitions is not None):
         raise UserError("--peer-pairs, --peer-definitions and --no-peers go with --blimp")
-    if args.no_peers and (args.peer_pairs != 20 or args.peer_definitions != "babylm,lm_eval"):
+    if args.no_peers and (args.peer_pairs != 20 or args.peer_definitions is not None):
         raise UserError("--peer-pairs and --peer-definitions: not with --no-peers (it skips lm-eval); leave one out")
     if args.cluster is not None and (not args.matrix or args.scaling is not None):
         raise UserError("--cluster goes with --matrix (the matrix's cells run as Ray tasks; --scaling takes its "

@@ -23,7 +23,7 @@ import numpy as np
 
 from lora_project.evaluation.babylm_tasks import ENTITY_FILES
 from lora_project.evaluation.pair_report import decisions_string, group_accuracy, macro_record
-from lora_project.utils.stats import paired_proportions, percentile_interval
+from lora_project.utils.stats import bootstrap_p, paired_proportions, percentile_interval
 
 NEAR_TIE_NATS = 1e-4  # |margin| below this: the decision may flip with float rounding alone
 #: fewer wug items than this: no correlation with the human ratio (two points always give +-1)
@@ -148,11 +148,10 @@ def rank_task_change(task: str, items, base: dict, mine: dict, *, resamples: int
     cells = np.stack(cells)  # UIDs x resamples x 4
     diff = aggregate(task, list(by_uid), cells[..., 2] - cells[..., 1])
     overall = paired_proportions(b, a)
-    flat = 100 * np.asarray(diff).ravel()
     change = mine["headline"] - base["headline"]
     micro = 100 * (overall["second_only"] - overall["first_only"]) / max(1, overall["items"])
     out = {"headline": change, "headline_ci": _ci(diff),
-           "headline_p": min(1.0, 2 * min(float(np.mean(flat <= 0)), float(np.mean(flat >= 0)))),
+           "headline_p": bootstrap_p(diff),
            "micro_change": micro, "directions_differ": bool(change * micro < 0),
            "headline_ties_wrong": mine["headline_ties_wrong"] - base["headline_ties_wrong"],
            "mcnemar_p": overall["p_value"], "base_only": overall["first_only"],
@@ -198,6 +197,5 @@ def reading_change(df, base: dict, mine: dict, *, resamples: int, seed: int) -> 
         d = sa[k] - sb[k]
         d = d[np.isfinite(d)]
         out["headline_ci"][k] = interval(d)
-        out.setdefault("p_value", {})[k] = (min(1.0, 2 * min(float(np.mean(d <= 0)), float(np.mean(d >= 0))))
-                                            if len(d) else None)
+        out.setdefault("p_value", {})[k] = bootstrap_p(d) if len(d) else None
     return out

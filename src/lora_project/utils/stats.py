@@ -125,6 +125,12 @@ def resampled_sums(columns: np.ndarray, resamples: int = DEFAULT_RESAMPLES, seed
     return out
 
 
+def bootstrap_p(samples) -> float:
+    """Two-sided bootstrap p-value of a difference: 2 * min(share of resamples <= 0, share >= 0), at most 1."""
+    d = np.asarray(samples)
+    return min(1.0, 2 * min(float(np.mean(d <= 0)), float(np.mean(d >= 0))))
+
+
 def percentile_interval(samples, level: float = 0.95) -> tuple[float, float]:
     """The central `level` percentile interval of bootstrap samples (linear interpolation)."""
     lo, hi = np.quantile(np.asarray(samples, dtype=float), [(1 - level) / 2, (1 + level) / 2])
@@ -156,6 +162,6 @@ def paired_document_difference(nll_first, nll_second, tokens, n_bytes, *, resamp
     s = resampled_sums(np.column_stack([a, b, t, nb]), resamples, seed)
     d_ppl = np.exp(s[:, 1] / s[:, 2]) - np.exp(s[:, 0] / s[:, 2])
     d_bpb = (s[:, 1] - s[:, 0]) / (math.log(2) * s[:, 3])
-    p = min(1.0, 2 * min(float(np.mean(d_bpb <= 0)), float(np.mean(d_bpb >= 0))))
+    p = bootstrap_p(d_bpb)
     return {**point, "perplexity_ci": percentile_interval(d_ppl, level),
             "bits_per_byte_ci": percentile_interval(d_bpb, level), "p_value": p}
