@@ -457,9 +457,12 @@ def test_ctrl_c_at_the_driver_cancels_the_tasks_and_a_rerun_finishes_only_what_i
 
     from mlflow.tracking import MlflowClient
 
-    # kids: the default 6 steps, trained beforehand (up to date); toddler_data: long enough to be interrupted
+    # kids: the default 6 steps, trained beforehand (up to date); toddler_data: long enough to be interrupted while
+    # it trains. 400 steps once were, but the tiny model trains 400 steps in 1.2 s on a fast machine, so the
+    # SIGINT arrived after training (run KILLED, no interrupt checkpoint): 4,000 steps, about 12 s there
+    max_steps = 4000
     (project / "config" / "batch_config.yaml").write_text(
-        "datasets:\n  toddler_data:\n    training: {max_steps: 400, eval_interval: 200}\n")
+        f"datasets:\n  toddler_data:\n    training: {{max_steps: {max_steps}, eval_interval: {max_steps // 2}}}\n")
     proc = run_cli("train-batch", "kids", "--no-progress", "--no-mlflow", *ONE_CPU, cwd=project)
     assert proc.returncode == 0, proc.stderr[-3000:]
     kids = (project / "adapters" / "kids_lora" / "adapter_model.safetensors").read_bytes()
@@ -468,7 +471,7 @@ def test_ctrl_c_at_the_driver_cancels_the_tasks_and_a_rerun_finishes_only_what_i
     try:
         _wait_for(lines, driver.stderr, "[toddler_data] running on")
         state = _wait_for_steps(project, "toddler_data", driver)  # the driver's progress file: the task trains
-        assert state["pid"] == driver.pid and state["status"] == "RUNNING" and state["max_steps"] == 400
+        assert state["pid"] == driver.pid and state["status"] == "RUNNING" and state["max_steps"] == max_steps
         t0 = time.perf_counter()
         driver.send_signal(signal.SIGINT)
         out, err = driver.communicate(timeout=120)
@@ -508,6 +511,6 @@ def test_ctrl_c_at_the_driver_cancels_the_tasks_and_a_rerun_finishes_only_what_i
     assert rows == {"kids": "skipped", "toddler_data": "trained"}
     assert client.get_run(killed.info.run_id).info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(killed.info.run_id, "loss")]
-    assert steps == sorted(set(steps)) and steps[-1] == 400
+    assert steps == sorted(set(steps)) and steps[-1] == max_steps
     assert (project / "adapters" / "kids_lora" / "adapter_model.safetensors").read_bytes() == kids
     assert sorted(p.name for p in (project / "adapters").iterdir()) == ["kids_lora", "toddler_data_lora"]
