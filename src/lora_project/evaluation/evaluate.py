@@ -183,8 +183,9 @@ def evaluate_minimal_pairs(paths: ProjectPaths, cfg, pairs_path: Path | list[Pat
     with a paired standard error, per field and paradigm with an exact McNemar p-value).
 
     `pairs_path` is one file or folder, or several (e.g. BLiMP and the BabyLM supplement), each
-    reported as its own suite. Decisions equal fp32 scoring whatever the first pass: pairs whose
-    first-pass difference lies within the precision's error margin are scored again in fp32.
+    reported as its own suite. With the fp32 first pass (auto's) decisions are fp32 scoring's; after a
+    bf16 first pass, pairs whose difference lies within bf16's measured error margin are scored again
+    in fp32, which covers bf16's error only as far as that margin was measured (minimal_pairs.MARGINS).
     """
     from lora_project.evaluation.minimal_pairs import (
         MARGINS,
