@@ -164,3 +164,26 @@ def test_scores_on_both_kernels_agree_and_the_scoring_chunk_fits_a_cache(tiny_mo
     targets = torch.randint(0, model.config.vocab_size, (300,))
     head = model.get_output_embeddings()
     torch.testing.assert_close(token_nll(hidden, head, targets, 0), token_nll(hidden, head, targets, 1024))
+
+
+def test_token_nll_at_rows_runs_each_row_once_and_equals_the_per_target_call(monkeypatch):
+    """`rows`: targets read at given hidden rows (the prefix tree's nodes with several next tokens):
+    every row the targets read goes through the output layer once, rows nobody reads not at all,
+    and each value equals the per-target call on copied rows, across chunk boundaries, in any order."""
+    import lora_project.models.losses as losses
+
+    gen = torch.Generator().manual_seed(3)
+    head = torch.nn.Linear(24, 500, bias=False)
+    hidden = torch.randn(300, 24, generator=gen)
+    rows = torch.tensor([5, 5, 0, 17, 299, 16, 5, 40, 41, 299])
+    targets = torch.randint(0, 500, (len(rows),), generator=gen)
+    seen, real = [], losses.linear
+    monkeypatch.setattr(losses, "linear", lambda x, w, *a: seen.append(x.shape[0]) or real(x, w, *a))
+    for chunk in (16, 1024):
+        seen.clear()
+        at_rows = token_nll(hidden, head, targets, chunk, rows=rows)
+        # chunks of 16 rows: only the 4 chunks holding a read row run (0-15, 16-31, 32-47, 288-299)
+        assert seen == ([16, 16, 16, 12] if chunk == 16 else [300])
+        copied = token_nll(hidden[rows], head, targets, chunk)
+        torch.testing.assert_close(at_rows, copied)  # matmul row blocks may round differently
+        assert at_rows.shape == targets.shape and bool(torch.all(at_rows > 0))

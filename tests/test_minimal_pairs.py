@@ -302,7 +302,15 @@ def test_real_model_fast_path_decisions_equal_plain_fp32_on_blimp(project):
     for first_pass in dict.fromkeys([path, "fp32"]):
         scores = score_pairs(base.model, base.tokenizer, pairs, base.runtime, first_pass)
         assert [g > b for g, b in zip(scores.good, scores.bad)] == [g > b for g, b in zip(good, bad)], first_pass
-    assert scores.good == pytest.approx(good, rel=1e-4) and scores.bad == pytest.approx(bad, rel=1e-4)
+    import numpy as np
+
+    # the continuations' sums: the full sums less the shared prefix's, which the margin never needed
+    margins = np.subtract(scores.good, scores.bad)
+    np.testing.assert_allclose(margins, np.subtract(good, bad), rtol=1e-4, atol=1e-3)
+    full = score_pairs(base.model, base.tokenizer, pairs, base.runtime, "fp32", full=True)
+    assert full.good == pytest.approx(good, rel=1e-4) and full.bad == pytest.approx(bad, rel=1e-4)
+    np.testing.assert_allclose(np.subtract(full.good, full.bad), margins, rtol=0, atol=1e-9)  # float64 sums
+    assert all(f <= c for f, c in zip(full.good, scores.good)) and any(f < c for f, c in zip(full.good, scores.good))
 
 
 def test_the_same_pairs_file_twice_is_refused_before_anything_loads(tmp_path, monkeypatch):

@@ -167,7 +167,7 @@ def test_family_trains_scores_generates_inspects_merges(family, family_dirs, tmp
 
     # Minimal pairs: the shared-prefix scorer equals plain per-sentence sums, which equal full logits.
     pairs = [Pair("the dog runs.", "the dog run.", "agr"), Pair("more cookie please.", "cookie more please.", "o")]
-    scores = score_pairs(model, tok, pairs, base.runtime, "fp32")
+    scores = score_pairs(model, tok, pairs, base.runtime, "fp32", full=True)
     plain = sentence_logprobs(model, tok, [p.good for p in pairs] + [p.bad for p in pairs], base.runtime)
     assert scores.good + scores.bad == pytest.approx(plain, rel=1e-4, abs=1e-4)
     one = [prefix_id(tok)] + tok("the dog runs.", add_special_tokens=False)["input_ids"]

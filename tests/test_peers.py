@@ -47,7 +47,7 @@ def test_agreement_uses_babylm_tie_rule_and_lists_near_ties():
     assert a["identical_decisions"] == 2 and a["differing"] == 2 and a["differing_outside_near_ties"] == 1
     assert a["near_ties"] == 2 and [e["pair"] for e in a["examples"]] == [1, 3]
     assert a["macro_ours"] == pytest.approx((0.5 + 1 + 1) / 3) and a["macro_lm_eval"] == pytest.approx((1 + 1 + 0) / 3)
-    assert a["max_abs_sum_difference"] == pytest.approx(2.0)
+    assert a["max_abs_margin_difference"] == pytest.approx(2.0)
 
 
 def test_without_the_extra_the_report_says_so(monkeypatch, tmp_path):
@@ -110,10 +110,10 @@ def test_lm_eval_scores_our_sums_without_delimiter(project, tmp_path):
     out = compare_with_lm_eval(load_project_config(ProjectPaths.discover()), folder, per_paradigm=0, log=lambda m: None)
     assert out["available"] and out["sample_pairs"] == out["full_pairs"] == 16 and out["ours"]["repeat_identical"]
     babylm, own = out["definitions"]["babylm"], out["definitions"]["lm_eval"]
-    # BabyLM's definition is ours: the same sums up to float rounding, the same decisions (the tie included)
-    assert babylm["identical_decisions"] == 16 and babylm["max_abs_sum_difference"] < 1e-3
+    # BabyLM's definition is ours: the same margins up to float rounding, the same decisions (the tie included)
+    assert babylm["identical_decisions"] == 16 and babylm["max_abs_margin_difference"] < 1e-3
     # lm-eval's leading space changes every sentence's tokens
-    assert own["max_abs_sum_difference"] > 0.1
+    assert own["max_abs_margin_difference"] > 0.1
     assert babylm["pairs_per_second"] > 0 and out["ours"]["pairs_per_second"] > 0
     text = "\n".join(peers_markdown(out))
     assert "BabyLM's (no delimiter)" in text and "16 of 16" in text and out["cpu"]["model"] in text

@@ -56,7 +56,9 @@ def _macro(pairs, correct) -> float:
 
 def agreement(pairs, ours: tuple[list, list], theirs: tuple[list, list]) -> dict:
     """Decision agreement (BabyLM's rule: good >= bad wins) between two scorings of the same pairs, the
-    disagreements and the near-ties (|margin| < NEAR_TIE on either side) by pair, and each side's macro."""
+    disagreements and the near-ties (|margin| < NEAR_TIE on either side) by pair, each side's macro, and
+    the largest difference between the two sides' margins (good - bad: ours sums the continuations
+    after the shared prefix, lm-eval whole sentences; the prefix cancels in the margin)."""
     og, ob = ours
     tg, tb = theirs
     mine = [g >= b for g, b in zip(og, ob)]
@@ -68,8 +70,8 @@ def agreement(pairs, ours: tuple[list, list], theirs: tuple[list, list]) -> dict
     return {"pairs": len(pairs), "identical_decisions": len(pairs) - len(differ), "differing": len(differ),
             "differing_outside_near_ties": len(set(differ) - set(near)), "near_ties": len(near),
             "examples": show, "macro_ours": _macro(pairs, mine), "macro_lm_eval": _macro(pairs, other),
-            "max_abs_sum_difference": max((max(abs(og[i] - tg[i]), abs(ob[i] - tb[i])) for i in range(len(pairs))),
-                                          default=0.0)}
+            "max_abs_margin_difference": max((abs((og[i] - ob[i]) - (tg[i] - tb[i])) for i in range(len(pairs))),
+                                             default=0.0)}
 
 
 def parse_definitions(text: str) -> tuple[str, ...]:

@@ -185,8 +185,12 @@ def resolve_first_pass(requested: str, runtime) -> str:
 
 
 def pair_logprobs(model, tokens: list[PairTokens], runtime, path: str = "fp32", batch_tokens: int = 2048,
-                  progress=None, row_tokens: int = ROW_TOKENS, stats: dict | None = None):
-    """Full log-probability sums (good, bad) per pair as float64 arrays, in the given numerics.
+                  progress=None, row_tokens: int = ROW_TOKENS, stats: dict | None = None, full: bool = True):
+    """Log-probability sums (good, bad) per pair as float64 arrays, in the given numerics: each
+    sentence's full sum, or with `full` False its continuation's only, log p(continuation | shared
+    prefix). The shared prefix's tokens count the same in both full sums, so good - bad, and every
+    decision, is the same either way; without them the output layer and its log-softmax skip the
+    prefix's positions (11% of filtered BLiMP's).
 
     All sentences go into one prefix tree, computed once per node in rows of at most `row_tokens`
     positions, rows batched by length within `batch_tokens` (evaluation/tree_pass.py). `progress(n)`
@@ -209,19 +213,23 @@ def pair_logprobs(model, tokens: list[PairTokens], runtime, path: str = "fp32", 
             progress(now - done[0])
             done[0] = now
 
+    # a sentence's items predict full[1:], full = prefix + continuation: the first len(prefix) - 1 are the prefix's
+    summed = [tree.sentence_items[s][0 if full else len(tokens[s // 2].prefix) - 1:] for s in range(2 * len(tokens))]
     logp, massive = tree_logprobs(model, tree, runtime, path, row_tokens=row_tokens, batch_tokens=batch_tokens,
-                                  progress=advance if progress is not None else None)
+                                  progress=advance if progress is not None else None,
+                                  items=None if full else [i for its in summed for i in its])
     if stats is not None:
         stats["massive_nodes"] = stats.get("massive_nodes", 0) + massive
     for i in range(len(tokens)):
-        good[i] = logp[tree.sentence_items[2 * i]].sum()
-        bad[i] = logp[tree.sentence_items[2 * i + 1]].sum()
+        good[i] = logp[summed[2 * i]].sum()
+        bad[i] = logp[summed[2 * i + 1]].sum()
     return good, bad
 
 
 @dataclass
 class PairScores:
-    """Full log-probability sums per pair and how they were obtained."""
+    """Log-probability sums per pair (the continuations', or the full sentences' with score_pairs(full=True))
+    and how they were obtained."""
     good: list[float]
     bad: list[float]
     first_pass: str
@@ -231,10 +239,14 @@ class PairScores:
 
 def score_pairs(model, tokenizer, pairs: list[Pair], runtime, first_pass: str = "fp32", *,
                 tokens: list[PairTokens] | None = None, margin: tuple[float, float] | None = None,
-                batch_tokens: int = 2048, progress=None) -> PairScores:
+                batch_tokens: int = 2048, progress=None, full: bool = False) -> PairScores:
     """Score every pair in the first-pass precision, then re-score in fp32 each pair whose
     |good - bad| lies within the margin: every decision is the fp32 decision as far as the margin
     bounds the first pass's error (fp32: exact; bf16: a measured bound, MARGINS).
+
+    good and bad are the continuations' sums, log p(continuation | shared prefix), unless `full`:
+    the shared prefix counts the same in both sentences, so their difference, and every decision,
+    is that of the full sums, without the output layer over the prefix's positions (pair_logprobs).
 
     The model's weights must be fp32 (bf16 runs as autocast over them). A tie is not a
     correct decision, so a difference of exactly 0 is always re-scored.
@@ -246,14 +258,14 @@ def score_pairs(model, tokenizer, pairs: list[Pair], runtime, first_pass: str = 
                         "load the base with precision fp32, the bf16 first pass runs as autocast over it")
     tokens = tokens if tokens is not None else tokenize_pairs(tokenizer, pairs)
     constant, per_token = MARGINS[first_pass] if margin is None else margin
-    good, bad = pair_logprobs(model, tokens, runtime, first_pass, batch_tokens, progress)
+    good, bad = pair_logprobs(model, tokens, runtime, first_pass, batch_tokens, progress, full=full)
     redo = []
     if first_pass != "fp32":
         for i, t in enumerate(tokens):
             if abs(good[i] - bad[i]) <= constant + per_token * (len(t.good) + len(t.bad)):
                 redo.append(i)
         if redo:
-            g, b = pair_logprobs(model, [tokens[i] for i in redo], runtime, "fp32", batch_tokens)
+            g, b = pair_logprobs(model, [tokens[i] for i in redo], runtime, "fp32", batch_tokens, full=full)
             good[redo], bad[redo] = g, b
     return PairScores(good.tolist(), bad.tolist(), first_pass, len(redo), (constant, per_token))
 

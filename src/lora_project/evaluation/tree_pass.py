@@ -66,10 +66,14 @@ def _run(model, decoder, head, tree: PrefixTree, rows, runtime, path, batch_toke
                     np.maximum.at(peak, row, top[k, :len(row)])  # a node twice in a row: the larger value
             its = by_group[g]
             if its:
-                flat = [place[tree.items[i][0]][1] * width + place[tree.items[i][0]][2] for i in its]
-                picked = hidden.reshape(-1, hidden.shape[-1])[torch.tensor(flat, device=hidden.device)]
+                flat = torch.tensor([place[tree.items[i][0]][1] * width + place[tree.items[i][0]][2] for i in its],
+                                    device=hidden.device)
                 target = torch.tensor([tree.items[i][1] for i in its], device=hidden.device)
-                lp = head_logprobs(picked, head, target) if path == "bf16" else -token_nll(picked, head, target)
+                if path == "bf16":
+                    lp = head_logprobs(hidden.reshape(-1, hidden.shape[-1])[flat], head, target)
+                else:  # a node with several next tokens: its output layer and log-softmax once (16% of BLiMP's items)
+                    nodes, at = torch.unique(flat, return_inverse=True)
+                    lp = -token_nll(hidden.reshape(-1, hidden.shape[-1])[nodes], head, target, rows=at)
                 logp[its] = lp.double().cpu().numpy()
             if progress is not None:
                 progress(float(work[g] / work[-1]))

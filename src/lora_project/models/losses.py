@@ -157,15 +157,19 @@ def sum_nll(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
 
 
 def token_nll(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
-              chunk_tokens: int = 0) -> torch.Tensor:
+              chunk_tokens: int = 0, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token NLL (nats, fp32, no gradient) with the same shape as `targets`.
 
     Logits exist for one chunk of tokens at a time (chunk x vocab), never for the batch; chunk_tokens 0
     sizes the chunk to SCORE_CHUNK_BYTES of fp32 logits on CPU, 1,024 tokens on other devices.
+    `rows`: targets[i] is read at hidden row rows[i] (same shape as `targets`; `hidden` is then one row
+    per position, 2D), so each row's logits are computed once however many targets read it: the
+    prefix tree's nodes with several next tokens.
     """
     with torch.no_grad():
         h = hidden.reshape(-1, hidden.shape[-1])
         t = targets.reshape(-1)
+        r = torch.arange(t.shape[0], device=h.device) if rows is None else rows.reshape(-1).to(h.device)
         out = torch.empty(t.shape, dtype=torch.float32, device=h.device)
         weight = getattr(head, "weight", None)
         plain = type(head) is torch.nn.Linear
@@ -174,7 +178,14 @@ def token_nll(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor
         if h.device.type != "cpu" and chunk_tokens <= 0:
             chunk_tokens = 1024  # the cache-sized chunks are a CPU measurement; GPUs take large ones
         chunk_tokens = chunk_tokens_for(vocab, torch.float32, chunk_tokens, SCORE_CHUNK_BYTES, 16)
-        for s in range(0, h.shape[0], chunk_tokens):
+        order = None if rows is None else torch.argsort(r, stable=True)
+        if order is not None:  # each chunk of rows: the targets that read one of them, a contiguous range
+            bounds = torch.searchsorted(r[order], torch.arange(0, h.shape[0] + chunk_tokens, chunk_tokens,
+                                                               device=h.device)).tolist()
+        for c, s in enumerate(range(0, h.shape[0], chunk_tokens)):
+            which = slice(s, s + chunk_tokens) if order is None else order[bounds[c]:bounds[c + 1]]
+            if order is not None and which.numel() == 0:
+                continue  # no target reads these rows
             hc = h[s:s + chunk_tokens]
             if plain:
                 with torch.autocast(h.device.type, enabled=False):
@@ -183,7 +194,8 @@ def token_nll(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor
                         logits = logits.float() + head.bias.float()
             else:
                 logits = head(hc)
-            tc = t[s:s + chunk_tokens].clamp(min=0)
+            tc = t[which].clamp(min=0)
             # log_softmax in fp32 is one fused kernel: fewer passes over chunk x vocab than logsumexp
-            out[s:s + chunk_tokens] = -torch.log_softmax(logits, -1, dtype=torch.float32).gather(1, tc[:, None]).squeeze(1)
+            logp = torch.log_softmax(logits, -1, dtype=torch.float32)
+            out[which] = -logp[r[which] - s, tc]
         return out.reshape(targets.shape)
