@@ -187,3 +187,6 @@ def test_token_nll_at_rows_runs_each_row_once_and_equals_the_per_target_call(mon
         copied = token_nll(hidden[rows], head, targets, chunk)
         torch.testing.assert_close(at_rows, copied)  # matmul row blocks may round differently
         assert at_rows.shape == targets.shape and bool(torch.all(at_rows > 0))
+    for bad in (300, -1):  # a row outside hidden is refused, never read as uninitialised memory
+        with pytest.raises(IndexError, match="rows must lie in"):
+            token_nll(hidden, head, targets[:1], 16, rows=torch.tensor([bad]))

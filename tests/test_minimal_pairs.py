@@ -268,7 +268,7 @@ def test_suites_reported_side_by_side_and_summary_names_everything(project, tmp_
     base = out["models"]["base"]
     assert set(base["suites"]) == {"blimp", "supplement"} and base["suites"]["supplement"]["paradigms"] == 1
     assert set(base["paradigms"]) == {"agreement", "turn_taking"}
-    assert out["scoring"]["first_pass"] == "bf16" and out["scoring"]["decisions"] == "fp32"
+    assert out["scoring"]["first_pass"] == "bf16" and out["scoring"]["decisions"] == "fp32 within the bf16 margin"
     assert out["scoring"]["rescored"]["base"] == base["rescored"] and 0 <= base["rescored"] <= 3
     saved = json.loads(open(out["saved"]).read())
     assert saved["scoring"]["first_pass"] == "bf16" and "rescored" in saved["scoring"]
@@ -309,8 +309,10 @@ def test_real_model_fast_path_decisions_equal_plain_fp32_on_blimp(project):
     np.testing.assert_allclose(margins, np.subtract(good, bad), rtol=1e-4, atol=1e-3)
     full = score_pairs(base.model, base.tokenizer, pairs, base.runtime, "fp32", full=True)
     assert full.good == pytest.approx(good, rel=1e-4) and full.bad == pytest.approx(bad, rel=1e-4)
-    np.testing.assert_allclose(np.subtract(full.good, full.bad), margins, rtol=0, atol=1e-9)  # float64 sums
-    assert all(f <= c for f, c in zip(full.good, scores.good)) and any(f < c for f, c in zip(full.good, scores.good))
+    # the two passes batch the output layer's rows differently: equal up to fp32 rounding
+    np.testing.assert_allclose(np.subtract(full.good, full.bad), margins, rtol=0, atol=1e-4)
+    assert all(f <= c + 1e-4 for f, c in zip(full.good, scores.good))
+    assert any(f < c - 0.1 for f, c in zip(full.good, scores.good))  # a prefix beyond the BOS took probability away
 
 
 def test_the_same_pairs_file_twice_is_refused_before_anything_loads(tmp_path, monkeypatch):

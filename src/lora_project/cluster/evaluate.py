@@ -7,7 +7,7 @@ runs tasks at once; each task loads the fp32 base once (threads = cluster.cpus_p
 driver's fp32 kernel), attaches the adapters (shipped through the object store) and scores its
 shard for the base and every adapter with the same scoring core (`score_pairs`). The shards'
 sums, concatenated in order, give the same decisions as one process: a shard batches its rows
-differently, so a sum moves by fp32 rounding only (1e-5 relative at most).
+differently, so a pair's margin moves by fp32 rounding only.
 """
 
 from __future__ import annotations

@@ -259,7 +259,8 @@ def evaluate_minimal_pairs(paths: ProjectPaths, cfg, pairs_path: Path | list[Pat
                       "paradigms": {u: models[n]["paradigms"][u]["accuracy"] - v["accuracy"]
                                     for u, v in b["paradigms"].items()},
                       "paired": paired_change(pairs, b["decisions"], models[n]["decisions"])} for n in names}
-    scoring = {"first_pass": path, "decisions": "fp32", "margin_nats": list(MARGINS[path]),
+    scoring = {"first_pass": path, "decisions": "fp32" if path == "fp32" else f"fp32 within the {path} margin",
+               "margin_nats": list(MARGINS[path]),
                "fp32_kernel": fp32_kernel() if runtime.device == "cpu" else "native",
                "rescored": {n: m["rescored"] for n, m in models.items()}, **prefix_sharing(tokens)}
     result = {"pairs_path": str(sources[0]) if len(sources) == 1 else [str(s) for s in sources],

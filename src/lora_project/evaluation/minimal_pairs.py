@@ -190,7 +190,7 @@ def pair_logprobs(model, tokens: list[PairTokens], runtime, path: str = "fp32", 
     sentence's full sum, or with `full` False its continuation's only, log p(continuation | shared
     prefix). The shared prefix's tokens count the same in both full sums, so good - bad, and every
     decision, is the same either way; without them the output layer and its log-softmax skip the
-    prefix's positions (11% of filtered BLiMP's).
+    prefix's positions (11% of filtered BLiMP's items, 8% of its output-layer rows).
 
     All sentences go into one prefix tree, computed once per node in rows of at most `row_tokens`
     positions, rows batched by length within `batch_tokens` (evaluation/tree_pass.py). `progress(n)`
@@ -214,7 +214,8 @@ def pair_logprobs(model, tokens: list[PairTokens], runtime, path: str = "fp32", 
             done[0] = now
 
     # a sentence's items predict full[1:], full = prefix + continuation: the first len(prefix) - 1 are the prefix's
-    summed = [tree.sentence_items[s][0 if full else len(tokens[s // 2].prefix) - 1:] for s in range(2 * len(tokens))]
+    summed = [tree.sentence_items[s][0 if full else max(0, len(tokens[s // 2].prefix) - 1):]
+              for s in range(2 * len(tokens))]
     logp, massive = tree_logprobs(model, tree, runtime, path, row_tokens=row_tokens, batch_tokens=batch_tokens,
                                   progress=advance if progress is not None else None,
                                   items=None if full else [i for its in summed for i in its])
@@ -341,7 +342,7 @@ def format_summary(result: dict) -> str:
     lines += change_summary(result)
     lines.append(f"{result['pairs']} pairs per model in {result['seconds']:.0f} s "
                  f"({result.get('pairs_per_second') or 0:.1f} pairs/s); first pass {sc.get('first_pass', '?')}, "
-                 f"decisions fp32 ({'oneDNN' if sc.get('fp32_kernel') == 'onednn' else 'PyTorch default'} kernel); shared prefix {100 * sc.get('shared_prefix_fraction', 0):.0f}% of tokens, "
+                 f"decisions {sc.get('decisions', 'fp32')} ({'oneDNN' if sc.get('fp32_kernel') == 'onednn' else 'PyTorch default'} kernel); shared prefix {100 * sc.get('shared_prefix_fraction', 0):.0f}% of tokens, "
                  f"prefix tree {100 * sc.get('forward_tokens_saved', 0):.1f}% fewer forward tokens than per sentence")
     if result.get("saved"):
         lines.append(f"saved {result['saved']}")

@@ -1,7 +1,8 @@
 """A minimal pair as token ids: the shared prefix and the two continuations the scorer sums over.
 
 Both sentences of a pair start with the same tokens (at least the BOS): the shared prefix. Its
-tokens' log-probabilities are computed once and count in both sentences' full sums. (Until the
+tokens' log-probabilities count the same in both sentences' full sums, so the scorer leaves them
+out of the pair's margin by default (minimal_pairs.score_pairs). (Until the
 prefix tree (prefix_tree.py), one row per pair, [prefix | good[:-1] | bad[:-1]], was the whole
 sharing; `row_length` is that row's length, kept for the sharing statistics.)
 

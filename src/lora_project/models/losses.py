@@ -169,7 +169,9 @@ def token_nll(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor
     with torch.no_grad():
         h = hidden.reshape(-1, hidden.shape[-1])
         t = targets.reshape(-1)
-        r = torch.arange(t.shape[0], device=h.device) if rows is None else rows.reshape(-1).to(h.device)
+        r = torch.arange(t.shape[0], device=h.device) if rows is None else rows.reshape(-1).to(h.device, torch.long)
+        if rows is not None and r.numel() and (int(r.min()) < 0 or int(r.max()) >= h.shape[0]):
+            raise IndexError(f"token_nll: rows must lie in [0, {h.shape[0]}), got {int(r.min())}..{int(r.max())}")
         out = torch.empty(t.shape, dtype=torch.float32, device=h.device)
         weight = getattr(head, "weight", None)
         plain = type(head) is torch.nn.Linear
