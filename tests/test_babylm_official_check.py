@@ -18,7 +18,8 @@ spec.loader.exec_module(check)
 def _suite(root):
     blimp = root / "blimp_filtered"
     blimp.mkdir(parents=True)
-    rows = [{"sentence_good": f"good {i}.", "sentence_bad": f"bad {i}.", "UID": "u1" if i < 3 else "u2"}
+    rows = [{"sentence_good": f"good {i}.", "sentence_bad": f"bad {i}.", "field": "syntax",
+             "UID": "u1" if i < 3 else "u2"}
             for i in range(5)]
     (blimp / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     et = root / "entity_tracking"
@@ -67,15 +68,54 @@ def test_compare_agrees_item_by_item_and_exits_1_on_one_differing_decision(tmp_p
 
 
 def test_sample_keeps_every_nth_line_per_file_and_reading_whole(tmp_path, monkeypatch):
+    from lora_project.evaluation.babylm_tasks import FOLDERS
+
     src = tmp_path / "src"
-    for folder in check.EVERY:
+    for folder in map(FOLDERS.get, check.EVERY):
         (src / folder).mkdir(parents=True)
         (src / folder / "f.jsonl").write_text("".join(f'{{"i": {i}}}\n' for i in range(25)) + "\n")
     (src / "reading").mkdir()
     (src / "reading" / "reading_data.csv").write_text("a,b\n1,2\n")
     monkeypatch.setattr(check, "EVERY", dict.fromkeys(check.EVERY, 10))
     check.sample(src, tmp_path / "dst")
-    for folder in check.EVERY:
+    for folder in map(FOLDERS.get, check.EVERY):
         kept = [json.loads(line)["i"] for line in (tmp_path / "dst" / folder / "f.jsonl").read_text().splitlines()]
         assert kept == [0, 10, 20]
     assert (tmp_path / "dst" / "reading" / "reading_data.csv").read_text() == "a,b\n1,2\n"
+
+
+def test_compare_fails_when_the_two_sides_did_not_score_the_same_items_or_nothing_was_compared(tmp_path, capsys):
+    data = tmp_path / "suite"
+    _suite(data)
+    ours = {"models": {"base": {"tasks": {
+        "blimp": {"decisions": "10111", "headline": (200 / 3 + 100) / 2, "near_ties": []},
+        "entity_tracking": {"decisions": "0101", "headline": 37.5, "near_ties": []}}}}}
+    (tmp_path / "ours.json").write_text(json.dumps(ours))
+    et = {"regular_0_ops": ["a0", "b1"], "regular_1_ops": ["a2"], "ambiref_0_ops": ["b0"]}
+    # the official side scored extra (wrong) items of u2: not the same items, even though the common ones agree
+    official = _official(tmp_path, {"u1": ["good 0.", "bad 1.", "good 2."], "u2": ["good 3.", "good 4.", "bad 9."]}, et)
+    assert check.compare(tmp_path / "ours.json", official, data) == 1
+    assert "blimp: 5 items" in capsys.readouterr().out
+    # a mistyped official folder: every task present on our side only is NOT COMPARED, and that fails
+    assert check.compare(tmp_path / "ours.json", tmp_path / "nope", data) == 1
+    out = capsys.readouterr().out
+    assert out.count("NOT COMPARED") == 2 and "nothing compared" in out
+
+
+def test_sample_and_model_v4_never_write_into_a_folder_holding_other_files(tmp_path):
+    import pytest
+
+    src = tmp_path / "src"
+    (src / "blimp_filtered").mkdir(parents=True)
+    data = "".join(f'{{"i": {i}}}\n' for i in range(25))
+    (src / "blimp_filtered" / "f.jsonl").write_text(data)
+    with pytest.raises(SystemExit, match="not an empty folder"):
+        check.sample(src, src)  # sampling into its own source would shrink the data
+    assert (src / "blimp_filtered" / "f.jsonl").read_text() == data
+    model = tmp_path / "my_model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights")
+    (model / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="did not write"):
+        check.model_v4(model)
+    assert (model / "model.safetensors").read_bytes() == b"weights" and not (model / "model.safetensors").is_symlink()

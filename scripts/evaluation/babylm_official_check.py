@@ -19,7 +19,8 @@ weights are linked, not copied). `compare` prints, per task, both headlines and 
 decisions differ (BLiMP, supplement, EWoK, wug, entity tracking: the official predictions are the
 chosen completions, in file order per UID), and for reading both scores unrounded and the largest
 word-surprisal difference. Exit code 1 when a decision or a headline differs (a reading score by
-1e-4 or more), so the check can gate a release.
+1e-4 or more), when the two sides did not score the same items, or when a task could not be compared,
+so the check can gate a release. `sample` and `model-v4` write only into a new (or empty) folder.
 """
 
 from __future__ import annotations
@@ -31,16 +32,20 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-EVERY = {"blimp_filtered": 250, "supplement_filtered": 60, "ewok_filtered": 50, "entity_tracking": 400,
-         "wug_adj_nominalization": 10}
-# our task name -> (the official --task, the data folder)
-TASKS = {"blimp": ("blimp", "blimp_filtered"), "supplement": ("blimp", "supplement_filtered"),
-         "ewok": ("ewok", "ewok_filtered"), "wug": ("wug", "wug_adj_nominalization"),
-         "entity_tracking": ("entity_tracking", "entity_tracking")}
+EVERY = {"blimp": 250, "supplement": 60, "ewok": 50, "entity_tracking": 400, "wug": 10}  # every N-th item
+# our task name -> the official pipeline's --task (the data folders are babylm_tasks.FOLDERS)
+OFFICIAL_TASK = {"blimp": "blimp", "supplement": "blimp", "ewok": "ewok", "wug": "wug",
+                 "entity_tracking": "entity_tracking"}
 
 
 def sample(src: Path, dst: Path) -> None:
-    for folder, every in EVERY.items():
+    from lora_project.evaluation.babylm_tasks import FOLDERS
+
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        sys.exit(f"error: {dst} exists and is not an empty folder: give a new one (a sample never "
+                 "overwrites files, so it cannot shrink the data it samples or keep stale ones)")
+    for task, every in EVERY.items():
+        folder = FOLDERS[task]
         (dst / folder).mkdir(parents=True, exist_ok=True)
         kept = 0
         for f in sorted((src / folder).glob("*.jsonl")):
@@ -57,7 +62,12 @@ def sample(src: Path, dst: Path) -> None:
 def model_v4(dst: Path) -> None:
     from lora_project.models.base_model import resolve_model
 
-    src = resolve_model("embedded").directory  # the embedded GGUF converted once to a safetensors folder
+    ours = {"config.json", "tokenizer_config.json", "tokenizer.json", "model.safetensors"}
+    if dst.exists() and (not dst.is_dir() or not {p.name for p in dst.iterdir()} <= ours
+                         or ((dst / "model.safetensors").exists() and not (dst / "model.safetensors").is_symlink())):
+        sys.exit(f"error: {dst} holds files this command did not write: give a new folder (it never "
+                 "overwrites a model)")
+    src = resolve_model("embedded").directory.resolve()  # the embedded GGUF converted once to safetensors
     dst.mkdir(parents=True, exist_ok=True)
     config = json.loads((src / "config.json").read_text())
     rope = config.pop("rope_parameters", None) or {}
@@ -79,62 +89,47 @@ def model_v4(dst: Path) -> None:
     print(f"wrote {dst} (weights linked from {src})")
 
 
-def _uid(task: str, path: Path, row: dict) -> str:
-    if task in ("blimp", "supplement"):
-        return row.get("UID") or path.stem
-    if task == "ewok":
-        return row["Domain"]
-    if task == "wug":
-        return "wug_adj_nominalization"
-    return f"{path.stem}_{row['numops']}_ops"
-
-
-def _first(task: str, row: dict) -> str:
-    if task in ("blimp", "supplement"):
-        return row["sentence_good"]
-    if task == "ewok":
-        return row["Target1"]
-    if task == "wug":
-        return row["sentences"].split("\t")[0]
-    return row["options"][0]
-
-
 def _reading_score(rec: dict) -> float:
     base = rec["R2"] - rec["Change in R2 from baseline"]
     return rec["Change in R2 from baseline"] / (1 - base) * 100
 
 
 def compare(ours_json: Path, official: Path, data: Path) -> int:
+    from lora_project.evaluation.babylm_tasks import ENTITY_FILES, FOLDERS, load_task
+
     ours = json.loads(ours_json.read_text())["models"]["base"]["tasks"]
-    bad = 0
-    for task, (otask, folder) in TASKS.items():
+    bad = compared = 0
+    for task, otask in OFFICIAL_TASK.items():
+        folder = FOLDERS[task]
         pred_file = official / otask / folder / "predictions.json"
-        if task not in ours or not pred_file.exists():
-            print(f"{task}: not compared (ours {'present' if task in ours else 'absent'}, "
-                  f"official {'present' if pred_file.exists() else 'absent'})")
+        if task not in ours and not pred_file.exists():
+            print(f"{task}: in neither run")
             continue
-        items = []
-        for f in sorted((data / folder).glob("*.jsonl")):
-            for line in f.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    row = json.loads(line)
-                    items.append((_uid(task, f, row), _first(task, row)))
+        if task not in ours or not pred_file.exists():
+            print(f"{task}: NOT COMPARED (ours {'present' if task in ours else 'absent'}, "
+                  f"official {'present' if pred_file.exists() else 'absent: ' + str(pred_file)})")
+            bad += 1
+            continue
+        # the items as evaluate --babylm reads them, in its order (its decisions string's), the right option first
+        items = [(it.uid, it.completions[0]) for it in load_task(data, task, warn=lambda m: None) or []]
         decisions = ours[task]["decisions"]
         if len(decisions) != len(items):
             print(f"{task}: ours scored {len(decisions)} items, the data holds {len(items)}: not the same run")
             bad += 1
             continue
+        compared += 1
         mine, firsts = defaultdict(list), defaultdict(list)
         for (uid, first), d in zip(items, decisions):
             mine[uid].append(d == "1")
             firsts[uid].append(first)
-        theirs = {uid: [p["pred"] == first for p, first in zip(v["predictions"], firsts[uid])]
-                  for uid, v in json.loads(pred_file.read_text()).items()}
+        official_preds = {uid: v["predictions"] for uid, v in json.loads(pred_file.read_text()).items()}
+        theirs = {uid: [p["pred"] == first for p, first in zip(v, firsts[uid])] for uid, v in official_preds.items()}
         differ = [(uid, k) for uid in mine for k, (a, b) in enumerate(zip(mine[uid], theirs.get(uid, []))) if a != b]
-        sizes = set(mine) == set(theirs) and all(len(mine[u]) == len(theirs[u]) for u in mine)
+        # the same UIDs with the same item counts on both sides (zip above stops at the shorter)
+        sizes = set(mine) == set(official_preds) and all(len(mine[u]) == len(official_preds[u]) for u in mine)
         acc = {u: 100 * sum(v) / len(v) for u, v in theirs.items()}
         if task == "entity_tracking":
-            files = [[a for u, a in acc.items() if u.startswith(s)] for s in ("regular", "ambiref", "move_contents")]
+            files = [[a for u, a in acc.items() if u.startswith(f)] for f in ENTITY_FILES]
             headline = sum(sum(f) / len(f) for f in files if f) / sum(1 for f in files if f)
         else:
             headline = sum(acc.values()) / len(acc)
@@ -144,7 +139,14 @@ def compare(ours_json: Path, official: Path, data: Path) -> int:
               f"differing decisions {len(differ)}{' ' + str(differ[:10]) if differ else ''}; "
               f"near-ties ours {len(ours[task].get('near_ties', []))}; {'EQUAL' if same else 'DIFFERENT'}")
     reading = official / "reading"
-    if "reading" in ours and (reading / "predictive_power.jsonl").exists():
+    if "reading" not in ours and not (reading / "predictive_power.jsonl").exists():
+        print("reading: in neither run")
+    elif "reading" not in ours or not (reading / "predictive_power.jsonl").exists():
+        print(f"reading: NOT COMPARED (ours {'present' if 'reading' in ours else 'absent'}, official "
+              f"{'present' if (reading / 'predictive_power.jsonl').exists() else 'absent: ' + str(reading)})")
+        bad += 1
+    else:
+        compared += 1
         pp = [json.loads(line) for line in (reading / "predictive_power.jsonl").read_text().splitlines() if line]
         sp = [json.loads(line) for line in (reading / "predictive_power_spillover.jsonl").read_text().splitlines()
               if line]
@@ -154,12 +156,15 @@ def compare(ours_json: Path, official: Path, data: Path) -> int:
         h = ours["reading"]["headline"]
         pred = [json.loads(line) for line in (reading / "prediction.jsonl").read_text().splitlines() if line]
         gap = max(abs(p["Logprob"] - s) for p, s in zip(pred, ours["reading"]["surprisal"]))
-        ok = abs(eye - h["eye_tracking"]) < 1e-4 and abs(spr - h["self_paced_reading"]) < 1e-4
+        ok = (abs(eye - h["eye_tracking"]) < 1e-4 and abs(spr - h["self_paced_reading"]) < 1e-4
+              and len(pred) == len(ours["reading"]["surprisal"]))  # the same rows on both sides
         bad += not ok
         print(f"reading: eye-tracking ours {h['eye_tracking']:.7f}, official {eye:.7f}; self-paced ours "
               f"{h['self_paced_reading']:.7f}, official {spr:.7f}; largest word-surprisal difference {gap:.2e} nats; "
               f"{'EQUAL within 1e-4' if ok else 'DIFFERENT'}")
-    return 1 if bad else 0
+    if not compared:
+        print("nothing compared: check the paths")
+    return 1 if bad or not compared else 0
 
 
 def main() -> None:
