@@ -13,7 +13,9 @@ short paths, since these are early positions), their items replaced by the fp32 
 from __future__ import annotations
 
 from lora_project.evaluation.fast_pass import head_logprobs, precision_context
+from lora_project.evaluation.fast_pass import ATTENTION
 from lora_project.evaluation.prefix_tree import PrefixTree, length_buckets, restricted, tree_batch, tree_rows
+from lora_project.evaluation.tree_attention import active, chunk_plan, tree_attention
 
 #: A node is massive when its largest |hidden| over the layers exceeds this many times the median
 #: node's (SmolLM2-135M: median about 600, the positions with errors above 0.7 nats from 1,000 up).
@@ -45,17 +47,21 @@ def _run(model, decoder, head, tree: PrefixTree, rows, runtime, path, batch_toke
 
     def batch(chosen):
         ids, pos, mask = tree_batch(tree, [rows[order[k]] for k in chosen], runtime.device)
+        plan = chunk_plan(mask) if chunked else None
         if additive:  # eager attention adds the mask to the scores: 0 where allowed, -inf-like elsewhere
             mask = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, torch.finfo(torch.float32).min)
-        return {"input_ids": ids, "position_ids": pos, "attention_mask": mask}
+        return {"input_ids": ids, "position_ids": pos, "attention_mask": mask}, plan
 
     # the bf16 pass keeps fp32 the layers whose fp32 outputs are huge on the longest row (every row
     # starts at the BOS, where the largest values live)
-    calibration = batch([len(rows) - 1]) if path == "bf16" else None
-    with precision_context(path, runtime.device, model, calibration), torch.inference_mode():
+    chunked = False
+    calibration = batch([len(rows) - 1])[0] if path == "bf16" else None
+    with (precision_context(path, runtime.device, model, calibration), torch.inference_mode(),
+          tree_attention(model, ("sdpa", ATTENTION)) as chunked):
         for g, group in enumerate(groups):
-            inputs = batch(group)
-            out = decoder(**inputs, use_cache=False, output_hidden_states=peak is not None)
+            inputs, plan = batch(group)
+            with active(plan):
+                out = decoder(**inputs, use_cache=False, output_hidden_states=peak is not None)
             hidden = out.last_hidden_state
             width = inputs["input_ids"].shape[1]
             if peak is not None:
