@@ -11,8 +11,9 @@ lies within the margin measured for it (minimal_pairs.MARGINS). What keeps its e
   1,800), which the removal leaves behind. Before the pass, one fp32 forward over a calibration row
   records each linear layer's largest |output|; those above `SENSITIVE_OUTPUT` (11 of SmolLM2's 210)
   run in fp32. The positions that carry such values are scored again in fp32 (tree_pass.py).
-- **Attention in fp32** for models on SDPA attention (the model's SDPA on fp32 inputs): a few
-  percent of the pass's time. Eager attention stays under bf16 autocast.
+- **Attention in fp32** for models on SDPA attention (the model's SDPA on fp32 inputs; in the
+  prefix tree's passes the chunked tree attention, also fp32: evaluation/tree_attention.py): a
+  few percent of the pass's time. Eager attention stays under bf16 autocast.
 - **The output layer in bf16, its result corrected.** Logits are bf16 in chunks of `HEAD_CHUNK`
   tokens; one bf16 softmax (fp32 accumulation inside) gives p(target), and the target's own logit is
   recomputed in fp32 (one dot product), so only the normaliser carries bf16 rounding: 2.3x faster

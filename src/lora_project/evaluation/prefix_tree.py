@@ -8,7 +8,8 @@ computed once. The tree is cut into pieces of at most `row_tokens` positions (a 
 from the root down to one or more sibling subtrees, then those subtrees), pieces are packed into
 rows, and each row runs as one forward pass with position ids = depth and an attention mask
 that lets each position see its ancestors and itself only: each node's hidden state equals the
-per-sentence one up to float rounding. A sentence's sum adds the log-probability of each of its
+per-sentence one up to float rounding (on SDPA models the mask is applied in chunks of queries
+against the keys they may see: evaluation/tree_attention.py). A sentence's sum adds the log-probability of each of its
 tokens read at the node of the tokens before it; a (node, next token) shared by several
 sentences is computed once and counts in each. On full BLiMP the tree runs 0.50 of the
 per-sentence forward tokens, against 0.69 for one row per pair sharing only the pair's own

@@ -47,7 +47,7 @@ def _run(model, decoder, head, tree: PrefixTree, rows, runtime, path, batch_toke
 
     def batch(chosen):
         ids, pos, mask = tree_batch(tree, [rows[order[k]] for k in chosen], runtime.device)
-        plan = chunk_plan(mask) if chunked else None
+        plan = chunk_plan(mask, lengths=[len(rows[order[k]]) for k in chosen]) if chunked else None
         if additive:  # eager attention adds the mask to the scores: 0 where allowed, -inf-like elsewhere
             mask = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, torch.finfo(torch.float32).min)
         return {"input_ids": ids, "position_ids": pos, "attention_mask": mask}, plan
@@ -57,7 +57,7 @@ def _run(model, decoder, head, tree: PrefixTree, rows, runtime, path, batch_toke
     chunked = False
     calibration = batch([len(rows) - 1])[0] if path == "bf16" else None
     with (precision_context(path, runtime.device, model, calibration), torch.inference_mode(),
-          tree_attention(model, ("sdpa", ATTENTION)) as chunked):
+          tree_attention(model, runtime.device, ("sdpa", ATTENTION)) as chunked):
         for g, group in enumerate(groups):
             inputs, plan = batch(group)
             with active(plan):
