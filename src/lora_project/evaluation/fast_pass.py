@@ -41,8 +41,8 @@ HEAD_CHUNK = 256
 ATTENTION = "lora_project_fp32_attention"
 
 
-def _fp32_attention(module, query, key, value, attention_mask, **kwargs):
-    """The model's own SDPA attention, run in fp32 inside the bf16 pass."""
+def fp32_attention(module, query, key, value, attention_mask, **kwargs):
+    """The model's own SDPA attention, run in fp32 (inside the bf16 pass, and where the tree's chunks do not apply)."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -98,7 +98,7 @@ def precision_context(path: str, device: str, model=None, calibration: dict | No
             if getattr(config, "_attn_implementation", None) == "sdpa":
                 from transformers import AttentionInterface
 
-                AttentionInterface.register(ATTENTION, _fp32_attention)
+                AttentionInterface.register(ATTENTION, fp32_attention)
                 attn, config._attn_implementation = config._attn_implementation, ATTENTION
             with torch.no_grad():
                 for module in model.modules():

@@ -100,17 +100,17 @@ def attend(module, query, key, value, attention_mask, dropout: float = 0.0, scal
     also for what the chunks do not apply (dropout, soft-capping, a position bias, attention
     sinks); fp32 either way."""
     import torch
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from lora_project.evaluation.fast_pass import fp32_attention
 
     plan = _ACTIVE.get()
     rows, heads, width, dim = query.shape
+    unusual = dropout or any(kwargs.get(k) is not None for k in ("softcap", "position_bias", "s_aux", "sinks"))
+    if (plan is None or attention_mask is not plan.source or unusual
+            or (rows, width, key.shape[2]) != (plan.rows, plan.width, plan.width)):
+        return fp32_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     with torch.autocast(query.device.type, enabled=False):
         query, key, value = query.float(), key.float(), value.float()
-        unusual = dropout or any(kwargs.get(k) is not None for k in ("softcap", "position_bias", "s_aux", "sinks"))
-        if (plan is None or attention_mask is not plan.source or unusual
-                or (rows, width, key.shape[2]) != (plan.rows, plan.width, plan.width)):
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                          scaling=scaling, **kwargs)
         extra = plan.padded - width
         if extra:
             query, key, value = (torch.nn.functional.pad(t, (0, 0, 0, extra)) for t in (query, key, value))

@@ -12,8 +12,7 @@ short paths, since these are early positions), their items replaced by the fp32 
 
 from __future__ import annotations
 
-from lora_project.evaluation.fast_pass import head_logprobs, precision_context
-from lora_project.evaluation.fast_pass import ATTENTION
+from lora_project.evaluation.fast_pass import ATTENTION, head_logprobs, precision_context
 from lora_project.evaluation.prefix_tree import PrefixTree, length_buckets, restricted, tree_batch, tree_rows
 from lora_project.evaluation.tree_attention import active, chunk_plan, tree_attention
 
@@ -45,7 +44,7 @@ def _run(model, decoder, head, tree: PrefixTree, rows, runtime, path, batch_toke
     logp = np.zeros(len(tree.items))
     peak = np.zeros(len(tree.token), dtype=np.float32) if path == "bf16" else None
 
-    def batch(chosen):
+    def batch(chosen, chunked):
         ids, pos, mask = tree_batch(tree, [rows[order[k]] for k in chosen], runtime.device)
         plan = chunk_plan(mask, lengths=[len(rows[order[k]]) for k in chosen]) if chunked else None
         if additive:  # eager attention adds the mask to the scores: 0 where allowed, -inf-like elsewhere
@@ -54,12 +53,11 @@ def _run(model, decoder, head, tree: PrefixTree, rows, runtime, path, batch_toke
 
     # the bf16 pass keeps fp32 the layers whose fp32 outputs are huge on the longest row (every row
     # starts at the BOS, where the largest values live)
-    chunked = False
-    calibration = batch([len(rows) - 1])[0] if path == "bf16" else None
+    calibration = batch([len(rows) - 1], False)[0] if path == "bf16" else None
     with (precision_context(path, runtime.device, model, calibration), torch.inference_mode(),
           tree_attention(model, runtime.device, ("sdpa", ATTENTION)) as chunked):
         for g, group in enumerate(groups):
-            inputs, plan = batch(group)
+            inputs, plan = batch(group, chunked)
             with active(plan):
                 out = decoder(**inputs, use_cache=False, output_hidden_states=peak is not None)
             hidden = out.last_hidden_state
