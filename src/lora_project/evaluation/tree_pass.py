@@ -12,6 +12,11 @@ short paths, since these are early positions), their items replaced by the fp32 
 
 from __future__ import annotations
 
+import functools
+import inspect
+import re
+
+from lora_project.errors import UserError
 from lora_project.evaluation.fast_pass import ATTENTION, head_logprobs, precision_context
 from lora_project.evaluation.prefix_tree import PrefixTree, length_buckets, restricted, tree_batch, tree_rows
 from lora_project.evaluation.tree_attention import active, chunk_plan, tree_attention
@@ -19,6 +24,38 @@ from lora_project.evaluation.tree_attention import active, chunk_plan, tree_atte
 #: A node is massive when its largest |hidden| over the layers exceeds this many times the median
 #: node's (SmolLM2-135M: median about 600, the positions with errors above 0.7 nats from 1,000 up).
 MASSIVE_FACTOR = 1.3
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_mask_mapping(decoder_type) -> bool:
+    """Whether a transformers decoder takes a {layer type: mask} mapping as its attention_mask (the
+    decoders whose layers mix full and sliding-window attention do: Gemma 2/3, Qwen2, ...)."""
+    try:
+        source = inspect.getsource(decoder_type.forward)
+    except (OSError, TypeError):
+        return False
+    return re.search(r"isinstance\((causal_mask_mapping := )?attention_mask, dict\)", source) is not None
+
+
+def layer_masks(decoder, mask, pos):
+    """The tree mask (rows, 1, width, width; True = may attend) as the decoder's layers take it.
+    A sliding-window layer sees only keys whose position is above its own minus `sliding_window`
+    (transformers' rule); the tree mask holds every ancestor, so where a row is deeper than the
+    window, the window is applied: one mask when every layer slides (Mistral), a mask per layer
+    type when they mix (Gemma 2/3). A model whose layers take neither is refused, not scored wrong."""
+    config = getattr(decoder, "config", None)
+    window = getattr(config, "sliding_window", None)
+    if not window or int(pos.max()) < window:
+        return mask
+    windowed = mask & (pos[:, None, :, None] - pos[:, None, None, :] < window)
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        return windowed
+    if set(types) <= {"full_attention", "sliding_attention"} and _takes_mask_mapping(type(decoder)):
+        return {"full_attention": mask, "sliding_attention": windowed}
+    raise UserError(f"{type(decoder).__name__}: a sentence of {int(pos.max()) + 1} positions is longer than its "
+                    f"sliding window of {window}, which the prefix-tree scorer cannot apply to its layers "
+                    f"({', '.join(sorted(set(types)))}); leave out sentences that long")
 
 
 def _run(model, decoder, head, tree: PrefixTree, rows, runtime, path, batch_tokens, items, progress):
@@ -46,10 +83,14 @@ def _run(model, decoder, head, tree: PrefixTree, rows, runtime, path, batch_toke
 
     def batch(chosen, chunked):
         ids, pos, mask = tree_batch(tree, [rows[order[k]] for k in chosen], runtime.device)
-        plan = chunk_plan(mask, lengths=[len(rows[order[k]]) for k in chosen]) if chunked else None
+        masks = layer_masks(decoder, mask, pos)
+        shared = masks["full_attention"] if isinstance(masks, dict) else masks
+        plan = chunk_plan(shared, lengths=[len(rows[order[k]]) for k in chosen]) if chunked else None
         if additive:  # eager attention adds the mask to the scores: 0 where allowed, -inf-like elsewhere
-            mask = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, torch.finfo(torch.float32).min)
-        return {"input_ids": ids, "position_ids": pos, "attention_mask": mask}, plan
+            def add(m):
+                return torch.zeros(m.shape, device=m.device).masked_fill_(~m, torch.finfo(torch.float32).min)
+            masks = {k: add(m) for k, m in masks.items()} if isinstance(masks, dict) else add(masks)
+        return {"input_ids": ids, "position_ids": pos, "attention_mask": masks}, plan
 
     # the bf16 pass keeps fp32 the layers whose fp32 outputs are huge on the longest row (every row
     # starts at the BOS, where the largest values live)
@@ -94,8 +135,12 @@ def tree_logprobs(model, tree: PrefixTree, runtime, path: str, *, row_tokens: in
     then run on the scored positions only, not on a long shared context that nothing sums."""
     import numpy as np
 
-    from lora_project.models.scoring import decoder_and_head
+    from lora_project.models.scoring import decoder_and_head, model_context
 
+    context = model_context(model)
+    if context and tree.depth and max(tree.depth) >= context:
+        raise UserError(f"a sentence needs {max(tree.depth) + 1} positions (its BOS and every token but the last), "
+                        f"more than {type(model).__name__}'s context of {context}; leave out sentences that long")
     decoder, head = decoder_and_head(model)
     was_training = model.training
     model.eval()
