@@ -12,7 +12,9 @@ import pytest
 import torch
 from conftest import REPO, SHARED_DATA, assert_user_error, run_cli
 
+from lora_project.benchmark.babylm import load_samples
 from lora_project.errors import UserError
+from lora_project.evaluation.babylm import load_suite
 from lora_project.evaluation.babylm_report import aggregate, rank_task_report
 from lora_project.evaluation.babylm_score import completion_texts, decisions, option_scores
 from lora_project.evaluation.babylm_tasks import RankItem, load_task, parse_tasks
@@ -138,6 +140,17 @@ def test_loading_follows_the_official_definitions_and_the_pairs_rules(tmp_path):
     assert parse_tasks("reading, ewok") == ["ewok", "reading"]
     with pytest.raises(UserError, match="unknown task.*ewk"):
         parse_tasks("ewk")
+    _write(tmp_path / "blimp_filtered", "odd.jsonl", [{"sentence_good": "a b.", "sentence_bad": "b a.", "field": "x"},
+                                                      {"sentence_good": "a b.", "sentence_bad": "b a.", "UID": "odd"}])
+    said.clear()
+    assert sorted(i.uid for i in load_task(tmp_path, "blimp", warn=said.append)) == ["agr", "agr", "agr2", "odd"]
+    assert "odd.jsonl line 1: no 'UID' field" in said[0]
+    file = tmp_path / "ewok_filtered" / "bad.jsonl"
+    for wrong, why in ((file, "is a file, not a folder"), (tmp_path / "none", "no such folder")):
+        with pytest.raises(UserError, match=why):  # evaluate --babylm and benchmark --babylm say the same
+            load_suite(wrong, ["ewok"], limit=None, seed=0, strict=False, log=said.append)
+        with pytest.raises(UserError, match=why):
+            load_samples(wrong, ["ewok"], 1, 0, log=said.append)
 
 
 def test_headline_aggregation_ties_and_near_ties():

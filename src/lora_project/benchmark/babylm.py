@@ -193,13 +193,12 @@ def time_task(model, tokenizer, task: str, data, runtime) -> dict:
 def load_samples(root: Path, tasks: list[str], limit: int, seed: int, log=print) -> dict:
     """{task: (sample, full count)}: the seeded sample `evaluate --babylm --limit` takes (items per UID;
     reading: rows) and the whole task's size. A task whose data is missing is skipped with one line."""
+    from lora_project.evaluation.babylm import babylm_root
     from lora_project.evaluation.babylm_tasks import load_task, task_path
     from lora_project.evaluation.minimal_pairs import sample_pairs
     from lora_project.evaluation.reading import load_reading, sample_rows
 
-    if not Path(root).is_dir():
-        raise UserError(f"--babylm: {root} is a file, not a folder" if Path(root).exists()
-                        else f"--babylm: no such folder: {root}")
+    babylm_root(root)
     out = {}
     for task in tasks:
         if task == "reading":

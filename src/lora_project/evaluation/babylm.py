@@ -31,6 +31,15 @@ from lora_project.utils.plotting import save_figure
 from lora_project.utils.stats import DEFAULT_RESAMPLES, DEFAULT_SEED
 
 
+def babylm_root(root) -> Path:
+    """The --babylm folder, refused with one line when it is missing or a file."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"--babylm: {root} is a file, not a folder" if root.exists()
+                        else f"--babylm: no such folder: {root}")
+    return root
+
+
 def load_suite(root: Path, tasks: list[str], *, limit: int | None, seed: int, strict: bool, log=print,
                skipped: dict | None = None) -> dict:
     """{task: items (or the reading rows)} for each asked task whose data is there; a task whose
@@ -46,9 +55,7 @@ def load_suite(root: Path, tasks: list[str], *, limit: int | None, seed: int, st
         skipped[task] = why
         log(f"skipped {task}: {why}")
 
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"--babylm: no such folder: {root}")
+    root = babylm_root(root)
     loaded = {}
     for task in tasks:
         path = task_path(root, task)

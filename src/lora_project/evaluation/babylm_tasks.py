@@ -80,6 +80,8 @@ def _decode(task: str, obj: dict, stem: str) -> RankItem | str:
         v = texts("sentence_good", "sentence_bad")
         if isinstance(v, str):
             return v
+        if "field" in obj and "UID" not in obj:  # the official files name their paradigm in UID
+            return "no 'UID' field"
         uid = obj.get("UID") if "field" in obj else stem
         if not isinstance(uid, str) or not uid.strip():
             return "UID must be a non-empty string"
